@@ -1,0 +1,35 @@
+"""Installable package for LoRA hyperparameter optimization on HPC (see README.md).
+
+torch is required but deliberately not pinned tightly: HPC users bring their own CUDA build.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="lora-hpo",
+    version="0.1.0",
+    description="HPO of LoRA instruction-tuning: NOMAD / TPE orchestrator, submitit SLURM jobs, MLflow tracking",
+    python_requires=">=3.10",
+    packages=find_packages(include=["orchestrator*", "jobs*", "evaluation*", "slurm*"]),
+    package_data={"jobs": ["assets/*.jsonl"], "slurm": ["*.sh"]},
+    install_requires=[
+        # login node (orchestrator): torch-free
+        "mlflow>=3.0",
+        "submitit>=1.5",
+        "PyNomadBBO>=4.6",
+        "nni>=3.0",
+        "pyyaml>=6",
+        # compute node (jobs, evaluation)
+        "torch>=2.3",
+        "transformers>=4.56",
+        "peft>=0.17",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "pyarrow>=15",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "bench": ["optuna>=4"],
+    },
+)
