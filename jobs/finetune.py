@@ -1,0 +1,421 @@
+"""The blackbox: one LoRA instruction-tuning run that returns the validation loss.
+
+    python -m jobs.finetune --preset tiny --r 8 --alpha 16 --dropout 0.05 --lr 1e-3 --out runs/demo
+    python -m jobs.finetune --spec runs/demo/spec.json                 # rerun a trial from its spec
+    torchrun --nproc_per_node 4 -m jobs.finetune --preset paper --out /scratch/trial-7   # 4 GPUs, one node
+
+Python: `run(spec) -> dict` (the result), which the orchestrator submits as a job. The output folder gets
+spec.json, metrics.jsonl (per-step loss, lr, grad norm, tokens/s; flushed as it goes), checkpoints/ (adapter
+weights, optimizer, scheduler, step and RNG states), and at the end adapter/ (PEFT format) and result.json.
+A job restarted on the same folder continues from its last checkpoint and ends with the same result.
+Failures are data: a NaN loss, out-of-memory, bad data or bad hyperparameters give result.json with status
+"failed" and a one-line reason (and a non-zero exit on the command line), never a complete-looking adapter.
+
+Speed: every micro-batch of `per_device_batch` examples is packed into one padding-free row with
+per-example position ids; transformers turns those into a block-diagonal causal mask for SDPA, so examples
+never attend to each other. The LM head runs on response positions only (the prompt carries no loss), and
+losses stay on the device between log flushes (no per-step host sync).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jobs import data as D
+from jobs.spec import TINY_MODEL, FinetuneSpec, SpecError, preset
+
+RESULT, METRICS, ADAPTER, CHECKPOINTS = "result.json", "metrics.jsonl", "adapter", "checkpoints"
+
+
+class TrainingFailure(RuntimeError):
+    """An evaluation that failed for a reason that belongs in its result (diverged, no data...)."""
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def load_base(name: str, device: torch.device, dtype: torch.dtype):
+    """Tokenizer and causal LM from the tiny builder, a local HF-layout folder or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == TINY_MODEL:
+        from jobs.tiny import tiny_model_dir
+        name = str(tiny_model_dir())
+    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise TrainingFailure(f"base model folder {name} does not exist: give a HF-layout folder or a hub id")
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.eos_token_id is None:
+        raise TrainingFailure(f"tokenizer of {name} has no EOS token: the recipe appends EOS to every target")
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    return tokenizer, model.to(device)
+
+
+def add_lora(model, spec: FinetuneSpec):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=list(spec.target_modules), bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. target modules not found in the base model
+        raise TrainingFailure(f"LoRA could not be applied: {str(e).splitlines()[0]}: fix target_modules") from None
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank); initializes torch.distributed under torchrun or a multi-task job."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SUBMITIT_FOLDER" in os.environ:
+        import submitit
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def pick_precision(spec: FinetuneSpec, device: torch.device) -> torch.dtype:
+    if spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda"):
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return torch.bfloat16
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------------------------- batching
+def pack(examples) -> dict[str, torch.Tensor]:
+    """One padding-free row: concatenated ids and labels, position ids restarting at every example."""
+    ids = [t for e, _ in examples for t in e]
+    labels = [t for _, lab in examples for t in lab]
+    positions = [p for e, _ in examples for p in range(len(e))]
+    as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
+    return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}
+
+
+def loss_tokens(example) -> int:
+    return sum(1 for t in example[1][1:] if t != D.IGNORE)  # labels are shifted by one against the logits
+
+
+def epoch_plan(n_examples: int, spec: FinetuneSpec, world: int, epoch: int) -> list[list[list[int]]]:
+    """Optimizer steps of one epoch; each is a list of micro-batches (example indices), rank r taking every
+    world-th. A seeded permutation per epoch makes the data order a pure function of (seed, epoch), which is
+    what lets a resumed job continue exactly where the checkpoint left off."""
+    order = np.random.default_rng([spec.seed, epoch]).permutation(n_examples).tolist()
+    micro = [order[i:i + spec.per_device_batch] for i in range(0, n_examples, spec.per_device_batch)]
+    per_step = spec.grad_accum * world
+    return [micro[s * per_step:(s + 1) * per_step] for s in range(len(micro) // per_step)]
+
+
+# ----------------------------------------------------------------------------------------------- compute
+class ResponseLoss(torch.nn.Module):
+    """Sum of response-token cross-entropies and their count; the LM head sees response positions only.
+
+    A module (not a function) so that DistributedDataParallel can wrap it: DDP syncs gradients only for
+    forward passes that go through the wrapper."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, input_ids, labels, position_ids):
+        inner = self.peft_model.get_base_model()
+        hidden = inner.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != D.IGNORE
+        logits = inner.lm_head(hidden[:, :-1][keep]).float()
+        return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+
+
+def on_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validation_loss(model: ResponseLoss, examples, spec: FinetuneSpec, device, rank: int, world: int, autocast) -> float:
+    """Token-weighted mean cross-entropy over the response tokens of the whole validation split."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # similar lengths together
+    chunks = [order[i:i + spec.per_device_batch] for i in range(0, len(order), spec.per_device_batch)]
+    for chunk in chunks[rank::world]:
+        with autocast:
+            loss, count = model(**on_device(pack([examples[i] for i in chunk]), device))
+        total += torch.stack([loss.double(), count.double()])
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, spec: FinetuneSpec) -> None:
+    state = {
+        "step": step,
+        "adapter": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    folder = out / CHECKPOINTS
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".step-{step:07d}.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / f"step-{step:07d}.pt")  # a checkpoint either exists whole or not at all
+    for old in sorted(folder.glob("step-*.pt"))[:-spec.keep_checkpoints]:
+        old.unlink()
+
+
+def load_checkpoint(out: Path, model, optimizer, scheduler) -> int:
+    """Restore the newest checkpoint; returns the step to continue from (0 when there is none)."""
+    found = sorted((out / CHECKPOINTS).glob("step-*.pt"))
+    if not found:
+        return 0
+    state = torch.load(found[-1], map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["adapter"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint we resume from, so the curve has no doubled steps."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+# ----------------------------------------------------------------------------------------------- the recipe
+def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int) -> dict:
+    t0 = time.time()
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    dtype = pick_precision(spec, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16 and device.type == "cuda" \
+        else nullcontext()
+    torch.manual_seed(spec.seed)
+    random.seed(spec.seed)
+    np.random.seed(spec.seed)
+
+    splits = D.prepare_splits(spec.data)
+    tokenizer, model = load_base(spec.base_model, device, dtype)
+    train_set, dropped_train = D.tokenize(D.read_split(splits, "train"), tokenizer, spec.max_seq_len)
+    val_set, dropped_val = D.tokenize(D.read_split(splits, "val"), tokenizer, spec.max_seq_len)
+    if not train_set or not val_set:
+        raise TrainingFailure(f"no trainable examples at max_seq_len={spec.max_seq_len}: raise max_seq_len")
+    steps_per_epoch = len(epoch_plan(len(train_set), spec, world, 0))
+    if steps_per_epoch == 0:
+        raise TrainingFailure(f"{len(train_set)} training examples are fewer than one optimizer step "
+                              f"({spec.per_device_batch} x {spec.grad_accum} x {world}): lower the batch")
+    total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
+
+    model = add_lora(model, spec)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    from transformers import get_cosine_schedule_with_warmup
+    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total_steps), total_steps)
+    model.train()
+    start = load_checkpoint(out, model, optimizer, scheduler)
+    if rank == 0:
+        trim_metrics(out / METRICS, start)
+    loss_fn = ResponseLoss(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=[local_rank] if device.type == "cuda"
+                                                    else None) if world > 1 else None
+    val_before = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast) \
+        if spec.eval_before and start == 0 else None
+
+    log = open(out / METRICS, "a") if rank == 0 else None
+    pending, train_losses, t_train, tokens_seen = [], [], time.time(), 0
+    t_window, tokens_window, plan, plan_epoch = time.time(), 0, [], -1
+    for step in range(start, total_steps):
+        epoch = step // steps_per_epoch
+        if epoch != plan_epoch:
+            plan, plan_epoch = epoch_plan(len(train_set), spec, world, epoch), epoch
+        micro = plan[step % steps_per_epoch]
+        step_tokens = sum(loss_tokens(train_set[i]) for mb in micro for i in mb)  # global, known up front
+        mine = micro[rank::world]
+        step_loss = torch.zeros((), device=device)
+        for k, mb in enumerate(mine):
+            sync = ddp.no_sync() if ddp is not None and k < len(mine) - 1 else nullcontext()
+            with sync, autocast:
+                loss, _ = (ddp or loss_fn)(**on_device(pack([train_set[i] for i in mb]), device))
+            (loss * world / step_tokens).backward()  # DDP averages over ranks: scale so the sum is exact
+            step_loss += loss.detach()
+            tokens_seen += sum(len(train_set[i][0]) for i in mb)
+            tokens_window += sum(len(train_set[i][0]) for i in mb)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        pending.append((step + 1, epoch, step_loss, step_tokens, scheduler.get_last_lr()[0], grad_norm))
+        last = step + 1 == total_steps
+        if len(pending) >= spec.log_every or last:
+            train_losses += _flush(pending, log, world, tokens_window / max(time.time() - t_window, 1e-9))
+            pending, t_window, tokens_window = [], time.time(), 0
+        if spec.eval_every and (step + 1) % spec.eval_every == 0 and not last:
+            v = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast)
+            _append(log, {"step": step + 1, "val_loss": v})
+        if spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 and not last and rank == 0:
+            save_checkpoint(out, step + 1, model, optimizer, scheduler, spec)
+    train_s = time.time() - t_train
+    t_eval = time.time()
+    val = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast)
+    if not math.isfinite(val):
+        raise TrainingFailure(f"validation loss is {val}: the run diverged; lower the learning rate")
+    _append(log, {"step": total_steps, "val_loss": val})
+    if log:
+        log.close()
+    if rank == 0:
+        tmp = out / (ADAPTER + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        os.replace(tmp, out / ADAPTER)
+    return {
+        "val_loss": val, "val_loss_before": val_before,
+        "train_loss": float(np.mean(train_losses[-max(1, steps_per_epoch):])) if train_losses else None,
+        "steps": total_steps, "resumed_from_step": start, "steps_per_epoch": steps_per_epoch,
+        "n_train": len(train_set), "n_val": len(val_set), "dropped_too_long": dropped_train + dropped_val,
+        "train_tokens": tokens_seen * world, "tokens_per_s": tokens_seen * world / max(train_s, 1e-9),
+        "train_s": train_s, "eval_s": time.time() - t_eval, "setup_s": t_train - t0,
+        "trainable_params": n_trainable, "total_params": n_total, "device": str(device), "world_size": world,
+        "dtype": str(dtype).replace("torch.", ""), "peak_memory_bytes": _peak_memory(device),
+        "data_folder": str(splits),
+    }
+
+
+def _flush(pending, log, world, tokens_per_s) -> list[float]:
+    """One host sync for several steps: write their metrics, fail fast on a non-finite loss."""
+    values = torch.stack([torch.stack([p[2].float(), torch.as_tensor(p[5], device=p[2].device).float()])
+                          for p in pending]).cpu()
+    if world > 1:
+        torch.distributed.all_reduce(values[:, :1])
+    losses = []
+    for (step, epoch, _, n_tokens, lr, _), (loss_sum, grad_norm) in zip(pending, values.tolist()):
+        loss = loss_sum / n_tokens
+        if not math.isfinite(loss):
+            raise TrainingFailure(f"training loss became {loss} at step {step}: diverged; lower the learning rate")
+        losses.append(loss)
+        _append(log, {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_s, "time": time.time()})
+    return losses
+
+
+def _append(log, record: dict) -> None:
+    if log:
+        log.write(json.dumps(record) + "\n")
+        log.flush()  # another process (the orchestrator) follows this file live
+
+
+def _peak_memory(device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+def run(spec: FinetuneSpec | dict) -> dict:
+    """Fine-tune as the spec says and return the result (also written to OUT/result.json).
+
+    A finished folder returns its result without training again (a requeued job that had completed)."""
+    t0 = time.time()
+    spec_dict = spec.to_dict() if isinstance(spec, FinetuneSpec) else dict(spec)
+    out = Path(spec_dict.get("out") or "runs/finetune")
+    result = {"status": "failed", "reason": None, "val_loss": None, "spec": spec_dict}
+    rank = 0
+    try:
+        spec = spec if isinstance(spec, FinetuneSpec) else FinetuneSpec.from_dict(spec_dict)
+        out.mkdir(parents=True, exist_ok=True)
+        previous = _read_result(out)
+        if previous and previous.get("status") == "ok" and (out / ADAPTER).is_dir():
+            return previous
+        rank, world, local_rank = distributed_env()
+        if rank == 0:
+            spec.to_json(out / "spec.json")
+            shutil.rmtree(out / ADAPTER, ignore_errors=True)  # a stale adapter must not look like this run's
+        result.update(train(spec, out, rank, world, local_rank), status="ok")
+    except (SpecError, D.DataError, TrainingFailure) as e:
+        result["reason"] = str(e)
+    except torch.OutOfMemoryError as e:
+        result["reason"] = f"out of memory ({str(e).splitlines()[0][:120]}): lower per_device_batch or max_seq_len"
+    except Exception as e:  # any other failure is still this evaluation's result, with its traceback kept
+        result["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        result["traceback"] = traceback.format_exc()
+    result["total_s"] = time.time() - t0
+    result["versions"] = _versions()
+    if rank == 0 and out.is_dir():
+        if result["status"] != "ok":
+            shutil.rmtree(out / ADAPTER, ignore_errors=True)
+        _write_json(out / RESULT, result)
+    return result
+
+
+def _read_result(out: Path) -> dict | None:
+    try:
+        return json.loads((out / RESULT).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="LoRA instruction-tuning of one configuration; prints val_loss.")
+    parser.add_argument("--spec", help="spec.json to run (other flags override its fields)")
+    parser.add_argument("--preset", default="tiny", help="tiny (embedded default) or paper")
+    parser.add_argument("--out", help="output folder")
+    for name, kind in (("r", int), ("alpha", float), ("dropout", float), ("lr", float), ("epochs", float),
+                       ("max_steps", int), ("per_device_batch", int), ("grad_accum", int),
+                       ("max_seq_len", int), ("seed", int), ("eval_every", int), ("checkpoint_every", int),
+                       ("base_model", str), ("precision", str)):
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("spec", "preset") and v is not None}
+    try:
+        spec = FinetuneSpec.from_json(args.spec).replace(**overrides) if args.spec \
+            else preset(args.preset, **overrides)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = run(spec)
+    if result["status"] != "ok":
+        print(f"failed: {result['reason']}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: result[k] for k in ("val_loss", "train_loss", "tokens_per_s", "train_s", "steps")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

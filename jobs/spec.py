@@ -1,0 +1,184 @@
+"""The job's contract: a serializable spec in, a result out (torch-free: the orchestrator imports this).
+
+    python -m jobs.finetune --spec spec.json        # rerun any trial by hand from its written spec
+
+A `FinetuneSpec` holds everything one LoRA fine-tune needs; `preset("tiny")` is the embedded default and
+`preset("paper")` the paper's setting (Llama-2-7b-hf, 70% Alpaca / 30% Dolly, 2 epochs, effective batch 128).
+Validation lives in `__post_init__`: a bad value raises `SpecError` naming the field, the value and the fix.
+Note that dropout = 1 is valid (it is in the paper's space): LoRA's input is then always zeroed, the adapter
+receives no gradient and the result is the base model's loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TINY_MODEL = "tiny"  # the embedded base model, built and cached on first use (jobs/tiny.py)
+BUNDLED_PREFIX = "bundled:"  # bundled data sets: bundled:tiny-alpaca, bundled:tiny-dolly
+
+
+class SpecError(ValueError):
+    """A spec value is invalid; the message names the field, the bad value and the fix."""
+
+
+@dataclass
+class DataSource:
+    """One instruction data set and its share of the mix."""
+
+    name: str  # hub id (tatsu-lab/alpaca), local file (.json/.jsonl/.parquet), HF-layout folder, or bundled:NAME
+    weight: float = 1.0  # share of the mixed set; weights are normalized over the sources
+    split: str = "train"  # which split of a hub data set or HF-layout folder to read
+
+    def __post_init__(self):
+        if not self.name:
+            raise SpecError("data.sources[].name is empty: give a hub id, a local path or bundled:tiny-alpaca")
+        if not self.weight > 0:
+            raise SpecError(f"data.sources[{self.name}].weight={self.weight!r} must be > 0: give a positive share")
+
+
+@dataclass
+class DataSpec:
+    """How the train/validation splits are built (seeded, without replacement, de-duplicated, leak-free)."""
+
+    sources: list[DataSource] = field(default_factory=lambda: [
+        DataSource(BUNDLED_PREFIX + "tiny-alpaca", 0.7), DataSource(BUNDLED_PREFIX + "tiny-dolly", 0.3)])
+    val_fraction: float = 0.2
+    # Rows in the mix; None takes the largest mix the weights allow without replacement.
+    total_rows: int | None = None
+    seed: int = 42
+    # Where the prepared splits are written once, keyed by a content hash, and reused by every evaluation of
+    # a study. None: $LORA_HPO_CACHE/data (default ~/.cache/lora-hpo/data).
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        self.sources = [s if isinstance(s, DataSource) else DataSource(**_known(DataSource, s, "data.sources[]"))
+                        for s in self.sources]
+        if not self.sources:
+            raise SpecError("data.sources is empty: list at least one data set")
+        if not 0 < self.val_fraction < 1:
+            raise SpecError(f"data.val_fraction={self.val_fraction!r} must be in (0, 1): e.g. 0.2")
+        if self.total_rows is not None and self.total_rows < 2:
+            raise SpecError(f"data.total_rows={self.total_rows!r} must be >= 2 or null (use all rows the mix allows)")
+
+
+@dataclass
+class FinetuneSpec:
+    """One LoRA instruction-tuning run: base model, data, LoRA and training settings, output folder."""
+
+    out: str = "runs/finetune"
+    base_model: str = TINY_MODEL  # "tiny", a hub id (meta-llama/Llama-2-7b-hf) or a local HF-layout folder
+    data: DataSpec = field(default_factory=DataSpec)
+    # LoRA: the four searched hyperparameters, and where the adapters go
+    r: int = 8
+    alpha: float = 32
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lr: float = 1e-5
+    # training
+    epochs: float = 2.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    per_device_batch: int = 4  # examples per micro-batch (packed into one padding-free row)
+    grad_accum: int = 8  # micro-batches per optimizer step (per device)
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto: bf16 + tf32 on GPU, fp32 on CPU; or bf16 / fp32
+    max_seq_len: int = 512
+    seed: int = 42
+    # validation loss at the end, and every eval_every optimizer steps if > 0 (logged to metrics.jsonl)
+    eval_every: int = 0
+    eval_before: bool = False  # also measure the untrained (base model) validation loss, as val_loss_before
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = none (a requeued job restarts)
+    log_every: int = 10  # flush per-step metrics every N steps (fewer host syncs)
+    keep_checkpoints: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.data, dict):
+            self.data = DataSpec(**_known(DataSpec, self.data, "data"))
+        checks = [
+            ("r", isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "an integer >= 1"),
+            ("alpha", _num(self.alpha) and self.alpha > 0, "a number > 0"),
+            ("dropout", _num(self.dropout) and 0 <= self.dropout <= 1, "a number in [0, 1]"),
+            ("lr", _num(self.lr) and self.lr > 0, "a number > 0"),
+            ("epochs", _num(self.epochs) and self.epochs > 0, "a number > 0"),
+            ("max_steps", self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1),
+             "an integer >= 1 or null"),
+            ("per_device_batch", isinstance(self.per_device_batch, int) and self.per_device_batch >= 1, "an integer >= 1"),
+            ("grad_accum", isinstance(self.grad_accum, int) and self.grad_accum >= 1, "an integer >= 1"),
+            ("warmup_ratio", _num(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "a number in [0, 1)"),
+            ("weight_decay", _num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
+            ("max_grad_norm", _num(self.max_grad_norm) and self.max_grad_norm > 0, "a number > 0"),
+            ("precision", self.precision in ("auto", "bf16", "fp32"), "one of auto, bf16, fp32"),
+            ("max_seq_len", isinstance(self.max_seq_len, int) and self.max_seq_len >= 8, "an integer >= 8"),
+            ("target_modules", bool(self.target_modules) and all(isinstance(m, str) for m in self.target_modules),
+             "a non-empty list of module names, e.g. [q_proj, v_proj]"),
+            ("out", bool(self.out), "an output folder"),
+        ]
+        for name, ok, fix in checks:
+            if not ok:
+                raise SpecError(f"{name}={getattr(self, name)!r} is invalid: must be {fix}")
+        for name in ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "log_every" else 0):
+                raise SpecError(f"{name}={getattr(self, name)!r} is invalid: must be a non-negative integer")
+
+    # --- serialization: the spec is written next to the job's outputs so any trial can be rerun by hand
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FinetuneSpec":
+        return cls(**_known(cls, d, "spec"))
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "FinetuneSpec":
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise SpecError(f"spec file {path} does not exist: give the path of a spec.json") from None
+        except json.JSONDecodeError as e:
+            raise SpecError(f"spec file {path} is not valid JSON ({e.msg}, line {e.lineno}): fix the file") from None
+        if not isinstance(d, dict):
+            raise SpecError(f"spec file {path} must hold a JSON object of spec fields")
+        return cls.from_dict(d)
+
+    def replace(self, **changes) -> "FinetuneSpec":
+        return FinetuneSpec.from_dict({**self.to_dict(), **changes})
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
+def _known(cls, d: dict, where: str) -> dict:
+    """Reject unknown keys with the list of valid ones (a typo must not be silently ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise SpecError(f"{where}: unknown key {unknown[0]!r}: valid keys are {', '.join(sorted(names))}")
+    return dict(d)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default: tiny Llama built locally, bundled synthetic Alpaca/Dolly-shaped data, CPU seconds.
+    "tiny": dict(base_model=TINY_MODEL, epochs=2.0, per_device_batch=8, grad_accum=2, max_seq_len=256,
+                 log_every=5),
+    # The paper: Llama-2-7b-hf, 70% Alpaca / 30% Dolly, 80/20, seq 512, 4 x 8 x 4 GPUs = 128, 2 epochs.
+    "paper": dict(base_model="meta-llama/Llama-2-7b-hf",
+                  data=dict(sources=[dict(name="tatsu-lab/alpaca", weight=0.7),
+                                     dict(name="databricks/databricks-dolly-15k", weight=0.3)]),
+                  epochs=2.0, per_device_batch=4, grad_accum=8, max_seq_len=512, warmup_ratio=0.03,
+                  weight_decay=0.0, precision="auto", r=8, alpha=32, dropout=0.1, lr=1e-5,
+                  eval_every=0, checkpoint_every=50, log_every=10),
+}
+
+
+def preset(name: str, **overrides) -> FinetuneSpec:
+    if name not in PRESETS:
+        raise SpecError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return FinetuneSpec.from_dict({**PRESETS[name], **overrides})

@@ -1,0 +1,27 @@
+"""Shared fixtures. The tiny base model is built once per test session into a private cache."""
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before any project import: every process the tests start (subprocesses too) shares this cache, and
+# nothing is written to the user's ~/.cache.
+os.environ.setdefault("LORA_HPO_CACHE", tempfile.mkdtemp(prefix="lora-hpo-test-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    from jobs.tiny import tiny_model_dir as build
+    return build()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_model_dir)

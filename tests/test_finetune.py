@@ -1,0 +1,191 @@
+"""The blackbox recipe on the tiny model: real transformers + peft training on the CPU."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs import data as D
+from jobs import finetune as F
+from jobs.spec import DataSpec, FinetuneSpec, SpecError, preset
+
+from .conftest import REPO
+
+
+def small(tmp_path, name="run", **kw) -> FinetuneSpec:
+    """The tiny preset on a 600-row mix: seconds per run."""
+    kw.setdefault("max_steps", 24)
+    return preset("tiny", out=str(tmp_path / name), lr=1e-3, alpha=32, r=8, dropout=0.05,
+                  data=DataSpec(total_rows=600, cache_dir=str(tmp_path / "data")), **kw)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finished")
+    spec = small(tmp, eval_before=True, eval_every=12)
+    return spec, F.run(spec)
+
+
+def test_tiny_run_learns_and_writes_its_outputs(finished):
+    spec, result = finished
+    out = Path(spec.out)
+    assert result["status"] == "ok", result.get("reason")
+    assert result["val_loss"] < result["val_loss_before"] - 0.3, "the adapter did not learn"
+    on_disk = json.loads((out / "result.json").read_text())
+    assert on_disk["val_loss"] == result["val_loss"] and on_disk["spec"]["r"] == 8
+    for key in ("train_loss", "tokens_per_s", "train_s", "peak_memory_bytes", "trainable_params", "versions"):
+        assert on_disk[key], key
+    assert 0 < result["trainable_params"] < result["total_params"] / 5
+    assert FinetuneSpec.from_json(out / "spec.json") == spec
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in lines if "loss" in m]
+    assert steps == list(range(1, 25))
+    assert all(math.isfinite(m["loss"]) and m["lr"] >= 0 and m["grad_norm"] >= 0 for m in lines if "loss" in m)
+    assert [m["step"] for m in lines if "val_loss" in m] == [12, 24]
+    assert (out / "adapter" / "adapter_config.json").exists()
+    # warmup then cosine decay to zero
+    lrs = [m["lr"] for m in lines if "lr" in m]
+    assert max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] == pytest.approx(0, abs=1e-9)
+
+
+def test_saved_adapter_reloads_with_peft_and_reproduces_val_loss(finished, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec, result = finished
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      str(Path(spec.out) / "adapter"))
+    val, _ = D.tokenize(D.read_split(Path(result["data_folder"]), "val"), tokenizer, spec.max_seq_len)
+    loss = F.validation_loss(F.ResponseLoss(model), val, spec, torch.device("cpu"), 0, 1, F.nullcontext())
+    assert loss == pytest.approx(result["val_loss"], rel=1e-5)
+
+
+def test_a_finished_folder_is_not_trained_again(finished):
+    spec, result = finished
+    again = F.run(spec)
+    assert again["val_loss"] == result["val_loss"] and again["total_s"] == result["total_s"]
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    rows = [{"instruction": "What is 3 plus 4?", "context": "", "response": "7"},
+            {"instruction": "Who?", "context": "Alice went home.", "response": "Alice"}]
+    examples, _ = D.tokenize(rows, tiny_tokenizer, 256)
+    packed = F.pack(examples)
+    with torch.no_grad():
+        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([ids])).logits[0] for ids, _ in examples])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_dropout_one_trains_nothing(tmp_path):
+    result = F.run(small(tmp_path, dropout=1.0, eval_before=True, max_steps=6))
+    assert result["status"] == "ok"
+    assert result["val_loss"] == pytest.approx(result["val_loss_before"], abs=1e-6)
+
+
+def test_learning_rate_and_rank_shape_the_loss(tmp_path):
+    losses = {(r, lr): F.run(small(tmp_path, f"r{r}-lr{lr}", r=r, lr=lr, max_steps=16))["val_loss"]
+              for r, lr in ((8, 1e-5), (8, 1e-3), (64, 1e-3))}
+    assert losses[(8, 1e-3)] < losses[(8, 1e-5)] - 0.3
+    assert losses[(64, 1e-3)] != pytest.approx(losses[(8, 1e-3)], abs=1e-3)
+
+
+def _spawn(spec_path: Path):
+    return subprocess.Popen([sys.executable, "-m", "jobs.finetune", "--spec", str(spec_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+
+def test_killed_job_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
+    """kill -9 mid-run (as SLURM preemption would), restart on the same folder: same result as uninterrupted."""
+    spec = small(tmp_path, "interrupted", max_steps=40, checkpoint_every=8, dropout=0.1)
+    reference = F.run(spec.replace(out=str(tmp_path / "reference")))
+    Path(spec.out).mkdir(parents=True)
+    spec.to_json(tmp_path / "spec.json")
+    proc = _spawn(tmp_path / "spec.json")
+    deadline = time.time() + 120
+    while not list((Path(spec.out) / "checkpoints").glob("step-*.pt")) and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (Path(spec.out) / "result.json").exists(), "killed too late to test a resume"
+    assert not (Path(spec.out) / "adapter").exists()
+    resumed = F.run(spec)
+    assert resumed["status"] == "ok" and resumed["resumed_from_step"] >= 8
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-6, abs=1e-7)
+    steps = [json.loads(x)["step"] for x in (Path(spec.out) / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 41)), "the curve has doubled or missing steps after the resume"
+
+
+@pytest.mark.parametrize("field,value", [("r", 0), ("alpha", 0), ("alpha", -1.0), ("dropout", 1.5),
+                                         ("dropout", -0.1), ("lr", 0.0), ("lr", -1e-4)])
+def test_invalid_hyperparameters_are_a_failed_result(tmp_path, field, value):
+    spec = small(tmp_path).to_dict()
+    spec[field] = value
+    result = F.run(spec)
+    assert result["status"] == "failed" and field in result["reason"]
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "run" / "adapter").exists()
+    with pytest.raises(SpecError, match=field):
+        FinetuneSpec.from_dict(spec)
+
+
+def test_missing_and_malformed_data_are_failed_results(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "response": "y"}\n{oops\n')
+    for name, reason in ((str(tmp_path / "missing.jsonl"), "does not exist"), (str(bad), "malformed")):
+        spec = small(tmp_path).replace(data={"sources": [{"name": name}], "cache_dir": str(tmp_path / "d")})
+        result = F.run(spec)
+        assert result["status"] == "failed" and reason in result["reason"], result["reason"]
+
+
+def test_diverging_loss_is_a_failed_result(tmp_path):
+    result = F.run(small(tmp_path, lr=1e9, max_grad_norm=1e30, max_steps=10, warmup_ratio=0.0))
+    assert result["status"] == "failed"
+    assert "diverged" in result["reason"] and not (tmp_path / "run" / "adapter").exists()
+
+
+def test_out_of_memory_is_a_failed_result(tmp_path, monkeypatch):
+    # MOCK (named as such): a real OOM needs a GPU; raise torch's own OOM error from the forward pass.
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(F.ResponseLoss, "forward", oom)
+    result = F.run(small(tmp_path))
+    assert result["status"] == "failed" and result["reason"].startswith("out of memory")
+
+
+def test_base_model_from_a_local_hf_folder(tmp_path, tiny_model_dir):
+    import shutil
+    local = tmp_path / "my-base-model"
+    shutil.copytree(tiny_model_dir, local)
+    result = F.run(small(tmp_path, base_model=str(local), max_steps=4))
+    assert result["status"] == "ok"
+    missing = F.run(small(tmp_path, "m", base_model=str(tmp_path / "nope"), max_steps=4))
+    assert missing["status"] == "failed" and "does not exist" in missing["reason"]
+
+
+def test_command_line_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "jobs.finetune", "--preset", "tiny", "--max-steps", "2",
+                         "--r", "8", "--alpha", "16", "--dropout", "0.05", "--lr", "1e-3",
+                         "--out", str(tmp_path / "cli")], cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout.splitlines()[-1])["steps"] == 2
+    bad = subprocess.run([sys.executable, "-m", "jobs.finetune", "--r", "0", "--out", str(tmp_path / "x")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "r=0" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists(), "a rejected command line must write nothing"
+    failed = subprocess.run([sys.executable, "-m", "jobs.finetune", "--spec", str(tmp_path / "cli" / "spec.json"),
+                             "--out", str(tmp_path / "y"), "--base-model", "/nonexistent/model"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert failed.returncode == 1 and json.loads((tmp_path / "y" / "result.json").read_text())["status"] == "failed"
