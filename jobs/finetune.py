@@ -129,7 +129,8 @@ class ResponseLoss(torch.nn.Module):
 
     def forward(self, input_ids, labels, position_ids):
         inner = self.peft_model.get_base_model()
-        hidden = inner.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+        # No KV cache: transformers derives the block-diagonal mask of packed rows only when there is none.
+        hidden = inner.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != D.IGNORE
         logits = inner.lm_head(hidden[:, :-1][keep]).float()
@@ -270,13 +271,14 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
         optimizer.zero_grad(set_to_none=True)
         pending.append((step + 1, epoch, step_loss, step_tokens, scheduler.get_last_lr()[0], grad_norm))
         last = step + 1 == total_steps
-        if len(pending) >= spec.log_every or last:
+        checkpoint = spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 and not last
+        if len(pending) >= spec.log_every or last or checkpoint:  # a checkpoint implies its metrics are on disk
             train_losses += _flush(pending, log, world, tokens_window / max(time.time() - t_window, 1e-9))
             pending, t_window, tokens_window = [], time.time(), 0
         if spec.eval_every and (step + 1) % spec.eval_every == 0 and not last:
             v = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast)
             _append(log, {"step": step + 1, "val_loss": v})
-        if spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 and not last and rank == 0:
+        if checkpoint and rank == 0:
             save_checkpoint(out, step + 1, model, optimizer, scheduler, spec)
     train_s = time.time() - t_train
     t_eval = time.time()
@@ -352,8 +354,8 @@ def run(spec: FinetuneSpec | dict) -> dict:
     result = {"status": "failed", "reason": None, "val_loss": None, "spec": spec_dict}
     rank = 0
     try:
+        out.mkdir(parents=True, exist_ok=True)  # first: even an invalid spec leaves its failed result.json
         spec = spec if isinstance(spec, FinetuneSpec) else FinetuneSpec.from_dict(spec_dict)
-        out.mkdir(parents=True, exist_ok=True)
         previous = _read_result(out)
         if previous and previous.get("status") == "ok" and (out / ADAPTER).is_dir():
             return previous

@@ -107,6 +107,8 @@ def test_truncation_keeps_prompt_first_and_drops_rows_without_response(tiny_toke
     row = {"instruction": "word " * 50, "context": "", "response": "the answer is here"}
     examples, dropped = D.tokenize([row], tiny_tokenizer, 20)
     assert examples == [] and dropped == 1
-    examples, dropped = D.tokenize([row], tiny_tokenizer, 80)
+    prompt_len = 1 + len(tiny_tokenizer(D.format_prompt(row), add_special_tokens=False)["input_ids"])
+    examples, dropped = D.tokenize([row], tiny_tokenizer, prompt_len + 2)
     ids, labels = examples[0]
-    assert len(ids) == 80 and dropped == 0 and labels[-1] != D.IGNORE
+    assert len(ids) == prompt_len + 2 and dropped == 0
+    assert labels[:prompt_len] == [D.IGNORE] * prompt_len and D.IGNORE not in labels[prompt_len:]

@@ -20,8 +20,8 @@ from .conftest import REPO
 
 def small(tmp_path, name="run", **kw) -> FinetuneSpec:
     """The tiny preset on a 600-row mix: seconds per run."""
-    kw.setdefault("max_steps", 24)
-    return preset("tiny", out=str(tmp_path / name), lr=1e-3, alpha=32, r=8, dropout=0.05,
+    kw = {"max_steps": 24, "lr": 1e-3, "alpha": 32, "r": 8, "dropout": 0.05, **kw}
+    return preset("tiny", out=str(tmp_path / name),
                   data=DataSpec(total_rows=600, cache_dir=str(tmp_path / "data")), **kw)
 
 
@@ -74,17 +74,22 @@ def test_a_finished_folder_is_not_trained_again(finished):
 
 
 def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    assert base.config.use_cache, "the test must cover a model loaded with its KV cache on (the default)"
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
     rows = [{"instruction": "What is 3 plus 4?", "context": "", "response": "7"},
-            {"instruction": "Who?", "context": "Alice went home.", "response": "Alice"}]
+            {"instruction": "Who?", "context": "Alice went home.", "response": "Alice went home."},
+            {"instruction": "Sort.", "context": "3, 1, 2", "response": "1, 2, 3"}]
     examples, _ = D.tokenize(rows, tiny_tokenizer, 256)
-    packed = F.pack(examples)
+    loss_fn = F.ResponseLoss(model)
     with torch.no_grad():
-        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
-        alone = torch.cat([model(input_ids=torch.tensor([ids])).logits[0] for ids, _ in examples])
-    assert torch.allclose(together, alone, atol=1e-5)
+        packed_sum, packed_count = loss_fn(**F.pack(examples))
+        alone = [loss_fn(**F.pack([e])) for e in examples]
+    assert packed_count == sum(c for _, c in alone) == sum(F.loss_tokens(e) for e in examples)
+    assert packed_sum.item() == pytest.approx(sum(s.item() for s, _ in alone), rel=1e-5)
 
 
 def test_dropout_one_trains_nothing(tmp_path):
