@@ -1,0 +1,43 @@
+"""Cheap synthetic objectives: stand-ins for a LoRA fine-tuning run, for dry runs, tests and benches.
+
+``paper_landscape`` is shaped like the paper's findings (Tribes et al., arXiv 2312.00949): the
+validation loss falls with the LoRA rank and alpha, is about quadratic in log10(lr) with an optimum
+near 5e-4 (at r = 512, alpha = 64; LoRA scales its update by alpha / r, so the best lr moves with
+both: a diagonal valley that coordinate moves alone follow slowly), dropout 1 makes
+the adapter useless (loss as if untrained), and the default point scores about 1.2 against a best of
+``OPTIMUM`` = 0.92 (paper: default 1.167, best found 0.93-0.96). It takes a decoded-hyperparameter
+dict, as a study's ``--objective orchestrator.objectives:paper_landscape`` would pass it, and returns
+a float; extra keys (fixed values) are ignored.
+
+Try it: ``python -c "from orchestrator.objectives import *; print(paper_landscape(OPTIMUM_POINT))"``
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+UNTRAINED = 1.60          # loss of the base model without a useful adapter
+OPTIMUM = 0.92            # the landscape's minimum, at OPTIMUM_POINT
+OPTIMUM_POINT = {"r": 512, "alpha": 64, "dropout": 0.0, "lr": 5e-4}
+
+
+def paper_landscape(hp: dict, noise_sd: float = 0.0, rng: np.random.Generator | None = None) -> float:
+    """Synthetic validation loss of LoRA hyperparameters ``hp`` (keys r, alpha, dropout, lr).
+
+    ``noise_sd`` > 0 adds Gaussian evaluation noise drawn from ``rng`` (seeded by the caller).
+    """
+    r, alpha, dropout, lr = float(hp["r"]), float(hp["alpha"]), float(hp["dropout"]), float(hp["lr"])
+    if dropout >= 1.0:
+        loss = UNTRAINED   # every LoRA input is dropped: the adapter never learns
+    else:
+        rank_gap = 0.12 * (1.0 - math.log2(r / 4.0) / 7.0)           # 0 at r = 512
+        alpha_gap = 0.15 * (1.0 - (alpha - 1.0) / 63.0)               # 0 at alpha = 64
+        # LoRA scales its update by alpha / r: the best lr moves with both (a diagonal valley)
+        effective_lr = math.log10(lr) + 0.5 * math.log10(alpha / 64.0) - 0.25 * math.log10(r / 512.0)
+        lr_gap = 0.035 * (effective_lr - math.log10(5e-4)) ** 2       # quadratic in log10(lr)
+        dropout_gap = 0.2 * dropout                                    # 0.02 at the default 0.1
+        loss = min(UNTRAINED, OPTIMUM + rank_gap + alpha_gap + lr_gap + dropout_gap)
+    if noise_sd > 0:
+        loss += float((rng or np.random.default_rng()).normal(0.0, noise_sd))
+    return loss

@@ -1,0 +1,78 @@
+"""The two baseline searchers: ``default`` (the paper's untuned point) and ``random`` (uniform).
+
+Both are pure Python and deterministic given the seed. Built through
+``orchestrator.searchers.make_searcher("random", space, budget=..., parallel=..., seed=...)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from orchestrator.searchers import Ledger, Observation, Suggestion
+from orchestrator.space import SearchSpace
+
+_MAX_DRAWS = 1000  # draws to find an unseen point before calling a (small, discrete) space exhausted
+
+
+class DefaultSearcher:
+    """Proposes the space's default point once (budget permitting), then is finished."""
+    name = "default"
+
+    def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int):
+        self._ledger = Ledger(space, budget)
+        self._space = space
+        self._proposed = False
+
+    @property
+    def finished(self) -> bool:
+        return self._ledger.exhausted or (self._proposed and not self._ledger.pending)
+
+    def ask(self) -> Suggestion | None:
+        if self._proposed or not self._ledger.can_issue():
+            return None
+        self._proposed = True
+        point = self._space.default_point()
+        return self._ledger.issue(point, encoded=dict(point))
+
+    def tell(self, trial_id: int, value: float | None) -> None:
+        self._ledger.settle(trial_id, value)
+
+    def replay(self, history: list[Observation]) -> None:
+        self._ledger.replay(history)
+        self._proposed = self._space.key(self._space.default_point()) in self._ledger.seen
+
+    def close(self) -> None:
+        self._proposed = True
+
+
+class RandomSearcher:
+    """Uniform sampling per dimension (log-uniform for ``log``), never repeating a seen point."""
+    name = "random"
+
+    def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int):
+        self._ledger = Ledger(space, budget)
+        self._space = space
+        self._rng = np.random.default_rng(seed)
+        self._exhausted_space = False
+
+    @property
+    def finished(self) -> bool:
+        return self._ledger.exhausted or (self._exhausted_space and not self._ledger.pending)
+
+    def ask(self) -> Suggestion | None:
+        if self._exhausted_space or not self._ledger.can_issue():
+            return None
+        for _ in range(_MAX_DRAWS):
+            point = self._space.sample(self._rng)
+            if self._space.key(point) not in self._ledger.seen:
+                return self._ledger.issue(point, encoded=dict(point))
+        self._exhausted_space = True
+        return None
+
+    def tell(self, trial_id: int, value: float | None) -> None:
+        self._ledger.settle(trial_id, value)
+
+    def replay(self, history: list[Observation]) -> None:
+        self._ledger.replay(history)
+
+    def close(self) -> None:
+        self._exhausted_space = True

@@ -1,0 +1,277 @@
+"""One contract suite for every searcher, driven like the study loop drives them, on a cheap objective."""
+import math
+import time
+
+import pytest
+
+from orchestrator.objectives import paper_landscape
+from orchestrator.searchers import Observation, make_searcher
+from orchestrator.space import paper_space
+
+pytestmark = pytest.mark.timeout(60)   # a NOMAD thread that deadlocks fails the test, not the suite
+
+LEARNING = ("nomad", "tpe", "random")
+ALL = LEARNING + ("default",)
+DEFAULT_LOSS = paper_landscape(paper_space().default_point())
+
+
+def build(algo, budget=30, parallel=1, seed=0, **options):
+    return make_searcher(algo, paper_space(), budget=budget, parallel=parallel, seed=seed, options=options)
+
+
+def drive(searcher, parallel=1, objective=paper_landscape, stop_after=None):
+    """Study-loop stand-in: fill up to `parallel` slots, answer the oldest first.
+
+    Returns the told (suggestion, value) pairs and the suggestions still pending when it stopped
+    (after `stop_after` results, or when the searcher finished / had nothing more to propose).
+    """
+    pending, told = [], []
+    while not searcher.finished and (stop_after is None or len(told) < stop_after):
+        while len(pending) < parallel:
+            suggestion = searcher.ask()
+            if suggestion is None:
+                break
+            keys = {paper_space().key(s.point) for s in pending}
+            assert paper_space().key(suggestion.point) not in keys, "a pending point was proposed again"
+            pending.append(suggestion)
+        if not pending:
+            break
+        suggestion = pending.pop(0)
+        value = objective(suggestion.point)
+        searcher.tell(suggestion.trial_id, value)
+        told.append((suggestion, value))
+    return told, pending
+
+
+def points(told):
+    return [s.point for s, _ in told]
+
+
+@pytest.mark.parametrize("algo", ALL)
+def test_points_are_in_the_space_with_python_types(algo):
+    searcher = build(algo, budget=25)
+    told, _ = drive(searcher)
+    searcher.close()
+    space = paper_space()
+    assert told
+    for suggestion, _ in told:
+        assert space.contains(suggestion.point)
+        assert [type(suggestion.point[k]) for k in ("r", "alpha", "dropout", "lr")] == [int, int, float, float]
+    ids = [s.trial_id for s, _ in told]
+    assert ids == sorted(set(ids))
+
+
+@pytest.mark.parametrize("algo", LEARNING)
+def test_up_to_k_distinct_points_pending_at_once(algo):
+    searcher = build(algo, budget=40, parallel=4)
+    widest = 0
+    pending, told = [], 0
+    while not searcher.finished:
+        while len(pending) < 4 and (s := searcher.ask()) is not None:
+            pending.append(s)
+        widest = max(widest, len(pending))
+        assert len({paper_space().key(s.point) for s in pending}) == len(pending)
+        if not pending:
+            break
+        s = pending.pop(0)
+        searcher.tell(s.trial_id, paper_landscape(s.point))
+        told += 1
+    searcher.close()
+    assert told == 40
+    assert widest == 4   # NOMAD's poll blocks fill all 4 slots
+
+
+@pytest.mark.parametrize("algo", LEARNING)
+def test_failures_are_told_and_the_search_goes_on(algo):
+    calls = []
+
+    def flaky(point):   # the first (X0) succeeds, then every third fails, one NaN
+        calls.append(point)
+        n = len(calls)
+        return float("nan") if n == 5 else None if n % 3 == 0 else paper_landscape(point)
+
+    searcher = build(algo, budget=30, parallel=2)
+    told, pending = drive(searcher, parallel=2, objective=flaky)
+    searcher.close()
+    assert len(told) == 30 and not pending and searcher.finished
+    assert sum(value is None for _, value in told) == 10
+    assert min(v for _, v in told if v is not None and not math.isnan(v)) < DEFAULT_LOSS
+
+
+@pytest.mark.parametrize("algo", LEARNING)
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_same_seed_and_answers_give_the_same_points(algo, parallel):
+    runs = []
+    for seed in (7, 7, 8):
+        searcher = build(algo, budget=30, parallel=parallel, seed=seed)
+        runs.append(points(drive(searcher, parallel=parallel)[0]))
+        searcher.close()
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("algo", ALL)
+def test_budget_counts_pending_and_finishes(algo):
+    searcher = build(algo, budget=3, parallel=4)
+    handed_out = 0
+    while not searcher.finished:
+        asked = [s for s in (searcher.ask() for _ in range(4)) if s is not None]
+        handed_out += len(asked)
+        assert handed_out <= 3, "more suggestions than the budget"
+        if not asked:
+            break
+        for s in asked:
+            searcher.tell(s.trial_id, paper_landscape(s.point))
+    assert handed_out == (1 if algo == "default" else 3)
+    assert searcher.finished and searcher.ask() is None
+    searcher.close()
+
+
+@pytest.mark.parametrize("algo", LEARNING)
+def test_replay_counts_against_the_budget_and_is_not_proposed_again(algo):
+    first = build(algo, budget=30, parallel=1)
+    told, _ = drive(first, stop_after=12)
+    first.close()
+    history = [Observation(s.point, v, s.trial_id) for s, v in told]
+    history[3] = Observation(history[3].point, None, history[3].trial_id)   # a replayed failure
+
+    resumed = build(algo, budget=30, parallel=1)
+    resumed.replay(history)
+    more, _ = drive(resumed)
+    resumed.close()
+    old_keys = {paper_space().key(o.point) for o in history}
+    assert len(more) == 30 - 12
+    assert not old_keys & {paper_space().key(s.point) for s, _ in more}
+    assert min(s.trial_id for s, _ in more) > max(o.trial_id for o in history)
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_nomad_resume_continues_exactly_where_it_stopped(parallel):
+    whole = build("nomad", budget=30, parallel=parallel)
+    reference = points(drive(whole, parallel=parallel)[0])
+    whole.close()
+
+    crashed = build("nomad", budget=30, parallel=parallel)
+    told, pending = drive(crashed, parallel=parallel, stop_after=13)   # mid-block with parallel 3
+    crashed.close()
+    resumed = build("nomad", budget=30, parallel=parallel)
+    resumed.replay([Observation(s.point, v, s.trial_id) for s, v in told])
+    more = points(drive(resumed, parallel=parallel)[0])
+    resumed.close()
+    assert points(told) + more == reference
+    assert [s.point for s in pending] == more[:len(pending)]   # the crash's pending trials come first
+
+
+@pytest.mark.parametrize("algo", ["nomad", "tpe"])
+def test_beats_the_default_point_within_40_evaluations(algo):
+    searcher = build(algo, budget=40)
+    told, _ = drive(searcher)
+    searcher.close()
+    assert min(v for _, v in told) < DEFAULT_LOSS - 0.15
+
+
+def test_default_proposes_once():
+    searcher = build("default", budget=10)
+    first = searcher.ask()
+    assert first.point == paper_space().default_point() and searcher.ask() is None
+    assert not searcher.finished
+    searcher.tell(first.trial_id, 1.0)
+    assert searcher.finished
+
+    resumed = build("default", budget=10)
+    resumed.replay([Observation(paper_space().default_point(), 1.0, 0)])
+    assert resumed.finished and resumed.ask() is None
+
+
+@pytest.mark.parametrize("algo", ALL)
+def test_tell_rejects_unknown_or_repeated_trials(algo):
+    searcher = build(algo, budget=5)
+    s = searcher.ask()
+    with pytest.raises(ValueError, match="not pending"):
+        searcher.tell(s.trial_id + 100, 1.0)
+    searcher.tell(s.trial_id, 1.0)
+    with pytest.raises(ValueError, match="not pending"):
+        searcher.tell(s.trial_id, 1.0)
+    searcher.close()
+
+
+@pytest.mark.parametrize("algo", ALL)
+def test_replay_only_before_the_first_ask(algo):
+    searcher = build(algo, budget=5)
+    searcher.ask()
+    with pytest.raises(RuntimeError, match="before the first ask"):
+        searcher.replay([])
+    searcher.close()
+
+
+def test_replay_rejects_points_outside_the_space():
+    with pytest.raises(ValueError, match="outside the search space"):
+        build("random").replay([Observation({"r": 3, "alpha": 1, "dropout": 0.0, "lr": 1e-4}, 1.0)])
+
+
+def test_nomad_retries_a_failed_starting_point_then_gives_up():
+    searcher = build("nomad", budget=10)
+    x0 = paper_space().default_point()
+    for _ in range(3):   # the first try and two retries
+        s = searcher.ask()
+        assert s.point == x0
+        searcher.tell(s.trial_id, None)
+    assert searcher.ask() is None and searcher.finished
+    searcher.close()
+
+    searcher = build("nomad", budget=10)
+    s = searcher.ask()
+    searcher.tell(s.trial_id, None)
+    s = searcher.ask()
+    searcher.tell(s.trial_id, 1.0)
+    assert searcher.ask().point != x0   # NOMAD goes on from a successful X0
+    searcher.close()
+
+
+def test_nomad_close_mid_block_is_quick_and_frees_nomad_for_the_next_searcher():
+    first = build("nomad", budget=100, parallel=4)
+    drive(first, parallel=4, stop_after=6)
+    with pytest.raises(RuntimeError, match="another NomadSearcher"):
+        build("nomad").ask()
+    start = time.monotonic()
+    first.close()
+    assert time.monotonic() - start < 5 and first.finished and first.ask() is None
+    second = build("nomad", budget=5)
+    assert second.ask() is not None
+    second.close()
+
+
+def test_nomad_options_pass_through_and_are_checked():
+    searcher = build("nomad", budget=12, parallel=4, MEGA_SEARCH_POLL=True, NM_SEARCH=False)
+    told, _ = drive(searcher, parallel=4)
+    searcher.close()
+    assert len(told) == 12
+    with pytest.raises(ValueError, match="DIRECTION_TYPE"):
+        build("nomad", DIRECTION_TYPE="SIDEWAYS")
+    with pytest.raises(ValueError, match="Unknown parameter"):
+        build("nomad", NOT_A_NOMAD_PARAMETER=3)
+    with pytest.raises(ValueError, match="MAX_BB_EVAL is set by the searcher"):
+        build("nomad", MAX_BB_EVAL=10)
+    with pytest.raises(ValueError, match="not a NOMAD parameter name"):
+        build("nomad", direction_type="ORTHO 2N")
+
+
+def test_make_searcher_validates_its_arguments():
+    with pytest.raises(ValueError, match=r"valid: \['nomad', 'tpe', 'random', 'default'\]"):
+        build("grid")
+    with pytest.raises(ValueError, match="budget=0"):
+        build("random", budget=0)
+    with pytest.raises(ValueError, match="parallel"):
+        build("random", parallel=0)
+    with pytest.raises(ValueError, match="takes none"):
+        build("random", n_startup_jobs=5)
+    with pytest.raises(ValueError, match="n_startup_job.*valid"):
+        build("tpe", n_startup_job=5)
+
+
+def test_tpe_options_reach_nni():
+    searcher = build("tpe", budget=8, n_startup_jobs=2, constant_liar_type="none")
+    told, _ = drive(searcher)
+    searcher.close()
+    assert len(told) == 8
+    assert searcher._tuner.args.n_startup_jobs == 2 and searcher._tuner.liar is None
