@@ -1,0 +1,42 @@
+"""Load a trained adapter as a usable model: a folder, an MLflow run artifact, or a registered model.
+
+    from jobs.adapter import load_adapter
+    model, tokenizer = load_adapter("models:/tiny-nomad-adapter@champion")   # base + LoRA, ready to generate
+
+The base model is the one the adapter was trained on (PEFT records it in adapter_config.json; "tiny" is
+the embedded model); pass `base=` to override. A path that holds no adapter is an error, never a silent
+fallback to the base model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def resolve_adapter(ref: str) -> Path:
+    """A local adapter folder for a path, runs:/RUN_ID/PATH or models:/NAME@ALIAS (or /VERSION) reference."""
+    if ref.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        ref = mlflow.artifacts.download_artifacts(artifact_uri=ref)
+    folder = Path(ref).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{ref} holds no PEFT adapter (adapter_config.json missing): give an adapter folder")
+    return folder
+
+
+def load_adapter(ref: str, base: str | None = None, dtype=None):
+    """(PeftModel in eval mode, tokenizer) for the adapter `ref` applied to its base model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_adapter(ref)
+    base = base or json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or base == "tiny" or (base.startswith("/") and not Path(base).exists() and "tiny-llama" in base):
+        from jobs.tiny import tiny_model_dir
+        base = str(tiny_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype) if dtype else \
+        AutoModelForCausalLM.from_pretrained(base)
+    model = PeftModel.from_pretrained(model, str(folder)).eval()
+    return model, tokenizer
