@@ -49,7 +49,7 @@ def baseline(spec) -> dict:
     train, _ = D.tokenize(D.read_split(folder, "train"), tokenizer, spec.max_seq_len)
     val, _ = D.tokenize(D.read_split(folder, "val"), tokenizer, spec.max_seq_len)
     rows = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels} for ids, labels in train]
-    steps = spec.max_steps or len(F.epoch_plan(len(train), spec, 1, 0)) * int(spec.epochs)
+    steps = spec.max_steps or len(F.epoch_plan([len(i) for i, _ in train], spec, 1, 0)) * int(spec.epochs)
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="baseline-"), per_device_train_batch_size=spec.per_device_batch,
         gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.lr, lr_scheduler_type="cosine",

@@ -11,10 +11,11 @@ A job restarted on the same folder continues from its last checkpoint and ends w
 Failures are data: a NaN loss, out-of-memory, bad data or bad hyperparameters give result.json with status
 "failed" and a one-line reason (and a non-zero exit on the command line), never a complete-looking adapter.
 
-Speed: every micro-batch of `per_device_batch` examples is packed into one padding-free row with
-per-example position ids; transformers turns those into a block-diagonal causal mask for SDPA, so examples
-never attend to each other. The LM head runs on response positions only (the prompt carries no loss), and
-losses stay on the device between log flushes (no per-step host sync).
+Speed: micro-batches are length-grouped (examples of similar length drawn together from a shuffled window),
+so padding is small; rows are right-padded and run with *no* attention mask: under a causal mask a real
+token never sees the padding after it, so SDPA takes its plain causal path and no mask is built. The LM
+head runs on response positions only (the prompt and the padding carry no loss), and losses stay on the
+device between log flushes (no per-step host sync).
 """
 from __future__ import annotations
 
@@ -93,25 +94,31 @@ def pick_precision(spec: FinetuneSpec, device: torch.device) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------- batching
-def pack(examples) -> dict[str, torch.Tensor]:
-    """One padding-free row: concatenated ids and labels, position ids restarting at every example."""
-    ids = [t for e, _ in examples for t in e]
-    labels = [t for _, lab in examples for t in lab]
-    positions = [p for e, _ in examples for p in range(len(e))]
-    as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
-    return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}
+def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded [batch, longest] ids and labels (padding labelled IGNORE)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = [e + [pad_id] * (width - len(e)) for e, _ in examples]
+    labels = [lab + [D.IGNORE] * (width - len(lab)) for _, lab in examples]
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 def loss_tokens(example) -> int:
     return sum(1 for t in example[1][1:] if t != D.IGNORE)  # labels are shifted by one against the logits
 
 
-def epoch_plan(n_examples: int, spec: FinetuneSpec, world: int, epoch: int) -> list[list[list[int]]]:
+def epoch_plan(lengths: list[int], spec: FinetuneSpec, world: int, epoch: int) -> list[list[list[int]]]:
     """Optimizer steps of one epoch; each is a list of micro-batches (example indices), rank r taking every
-    world-th. A seeded permutation per epoch makes the data order a pure function of (seed, epoch), which is
-    what lets a resumed job continue exactly where the checkpoint left off."""
-    order = np.random.default_rng([spec.seed, epoch]).permutation(n_examples).tolist()
-    micro = [order[i:i + spec.per_device_batch] for i in range(0, n_examples, spec.per_device_batch)]
+    world-th. Examples are shuffled, sorted by length within windows of 16 micro-batches, cut into
+    micro-batches, and the micro-batches shuffled again. Seeded by (seed, epoch): the data order is a pure
+    function of them, which is what lets a resumed job continue exactly where its checkpoint left off."""
+    rng = np.random.default_rng([spec.seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    window = spec.per_device_batch * 16
+    micro = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
+        micro += [chunk[i:i + spec.per_device_batch] for i in range(0, len(chunk), spec.per_device_batch)]
+    micro = [micro[i] for i in rng.permutation(len(micro))]
     per_step = spec.grad_accum * world
     return [micro[s * per_step:(s + 1) * per_step] for s in range(len(micro) // per_step)]
 
@@ -127,10 +134,10 @@ class ResponseLoss(torch.nn.Module):
         super().__init__()
         self.peft_model = peft_model
 
-    def forward(self, input_ids, labels, position_ids):
+    def forward(self, input_ids, labels):
         inner = self.peft_model.get_base_model()
-        # No KV cache: transformers derives the block-diagonal mask of packed rows only when there is none.
-        hidden = inner.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        # No attention mask (right padding is invisible under causal attention) and no KV cache.
+        hidden = inner.model(input_ids=input_ids, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != D.IGNORE
         logits = inner.lm_head(hidden[:, :-1][keep]).float()
@@ -142,15 +149,17 @@ def on_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def validation_loss(model: ResponseLoss, examples, spec: FinetuneSpec, device, rank: int, world: int, autocast) -> float:
+def validation_loss(model: ResponseLoss, examples, spec: FinetuneSpec, device, rank: int, world: int, autocast,
+                    pad_id: int = 0) -> float:
     """Token-weighted mean cross-entropy over the response tokens of the whole validation split."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # similar lengths together
-    chunks = [order[i:i + spec.per_device_batch] for i in range(0, len(order), spec.per_device_batch)]
+    size = 2 * spec.per_device_batch  # no gradients to keep: twice the training micro-batch fits
+    chunks = [order[i:i + size] for i in range(0, len(order), size)]
     for chunk in chunks[rank::world]:
         with autocast:
-            loss, count = model(**on_device(pack([examples[i] for i in chunk]), device))
+            loss, count = model(**on_device(collate([examples[i] for i in chunk], pad_id), device))
         total += torch.stack([loss.double(), count.double()])
     if world > 1:
         torch.distributed.all_reduce(total)
@@ -221,9 +230,11 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
     tokenizer, model = load_base(spec.base_model, device, dtype)
     train_set, dropped_train = D.tokenize(D.read_split(splits, "train"), tokenizer, spec.max_seq_len)
     val_set, dropped_val = D.tokenize(D.read_split(splits, "val"), tokenizer, spec.max_seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not train_set or not val_set:
         raise TrainingFailure(f"no trainable examples at max_seq_len={spec.max_seq_len}: raise max_seq_len")
-    steps_per_epoch = len(epoch_plan(len(train_set), spec, world, 0))
+    lengths = [len(ids) for ids, _ in train_set]
+    steps_per_epoch = len(epoch_plan(lengths, spec, world, 0))
     if steps_per_epoch == 0:
         raise TrainingFailure(f"{len(train_set)} training examples are fewer than one optimizer step "
                               f"({spec.per_device_batch} x {spec.grad_accum} x {world}): lower the batch")
@@ -243,7 +254,7 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
     loss_fn = ResponseLoss(model)
     ddp = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=[local_rank] if device.type == "cuda"
                                                     else None) if world > 1 else None
-    val_before = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast) \
+    val_before = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast, pad_id) \
         if spec.eval_before and start == 0 else None
 
     log = open(out / METRICS, "a") if rank == 0 else None
@@ -252,7 +263,7 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
     for step in range(start, total_steps):
         epoch = step // steps_per_epoch
         if epoch != plan_epoch:
-            plan, plan_epoch = epoch_plan(len(train_set), spec, world, epoch), epoch
+            plan, plan_epoch = epoch_plan(lengths, spec, world, epoch), epoch
         micro = plan[step % steps_per_epoch]
         step_tokens = sum(loss_tokens(train_set[i]) for mb in micro for i in mb)  # global, known up front
         mine = micro[rank::world]
@@ -260,7 +271,7 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
         for k, mb in enumerate(mine):
             sync = ddp.no_sync() if ddp is not None and k < len(mine) - 1 else nullcontext()
             with sync, autocast:
-                loss, _ = (ddp or loss_fn)(**on_device(pack([train_set[i] for i in mb]), device))
+                loss, _ = (ddp or loss_fn)(**on_device(collate([train_set[i] for i in mb], pad_id), device))
             (loss * world / step_tokens).backward()  # DDP averages over ranks: scale so the sum is exact
             step_loss += loss.detach()
             tokens_seen += sum(len(train_set[i][0]) for i in mb)
@@ -276,13 +287,13 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
             train_losses += _flush(pending, log, world, tokens_window / max(time.time() - t_window, 1e-9))
             pending, t_window, tokens_window = [], time.time(), 0
         if spec.eval_every and (step + 1) % spec.eval_every == 0 and not last:
-            v = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast)
+            v = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast, pad_id)
             _append(log, {"step": step + 1, "val_loss": v})
         if checkpoint and rank == 0:
             save_checkpoint(out, step + 1, model, optimizer, scheduler, spec)
     train_s = time.time() - t_train
     t_eval = time.time()
-    val = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast)
+    val = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast, pad_id)
     if not math.isfinite(val):
         raise TrainingFailure(f"validation loss is {val}: the run diverged; lower the learning rate")
     _append(log, {"step": total_steps, "val_loss": val})

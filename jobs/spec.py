@@ -80,7 +80,7 @@ class FinetuneSpec:
     # training
     epochs: float = 2.0
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    per_device_batch: int = 4  # examples per micro-batch (packed into one padding-free row)
+    per_device_batch: int = 4  # examples per micro-batch (length-grouped, right-padded)
     grad_accum: int = 8  # micro-batches per optimizer step (per device)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0

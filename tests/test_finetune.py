@@ -73,23 +73,35 @@ def test_a_finished_folder_is_not_trained_again(finished):
     assert again["val_loss"] == result["val_loss"] and again["total_s"] == result["total_s"]
 
 
-def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tiny_tokenizer):
+def test_right_padding_without_a_mask_changes_no_loss(tiny_model_dir, tiny_tokenizer):
+    """The recipe runs padded rows with no attention mask: causal attention hides the padding."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
-    assert base.config.use_cache, "the test must cover a model loaded with its KV cache on (the default)"
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
     rows = [{"instruction": "What is 3 plus 4?", "context": "", "response": "7"},
-            {"instruction": "Who?", "context": "Alice went home.", "response": "Alice went home."},
+            {"instruction": "Who?", "context": "Alice went home with a long story to tell.", "response": "Alice."},
             {"instruction": "Sort.", "context": "3, 1, 2", "response": "1, 2, 3"}]
     examples, _ = D.tokenize(rows, tiny_tokenizer, 256)
+    assert len({len(ids) for ids, _ in examples}) == 3, "the test needs rows of different lengths"
     loss_fn = F.ResponseLoss(model)
     with torch.no_grad():
-        packed_sum, packed_count = loss_fn(**F.pack(examples))
-        alone = [loss_fn(**F.pack([e])) for e in examples]
-    assert packed_count == sum(c for _, c in alone) == sum(F.loss_tokens(e) for e in examples)
-    assert packed_sum.item() == pytest.approx(sum(s.item() for s, _ in alone), rel=1e-5)
+        padded_sum, padded_count = loss_fn(**F.collate(examples, tiny_tokenizer.pad_token_id))
+        alone = [loss_fn(**F.collate([e], tiny_tokenizer.pad_token_id)) for e in examples]
+    assert padded_count == sum(c for _, c in alone) == sum(F.loss_tokens(e) for e in examples)
+    assert padded_sum.item() == pytest.approx(sum(s.item() for s, _ in alone), rel=1e-5)
+
+
+def test_epoch_plan_is_seeded_length_grouped_and_covers_each_example_once():
+    lengths = [int(x) for x in torch.randint(10, 300, (1000,), generator=torch.Generator().manual_seed(0))]
+    spec = preset("tiny", per_device_batch=8, grad_accum=2)
+    plan = F.epoch_plan(lengths, spec, 1, 0)
+    assert plan == F.epoch_plan(lengths, spec, 1, 0) and plan != F.epoch_plan(lengths, spec, 1, 1)
+    seen = [i for step in plan for mb in step for i in mb]
+    assert len(seen) == len(set(seen)) and len(seen) >= 1000 - 8 * 2
+    waste = sum(max(lengths[i] for i in mb) * len(mb) - sum(lengths[i] for i in mb) for step in plan for mb in step)
+    assert waste / sum(lengths[i] for i in seen) < 0.1, "length grouping should leave little padding"
 
 
 def test_dropout_one_trains_nothing(tmp_path):
