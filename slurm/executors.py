@@ -1,0 +1,213 @@
+"""Login-node side of job submission: typed resources in, a plain submitit executor out (never imports torch).
+
+    from slurm.executors import Resources, make_executor, force_states
+    res = Resources(partition="gpu", gpus_per_node=4, timeout_min=180, setup=["source .venv/bin/activate"])
+    executor = make_executor("auto", "runs/submitit", res, job_name="trial-7")
+    job = executor.submit(jobs.finetune.run, spec)     # a submitit Job: done(), result(), cancel()
+
+`kind` is "slurm", "local" (subprocesses on this machine), "debug" (in this process) or "auto" (slurm when
+`sbatch` is on PATH and `sinfo` answers, else local). For a dev cluster: `eval "$(slurm/dev-cluster.sh env)"`.
+
+Polling many jobs: submitit's watcher asks `sacct` about every registered job in one call, but only on its
+own back-off schedule (up to 600 s apart), and `job.done(force_check=True)` forces a call per job. A study
+loop calls `force_states(jobs)` once per tick (one sacct call for all of them), then reads `job.done()`,
+which answers from that cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import submitit
+from submitit.slurm.slurm import SlurmJob
+
+KINDS = ("auto", "slurm", "local", "debug")
+
+# sbatch options that Resources sets itself: an extra directive naming one of them would silently fight it.
+_OWNED_DIRECTIVES = {
+    "partition": "partition", "nodes": "nodes", "ntasks_per_node": "tasks_per_node",
+    "cpus_per_task": "cpus_per_task", "gpus_per_node": "gpus_per_node", "gres": "gpus_per_node",
+    "mem": "mem_gb", "time": "timeout_min", "account": "account", "qos": "qos", "constraint": "constraint",
+    "signal": "signal_delay_s", "job_name": "make_executor(job_name=...)",
+}
+
+
+class ResourcesError(ValueError):
+    """A resource value is invalid; the message names the field, the bad value and the fix."""
+
+
+@dataclass
+class Resources:
+    """What one evaluation job asks of the scheduler (one SLURM job, possibly several nodes)."""
+
+    # SLURM partition; None uses the cluster's default partition.
+    partition: str | None = None
+    nodes: int = 1
+    # GPUs per node, requested as --gpus-per-node (GRES); 0 for a CPU-only job.
+    gpus_per_node: int = 0
+    # Processes per node. None means one task per GPU (or 1 without GPUs): submitit starts every task with
+    # srun, each task runs the submitted function as one torch.distributed rank (what torchrun
+    # --nproc_per_node=GPUS would do; jobs.finetune.distributed_env reads submitit's environment). Set 1 to
+    # run a single process that launches its own workers. With several tasks use job.results() (one per task).
+    tasks_per_node: int | None = None
+    cpus_per_task: int = 1
+    # Memory per node in GB; None takes the partition's default (DefMemPerCPU/DefMemPerNode).
+    mem_gb: float | None = None
+    # Wall-clock limit (sbatch --time) in minutes.
+    timeout_min: int = 60
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    # Any other sbatch directive, e.g. {"mail-type": "FAIL", "exclusive": True}: submitit's
+    # slurm_additional_parameters, written as "#SBATCH --KEY=VALUE".
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    # Shell lines run by the batch script before the job starts (SLURM only: module load, venv activation).
+    setup: list[str] = field(default_factory=list)
+    # Seconds before the time limit at which SLURM sends USR2 so submitit can checkpoint and requeue.
+    # SLURM may send it up to 60 s earlier than asked. None: 90 s, or a quarter of the limit for short jobs
+    # (a 2-minute test job with the default 90 s would be signalled right after it starts).
+    signal_delay_s: int | None = None
+    # How many times a timed-out or preempted checkpointable job is requeued before it is given up.
+    max_num_timeout: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min", "max_num_timeout"):
+            _check_int(name, getattr(self, name))
+        _check_min("nodes", self.nodes, 1, "ask for at least one node")
+        _check_min("gpus_per_node", self.gpus_per_node, 0, "use 0 for a CPU-only job")
+        _check_min("cpus_per_task", self.cpus_per_task, 1, "ask for at least one CPU per task")
+        _check_min("timeout_min", self.timeout_min, 1, "give the wall-clock limit in whole minutes")
+        _check_min("max_num_timeout", self.max_num_timeout, 0, "use 0 to never requeue")
+        if self.tasks_per_node is None:
+            self.tasks_per_node = max(1, self.gpus_per_node)
+        _check_int("tasks_per_node", self.tasks_per_node)
+        _check_min("tasks_per_node", self.tasks_per_node, 1, "leave it unset for one task per GPU")
+        if self.mem_gb is not None and (isinstance(self.mem_gb, bool) or not isinstance(self.mem_gb, (int, float))
+                                        or not self.mem_gb > 0):
+            _fail("mem_gb", self.mem_gb, "must be a positive number of GB, or None for the partition's default")
+        for name in ("partition", "account", "qos", "constraint"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or any(c.isspace() for c in value)):
+                _fail(name, value, "must be a non-empty name without spaces, or None to leave it to the cluster")
+        self._check_signal_delay()
+        self._check_additional_parameters()
+        if not isinstance(self.setup, (list, tuple)) or not all(isinstance(line, str) for line in self.setup):
+            _fail("setup", self.setup, 'must be a list of shell lines, e.g. ["module load cuda/12.1"]')
+        self.setup = list(self.setup)
+
+    def _check_signal_delay(self) -> None:
+        limit_s = self.timeout_min * 60
+        if self.signal_delay_s is None:
+            self.signal_delay_s = min(90, limit_s // 4)
+        _check_int("signal_delay_s", self.signal_delay_s)
+        if not 0 <= self.signal_delay_s < limit_s:
+            _fail("signal_delay_s", self.signal_delay_s,
+                  f"must be >= 0 and below the time limit ({limit_s} s); leave it None for a safe default")
+
+    def _check_additional_parameters(self) -> None:
+        if not isinstance(self.additional_parameters, Mapping):
+            _fail("additional_parameters", self.additional_parameters, 'must be a dict like {"mail-type": "FAIL"}')
+        for key, value in self.additional_parameters.items():
+            if not isinstance(key, str) or not key or key.startswith("-"):
+                _fail("additional_parameters", key, 'keys are sbatch option names without dashes, e.g. "mail-type"')
+            owner = _OWNED_DIRECTIVES.get(key.replace("-", "_"))
+            if owner:
+                _fail("additional_parameters", key, f"is set by Resources itself: use {owner} instead")
+            if not isinstance(value, (str, int, float)):
+                _fail(f"additional_parameters[{key!r}]", value, "must be a string, a number or True")
+        self.additional_parameters = dict(self.additional_parameters)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Resources":
+        """Build from configuration data (YAML, JSON); unknown keys are rejected with the valid ones listed."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ResourcesError(f"unknown resources key(s) {unknown}; valid keys are: {', '.join(valid)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def submitit_parameters(self, job_name: str) -> dict[str, Any]:
+        """The AutoExecutor.update_parameters arguments; slurm_* ones are ignored by local and debug."""
+        params: dict[str, Any] = {
+            "name": job_name, "timeout_min": self.timeout_min, "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node, "tasks_per_node": self.tasks_per_node,
+            "cpus_per_task": self.cpus_per_task, "mem_gb": self.mem_gb,
+            "slurm_partition": self.partition, "slurm_account": self.account, "slurm_qos": self.qos,
+            "slurm_constraint": self.constraint, "slurm_signal_delay_s": self.signal_delay_s,
+            "slurm_additional_parameters": dict(self.additional_parameters) or None,
+            "slurm_setup": list(self.setup) or None,
+        }
+        if not self.gpus_per_node:
+            # "--gpus-per-node=0" is an error on clusters that declare no GPU GRES: leave it out.
+            del params["gpus_per_node"]
+        return {k: v for k, v in params.items() if v is not None}
+
+
+def _fail(name: str, value: Any, fix: str) -> None:
+    raise ResourcesError(f"Resources.{name}={value!r} is invalid: {fix}")
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, value, f"must be a whole number (got {type(value).__name__})")
+
+
+def _check_min(name: str, value: int, minimum: int, fix: str) -> None:
+    if value < minimum:
+        _fail(name, value, f"must be >= {minimum}: {fix}")
+
+
+def slurm_available(timeout_s: float = 10.0) -> bool:
+    """True when `sbatch` is on PATH and the controller answers `sinfo` (SLURM_CONF must point at it)."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    try:
+        subprocess.run(["sinfo", "-h", "-o", "%P"], check=True, capture_output=True, timeout=timeout_s)
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return True
+
+
+def make_executor(kind: str, folder: str | Path, resources: Resources | None = None,
+                  job_name: str = "lora-hpo") -> submitit.AutoExecutor:
+    """A submitit executor for `kind` ("auto", "slurm", "local", "debug") with `resources` applied.
+
+    "slurm" only needs `srun` on PATH here (sbatch reports an unreachable controller at submission);
+    "auto" also checks that the controller answers before choosing it over "local"."""
+    if kind not in KINDS:
+        raise ValueError(f"make_executor(kind={kind!r}) is invalid: use one of {', '.join(KINDS)}")
+    resources = resources or Resources()
+    cluster = ("slurm" if slurm_available() else "local") if kind == "auto" else kind
+    if cluster == "slurm" and shutil.which("srun") is None:
+        raise RuntimeError("kind='slurm' but srun is not on PATH: run on a SLURM login node, or start the dev "
+                           "cluster (slurm/dev-cluster.sh start; eval \"$(slurm/dev-cluster.sh env)\")")
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
+                                     slurm_max_num_timeout=resources.max_num_timeout,
+                                     local_max_num_timeout=resources.max_num_timeout)
+    executor.update_parameters(**resources.submitit_parameters(job_name))
+    return executor
+
+
+def force_states(jobs: Iterable[submitit.Job[Any]]) -> dict[str, str]:
+    """Refresh the states of many jobs with one `sacct` call and return {job_id: state}.
+
+    SLURM jobs share their class's watcher, which asks about every registered unfinished job at once;
+    finished jobs are cached and not asked again. Local and debug jobs answer without a scheduler call.
+    A job that ended moments ago may read RUNNING or UNKNOWN until slurmdbd records it (1-2 s)."""
+    jobs = list(jobs)
+    watchers = {}
+    for job in jobs:
+        if isinstance(job, SlurmJob):
+            job.watcher.get_info(job.job_id, mode="cache")  # registers the job without calling sacct
+            watchers[id(job.watcher)] = job.watcher
+    for watcher in watchers.values():
+        watcher.update()
+    return {job.job_id: (job.watcher.get_state(job.job_id, mode="cache") if isinstance(job, SlurmJob)
+                         else job.state) for job in jobs}

@@ -1,0 +1,165 @@
+"""submitit on a real SLURM cluster: the dev cluster of slurm/dev-cluster.sh (started here if it is not running).
+
+    .venv/bin/python -m pytest -q -m slurm tests/test_slurm_cluster.py
+
+Needs root and apt on Debian the first time (the script installs its packages). A cluster this session
+started is stopped at the end; one that was already running is left running.
+"""
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from slurm.executors import Resources, force_states, make_executor
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "slurm" / "dev-cluster.sh"
+
+
+# --------------------------------------------------------------------------- functions run inside the jobs
+def _gpu_report(x):
+    return {"value": 2 * x, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "gpus": os.environ.get("SLURM_JOB_GPUS"), "rank": int(os.environ.get("SLURM_PROCID", "-1"))}
+
+
+def _sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def _square(x):
+    return x * x
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """SLURM_CONF of a running dev cluster (started here, and then stopped at the end, if needed)."""
+    if os.geteuid() != 0:
+        pytest.skip("the dev SLURM cluster needs root (it starts munged, MariaDB and the SLURM daemons)")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    was_running = subprocess.run([str(SCRIPT), "status"], capture_output=True).returncode == 0
+    started = subprocess.run([str(SCRIPT), "start"], capture_output=True, text=True, timeout=900)
+    if started.returncode != 0:
+        pytest.fail(f"slurm/dev-cluster.sh start failed:\n{started.stderr}")
+    conf = started.stdout.strip().rsplit("SLURM_CONF=", 1)[1]
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SLURM_CONF", conf)
+    yield conf
+    patch.undo()
+    if not was_running:
+        subprocess.run([str(SCRIPT), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def executor_for(slurm_cluster, tmp_path):
+    def make(**resources):
+        resources = {"timeout_min": 5, "setup": [f"export PYTHONPATH={REPO}"], **resources}
+        return make_executor("slurm", tmp_path / "jobs", Resources(**resources), job_name="pytest")
+    return make
+
+
+@pytest.fixture(scope="module")
+def gpu_job(slurm_cluster, tmp_path_factory):
+    """One finished one-GPU job, with its submit-to-result latency."""
+    resources = Resources(gpus_per_node=1, timeout_min=5, setup=[f"export PYTHONPATH={REPO}"])
+    executor = make_executor("slurm", tmp_path_factory.mktemp("gpu_job"), resources, job_name="pytest-gpu")
+    t0 = time.monotonic()
+    job = executor.submit(_gpu_report, 21)
+    result = job.result()
+    return job, result, time.monotonic() - t0
+
+
+def _sacct_state(job_id, timeout_s=15.0):
+    """The job's state in accounting, waiting up to timeout_s for slurmdbd to record its end (1-2 s late)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        if (out and out[0] not in ("PENDING", "RUNNING")) or time.monotonic() > deadline:
+            return out[0] if out else ""
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- tests
+def test_auto_chooses_slurm_when_the_cluster_answers(slurm_cluster, tmp_path):
+    assert make_executor("auto", tmp_path).cluster == "slurm"
+
+
+def test_gpu_job_returns_its_result_and_sees_its_gpu(gpu_job):
+    job, result, latency_s = gpu_job
+    assert result["value"] == 42
+    assert result["cuda"] is not None and len(result["cuda"].split(",")) == 1, result
+    assert result["gpus"] is not None, "SLURM_JOB_GPUS is unset: the GRES was not allocated"
+    assert latency_s < 30, f"a trivial job took {latency_s:.1f} s from submit to result"
+
+
+def test_sacct_records_the_job_completed(gpu_job):
+    job, _, _ = gpu_job
+    assert _sacct_state(job.job_id) == "COMPLETED"
+
+
+def test_one_task_per_gpu_by_default(executor_for):
+    job = executor_for(gpus_per_node=2).submit(_gpu_report, 1)
+    results = job.results()
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(len(r["cuda"].split(",")) == 2 for r in results), results
+
+
+def test_cancelled_job_raises_uncompleted_promptly(executor_for, monkeypatch):
+    job = executor_for().submit(_sleep, 300)
+    deadline = time.monotonic() + 30
+    while force_states([job])[job.job_id] != "RUNNING":
+        assert time.monotonic() < deadline, f"job never started: {job.state}"
+        time.sleep(0.5)
+    job.cancel()
+    t0 = time.monotonic()
+    while not job.done(force_check=True):
+        assert time.monotonic() - t0 < 20, f"cancellation not seen after 20 s (state {job.state})"
+        time.sleep(0.5)
+    # submitit waits this long for a result file that a cancelled job never writes (slow NFS grace).
+    monkeypatch.setattr(job, "_results_timeout_s", 1)
+    with pytest.raises(submitit.core.utils.UncompletedJobError, match="CANCELLED"):
+        job.result()
+
+
+def test_batch_submits_an_array(executor_for):
+    executor = executor_for()
+    with executor.batch():
+        jobs = [executor.submit(_square, x) for x in range(4)]
+    array_ids = {job.job_id.split("_")[0] for job in jobs}
+    assert len(array_ids) == 1 and all("_" in job.job_id for job in jobs), [job.job_id for job in jobs]
+    assert [job.result() for job in jobs] == [0, 1, 4, 9]
+
+
+def test_force_states_asks_sacct_once_for_many_jobs(executor_for, tmp_path, monkeypatch):
+    # Unfinished jobs: those are the ones a per-job forced check would ask about one call at a time.
+    jobs = [executor_for().submit(_sleep, 60) for _ in range(3)]
+    try:
+        deadline = time.monotonic() + 15
+        while any(_sacct_state(job.job_id, timeout_s=0) not in ("PENDING", "RUNNING") for job in jobs):
+            assert time.monotonic() < deadline, "the jobs never reached accounting"
+            time.sleep(0.5)
+        calls = tmp_path / "sacct-calls"
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "sacct").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {shutil.which("sacct")} "$@"\n')
+        (bin_dir / "sacct").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+        calls_before = submitit.SlurmJob.watcher.num_calls
+        states = force_states(jobs)
+        assert set(states) == {job.job_id for job in jobs}
+        assert set(states.values()) <= {"PENDING", "RUNNING"}, states
+        sacct_calls = calls.read_text().splitlines()
+        assert len(sacct_calls) == 1 and submitit.SlurmJob.watcher.num_calls == calls_before + 1, sacct_calls
+        assert all(f"-j {job.job_id}" in sacct_calls[0] for job in jobs), sacct_calls[0]
+    finally:
+        for job in jobs:
+            job.cancel(check=False)
