@@ -5,7 +5,7 @@ import time
 import pytest
 
 from orchestrator.objectives import paper_landscape
-from orchestrator.searchers import Observation, make_searcher
+from orchestrator.searchers import Observation, Pending, make_searcher
 from orchestrator.space import paper_space
 
 pytestmark = pytest.mark.timeout(60)   # a NOMAD thread that deadlocks fails the test, not the suite
@@ -19,13 +19,14 @@ def build(algo, budget=30, parallel=1, seed=0, **options):
     return make_searcher(algo, paper_space(), budget=budget, parallel=parallel, seed=seed, options=options)
 
 
-def drive(searcher, parallel=1, objective=paper_landscape, stop_after=None):
+def drive(searcher, parallel=1, objective=paper_landscape, stop_after=None, running=()):
     """Study-loop stand-in: fill up to `parallel` slots, answer the oldest first.
 
+    `running`: suggestions pending already (adopted by replay), answered first.
     Returns the told (suggestion, value) pairs and the suggestions still pending when it stopped
     (after `stop_after` results, or when the searcher finished / had nothing more to propose).
     """
-    pending, told = [], []
+    pending, told = list(running), []
     while not searcher.finished and (stop_after is None or len(told) < stop_after):
         while len(pending) < parallel:
             suggestion = searcher.ask()
@@ -45,6 +46,35 @@ def drive(searcher, parallel=1, objective=paper_landscape, stop_after=None):
 
 def points(told):
     return [s.point for s, _ in told]
+
+
+def keys(suggestions):
+    return [paper_space().key(s.point) for s in suggestions]
+
+
+def crash(searcher, parallel, after, hold=1):
+    """Drive like `drive`; die once `after` results are told and `hold` trials run: (told, pending).
+
+    The loop may die right after a tell (free slots not refilled yet) or after refilling them.
+    """
+    told, pending = [], []
+    while len(told) < after or len(pending) < hold:
+        while len(pending) < parallel and (s := searcher.ask()) is not None:
+            pending.append(s)
+        assert pending, "the searcher stopped before the crash"
+        if len(told) >= after and len(pending) >= hold:
+            break
+        s = pending.pop(0)
+        told.append((s, paper_landscape(s.point)))
+        searcher.tell(s.trial_id, told[-1][1])
+    searcher.close()
+    return told, pending
+
+
+def resume(searcher, told, pending):
+    """What `--resume` does: replay the finished results, adopt the running trials."""
+    return searcher.replay([Observation(s.point, v, s.trial_id) for s, v in told],
+                           [Pending(s.point, s.trial_id) for s in pending])
 
 
 @pytest.mark.parametrize("algo", ALL)
@@ -151,15 +181,129 @@ def test_nomad_resume_continues_exactly_where_it_stopped(parallel):
     reference = points(drive(whole, parallel=parallel)[0])
     whole.close()
 
-    crashed = build("nomad", budget=30, parallel=parallel)
-    told, pending = drive(crashed, parallel=parallel, stop_after=13)   # mid-block with parallel 3
-    crashed.close()
+    told, pending = crash(build("nomad", budget=30, parallel=parallel), parallel, after=2, hold=parallel - 1)
+    assert len(pending) == parallel - 1   # parallel 3: mid-block; 1: between a tell and the next ask
     resumed = build("nomad", budget=30, parallel=parallel)
-    resumed.replay([Observation(s.point, v, s.trial_id) for s, v in told])
+    resumed.replay([Observation(s.point, v, s.trial_id) for s, v in told])   # running ones: not adopted
     more = points(drive(resumed, parallel=parallel)[0])
     resumed.close()
     assert points(told) + more == reference
     assert [s.point for s in pending] == more[:len(pending)]   # the crash's pending trials come first
+
+
+@pytest.mark.parametrize("parallel, after, hold", [(1, 13, 1), (3, 2, 2), (3, 13, 2)])
+def test_nomad_resume_with_running_trials_continues_exactly_where_it_stopped(parallel, after, hold):
+    whole = build("nomad", budget=30, parallel=parallel)
+    reference = points(drive(whole, parallel=parallel)[0])
+    whole.close()
+
+    # (3, 2, 2): mid-block, one point of the first poll told; (3, 13, 2): a whole block running
+    told, pending = crash(build("nomad", budget=30, parallel=parallel), parallel, after, hold)
+    assert len(pending) >= hold
+    resumed = build("nomad", budget=30, parallel=parallel)
+    adopted = resume(resumed, told, pending)
+    more, left = drive(resumed, parallel=parallel, running=adopted)   # the adopted trials are told first
+    resumed.close()
+    assert not left and resumed.finished
+    assert points(told) + points(more) == reference
+    assert [s.trial_id for s, _ in more[:len(pending)]] == [s.trial_id for s in pending]
+
+
+@pytest.mark.parametrize("algo", LEARNING)
+def test_resume_adopts_the_trials_still_running(algo):
+    k, budget = 4, 24
+    told, pending = crash(build(algo, budget=budget, parallel=k), k, after=9)
+    p = len(pending)
+    assert p == (1 if algo == "nomad" else k - 1)   # NOMAD: a search step's 1-point block
+
+    resumed = build(algo, budget=budget, parallel=k)
+    adopted = resume(resumed, told, pending)
+    assert [(a.trial_id, a.point) for a in adopted] == [(s.trial_id, s.point) for s in pending]
+    fresh = []
+    while (s := resumed.ask()) is not None:   # the adopted trials hold p of the k slots
+        fresh.append(s)
+    assert len(fresh) <= k - p
+    if algo != "nomad":   # NOMAD's block is the adopted trial alone
+        assert len(fresh) == k - p
+    old_ids = [s.trial_id for s, _ in told] + [s.trial_id for s in pending]
+    assert all(s.trial_id > max(old_ids) for s in fresh)
+
+    more, left = drive(resumed, parallel=k, running=adopted + fresh)
+    resumed.close()
+    assert not left and resumed.finished and resumed.ask() is None
+    assert [s.trial_id for s, _ in more[:p]] == [s.trial_id for s in pending]   # told by their ids
+    evaluated = keys(s for s, _ in told) + keys(s for s, _ in more)
+    assert len(evaluated) == budget
+    assert len(set(evaluated)) == budget, "a point was evaluated twice"
+
+
+def test_nomad_adopted_trials_it_does_not_propose_are_told_without_deadlock():
+    told, pending = crash(build("nomad", budget=24, parallel=4), 4, after=2)   # 3 of the first poll
+    assert len(pending) == 3
+    resumed = build("nomad", budget=24, parallel=4, seed=5)   # another seed: other poll directions
+    adopted = resume(resumed, told, pending)
+    proposed, evaluate = [], resumed._evaluate
+    resumed._evaluate = lambda coords: proposed.extend(coords) or evaluate(coords)
+    more, left = drive(resumed, parallel=4, running=adopted)
+    resumed.close()
+    assert not left and len(told) + len(more) == 24
+    evaluated = keys(s for s, _ in told) + keys(s for s, _ in more)
+    assert len(set(evaluated)) == 24
+    never = set(keys(pending)) - {paper_space().key(paper_space().from_nomad(c)) for c in proposed}
+    assert never   # the case under test: NOMAD did not propose some adopted points...
+    assert all(key in resumed._memo for key in never)   # ...whose values went to the memo only
+
+
+def test_nomad_resume_counts_the_failed_starting_point_retries():
+    x0 = paper_space().default_point()
+    first = build("nomad", budget=10)
+    failed = first.ask()
+    first.tell(failed.trial_id, None)
+    retry = first.ask()   # the first retry is running at the crash
+    first.close()
+    assert retry.point == x0
+
+    resumed = build("nomad", budget=10)
+    [adopted] = resumed.replay([Observation(x0, None, failed.trial_id)], [Pending(x0, retry.trial_id)])
+    assert resumed.ask() is None   # the adopted X0 holds the one slot, and NOMAD waits for it
+    resumed.tell(adopted.trial_id, None)
+    last = resumed.ask()   # the second and last retry
+    assert last.point == x0 and last.trial_id > retry.trial_id
+    resumed.tell(last.trial_id, None)
+    assert resumed.ask() is None and resumed.finished
+    resumed.close()
+
+
+def test_tpe_adopted_trials_are_running_for_nni():
+    told, pending = crash(build("tpe", budget=20, parallel=3, n_startup_jobs=4), 3, after=6)
+    resumed = build("tpe", budget=20, parallel=3, n_startup_jobs=4)
+    adopted = resume(resumed, told, pending)
+    tuner = resumed._tuner
+    assert len(tuner._running_params) == len(pending)   # the constant liar lies for each of them
+    assert tuner.liar.lie() == min(v for _, v in told)   # the liar knows the replayed results
+    records = len(tuner._history[("r",)])   # one record per imported result
+    assert records == len(told)
+    resumed.tell(adopted[0].trial_id, 0.5)
+    assert len(tuner._running_params) == len(pending) - 1 and len(tuner._history[("r",)]) == records + 1
+    resumed.close()
+
+
+def test_default_adopts_a_running_default_point():
+    searcher = build("default", budget=10, parallel=2)
+    [adopted] = searcher.replay([], [Pending(paper_space().default_point(), 4)])
+    assert adopted.trial_id == 4 and searcher.ask() is None and not searcher.finished
+    searcher.tell(4, 1.0)
+    assert searcher.finished
+
+
+def test_replay_rejects_clashing_trial_ids():
+    point = paper_space().default_point()
+    with pytest.raises(ValueError, match=r"trial ids \[3\]"):
+        build("random").replay([Observation(point, 1.0, 3)], [Pending(point, 3)])
+    with pytest.raises(ValueError, match=r"trial ids \[1\]"):
+        build("random", parallel=2).replay([], [Pending(point, 1), Pending(point, 1)])
+    with pytest.raises(ValueError, match="outside the search space"):
+        build("random").replay([], [Pending({"r": 3, "alpha": 1, "dropout": 0.0, "lr": 1e-4}, 0)])
 
 
 @pytest.mark.parametrize("algo", ["nomad", "tpe"])

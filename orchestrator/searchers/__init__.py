@@ -3,7 +3,7 @@
 The study loop owns the loop; a searcher only proposes and listens::
 
     searcher = make_searcher("nomad", paper_space(), budget=100, parallel=4, seed=0, options={})
-    searcher.replay(history)                 # on resume, before any ask
+    adopted = searcher.replay(history, pending)   # on resume, before any ask (see below)
     while not searcher.finished:
         s = searcher.ask()                   # whenever a slot is free (up to `parallel` pending)
         ...                                  # submit s.point; later, when its result arrives:
@@ -11,20 +11,35 @@ The study loop owns the loop; a searcher only proposes and listens::
     searcher.close()
 
 ``ask()`` returns None when it has nothing to propose *right now* (NOMAD waits for its block's
-results, the budget is spoken for by pending trials) or ever again (then ``finished`` is True).
+results, the budget or every slot is taken by pending trials) or ever again (then ``finished`` is True).
 Every searcher counts replayed and told results against ``budget`` and never hands out more than
-``budget`` suggestions in total. A non-finite value is told as a failure. Each algorithm lives in its
-own module, imported only when built, so that ``PyNomad`` and ``nni`` stay behind one module each.
+``budget`` suggestions in total, nor one while ``parallel`` trials are pending.
+A non-finite value is told as a failure.
+
+Resume: ``replay(history, pending)`` takes the previous run's finished results (``Observation``) and
+the trials that were still running when it died (``Pending``: their jobs are re-attached, not
+resubmitted). It returns one ``Suggestion`` per pending entry, in order, carrying the journal's
+``trial_id``: those trials are pending exactly like freshly asked ones (they hold budget and
+parallel slots, their points are never proposed again) and are settled by the usual
+``tell(trial_id, value)``. New trial ids exceed every replayed and pending id. More pending trials
+than ``parallel`` (or than the budget left) are adopted all the same, with a warning: their jobs run
+already; nothing new is proposed until they are told.
+
+Each algorithm lives in its own module, imported only when built, so that ``PyNomad`` and ``nni``
+stay behind one module each.
 
 Try it: ``python bench/hpo_efficiency.py --seeds 2 --budgets 25`` runs them on a synthetic landscape.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from orchestrator.space import SearchSpace
+
+log = logging.getLogger(__name__)
 
 ALGOS = ("nomad", "tpe", "random", "default")
 
@@ -45,6 +60,13 @@ class Observation:
     trial_id: int | None = None
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A trial still running when the previous run died, for ``replay``; told later with its id."""
+    point: dict
+    trial_id: int
+
+
 class Searcher(Protocol):
     name: str
 
@@ -52,7 +74,7 @@ class Searcher(Protocol):
     def finished(self) -> bool: ...
     def ask(self) -> Suggestion | None: ...
     def tell(self, trial_id: int, value: float | None) -> None: ...
-    def replay(self, history: list[Observation]) -> None: ...
+    def replay(self, history: list[Observation], pending: list[Pending] = ()) -> list[Suggestion]: ...
     def close(self) -> None: ...
 
 
@@ -66,9 +88,10 @@ def clean_value(value: Any) -> float | None:
 
 @dataclass
 class Ledger:
-    """Book-keeping shared by all searchers: trial ids, pending trials, seen points, budget."""
+    """Book-keeping shared by all searchers: trial ids, pending trials, seen points, budget, slots."""
     space: SearchSpace
     budget: int
+    parallel: int
     next_id: int = 0
     used: int = 0                                   # replayed + told results
     pending: dict = field(default_factory=dict)     # trial_id -> Suggestion
@@ -76,7 +99,7 @@ class Ledger:
     replayed: bool = False
 
     def can_issue(self) -> bool:
-        return self.used + len(self.pending) < self.budget
+        return self.used + len(self.pending) < self.budget and len(self.pending) < self.parallel
 
     @property
     def exhausted(self) -> bool:
@@ -96,23 +119,48 @@ class Ledger:
         self.used += 1
         return self.pending.pop(trial_id), clean_value(value)
 
-    def replay(self, history: list[Observation]) -> list[tuple[dict, float | None]]:
-        """Count a previous run's results; returns them as (point, cleaned value)."""
-        if self.replayed or self.next_id or self.used:
+    def replay(self, history: list[Observation], pending: list[Pending] = (),
+               encode: Callable[[dict], Any] = dict) -> tuple[list[tuple[dict, float | None]],
+                                                               list[Suggestion]]:
+        """Count a previous run's results and adopt its running trials as pending.
+
+        Returns the results as (point, cleaned value) and one pending Suggestion per ``pending``
+        entry (same order and trial id, ``encoded`` = ``encode(point)``).
+        """
+        if self.replayed or self.next_id or self.used or self.pending:
             raise RuntimeError("replay() must be called once, before the first ask()")
+        pending = list(pending)
+        for what, entries in (("point", history), ("pending point", pending)):
+            for entry in entries:
+                if not self.space.contains(entry.point):
+                    raise ValueError(f"replay(): {what} {entry.point!r} is outside the search space "
+                                     "(or its fixed values differ); replay only this study's results")
+        finished_ids = {obs.trial_id for obs in history if obs.trial_id is not None}
+        pending_ids = [p.trial_id for p in pending]
+        for trial_id in pending_ids:
+            if isinstance(trial_id, bool) or not isinstance(trial_id, int) or trial_id < 0:
+                raise ValueError(f"replay(): pending trial_id={trial_id!r} must be an integer >= 0")
+        twice = {i for i in pending_ids if pending_ids.count(i) > 1}
+        clashes = sorted(twice | (finished_ids & set(pending_ids)))
+        if clashes:
+            raise ValueError(f"replay(): trial ids {clashes} are pending twice, or both pending and "
+                             "finished; each trial must appear once (check the journal)")
+        if len(pending) > self.parallel or len(history) + len(pending) > self.budget:
+            log.warning("replay(): %d finished + %d pending trials exceed budget=%d or parallel=%d; "
+                        "no new trial is proposed until they are told", len(history), len(pending),
+                        self.budget, self.parallel)
         self.replayed = True
-        out = []
-        for obs in history:
-            if not self.space.contains(obs.point):
-                raise ValueError(f"replay(): point {obs.point!r} is outside the search space "
-                                 "(or its fixed values differ); replay only this study's results")
-            out.append((obs.point, clean_value(obs.value)))
-            self.seen.add(self.space.key(obs.point))
-            if obs.trial_id is not None:
-                self.next_id = max(self.next_id, obs.trial_id + 1)
+        out = [(obs.point, clean_value(obs.value)) for obs in history]
+        adopted = [Suggestion(p.trial_id, p.point, encode(p.point)) for p in pending]
+        for point, _ in out:
+            self.seen.add(self.space.key(point))
+        for suggestion in adopted:
+            self.seen.add(self.space.key(suggestion.point))
+            self.pending[suggestion.trial_id] = suggestion
         self.used = len(out)
-        self.next_id = max(self.next_id, len(out))  # new trial ids never collide with old ones
-        return out
+        # new trial ids never collide with old ones (observations without an id included)
+        self.next_id = max([len(out) + len(adopted)] + [i + 1 for i in finished_ids | set(pending_ids)])
+        return out, adopted
 
 
 def make_searcher(algo: str, space: SearchSpace, *, budget: int, parallel: int, seed: int,

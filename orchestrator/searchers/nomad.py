@@ -31,10 +31,21 @@ while NOMAD computes, so the study loop keeps running meanwhile.
   same seed and options and, being deterministic given the seed and the same answers, proposes
   the same points again: those are answered from the memo without reaching the loop, so NOMAD ends
   up exactly where the crashed run was, and the trials that were pending at the crash are proposed
-  again. (NOMAD's ``CACHE_FILE`` was the alternative; its format is NOMAD-internal and
-  version-bound, while answering from the callback keeps the replay in Python, where it is tested.)
+  again (answered by their adopted trials, below, when ``replay`` is given them). (NOMAD's
+  ``CACHE_FILE`` was the alternative; its format is NOMAD-internal and version-bound, while
+  answering from the callback keeps the replay in Python, where it is tested.)
   History points NOMAD does not re-propose (other seed or options) still count against the
-  budget, but NOMAD never learns their values.
+  budget, but NOMAD never learns their values. Replayed failures of X0 count as spent retries.
+- Adopted trials (``replay(history, pending)``: jobs still running at the crash, re-attached by the
+  loop): they are pending in the Ledger from the start (budget, parallel slots). When the callback
+  proposes a point whose key is an adopted trial's, that point is not handed out by ``ask()``: the
+  callback waits for that trial's ``tell`` like for any pending point of its block. With the same
+  seed, options and answers this happens for every adopted trial, in the crash's block, so the run
+  goes on exactly as the uninterrupted one. If NOMAD proposes them later, or never (seed or options
+  changed), their ``tell`` still settles them at any time, never blocks, and their value goes to the
+  memo only: NOMAD learns it if and when it proposes that point, never otherwise. ``ask()`` waits
+  for NOMAD's next block whenever the callback is not waiting, even while adopted trials are
+  pending, and hands out at most ``parallel`` - (pending trials) points.
 - Shutdown: ``close()`` makes every pending and later callback answer "failed" at once, so NOMAD
   runs out of evaluation budget within milliseconds; the thread is joined with a timeout. An atexit
   hook closes searchers the caller forgot, so the interpreter never exits under a live NOMAD call.
@@ -72,7 +83,7 @@ from typing import Any
 
 import PyNomad
 
-from orchestrator.searchers import Ledger, Observation, Suggestion
+from orchestrator.searchers import Ledger, Observation, Pending, Suggestion
 from orchestrator.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -171,7 +182,7 @@ class NomadSearcher:
 
     def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int, options: dict):
         self._space = space
-        self._ledger = Ledger(space, budget)
+        self._ledger = Ledger(space, budget, parallel)
         self._parallel = parallel
         self._seed = seed
         self._params = nomad_parameters(space, budget=budget, parallel=parallel, seed=seed,
@@ -181,6 +192,7 @@ class NomadSearcher:
         self._offers: collections.deque = collections.deque()  # (key, point, coords) not handed out
         self._keys: dict[int, str] = {}       # trial_id -> key, for handed-out points
         self._waiting: set[str] = set()       # keys the callback waits for
+        self._adopted: dict[int, str] = {}    # trial_id -> key, for pending trials adopted by replay
         self._memo: dict[str, float | None] = {}  # key -> value: told, replayed
         self._callbacks = 0
         self._x0_retries = 0
@@ -192,7 +204,8 @@ class NomadSearcher:
     @property
     def finished(self) -> bool:
         with self._cv:
-            return self._closed or self._ledger.exhausted or (self._done and not self._offers)
+            return self._closed or self._ledger.exhausted or \
+                (self._done and not self._offers and not self._ledger.pending)
 
     def ask(self) -> Suggestion | None:
         with self._cv:
@@ -204,13 +217,13 @@ class NomadSearcher:
             while True:
                 self._raise_if_failed()
                 if not self._ledger.can_issue():
-                    return None
+                    return None   # budget spoken for, or every slot pending
                 if self._offers:
                     key, point, coords = self._offers.popleft()
                     suggestion = self._ledger.issue(point, encoded=coords)
                     self._keys[suggestion.trial_id] = key
                     return suggestion
-                if self._ledger.pending or self._done:
+                if self._waiting or self._done:
                     return None   # NOMAD waits for the block's results, or has stopped
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -221,18 +234,31 @@ class NomadSearcher:
         with self._cv:
             _, value = self._ledger.settle(trial_id, value)
             key = self._keys.pop(trial_id)
+            self._adopted.pop(trial_id, None)
             self._memo[key] = value
             self._waiting.discard(key)
             self._cv.notify_all()
 
-    def replay(self, history: list[Observation]) -> None:
+    def replay(self, history: list[Observation], pending: list[Pending] = ()) -> list[Suggestion]:
         with self._cv:
             if self._thread is not None:
                 raise RuntimeError("replay() must be called before the first ask()")
-            for point, value in self._ledger.replay(history):
+            results, adopted = self._ledger.replay(history, pending, encode=self._space.to_nomad)
+            for point, value in results:
                 key = self._space.key(point)
                 if self._memo.get(key) is None:   # a success wins over a failed attempt
                     self._memo[key] = value
+            for suggestion in adopted:
+                key = self._space.key(suggestion.point)
+                self._keys[suggestion.trial_id] = key
+                self._adopted[suggestion.trial_id] = key
+            # X0's failed attempts are retries already spent (the last one only once NOMAD hears of it)
+            x0 = self._space.key(self._space.default_point())
+            failures = sum(1 for point, value in results if value is None and self._space.key(point) == x0)
+            if self._memo.get(x0, 0.0) is None:
+                spent = failures if x0 in self._adopted.values() else failures - 1
+                self._x0_retries = min(X0_RETRIES, max(0, spent))
+            return adopted
 
     def close(self) -> None:
         with self._cv:
@@ -298,12 +324,12 @@ class NomadSearcher:
         with self._cv:
             self._callbacks += 1
             while True:
-                wanted = {}
+                wanted, adopted = {}, set(self._adopted.values())
                 for key, point, c in zip(keys, points, coords):
-                    if key not in self._memo and key not in wanted:
+                    if key not in self._memo and key not in wanted and key not in adopted:
                         wanted[key] = (key, point, [float(v) for v in c])
-                self._offers.extend(wanted.values())
-                self._waiting = set(wanted)
+                self._offers.extend(wanted.values())   # adopted keys: running already, wait for tell
+                self._waiting = set(wanted) | (adopted & set(keys))
                 self._cv.notify_all()
                 while self._waiting and not self._stop:
                     self._cv.wait(1.0)

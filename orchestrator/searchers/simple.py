@@ -1,13 +1,16 @@
 """The two baseline searchers: ``default`` (the paper's untuned point) and ``random`` (uniform).
 
-Both are pure Python and deterministic given the seed. Built through
+Both are pure Python and deterministic given the seed. On resume, ``replay(history, pending)``
+books the still-running trials in the Ledger as pending: they hold budget and slots, and their points,
+like the finished ones, are never proposed again (for ``default``, a pending default point counts as
+proposed). Built through
 ``orchestrator.searchers.make_searcher("random", space, budget=..., parallel=..., seed=...)``.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from orchestrator.searchers import Ledger, Observation, Suggestion
+from orchestrator.searchers import Ledger, Observation, Pending, Suggestion
 from orchestrator.space import SearchSpace
 
 _MAX_DRAWS = 1000  # draws to find an unseen point before calling a (small, discrete) space exhausted
@@ -18,7 +21,7 @@ class DefaultSearcher:
     name = "default"
 
     def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int):
-        self._ledger = Ledger(space, budget)
+        self._ledger = Ledger(space, budget, parallel)
         self._space = space
         self._proposed = False
 
@@ -36,9 +39,10 @@ class DefaultSearcher:
     def tell(self, trial_id: int, value: float | None) -> None:
         self._ledger.settle(trial_id, value)
 
-    def replay(self, history: list[Observation]) -> None:
-        self._ledger.replay(history)
-        self._proposed = self._space.key(self._space.default_point()) in self._ledger.seen
+    def replay(self, history: list[Observation], pending: list[Pending] = ()) -> list[Suggestion]:
+        _, adopted = self._ledger.replay(history, pending)
+        self._proposed = self._space.key(self._space.default_point()) in self._ledger.seen  # pending too
+        return adopted
 
     def close(self) -> None:
         self._proposed = True
@@ -49,7 +53,7 @@ class RandomSearcher:
     name = "random"
 
     def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int):
-        self._ledger = Ledger(space, budget)
+        self._ledger = Ledger(space, budget, parallel)
         self._space = space
         self._rng = np.random.default_rng(seed)
         self._exhausted_space = False
@@ -71,8 +75,8 @@ class RandomSearcher:
     def tell(self, trial_id: int, value: float | None) -> None:
         self._ledger.settle(trial_id, value)
 
-    def replay(self, history: list[Observation]) -> None:
-        self._ledger.replay(history)
+    def replay(self, history: list[Observation], pending: list[Pending] = ()) -> list[Suggestion]:
+        return self._ledger.replay(history, pending)[1]   # adopted: pending and seen, never drawn again
 
     def close(self) -> None:
         self._exhausted_space = True

@@ -6,6 +6,17 @@ drive it: ``update_search_space`` once, ``generate_parameters(id)`` per ask,
 failure (NNI keeps no record of a failed trial: TPE simply never learns from it), ``import_data`` on
 resume (successful results only; replayed failures still count against the budget).
 
+Resume with trials still running: NNI has no public call for "this parameter set is running", so
+``replay`` registers each adopted trial the way ``generate_parameters`` does, under a fresh NNI
+parameter id: ``_params[id]`` and ``_running_params[id]`` = the point in NNI's internal format
+(``format_parameters``, as ``import_data`` uses), plus the deduplicator's history. That is what the
+constant liar reads (one fake record per running parameter set) and what ``receive_trial_result``
+needs: it pops ``_running_params[id]`` (a KeyError for an id NNI did not register) to build the
+real records; ``trial_end`` pops it too. ``import_data`` does not feed the liar, so ``replay`` also
+calls ``liar.update`` with each replayed success: after a resume, the lie ('best', 'worst',
+'mean') is the one the uninterrupted run would tell, not NNI's 0.0 for "no result yet". These are
+private fields of nni 3.0 (archived, last release): a change of nni version must re-check them.
+
 Defaults are the paper's (NNI's): 20 random start-up trials, constant liar 'best' (it only acts
 while trials are pending, i.e. with parallel > 1), 24 EI candidates. ``options`` may override any
 field of ``nni.algorithms.hpo.tpe_tuner.TpeArguments``: ``constant_liar_type`` ('best' | 'worst' |
@@ -24,8 +35,9 @@ from __future__ import annotations
 import logging
 
 from nni.algorithms.hpo.tpe_tuner import TpeArguments, TpeTuner
+from nni.common.hpo_utils import format_parameters
 
-from orchestrator.searchers import Ledger, Observation, Suggestion
+from orchestrator.searchers import Ledger, Observation, Pending, Suggestion
 from orchestrator.space import SearchSpace
 
 _MAX_DRAWS = 50
@@ -51,7 +63,7 @@ class TpeSearcher:
     def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int, options: dict):
         logging.getLogger("nni").setLevel(logging.WARNING)  # NNI logs every proposal at INFO
         self._space = space
-        self._ledger = Ledger(space, budget)
+        self._ledger = Ledger(space, budget, parallel)
         self._tuner = TpeTuner(optimize_mode="minimize", seed=seed, tpe_args=tpe_arguments(options))
         self._tuner.update_search_space(space.tpe_search_space())
         self._running: dict[int, tuple] = {}  # trial_id -> (NNI parameter id, NNI parameters)
@@ -86,12 +98,28 @@ class TpeSearcher:
             self._tuner.receive_trial_result(nni_id, params, value)
             self._tuner.trial_end(nni_id, True)
 
-    def replay(self, history: list[Observation]) -> None:
-        results = self._ledger.replay(history)
-        data = [{"parameter": self._space.to_tpe(point), "value": value}
-                for point, value in results if value is not None]
-        if data:
-            self._tuner.import_data(data)
+    def replay(self, history: list[Observation], pending: list[Pending] = ()) -> list[Suggestion]:
+        results, adopted = self._ledger.replay(history, pending, encode=self._space.to_tpe)
+        successes = [(point, value) for point, value in results if value is not None]
+        if successes:
+            self._tuner.import_data([{"parameter": self._space.to_tpe(point), "value": value}
+                                     for point, value in successes])
+            if self._tuner.liar is not None:   # import_data leaves the liar as if nothing were known
+                for _, value in successes:
+                    self._tuner.liar.update(value)
+        for suggestion in adopted:
+            self._adopt(suggestion)
+        return adopted
+
+    def _adopt(self, suggestion: Suggestion) -> None:
+        """Register a trial running since before the resume as NNI's generate_parameters would."""
+        nni_id = self._nni_ids
+        self._nni_ids += 1
+        internal = format_parameters(suggestion.encoded, self._tuner.space)
+        self._tuner._params[nni_id] = internal
+        self._tuner._running_params[nni_id] = internal
+        self._tuner.dedup.add_history(internal)
+        self._running[suggestion.trial_id] = (nni_id, dict(suggestion.encoded))
 
     def close(self) -> None:
         self._closed = True
