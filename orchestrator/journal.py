@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class TrialState:
     value: float | None = None
     reason: str | None = None
     summary: dict = field(default_factory=dict)
+    submitted_at: float | None = None
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Journal:
 
     def append(self, event: str, **data) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"event": event, **data}, default=str)
+        line = json.dumps({"event": event, "time": time.time(), **data}, default=str)
         with open(self.path, "a") as f:
             f.write(line + "\n")
             f.flush()
@@ -98,7 +100,7 @@ def _fold(state: StudyState, r: dict) -> None:
         state.trials[r["trial"]] = TrialState(r["trial"], r["point"], r.get("encoded"), r.get("run_id"), r.get("out"))
     elif event == "submitted":
         t = state.trials[r["trial"]]
-        t.job_id, t.attempt = r["job_id"], r.get("attempt", 0)
+        t.job_id, t.attempt, t.submitted_at = r["job_id"], r.get("attempt", 0), r.get("time")
     elif event == "result":
         t = state.trials[r["trial"]]
         t.status, t.value, t.reason, t.summary = r["status"], r.get("value"), r.get("reason"), r.get("summary", {})

@@ -41,3 +41,14 @@ def paper_landscape(hp: dict, noise_sd: float = 0.0, rng: np.random.Generator | 
     if noise_sd > 0:
         loss += float((rng or np.random.default_rng()).normal(0.0, noise_sd))
     return loss
+
+
+def sleeper(hp: dict) -> dict:
+    """The landscape after a sleep of $LORA_HPO_SLEEP_S seconds (default 10): a blackbox with a known cost,
+    for measuring the orchestrator's own overhead (bench/orchestrator_overhead.py). Reports when it ran."""
+    import os
+    import time
+
+    start = time.time()
+    time.sleep(float(os.environ.get("LORA_HPO_SLEEP_S", "10")))
+    return {"objective": paper_landscape(hp), "busy_start": start, "busy_end": time.time()}

@@ -55,6 +55,8 @@ class Study:
         self.executor = make_executor(kind or config.executor, self.folder / "submitit",
                                       Resources.from_dict(config.resources), job_name=config.study)
         self.kind = self.executor.cluster
+        if self.kind == "local":  # local jobs share this machine: honour cpus_per_task as their thread count
+            os.environ.setdefault("LORA_HPO_THREADS", str(Resources.from_dict(config.resources).cpus_per_task))
         self.searcher = make_searcher(config.algo, self.space, budget=config.budget, parallel=config.parallel,
                                       seed=config.seed, options=config.searcher_options)
         self.live: dict[int, Live] = {}
@@ -205,6 +207,9 @@ class Study:
             lv.job = self._submit(t)
             return
         self._follow_curve(lv)
+        if self.kind == "slurm":  # sacct's view, already cached by the last batched poll
+            info = lv.job.get_info(mode="cache") if hasattr(lv.job, "get_info") else {}
+            self.tracker.tag(t.run_id, slurm_node=info.get("NodeList"), slurm_state=info.get("State"))
         self.journal.append("result", trial=t.trial, status=status, value=value, reason=reason, summary=summary)
         t.status, t.value, t.reason, t.summary = status, value, reason, summary
         del self.live[t.trial]

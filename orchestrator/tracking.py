@@ -19,8 +19,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 CURVE_KEYS = {"loss": "train_loss", "lr": "lr", "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s"}
-FINAL_KEYS = ("val_loss", "val_loss_before", "train_loss", "tokens_per_s", "train_s", "eval_s", "setup_s",
-              "total_s", "trainable_params", "steps", "n_train", "n_val")
+# result.json key -> final metric name (distinct from the stepped curve's names, which share no history)
+FINAL_KEYS = {"val_loss": "val_loss", "val_loss_before": "val_loss_before", "train_loss": "train_loss_last_epoch",
+              "tokens_per_s": "train_tokens_per_s", "train_s": "train_s", "eval_s": "eval_s", "setup_s": "setup_s",
+              "total_s": "total_s", "trainable_params": "trainable_params", "steps": "steps", "n_train": "n_train",
+              "n_val": "n_val"}
 
 
 def code_version() -> dict:
@@ -132,7 +135,7 @@ class Tracker:
     def finish_child(self, run_id: str, status: str, value: float | None, summary: dict, reason: str | None,
                      out: str | None) -> None:
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(summary[k]), now, 0) for k in FINAL_KEYS
+        metrics = [Metric(name, float(summary[k]), now, 0) for k, name in FINAL_KEYS.items()
                    if isinstance(summary.get(k), (int, float)) and not isinstance(summary.get(k), bool)]
         if isinstance(summary.get("peak_memory_bytes"), (int, float)):
             metrics.append(Metric("peak_memory_gb", summary["peak_memory_bytes"] / 2**30, now, 0))
