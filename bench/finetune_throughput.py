@@ -9,7 +9,8 @@ steps) on the same prepared split. The baseline is what most scripts do: `Traine
 `DataCollatorForSeq2Seq` padding each batch to its longest row, the LM head over every position. Tokens/s
 counts real (non-padding) tokens only. Both validation losses are measured by the same token-weighted
 function, so their gap shows that the speed-up does not change what is learned.
-Prints one line per run and a summary with the ratio; target: ratio >= 1.5, losses within 2%.
+Repeat i uses seed i for both; the summary gives median tokens/s and the mean validation loss over seeds
+(one seed's loss moves by a few percent with the data order alone). Target: ratio >= 1.5, losses within 2%.
 """
 from __future__ import annotations
 
@@ -41,8 +42,11 @@ def baseline(spec) -> dict:
     """Plain HF Trainer + PEFT: padded batches, full-sequence LM head, Trainer's own loop."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
+    from transformers import set_seed
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = F.pick_precision(spec, device)
+    set_seed(spec.seed)  # the LoRA initialization draws from the RNG, as in the recipe
     tokenizer, model = F.load_base(spec.base_model, device, dtype)
     model = F.add_lora(model, spec)
     folder = D.prepare_splits(spec.data)
@@ -74,25 +78,31 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--per-device-batch", type=int, default=None)
+    parser.add_argument("--grad-accum", type=int, default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     overrides = dict(base_model=args.model_dir, precision=args.precision, r=8, alpha=16, dropout=0.05, lr=1e-3)
     if args.max_seq_len:
         overrides["max_seq_len"] = args.max_seq_len
-    if args.max_steps:
-        overrides["max_steps"] = args.max_steps
+    for key in ("max_steps", "per_device_batch", "grad_accum"):
+        if getattr(args, key):
+            overrides[key] = getattr(args, key)
     runs = {"recipe": [], "baseline": []}
-    for i in range(args.repeats):  # alternate, so that machine noise hits both alike
-        spec = preset("tiny", out=str(work / f"ours-{i}"), **overrides)
+    for i in range(args.repeats):  # alternate, so that machine noise hits both alike; a seed per repeat
+        spec = preset("tiny", out=str(work / f"ours-{i}"), seed=i, **overrides)
         spec.data.cache_dir = str(work / "data")
         for name, fn in (("recipe", ours), ("baseline", baseline)):
             runs[name].append(fn(spec))
             print(f"{name:9s} run {i}: {json.dumps(runs[name][-1])}", flush=True)
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    # speed: the median over repeats; loss: the mean over seeds (a single seed's loss is noise-sized)
+    med = {name: {k: (statistics.mean if k == "val_loss" else statistics.median)(r[k] for r in rs) for k in rs[0]}
+           for name, rs in runs.items()}
     ratio = med["recipe"]["tokens_per_s"] / med["baseline"]["tokens_per_s"]
     gap = abs(med["recipe"]["val_loss"] - med["baseline"]["val_loss"]) / med["baseline"]["val_loss"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()}"
-    print(f"\ndevice: {device}   model: {args.model_dir}   repeats: {args.repeats}")
+    print(f"\ndevice: {device}   model: {args.model_dir}   repeats (seeds): {args.repeats}   "
+          f"batch {spec.per_device_batch} x accumulation {spec.grad_accum}, {spec.max_steps or 'all'} steps")
     print(f"{'':10s}{'tokens/s':>12s}{'val_loss':>10s}{'train_s':>9s}")
     for name, m in med.items():
         print(f"{name:10s}{m['tokens_per_s']:12.0f}{m['val_loss']:10.4f}{m['train_s']:9.1f}")

@@ -11,7 +11,7 @@ A job restarted on the same folder continues from its last checkpoint and ends w
 Failures are data: a NaN loss, out-of-memory, bad data or bad hyperparameters give result.json with status
 "failed" and a one-line reason (and a non-zero exit on the command line), never a complete-looking adapter.
 
-Speed: micro-batches are length-grouped (examples of similar length drawn together from a shuffled window),
+Speed: each optimizer step's examples (a uniformly random sample) are split into micro-batches by length,
 so padding is small; rows are right-padded and run with *no* attention mask: under a causal mask a real
 token never sees the padding after it, so SDPA takes its plain causal path and no mask is built. The LM
 head runs on response positions only (the prompt and the padding carry no loss), and losses stay on the
@@ -108,19 +108,22 @@ def loss_tokens(example) -> int:
 
 def epoch_plan(lengths: list[int], spec: FinetuneSpec, world: int, epoch: int) -> list[list[list[int]]]:
     """Optimizer steps of one epoch; each is a list of micro-batches (example indices), rank r taking every
-    world-th. Examples are shuffled, sorted by length within windows of 16 micro-batches, cut into
-    micro-batches, and the micro-batches shuffled again. Seeded by (seed, epoch): the data order is a pure
-    function of them, which is what lets a resumed job continue exactly where its checkpoint left off."""
+    world-th. Length grouping as HF's group_by_length: shuffle, sort by length within windows of
+    `group_window` micro-batches, cut, shuffle the micro-batches (0: sort only within each step, whose
+    sample then stays uniformly random). Seeded by (seed, epoch): the data order is a pure function of
+    them, which is what lets a resumed job continue exactly where its checkpoint left off."""
     rng = np.random.default_rng([spec.seed, epoch])
     order = rng.permutation(len(lengths)).tolist()
-    window = spec.per_device_batch * 16
+    per_step = spec.per_device_batch * spec.grad_accum * world
+    window = spec.per_device_batch * spec.group_window if spec.group_window else per_step
     micro = []
-    for w in range(0, len(order), window):
+    for w in range(0, len(order) // per_step * per_step, window):
         chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
         micro += [chunk[i:i + spec.per_device_batch] for i in range(0, len(chunk), spec.per_device_batch)]
-    micro = [micro[i] for i in rng.permutation(len(micro))]
-    per_step = spec.grad_accum * world
-    return [micro[s * per_step:(s + 1) * per_step] for s in range(len(micro) // per_step)]
+    if spec.group_window:
+        micro = [micro[i] for i in rng.permutation(len(micro))]
+    return [micro[s * per_step // spec.per_device_batch:(s + 1) * per_step // spec.per_device_batch]
+            for s in range(len(order) // per_step)]
 
 
 # ----------------------------------------------------------------------------------------------- compute

@@ -93,15 +93,21 @@ def test_right_padding_without_a_mask_changes_no_loss(tiny_model_dir, tiny_token
     assert padded_sum.item() == pytest.approx(sum(s.item() for s, _ in alone), rel=1e-5)
 
 
-def test_epoch_plan_is_seeded_length_grouped_and_covers_each_example_once():
+@pytest.mark.parametrize("window", [0, 16])
+def test_epoch_plan_is_seeded_and_covers_each_example_once(window):
     lengths = [int(x) for x in torch.randint(10, 300, (1000,), generator=torch.Generator().manual_seed(0))]
-    spec = preset("tiny", per_device_batch=8, grad_accum=2)
+    spec = preset("tiny", per_device_batch=4, grad_accum=8, group_window=window)
     plan = F.epoch_plan(lengths, spec, 1, 0)
     assert plan == F.epoch_plan(lengths, spec, 1, 0) and plan != F.epoch_plan(lengths, spec, 1, 1)
+    assert all(len(step) == 8 and all(len(mb) == 4 for mb in step) for step in plan)
     seen = [i for step in plan for mb in step for i in mb]
-    assert len(seen) == len(set(seen)) and len(seen) >= 1000 - 8 * 2
+    assert len(seen) == len(set(seen)) == 1000 - 1000 % 32
+    if window == 0:  # a step's micro-batches are ordered by length; the step itself is a random sample
+        for step in plan:
+            flat = [lengths[i] for mb in step for i in mb]
+            assert flat == sorted(flat)
     waste = sum(max(lengths[i] for i in mb) * len(mb) - sum(lengths[i] for i in mb) for step in plan for mb in step)
-    assert waste / sum(lengths[i] for i in seen) < 0.1, "length grouping should leave little padding"
+    assert waste / sum(lengths[i] for i in seen) < (0.1 if window else 0.2)
 
 
 def test_dropout_one_trains_nothing(tmp_path):
