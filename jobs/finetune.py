@@ -269,6 +269,8 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
             plan, plan_epoch = epoch_plan(lengths, spec, world, epoch), epoch
         micro = plan[step % steps_per_epoch]
         step_tokens = sum(loss_tokens(train_set[i]) for mb in micro for i in mb)  # global, known up front
+        real_tokens = sum(len(train_set[i][0]) for mb in micro for i in mb)  # all ranks, no padding
+        tokens_seen, tokens_window = tokens_seen + real_tokens, tokens_window + real_tokens
         mine = micro[rank::world]
         step_loss = torch.zeros((), device=device)
         for k, mb in enumerate(mine):
@@ -277,8 +279,6 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
                 loss, _ = (ddp or loss_fn)(**on_device(collate([train_set[i] for i in mb], pad_id), device))
             (loss * world / step_tokens).backward()  # DDP averages over ranks: scale so the sum is exact
             step_loss += loss.detach()
-            tokens_seen += sum(len(train_set[i][0]) for i in mb)
-            tokens_window += sum(len(train_set[i][0]) for i in mb)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -312,7 +312,7 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
         "train_loss": float(np.mean(train_losses[-max(1, steps_per_epoch):])) if train_losses else None,
         "steps": total_steps, "resumed_from_step": start, "steps_per_epoch": steps_per_epoch,
         "n_train": len(train_set), "n_val": len(val_set), "dropped_too_long": dropped_train + dropped_val,
-        "train_tokens": tokens_seen * world, "tokens_per_s": tokens_seen * world / max(train_s, 1e-9),
+        "train_tokens": tokens_seen, "tokens_per_s": tokens_seen / max(train_s, 1e-9),
         "train_s": train_s, "eval_s": time.time() - t_eval, "setup_s": t_train - t0,
         "trainable_params": n_trainable, "total_params": n_total, "device": str(device), "world_size": world,
         "dtype": str(dtype).replace("torch.", ""), "peak_memory_bytes": _peak_memory(device),

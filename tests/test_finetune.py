@@ -212,3 +212,21 @@ def test_command_line_exit_codes(tmp_path):
                              "--out", str(tmp_path / "y"), "--base-model", "/nonexistent/model"],
                             cwd=REPO, capture_output=True, text=True)
     assert failed.returncode == 1 and json.loads((tmp_path / "y" / "result.json").read_text())["status"] == "failed"
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    """The multi-GPU path (torchrun, DDP) run on CPU with gloo: 2 ranks x 1 micro-batch == 1 rank x 2."""
+    common = dict(max_steps=6, dropout=0.0, per_device_batch=8, log_every=2)
+    single = F.run(small(tmp_path, "single", grad_accum=2, **common))
+    spec = small(tmp_path, "ddp", grad_accum=1, **common)
+    Path(spec.out).mkdir(parents=True)
+    spec.to_json(tmp_path / "ddp.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", "-m", "jobs.finetune", "--spec", str(tmp_path / "ddp.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ddp = json.loads((Path(spec.out) / "result.json").read_text())
+    assert ddp["status"] == "ok" and ddp["world_size"] == 2
+    assert ddp["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
+    assert ddp["train_tokens"] == single["train_tokens"]
