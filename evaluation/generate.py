@@ -1,0 +1,125 @@
+"""Text generation for the benchmarks: batched (ours) and one example at a time (the reference's way).
+
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=32, stop=task.stop, batch_size=16)
+
+Batched: prompts sorted by token length (longest first, so an out-of-memory shows at once and padding stays
+small), left-padded with an attention mask, KV cache on, and a per-row stop rule checked on the decoded
+text, so a row ends as soon as later tokens cannot change its score (the batch ends when all rows have).
+An out-of-memory batch is split in two and retried. Greedy unless `temperature` > 0; sampling is seeded per
+batch (top-k 50, top-p 1.0: the library defaults InstructEval ran with). The model's own generation_config
+is not consulted: every setting is explicit. Outputs are decoded without special tokens, in input order.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids with BOS first, as Llama's tokenizer gives them (the tiny tokenizer adds no BOS itself)."""
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return ids
+    return [row if row[:1] == [bos] else [bos, *row] for row in ids]
+
+
+def token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
+    return lambda texts: [len(row) for row in encode(tokenizer, texts)]
+
+
+def _config(tokenizer, max_new_tokens: int, temperature: float, suppress_eos: bool = False):
+    from transformers import GenerationConfig
+
+    sample = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1, use_cache=True,
+        suppress_tokens=[tokenizer.eos_token_id] if suppress_eos else None,
+        temperature=temperature if sample else None, top_k=50 if sample else None, top_p=1.0 if sample else None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+
+
+def _stopper(tokenizer, prompt_len: int, stop: Callable[[str], bool]):
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopRule(StoppingCriteria):
+        """Per row: True once `stop` holds for its decoded new text; finished rows are not decoded again."""
+
+        done = None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.done is None:
+                self.done = [False] * input_ids.shape[0]
+            rows = [i for i, d in enumerate(self.done) if not d]
+            texts = tokenizer.batch_decode(input_ids[rows, prompt_len:], skip_special_tokens=True)
+            for i, text in zip(rows, texts):
+                self.done[i] = stop(text)
+            return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+    return StopRule()
+
+
+def _run_batch(model, tokenizer, rows: list[list[int]], max_new_tokens: int, stop, temperature: float,
+               seed: int, suppress_eos: bool) -> list[str]:
+    import torch
+
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    criteria = [_stopper(tokenizer, width, stop)] if stop else None
+    if temperature > 0:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=criteria,
+                             generation_config=_config(tokenizer, max_new_tokens, temperature, suppress_eos))
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: Optional[Callable[[str], bool]] = None,
+             batch_size: int = 8, temperature: float = 0.0, seed: int = 0, progress=None,
+             suppress_eos: bool = False) -> list[str]:
+    """Completions of `prompts`, in their order; `progress(n_done)` is called after each batch.
+    `suppress_eos` (benchmarks and tests) makes a model that stops early use its budget like a rambling one."""
+    import torch
+
+    ids = encode(tokenizer, prompts)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    outputs: list[str] = [""] * len(ids)
+    pending = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    done = 0
+    while pending:
+        batch = pending.pop(0)
+        try:
+            texts = _run_batch(model, tokenizer, [ids[i] for i in batch], max_new_tokens, stop, temperature,
+                               seed + batch[0], suppress_eos)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            torch.cuda.empty_cache()
+            pending[:0] = [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+            continue
+        for i, text in zip(batch, texts):
+            outputs[i] = text
+        done += len(batch)
+        if progress:
+            progress(done)
+    return outputs
+
+
+def generate_one_by_one(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
+                        seed: int = 0, suppress_eos: bool = False) -> list[str]:
+    """The reference's way: one prompt per generate call, no padding, no stop rule beyond EOS."""
+    import torch
+
+    outputs = []
+    for i, row in enumerate(encode(tokenizer, prompts)):
+        if temperature > 0:
+            torch.manual_seed(seed + i)
+        with torch.inference_mode():
+            out = model.generate(input_ids=torch.tensor([row], device=model.device),
+                                 attention_mask=torch.ones(1, len(row), dtype=torch.long, device=model.device),
+                                 generation_config=_config(tokenizer, max_new_tokens, temperature, suppress_eos))
+        outputs.append(tokenizer.decode(out[0, len(row):], skip_special_tokens=True))
+    return outputs

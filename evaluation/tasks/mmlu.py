@@ -1,0 +1,71 @@
+"""MMLU, 5-shot, as InstructEval runs it (57 subjects, 14,042 test questions).
+
+Prompt per question: "The following are multiple choice questions (with answers) about {subject}.\\n\\n", then
+the subject's first five dev questions, each as question / "A. ..." .. "D. ..." lines / "Answer: X" and a
+blank line, then the test question ending in "Answer:". Shots are dropped from the end while the prompt
+exceeds 2048 tokens. Greedy, 2 new tokens; correct if the stripped output starts with the gold letter;
+micro-average over all questions, with a per-subject breakdown. `{subject}` is InstructEval's
+format_subject: each "_"-separated word preceded by a space, so the line reads "about  abstract algebra."
+(two spaces), exactly as in the reference.
+"""
+from __future__ import annotations
+
+from evaluation.data import load_hub, read_split, task_folder
+from evaluation.tasks.common import EvalError, Example, Task, blank_line_after_answer, fit_shots, limited, \
+    micro, score_starts_with
+
+CHOICES = "ABCD"
+HUB_ID = "cais/mmlu"
+
+
+def format_subject(subject: str) -> str:
+    return "".join(" " + word for word in subject.split("_"))
+
+
+def header(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
+
+
+def format_question(row: dict, with_answer: bool) -> str:
+    text = row["question"] + "".join(f"\n{letter}. {choice}" for letter, choice in zip(CHOICES, row["choices"]))
+    text += "\nAnswer:"
+    return text + f" {gold(row)}\n\n" if with_answer else text
+
+
+def gold(row: dict) -> str:
+    answer = row["answer"]
+    return CHOICES[answer] if isinstance(answer, int) else str(answer).strip()
+
+
+def load(data_dir) -> dict:
+    folder = task_folder(data_dir, "mmlu")
+    if folder is None:
+        return {split: load_hub("mmlu", HUB_ID, "all", split) for split in ("dev", "test")}
+    return {split: read_split(folder, split) for split in ("dev", "test")}
+
+
+def build(raw: dict, count_tokens, limit=None, seed=0) -> list[Example]:
+    """Subjects in sorted order, test questions in file order (`limit`: the first N per subject)."""
+    dev, test = _by_subject(raw["dev"]), _by_subject(raw["test"])
+    missing = sorted(set(test) - set(dev))
+    if missing:
+        raise EvalError(f"mmlu: no dev questions (the shots) for subject {missing[0]!r}: check the dev split")
+    items, meta = [], []
+    for subject in sorted(test):
+        shots = [format_question(row, True) for row in dev[subject][:5]]
+        for i, row in enumerate(limited(test[subject], limit)):
+            items.append((header(subject), shots, format_question(row, False)))
+            meta.append((subject, i, gold(row)))
+    return [Example(id=f"{subject}/{i}", group=subject, prompt=prompt, target=target, n_shots=k)
+            for (prompt, k), (subject, i, target) in zip(fit_shots(items, count_tokens), meta)]
+
+
+def _by_subject(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for row in rows:
+        out.setdefault(row["subject"], []).append(row)
+    return out
+
+
+TASK = Task(name="mmlu", source=HUB_ID, shots=5, max_new_tokens=2, load=load, build=build,
+            score=score_starts_with, aggregate=micro, stop=blank_line_after_answer)
