@@ -33,7 +33,8 @@ setup(
     ],
     extras_require={
         # the UI test drives Debian's chromium (install.sh --test installs it); no browser download
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.45"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.45", "lm-eval>=0.4.13"],
         "bench": ["optuna>=4"],
+        "lm-eval": ["lm-eval>=0.4.13"],  # python -m evaluation --harness lm-eval
     },
 )

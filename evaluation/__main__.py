@@ -5,6 +5,7 @@
     python -m evaluation --adapter models:/tiny-nomad-adapter@champion --tasks humaneval --greedy
     python -m evaluation --tasks humaneval --canonical                  # the sandbox on the real solutions
     python -m evaluation --tasks humaneval --completions samples.jsonl  # completions made elsewhere
+    python -m evaluation --harness lm-eval --tasks hellaswag,arc_easy --base BASE --adapter ADAPTER --limit 50
 
 Prints a table and writes OUT/scores.json and OUT/records/TASK.jsonl. Exit status: 0 done, 2 bad input
 (wrong adapter path, missing data, unknown task), with a one-line message.
@@ -23,7 +24,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.splitlines()[0])
     p.add_argument("--base", help="base model: hub id, local HF folder or tiny (default: the adapter's base)")
     p.add_argument("--adapter", help="PEFT folder, runs:/RUN_ID/PATH or models:/NAME@ALIAS (default: none)")
-    p.add_argument("--tasks", default=",".join(NAMES), help=f"comma-separated, from {','.join(NAMES)}")
+    p.add_argument("--harness", default="instructeval", choices=("instructeval", "lm-eval"),
+                   help="instructeval: the paper's protocol (default); lm-eval: any lm-evaluation-harness task "
+                        "(pip install lm-eval), with its own protocol")
+    p.add_argument("--tasks", help=f"comma-separated: from {','.join(NAMES)} (default: all), or lm-eval task names")
+    p.add_argument("--include-path", help="lm-eval only: a folder of task YAML files (your own tasks)")
     p.add_argument("--limit", type=int, help="first N test examples per MMLU subject / BBH subset, N for DROP "
                                              "and HumanEval")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
@@ -47,6 +52,9 @@ def main(argv=None) -> int:
     from evaluation import runner
 
     out = args.out or time.strftime("runs/eval/%Y%m%d-%H%M%S")
+    if args.harness == "lm-eval":
+        return _lm_eval(args, out)
+    args.tasks = args.tasks or ",".join(NAMES)
     try:
         if args.canonical or args.completions:
             if args.tasks != "humaneval" or (args.canonical and args.completions):
@@ -67,6 +75,25 @@ def main(argv=None) -> int:
     missing = result["tasks"].get("humaneval", {}).get("missing")
     if missing:
         print(f"warning: {missing} HumanEval problems had no completion and were not scored", file=sys.stderr)
+    print(f"written: {out}/scores.json")
+    return 0
+
+
+def _lm_eval(args, out: str) -> int:
+    from evaluation import harness
+
+    if args.canonical or args.completions or args.data_dir:
+        print("error: --canonical, --completions and --data-dir belong to the InstructEval tasks, not --harness "
+              "lm-eval", file=sys.stderr)
+        return 2
+    try:
+        result = harness.evaluate(args.base, args.adapter, args.tasks or "", limit=args.limit,
+                                  batch_size=args.batch_size, device=args.device, dtype=args.dtype, out=out,
+                                  include_path=args.include_path)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(harness.table(result))
     print(f"written: {out}/scores.json")
     return 0
 

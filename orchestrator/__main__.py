@@ -6,6 +6,7 @@
     python -m orchestrator status --study tiny-nomad          # progress and best, from the journal
     python -m orchestrator register --study tiny-nomad --register-as my-adapter
     python -m orchestrator compare tiny-nomad tiny-tpe        # studies side by side
+    python -m orchestrator evaluate --study tiny-nomad --top 10 --include-default   # downstream scores
 """
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from orchestrator.config import STUDY_PRESETS, ConfigError, StudyConfig, load_co
 from orchestrator.searchers import ALGOS
 from slurm.executors import KINDS
 
-SUBCOMMANDS = ("run", "status", "register", "compare")
+SUBCOMMANDS = ("run", "status", "register", "compare", "evaluate")
 
 
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator", description=(
         "Tune LoRA hyperparameters (rank, alpha, dropout, learning rate) with NOMAD or TPE; every evaluation "
-        "is a submitit job; everything is tracked in MLflow. Subcommands: status, register, compare "
+        "is a submitit job; everything is tracked in MLflow. Subcommands: status, register, compare, evaluate "
         "(python -m orchestrator SUBCOMMAND --help)."))
     p.add_argument("--algo", choices=ALGOS, help="search algorithm (default: nomad)")
     p.add_argument("--config", help="study YAML (see orchestrator/config.py for its keys)")
@@ -46,12 +47,28 @@ def study_parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m orchestrator {command}")
     if command == "compare":
         p.add_argument("studies", nargs="+", help="study names")
+        p.add_argument("--out", help="also write the table to this file (JSON if it ends in .json, else Markdown)")
     else:
         p.add_argument("--study", required=True, help="study name")
     p.add_argument("--workdir", default="runs", help="where study folders are (default: runs)")
     p.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")
     if command == "register":
         p.add_argument("--register-as", dest="register_as", help="registered model name")
+    if command == "evaluate":
+        p.add_argument("--top", type=int, default=10, help="evaluate the K successful trials of lowest loss (10)")
+        p.add_argument("--include-default", action="store_true", help="also the trial at the default point")
+        p.add_argument("--harness", default="instructeval", choices=("instructeval", "lm-eval"),
+                       help="instructeval: the paper's protocol (default); lm-eval: lm-evaluation-harness tasks")
+        p.add_argument("--tasks", help="comma-separated (default: mmlu,bbh,drop,humaneval; lm-eval: required)")
+        p.add_argument("--limit", type=int, help="first N examples per task / subject (smoke tests)")
+        p.add_argument("--data-dir", dest="data_dir", help="local benchmark folders (evaluation/data.py)")
+        p.add_argument("--include-path", dest="include_path", help="lm-eval: a folder of your own task YAMLs")
+        p.add_argument("--seed", type=int, default=0, help="DROP demonstrations and HumanEval sampling (0)")
+        p.add_argument("--greedy", action="store_true", help="greedy HumanEval instead of T=0.1")
+        p.add_argument("--executor", choices=KINDS, help="default: the study's")
+        p.add_argument("--poll", dest="poll_s", type=float, default=5.0, help="seconds between job polls (5)")
+        p.add_argument("--retry-failed", dest="retry_failed", action="store_true",
+                       help="submit again the evaluations that failed before")
     return p
 
 

@@ -1,0 +1,155 @@
+"""Downstream scores into MLflow: one trial's scores into its child run, the poster's table into the study's run.
+
+    from evaluation.tracking import log_scores, collect, poster_table, log_poster
+    log_scores(client, child_run_id, result)            # result: evaluation.evaluate(...) or scores.json
+    rows = collect(client, [parent_run_id])             # every evaluated child run of the study (or studies)
+    table = poster_table(rows, top=10)                  # per algo: min / max / mean / sd over the 10 best
+    log_poster(client, parent_run_id, table)            # eval/poster_table.md + .json, top10_mean_mmlu, ...
+
+Login-node code: MLflow only, never torch. Only the orchestrator process calls it (jobs write scores.json
+into their output folder and never touch the tracking store).
+
+Metric names: the InstructEval-protocol scores keep their task names (`mmlu`, `bbh`, `drop`, `humaneval`);
+lm-evaluation-harness scores are prefixed `lm_eval.` because its protocols differ (an lm-eval `mmlu` is
+not the paper's MMLU number). The table's sd is the sample standard deviation (n - 1); '-' for one model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+
+from mlflow.entities import Metric, RunTag
+
+INSTRUCTEVAL = ("mmlu", "bbh", "drop", "humaneval")
+LM_EVAL_PREFIX = "lm_eval."
+STATS = ("min", "max", "mean", "sd")
+DEFAULT_ROW = "default"
+
+
+def metric_name(task: str, harness: str = "instructeval") -> str:
+    """The MLflow metric name of a task's score (MLflow refuses characters outside [\\w\\-. /])."""
+    name = re.sub(r"[^\w\-. /]", "_", task)
+    return LM_EVAL_PREFIX + name if harness == "lm-eval" else name
+
+
+def is_score_metric(name: str) -> bool:
+    return name in INSTRUCTEVAL or name.startswith(LM_EVAL_PREFIX)
+
+
+def log_scores(client, run_id: str, result: dict, tags: dict | None = None) -> dict:
+    """Log `result["scores"]` as metrics of `run_id`, the scores JSON and per-task breakdowns as artifacts
+    under eval/, and `tags`; returns {metric name: value}. Scores of None (no example scored) are left out."""
+    harness = result.get("harness", "instructeval")
+    now = int(time.time() * 1000)
+    metrics = {metric_name(task, harness): float(v) for task, v in result.get("scores", {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    all_tags = {"eval_harness": harness, **(tags or {})}
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                     tags=[RunTag(k, str(v)[:5000]) for k, v in all_tags.items() if v is not None])
+    slim = {**result, "tasks": {n: {k: v for k, v in t.items() if k != "records"}
+                                for n, t in result.get("tasks", {}).items()}}
+    client.log_dict(run_id, slim, "eval/scores.json")
+    for task, summary in slim["tasks"].items():
+        breakdown = summary.get("groups") or summary.get("breakdown")
+        if breakdown:
+            client.log_dict(run_id, breakdown, f"eval/breakdown/{metric_name(task, harness)}.json")
+    return metrics
+
+
+def collect(client, parent_run_ids: list[str]) -> list[dict]:
+    """One row per evaluated child run of the given parents: run id, trial, algo, val_loss, whether the run is
+    at the default point (tag eval_default=true), and its score metrics."""
+    rows = []
+    for parent in parent_run_ids:
+        experiment = client.get_run(parent).info.experiment_id
+        runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'", max_results=50000)
+        for run in runs:
+            scores = {k: v for k, v in run.data.metrics.items() if is_score_metric(k)}
+            if not scores:
+                continue
+            tags = run.data.tags
+            rows.append({"run_id": run.info.run_id, "trial": int(tags.get("trial", -1)), "algo": tags.get("algo"),
+                         "val_loss": run.data.metrics.get("val_loss"), "default": tags.get("eval_default") == "true",
+                         "scores": scores})
+    return rows
+
+
+def poster_table(rows: list[dict], top: int) -> dict:
+    """The poster's comparison: for each algo, min / max / mean / sd of every score over its `top` evaluated
+    runs of lowest validation loss; then a "default" row over the runs at the default point.
+
+    A run at the default point also counts for its algo when its loss ranks it among the top. Returns
+    {"top": K, "scores": [...], "rows": [{"method", "n", "trials", "stats": {score: {min, max, mean, sd}}}]}."""
+    if not isinstance(top, int) or top < 1:
+        raise ValueError(f"top={top!r} is invalid: must be an integer >= 1")
+    scores = sorted({k for r in rows for k in r["scores"]}, key=lambda k: (k not in INSTRUCTEVAL, _order(k)))
+    table_rows = []
+    for algo in sorted({r["algo"] for r in rows if r["val_loss"] is not None}, key=str):
+        ranked = sorted((r for r in rows if r["algo"] == algo and r["val_loss"] is not None),
+                        key=lambda r: (r["val_loss"], r["trial"]))[:top]
+        table_rows.append(_row(str(algo), ranked, scores))
+    defaults = sorted((r for r in rows if r["default"]), key=lambda r: r["trial"])
+    if defaults:
+        table_rows.append(_row(DEFAULT_ROW, defaults, scores))
+    return {"top": top, "scores": scores, "rows": table_rows}
+
+
+def _order(name: str):
+    return INSTRUCTEVAL.index(name) if name in INSTRUCTEVAL else name
+
+
+def _row(method: str, runs: list[dict], scores: list[str]) -> dict:
+    stats = {}
+    for k in scores:
+        values = [r["scores"][k] for r in runs if k in r["scores"]]
+        stats[k] = {"min": min(values), "max": max(values), "mean": statistics.fmean(values),
+                    "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)} if values else None
+    return {"method": method, "n": len(runs), "trials": [r["trial"] for r in runs], "stats": stats}
+
+
+def markdown(table: dict) -> str:
+    """The table as Markdown: one line per method, 'mean ± sd [min, max]' per score, in percent."""
+    header = ["method", "models"] + table["scores"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in table["rows"]:
+        cells = [row["method"], str(row["n"])]
+        for k in table["scores"]:
+            s = row["stats"].get(k)
+            sd = "" if s is None or s["sd"] is None else f" ± {100 * s['sd']:.2f}"
+            span = "" if s is None else f" [{100 * s['min']:.2f}, {100 * s['max']:.2f}]"
+            cells.append("-" if s is None else f"{100 * s['mean']:.2f}{sd}{span}")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"Scores in percent: mean ± sample sd [min, max] over each method's {table['top']} evaluated models of "
+            "lowest validation loss (fewer where fewer were evaluated: see models); default: the model(s) trained "
+            "at the default point.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def poster_metrics(table: dict) -> dict:
+    """Flat parent-run metrics: top{K}_{stat}_{score} for a single method (prefixed `{algo}.` when the table
+    holds several), default_{score} for the default row's mean."""
+    methods = [r for r in table["rows"] if r["method"] != DEFAULT_ROW]
+    out = {}
+    for row in table["rows"]:
+        for k, s in row["stats"].items():
+            if s is None:
+                continue
+            if row["method"] == DEFAULT_ROW:
+                out[f"default_{k}"] = s["mean"]
+                continue
+            prefix = f"{row['method']}." if len(methods) > 1 else ""
+            out.update({f"{prefix}top{table['top']}_{stat}_{k}": s[stat] for stat in STATS if s[stat] is not None})
+    return out
+
+
+def log_poster(client, parent_run_id: str, table: dict) -> dict:
+    """eval/poster_table.md and .json artifacts and the flat metrics into the study's parent run."""
+    metrics = poster_metrics(table)
+    now = int(time.time() * 1000)
+    client.log_batch(parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    client.log_text(parent_run_id, markdown(table), "eval/poster_table.md")
+    client.log_dict(parent_run_id, json.loads(json.dumps(table)), "eval/poster_table.json")
+    return metrics

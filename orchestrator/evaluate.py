@@ -1,0 +1,304 @@
+"""Downstream scores of a study's best adapters: one submitit job per adapter, tracked, resumable.
+
+    python -m orchestrator evaluate --study llama2-nomad --top 10 --include-default
+    python -m orchestrator evaluate --study tiny-nomad --top 2 --tasks mmlu,humaneval --limit 2 --data-dir DIR
+    python -m orchestrator evaluate --study tiny-nomad --top 3 --harness lm-eval --tasks hellaswag
+
+Picks the K successful trials of lowest validation loss (and, with --include-default, the trial at the
+search space's default point), submits one evaluation job per adapter (evaluation.job.EvaluationJob, with the
+study's resources but one task and at most one GPU: the evaluator runs one process on one device), logs each
+job's scores into the trial's child run (evaluation.tracking.log_scores) and the poster's table into the
+study's parent run (eval/poster_table.md, top{K}_mean_mmlu, default_mmlu, ...).
+
+Resumable like the study: every decision is appended (and fsynced) to `<study folder>/evaluate.jsonl`
+before it is acted on. A rerun does not redo a finished evaluation (same trial, same settings), re-attaches
+jobs still running by their job id, and logs to MLflow what a crash left unlogged. A failed evaluation job is
+recorded (tag eval_status=failed on the child run) and the others go on. Only this process writes MLflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import submitit
+
+from evaluation.job import EvaluationJob
+from evaluation.tracking import INSTRUCTEVAL
+from orchestrator.config import DEFAULT_TRACKING_URI, ConfigError, load_config
+from orchestrator.journal import Journal, JournalError, StudyState
+from slurm.executors import Resources, force_states, make_executor, snapshot_code
+
+
+@dataclass
+class Evaluation:
+    key: str  # trial-NNNN-<settings hash>: one evaluation of one adapter under one set of settings
+    trial: int
+    run_id: str | None
+    roles: list[str]
+    spec: dict
+    job_id: str | None = None
+    status: str | None = None  # None while pending or running; "ok" | "failed" when done
+    reason: str | None = None
+    scores: dict = field(default_factory=dict)
+    logged: bool = False
+
+
+def settings_of(args) -> dict:
+    tasks = args.tasks or (None if args.harness == "lm-eval" else ",".join(INSTRUCTEVAL))
+    if not tasks:
+        raise ConfigError("--harness lm-eval needs --tasks: lm-eval task names, comma-separated")
+    return {"harness": args.harness, "tasks": tasks, "limit": args.limit, "data_dir": args.data_dir,
+            "include_path": getattr(args, "include_path", None), "seed": args.seed, "greedy": args.greedy}
+
+
+def select(state: StudyState, top: int, include_default: bool, log=print) -> dict[int, list[str]]:
+    """{trial: roles}: the `top` successful trials of lowest loss ("top"), and the default point's ("default")."""
+    ok = sorted((t for t in state.finished if t.status == "ok"), key=lambda t: (t.value, t.trial))
+    chosen = {t.trial: ["top"] for t in ok[:top]}
+    if len(ok) < top:
+        log(f"note: the study has {len(ok)} successful trial(s), fewer than --top {top}: evaluating those")
+    if include_default:
+        config = load_config(None, **{k: v for k, v in state.config.items() if k != "executor_resolved"})
+        space = config.search_space()
+        default = space.key(space.default_point())
+        at_default = [t for t in ok if space.key(t.point) == default]
+        if at_default:
+            chosen.setdefault(at_default[0].trial, []).append("default")
+        else:
+            log(f"note: no successful trial of this study is at the default point {space.default_point()}: the "
+                "default adapter was never trained here, so it is skipped. Train it with a one-evaluation study, "
+                f"python -m orchestrator --algo default --study {config.study}-default (same --config), and "
+                "evaluate that study")
+    return chosen
+
+
+class Evaluator:
+    def __init__(self, args, log=print):
+        self.args, self.log = args, log
+        self.folder = Path(args.workdir) / args.study
+        study_journal = Journal(self.folder / "journal.jsonl")
+        if not study_journal.exists():
+            raise ConfigError(f"no study {args.study!r} under {args.workdir}: check the name and --workdir")
+        self.study = study_journal.load()
+        self.journal = Journal(self.folder / "evaluate.jsonl")
+        recorded, self.evals = load_evaluations(self.journal)
+        cfg = self.study.config
+        kind = recorded or args.executor or cfg.get("executor_resolved") or "auto"  # re-attach needs the same
+        self.executor = make_executor(kind, self.folder / "evaluate-submitit", eval_resources(cfg["resources"]),
+                                      job_name=f"{args.study}-eval", code_dir=self.folder / "evaluate-code")
+        self.kind = self.executor.cluster
+        if self.kind == "local":  # local jobs share this machine: honour cpus_per_task as their thread count
+            os.environ.setdefault("LORA_HPO_THREADS", str(eval_resources(cfg["resources"]).cpus_per_task))
+        if recorded is None:
+            self.journal.append("start", executor=self.kind)
+        self.uri = (args.tracking_uri or cfg.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+                    or DEFAULT_TRACKING_URI)
+        from mlflow.tracking import MlflowClient
+        self.client = MlflowClient(tracking_uri=self.uri)
+
+    def run(self) -> dict:
+        if self.kind in ("slurm", "local"):
+            snapshot_code(self.folder / "evaluate-code")  # jobs import this copy; a rerun keeps it
+        wanted = self._plan()
+        live = {}
+        for e in wanted:
+            if e.status is None:
+                job = self._reattach(e) if e.job_id else None
+                live[e.key] = job or self._submit(e)
+        while live:
+            jobs = [j for j in live.values() if isinstance(j, submitit.Job)]
+            if self.kind == "slurm" and jobs:
+                force_states(jobs)
+            finished = [k for k, j in live.items() if j.done()]
+            for key in finished:
+                self._collect(self.evals[key], live.pop(key))
+            if not finished:
+                time.sleep(self.args.poll_s)
+        for e in wanted:
+            if e.status == "ok" and not e.logged:
+                self._log(e)
+        return self._poster()
+
+    # ------------------------------------------------------------------------------------------- plan
+    def _plan(self) -> list[Evaluation]:
+        settings = settings_of(self.args)
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        cfg = self.study.config
+        base = (cfg.get("trial") or {}).get("base_model") or "tiny"
+        wanted = []
+        for trial, roles in sorted(select(self.study, self.args.top, self.args.include_default, self.log).items()):
+            key = f"trial-{trial:04d}-{digest}"
+            if key not in self.evals:
+                t = self.study.trials[trial]
+                adapter = Path(t.out or "") / "adapter"
+                spec = {"base": base, "adapter": str(adapter) if adapter.is_dir() else f"runs:/{t.run_id}/adapter",
+                        "tasks": settings["tasks"], "limit": settings["limit"], "data_dir": settings["data_dir"],
+                        "harness": settings["harness"], "include_path": settings["include_path"],
+                        "seed": settings["seed"], "greedy": settings["greedy"], "tracking_uri": self.uri,
+                        "out": str((self.folder / "evaluations" / key).resolve())}
+                self.journal.append("evaluation", key=key, trial=trial, run_id=t.run_id, roles=roles, spec=spec)
+                self.evals[key] = Evaluation(key, trial, t.run_id, roles, spec)
+            e = self.evals[key]
+            if e.status == "failed" and self.args.retry_failed:
+                self.journal.append("retry", key=key)
+                e.status, e.reason, e.job_id = None, None, None
+            if e.status is not None:
+                self.log(f"trial {trial}: evaluated already ({e.status}), not redone")
+            wanted.append(e)
+        return wanted
+
+    # ------------------------------------------------------------------------------------------- jobs
+    def _submit(self, e: Evaluation):
+        try:
+            job = self.executor.submit(EvaluationJob(), e.spec)
+        except Exception as exc:  # sbatch refused: this evaluation fails, the others go on
+            return _Refused(f"submission failed: {str(exc).splitlines()[0][:200] if str(exc) else exc!r}")
+        e.job_id = str(job.job_id)
+        self.journal.append("submitted", key=e.key, job_id=e.job_id)
+        self.log(f"trial {e.trial}: evaluation job {e.job_id} submitted ({', '.join(e.roles)})")
+        return job
+
+    def _reattach(self, e: Evaluation):
+        folder = self.folder / "evaluate-submitit"
+        self.log(f"trial {e.trial}: re-attached to evaluation job {e.job_id}")
+        if self.kind == "slurm":
+            return submitit.SlurmJob(folder=folder, job_id=e.job_id)
+        if self.kind == "local":
+            from orchestrator.study import ReattachedLocalJob
+            return ReattachedLocalJob(folder=folder, job_id=e.job_id)
+        return None  # a debug job ran inside the dead process: run it again
+
+    def _collect(self, e: Evaluation, job) -> None:
+        status, reason, scores = outcome(job)
+        self.journal.append("result", key=e.key, status=status, reason=reason, scores=scores)
+        e.status, e.reason, e.scores = status, reason, scores
+        if status == "ok":
+            self._log(e)
+            self.log(f"trial {e.trial}: {', '.join(f'{k} {100 * v:.2f}' for k, v in scores.items() if v is not None)}")
+        else:
+            self.log(f"trial {e.trial}: evaluation FAILED: {reason}")
+            if e.run_id:
+                self.client.set_tag(e.run_id, "eval_status", "failed")
+                self.client.set_tag(e.run_id, "eval_failure_reason", (reason or "")[:5000])
+
+    # ------------------------------------------------------------------------------------------- MLflow
+    def _log(self, e: Evaluation) -> None:
+        from evaluation.tracking import log_scores
+
+        path = Path(e.spec["out"]) / "scores.json"
+        result = json.loads(path.read_text()) if path.exists() else {"scores": e.scores}
+        if e.spec["harness"] == "lm-eval":
+            result.setdefault("harness", "lm-eval")
+        log_scores(self.client, e.run_id, result, tags={
+            "eval_status": "ok", "eval_default": str("default" in e.roles).lower(), "eval_key": e.key,
+            "eval_job_id": e.job_id, "eval_settings": json.dumps(settings_from_spec(e.spec))})
+        self.journal.append("logged", key=e.key)
+        e.logged = True
+
+    def _poster(self) -> dict:
+        from evaluation.tracking import collect, log_poster, markdown, poster_table
+
+        table = poster_table(collect(self.client, [self.study.parent_run_id]), self.args.top)
+        if table["rows"]:
+            log_poster(self.client, self.study.parent_run_id, table)
+            self.log(markdown(table))
+        return table
+
+
+def settings_from_spec(spec: dict) -> dict:
+    return {k: spec.get(k) for k in ("harness", "tasks", "limit", "data_dir", "include_path", "seed", "greedy")}
+
+
+def eval_resources(resources: dict) -> Resources:
+    """The study's resources for one evaluation process: one task, at most one GPU."""
+    res = dict(resources or {})
+    res["gpus_per_node"] = min(1, int(res.get("gpus_per_node") or 0))
+    res["tasks_per_node"], res["nodes"] = 1, 1
+    return Resources.from_dict(res)
+
+
+def outcome(job) -> tuple[str, str | None, dict]:
+    """(status, reason, scores) of a finished evaluation job, whatever way it ended."""
+    from orchestrator.study import _first_line, _last_error_line
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    try:
+        result = job.results()[0]
+    except UncompletedJobError as e:
+        return "failed", f"job {job.job_id} did not complete ({_first_line(e)})", {}
+    except FailedJobError as e:
+        return "failed", f"job {job.job_id} raised: {_last_error_line(e)}", {}
+    except Exception as e:
+        return "failed", f"job {getattr(job, 'job_id', '?')}: {type(e).__name__}: {_first_line(e)}", {}
+    if not isinstance(result, dict) or result.get("status") != "ok":
+        reason = result.get("reason") if isinstance(result, dict) else f"job returned {type(result).__name__}"
+        return "failed", reason or "the evaluation reported a failure", {}
+    return "ok", None, dict(result.get("scores") or {})
+
+
+def load_evaluations(journal: Journal) -> tuple[str | None, dict[str, Evaluation]]:
+    """(executor kind, {key: Evaluation}) folded from evaluate.jsonl; a torn last line is ignored."""
+    kind, evals = None, {}
+    if not journal.path.exists():
+        return kind, evals
+    lines = journal.path.read_text().split("\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            if n >= len(lines) - 1:
+                break
+            raise JournalError(f"{journal.path}:{n} is not valid JSON: the journal is damaged") from None
+        event = r.get("event")
+        if event == "start":
+            kind = r["executor"]
+        elif event == "evaluation":
+            evals[r["key"]] = Evaluation(r["key"], r["trial"], r.get("run_id"), r["roles"], r["spec"])
+        elif event == "submitted":
+            evals[r["key"]].job_id = r["job_id"]
+        elif event == "result":
+            e = evals[r["key"]]
+            e.status, e.reason, e.scores = r["status"], r.get("reason"), r.get("scores") or {}
+        elif event == "retry":
+            e = evals[r["key"]]
+            e.status, e.reason, e.job_id, e.logged = None, None, None, False
+        elif event == "logged":
+            evals[r["key"]].logged = True
+    return kind, evals
+
+
+class _Refused:
+    """Stands in for a job that could not be submitted: done at once, its result a failure."""
+    job_id = "none"
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def done(self) -> bool:
+        return True
+
+    def results(self):
+        return [{"status": "failed", "reason": self.reason}]
+
+
+def evaluate_study(args, log=print) -> dict:
+    if not isinstance(args.top, int) or args.top < 1:
+        raise ConfigError(f"--top {args.top!r} is invalid: give the number of best trials to evaluate (>= 1)")
+    return Evaluator(args, log).run()
+
+
+def main(args) -> int:
+    """`python -m orchestrator evaluate` (see the module docstring)."""
+    try:
+        evaluate_study(args, log=lambda msg: print(msg, flush=True))
+    except KeyboardInterrupt:
+        print("\ninterrupted: evaluation jobs go on; rerun the same command to re-attach them", file=sys.stderr)
+        return 130
+    return 0
