@@ -10,7 +10,7 @@ setup(
     description="HPO of LoRA instruction-tuning: NOMAD / TPE orchestrator, submitit SLURM jobs, MLflow tracking",
     python_requires=">=3.10",
     packages=find_packages(include=["orchestrator*", "jobs*", "evaluation*", "slurm*"]),
-    package_data={"jobs": ["assets/*.jsonl"], "slurm": ["*.sh"], "evaluation": ["*.md"]},
+    package_data={"jobs": ["assets/*.jsonl"], "slurm": ["*.sh"], "evaluation": ["*.md", "assets/*.jsonl"]},
     install_requires=[
         # login node (orchestrator): torch-free
         "mlflow>=3.0",
