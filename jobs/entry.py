@@ -3,19 +3,28 @@
 Submitit pickles the callable by reference, so the login node must be able to import it without torch:
 these classes live here, and `jobs.finetune` (torch, transformers, peft) is imported on the compute node.
 
-- `FinetuneTrial()(spec_dict)`: one LoRA fine-tune (jobs/finetune.py). On preemption or time-out submitit
-  calls `checkpoint()`, which requeues the same call; the recipe then continues from its last checkpoint in
-  the same output folder, so the trial keeps its identity and ends with the result of an uninterrupted run.
+- `FinetuneTrial()(spec_dict)`: one LoRA fine-tune (jobs/finetune.py). On a time-out (or a preemption that
+  SLURM signals with USR2) submitit calls `checkpoint()`, which saves the last finished optimizer step and
+  requeues the same call. A SIGTERM (SLURM's notice before `scontrol requeue`, a preemption by requeue, a
+  cancellation or a node shutdown, followed by SIGKILL after KillWait) saves it too. The requeued job
+  continues from that checkpoint in the same output folder, so the trial keeps its identity (and its job id)
+  and ends with the result of an uninterrupted run. One process at a time works in a trial's folder (a
+  lock): a job that SLURM gave up for a failed node may still run there while the trial's retry starts.
 - `ObjectiveTrial()("pkg.module:function", point, out)`: any Python blackbox for `--objective`; the function
   takes the decoded hyperparameters and returns a float or a dict holding "objective" (or "val_loss").
 Both return a result dict with at least status ("ok" | "failed"), val_loss and reason.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -33,10 +42,50 @@ class FinetuneTrial(Checkpointable):
 
         if threads:
             finetune.torch.set_num_threads(int(threads))
-        return finetune.run(spec)
+        with _folder_lock(spec.get("out") or "runs/finetune"):
+            return self._run(finetune, spec)
 
-    def checkpoint(self, spec: dict):  # submitit: requeue the same call; the recipe resumes from disk
+    def _run(self, finetune, spec: dict) -> dict:
+        if threading.current_thread() is not threading.main_thread():  # e.g. a debug executor's thread
+            return finetune.run(spec)
+        previous = signal.getsignal(signal.SIGTERM)  # submitit's: logs the signal and carries on
+
+        def on_sigterm(signum, frame):
+            _checkpoint_now("SIGTERM")
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            return finetune.run(spec)
+        finally:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def checkpoint(self, spec: dict):  # submitit, on USR2: save, then requeue the same call
+        _checkpoint_now("USR2")
         return DelayedSubmission(self, spec)
+
+
+@contextlib.contextmanager
+def _folder_lock(out: str):
+    """Hold <out>/.lock while working there; wait while another process holds it (flock: released when its
+    holder dies, and by the NFS lease of a node that is gone)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"jobs.entry: another process works in {out}: waiting for it to end", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _checkpoint_now(why: str) -> bool:
+    finetune = sys.modules.get("jobs.finetune")  # never import torch from a signal handler
+    saved = bool(finetune and finetune.checkpoint_now())
+    note = "checkpoint saved" if saved else "nothing consistent to save now (the last checkpoint stands)"
+    print(f"jobs.entry: {why}: {note}", file=sys.stderr, flush=True)
+    return saved
 
 
 class ObjectiveTrial(Checkpointable):

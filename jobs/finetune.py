@@ -44,6 +44,16 @@ class TrainingFailure(RuntimeError):
     """An evaluation that failed for a reason that belongs in its result (diverged, no data...)."""
 
 
+_save_now = None  # set by train() while its loop runs: see checkpoint_now()
+
+
+def checkpoint_now() -> bool:
+    """Checkpoint the last finished optimizer step now. For signal handlers (jobs/entry.py: a job about to be
+    requeued, preempted or timed out), which run between any two bytecodes of the training loop. False when
+    nothing consistent can be saved: outside the loop, on a rank other than 0, or during an update."""
+    return _save_now() if _save_now else False
+
+
 # ----------------------------------------------------------------------------------------------- setup
 def load_base(name: str, device: torch.device, dtype: torch.dtype):
     """Tokenizer and causal LM from the tiny builder, a local HF-layout folder or a hub id."""
@@ -171,13 +181,16 @@ def validation_loss(model: ResponseLoss, examples, spec: FinetuneSpec, device, r
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, spec: FinetuneSpec) -> None:
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, spec: FinetuneSpec, rng=None) -> None:
     state = {
         "step": step,
         "adapter": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or _rng_state(),
     }
     folder = out / CHECKPOINTS
     folder.mkdir(exist_ok=True)
@@ -263,6 +276,23 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
     log = open(out / METRICS, "a") if rank == 0 else None
     pending, train_losses, t_train, tokens_seen = [], [], time.time(), 0
     t_window, tokens_window, plan, plan_epoch = time.time(), 0, [], -1
+    # Until an update starts, model, optimizer and scheduler hold the state that ended step boundary["step"];
+    # its RNG state is kept aside (dropout draws from the generator during the next forward passes).
+    boundary = {"step": start, "rng": _rng_state(), "busy": False}
+
+    def save_now() -> bool:
+        if rank != 0 or boundary["busy"]:
+            return False
+        boundary["busy"] = True  # a second signal during this save must not write the same file
+        if pending and world == 1:  # a checkpoint implies its metrics on disk (_flush all-reduces over ranks)
+            train_losses.extend(_flush(pending, log, world, tokens_window / max(time.time() - t_window, 1e-9)))
+            pending.clear()
+        save_checkpoint(out, boundary["step"], model, optimizer, scheduler, spec, rng=boundary["rng"])
+        boundary["busy"] = False
+        return True
+
+    global _save_now
+    _save_now = save_now
     for step in range(start, total_steps):
         epoch = step // steps_per_epoch
         if epoch != plan_epoch:
@@ -279,6 +309,7 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
                 loss, _ = (ddp or loss_fn)(**on_device(collate([train_set[i] for i in mb], pad_id), device))
             (loss * world / step_tokens).backward()  # DDP averages over ranks: scale so the sum is exact
             step_loss += loss.detach()
+        boundary["busy"] = True  # until the end of this step, the state is between two steps
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -294,6 +325,8 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
             _append(log, {"step": step + 1, "val_loss": v})
         if checkpoint and rank == 0:
             save_checkpoint(out, step + 1, model, optimizer, scheduler, spec)
+        boundary.update(step=step + 1, rng=_rng_state(), busy=False)
+    _save_now = None
     train_s = time.time() - t_train
     t_eval = time.time()
     val = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast, pad_id)

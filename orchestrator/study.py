@@ -7,11 +7,16 @@ and the journal. Every decision is journaled before it is acted on; `--resume` f
 finished results are replayed into a fresh searcher, jobs still running are re-attached by their job id
 (never resubmitted), and the budget is finished. A failed evaluation is a recorded failed trial told to the
 searcher as a failure; only infrastructure faults stop a study, after the configured retries.
+
+Trials that fill several free slots at once (a NOMAD block, TPE's first asks) go out as one
+`executor.batch()`: a job array on SLURM. Jobs run the code of `<study folder>/code/`, a copy of the
+project's packages made when the study started (slurm/executors.py snapshot_code), not the checkout.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,9 +31,11 @@ from orchestrator.journal import Journal, StudyState, TrialState
 from orchestrator.progress import Progress
 from orchestrator.searchers import Observation, Pending, make_searcher
 from orchestrator.tracking import Tracker, register
-from slurm.executors import Resources, force_states, make_executor
+from slurm.executors import Resources, force_states, make_executor, snapshot_code
 
 RETRY_STATES = {"NODE_FAIL": "node_fail", "PREEMPTED": "preempted", "BOOT_FAIL": "node_fail"}
+# SLURM ended these jobs from outside: no result file is coming, so do not wait submitit's 15 s for one.
+KILLED_STATES = ("CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
 class StudyError(RuntimeError):
@@ -40,6 +47,7 @@ class Live:
     trial: TrialState
     job: object
     curve_step: int = 0  # last step of the live curve already logged
+    val_step: int = -1  # last step of the validation curve already logged
     offset: int = 0  # bytes of metrics.jsonl already read
     started: float = field(default_factory=time.time)
 
@@ -52,8 +60,10 @@ class Study:
         self.space = config.search_space()
         self.tracker = Tracker(config.tracking(), config.study)
         kind = self.state.config.get("executor_resolved") if self.state.config else None
+        self.code = self.folder / "code"  # made by _start, before the first submission
         self.executor = make_executor(kind or config.executor, self.folder / "submitit",
-                                      Resources.from_dict(config.resources), job_name=config.study)
+                                      Resources.from_dict(config.resources), job_name=config.study,
+                                      code_dir=self.code)
         self.kind = self.executor.cluster
         if self.kind == "local":  # local jobs share this machine: honour cpus_per_task as their thread count
             os.environ.setdefault("LORA_HPO_THREADS", str(Resources.from_dict(config.resources).cpus_per_task))
@@ -84,7 +94,11 @@ class Study:
         return self.state
 
     def _start(self) -> None:
-        if self.state.config is None:  # a new study
+        resumed = self.state.config is not None
+        pinned = self.kind in ("slurm", "local")  # debug jobs run in this process, on its code
+        if pinned:  # a resumed study keeps the snapshot it started with
+            snapshot_code(self.code)
+        if not resumed:
             if self.config.objective is None:
                 from jobs.data import prepare_splits  # torch-free: the splits are made once, here
                 prepare_splits(self.config.trial_spec(self.space.default_point(), "unused").data)
@@ -92,8 +106,15 @@ class Study:
             parent = self.tracker.start_parent(config, self.config.space or {"paper": True})
             self.journal.append("start", config=config, parent_run_id=parent)
             self.state.config, self.state.parent_run_id = config, parent
-            return
-        self.tracker.start_parent(self.state.config, {}, resume_run_id=self.state.parent_run_id)
+        else:
+            self.tracker.start_parent(self.state.config, {}, resume_run_id=self.state.parent_run_id)
+        if pinned:
+            self.tracker.tag(self.state.parent_run_id, code_snapshot=str(self.code.resolve()))
+        if resumed:
+            self._adopt()
+
+    def _adopt(self) -> None:
+        """After a restart: replay finished trials into the searcher, re-attach the running ones."""
         self.tracker.reconcile(self.state.trials)
         finished = sorted(self.state.finished, key=lambda t: t.trial)
         running = sorted(self.state.running, key=lambda t: t.trial)
@@ -124,8 +145,8 @@ class Study:
         return len(self.state.trials)
 
     def _fill_slots(self) -> bool:
-        acted = False
-        while len(self.live) < self.config.parallel and self._used() < self.config.budget:
+        fresh = []
+        while len(self.live) + len(fresh) < self.config.parallel and self._used() < self.config.budget:
             suggestion = self.searcher.ask()
             if suggestion is None:
                 break
@@ -134,32 +155,50 @@ class Study:
             t.run_id = self.tracker.start_child(t.trial, t.point, t.encoded, self.config.algo)
             self.journal.append("trial", trial=t.trial, point=t.point, encoded=t.encoded, run_id=t.run_id, out=t.out)
             self.state.trials[t.trial] = t
-            self.live[t.trial] = Live(t, self._submit(t))
-            acted = True
-        return acted
+            fresh.append(t)
+        for t, job in zip(fresh, self._submit_all(fresh)):
+            self.live[t.trial] = Live(t, job)
+        return bool(fresh)
 
     # ------------------------------------------------------------------------------------------- jobs
+    def _call(self, t: TrialState) -> tuple:
+        if self.config.objective:
+            return ObjectiveTrial(), self.config.objective, t.point, t.out
+        return FinetuneTrial(), self.config.trial_spec(t.point, t.out).to_dict()
+
+    def _submit_all(self, trials: list[TrialState]) -> list:
+        """Journaled trials out as one batch (a job array on SLURM); one by one if the batch is refused."""
+        if len(trials) < 2:
+            return [self._submit(t) for t in trials]
+        try:
+            with self.executor.batch():
+                jobs = [self.executor.submit(*self._call(t)) for t in trials]
+        except Exception:  # sbatch refused the array: each trial gets its own submission and retry policy
+            return [self._submit(t) for t in trials]
+        for t, job in zip(trials, jobs):
+            self._submitted(t, job)
+        return jobs
+
     def _submit(self, t: TrialState):
         """Submit the trial's job; submission errors are retried per policy, then the trial fails."""
         policy = self.config.retries
         for attempt in range(policy.get("max_retries", 0) + 1):
             try:
-                if self.config.objective:
-                    job = self.executor.submit(ObjectiveTrial(), self.config.objective, t.point, t.out)
-                else:
-                    spec = self.config.trial_spec(t.point, t.out)
-                    job = self.executor.submit(FinetuneTrial(), spec.to_dict())
+                job = self.executor.submit(*self._call(t))
             except Exception as e:  # sbatch refused, controller unreachable...
                 if "submission" not in policy.get("on", []) or attempt == policy.get("max_retries", 0):
                     return _FailedSubmission(f"submission failed: {str(e).splitlines()[0][:200]}")
                 time.sleep(min(60, 2 ** attempt))
                 continue
-            t.job_id = str(job.job_id)
-            self.journal.append("submitted", trial=t.trial, job_id=t.job_id, attempt=t.attempt)
-            self.tracker.tag(t.run_id, slurm_job_id=t.job_id if self.kind == "slurm" else None,
-                             job_id=t.job_id, executor=self.kind)
+            self._submitted(t, job)
             return job
         raise AssertionError("unreachable")
+
+    def _submitted(self, t: TrialState, job) -> None:
+        t.job_id = str(job.job_id)
+        self.journal.append("submitted", trial=t.trial, job_id=t.job_id, attempt=t.attempt)
+        self.tracker.tag(t.run_id, slurm_job_id=t.job_id if self.kind == "slurm" else None,
+                         job_id=t.job_id, executor=self.kind)
 
     def _reattach(self, t: TrialState):
         folder = self.folder / "submitit"
@@ -183,23 +222,40 @@ class Study:
 
     def _follow_curve(self, lv: Live) -> None:
         path = Path(lv.trial.out) / "metrics.jsonl"
-        if not path.exists() or path.stat().st_size <= lv.offset:
+        if not path.exists():
             return
-        with open(path) as f:
-            f.seek(lv.offset)
+        start = lv.offset
+        with open(path, "rb") as f:
+            f.seek(max(start - 1, 0))
             chunk = f.read()
-        complete = chunk[:chunk.rfind("\n") + 1]  # a line being written is read next time
-        lv.offset += len(complete.encode())
-        records = [json.loads(line) for line in complete.splitlines() if line.strip()]
-        fresh = [r for r in records if r.get("step", 0) > lv.curve_step or "val_loss" in r]
-        if fresh:
-            self.tracker.log_curve(lv.trial.run_id, fresh)
-            lv.curve_step = max([lv.curve_step] + [r["step"] for r in fresh if "loss" in r])
+        if start and chunk[:1] != b"\n":  # rewritten: a requeued job trimmed it to its checkpoint
+            start, chunk = 0, path.read_bytes()
+        elif start:
+            chunk = chunk[1:]
+        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line being written is read next time
+        lv.offset = start + len(complete)
+        records = []
+        for line in complete.decode().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # torn by a rewrite under our feet: steps already seen are skipped
+                continue
+        curve = [r for r in records if "loss" in r and r.get("step", 0) > lv.curve_step]
+        val = [r for r in records if "val_loss" in r and r.get("step", 0) > lv.val_step]
+        if curve or val:
+            self.tracker.log_curve(lv.trial.run_id, curve + val)
+            lv.curve_step = max([lv.curve_step] + [r["step"] for r in curve])
+            lv.val_step = max([lv.val_step] + [r["step"] for r in val])
 
     def _collect(self, lv: Live) -> None:
         t = lv.trial
+        state = getattr(lv.job, "state", "").split(" ")[0]
+        if isinstance(lv.job, submitit.SlurmJob) and state in KILLED_STATES:
+            lv.job._results_timeout_s = 2  # submitit's grace for a result file on a slow NFS
         status, value, reason, summary = _outcome(lv.job)
-        retry_kind = RETRY_STATES.get(getattr(lv.job, "state", "").split(" ")[0]) if status == "failed" else None
+        if isinstance(lv.job, submitit.SlurmJob) and (status == "failed" or state in KILLED_STATES):
+            lv.job.cancel(check=False)  # SLURM requeues a job whose node failed: that copy must not run too
+        retry_kind = RETRY_STATES.get(state) if status == "failed" else None
         policy = self.config.retries
         if retry_kind in policy.get("on", []) and t.attempt < policy.get("max_retries", 0):
             t.attempt += 1  # same trial, same folder: the recipe resumes from its checkpoint
@@ -251,7 +307,9 @@ def _outcome(job) -> tuple[str, float | None, str | None, dict]:
     try:
         result = job.results()[0]  # rank 0's result (a multi-GPU job has one task per GPU)
     except UncompletedJobError as e:  # cancelled, timed out, node failure, out of memory (seen by SLURM)
-        return "failed", None, f"job {job.job_id} did not complete ({_first_line(e)})", {}
+        state = re.search(r"has not produced any output \(state: ([^)\n]*)\)", str(e))
+        why = f"state: {state.group(1)}" if state else _first_line(e)
+        return "failed", None, f"job {job.job_id} did not complete ({why})", {}
     except FailedJobError as e:  # an exception inside the job
         return "failed", None, f"job {job.job_id} raised: {_last_error_line(e)}", {}
     except Exception as e:

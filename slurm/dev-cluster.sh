@@ -191,7 +191,8 @@ SlurmdPort=$D_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$MUNGE_SOCKET
+# cred_expire also holds a requeued job back that long before it may start again (default 120 s).
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=5
 CredType=cred/munge
 StateSaveLocation=$DIR/spool/slurmctld
 SlurmdSpoolDir=$DIR/spool/slurmd
@@ -208,8 +209,9 @@ DefMemPerCPU=1024
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
-# Without batch_sched_delay=0 every job waits about 3 s before it starts.
-SchedulerParameters=batch_sched_delay=0
+# Without batch_sched_delay=0 every job waits about 3 s before it starts; a requeued job becomes eligible
+# with no event to wake the scheduler, so it waits for the next pass (sched_interval, default 60 s).
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
 # Advertise more CPUs than the machine has so that several jobs run at once.
 SlurmdParameters=config_overrides
 # Short grace between SIGTERM and SIGKILL: submitit ignores SIGTERM, and completing jobs hold up scheduling.

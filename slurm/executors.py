@@ -12,12 +12,21 @@ Polling many jobs: submitit's watcher asks `sacct` about every registered job in
 own back-off schedule (up to 600 s apart), and `job.done(force_check=True)` forces a call per job. A study
 loop calls `force_states(jobs)` once per tick (one sacct call for all of them), then reads `job.done()`,
 which answers from that cache.
+
+Pinning the code: `snapshot_code(study_folder / "code")` copies the project's packages once, and
+`make_executor(..., code_dir=that folder)` starts every job's Python with the snapshot first on its path and
+without the working directory in front of it (`python -P`, Python >= 3.11): jobs run the code the study
+started with even if the checkout changes (a `git pull` mid-study), and requeued jobs too.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
 import shutil
 import subprocess
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -26,6 +35,8 @@ import submitit
 from submitit.slurm.slurm import SlurmJob
 
 KINDS = ("auto", "slurm", "local", "debug")
+REPO = Path(__file__).resolve().parents[1]
+CODE_PACKAGES = ("orchestrator", "jobs", "evaluation", "slurm")  # what jobs import from the project
 
 # sbatch options that Resources sets itself: an extra directive naming one of them would silently fight it.
 _OWNED_DIRECTIVES = {
@@ -175,12 +186,44 @@ def slurm_available(timeout_s: float = 10.0) -> bool:
     return True
 
 
+def snapshot_code(dest: str | Path, root: Path = REPO, packages: Iterable[str] = CODE_PACKAGES) -> Path:
+    """Copy the project's packages from `root` into `dest`, unless `dest` exists (a resumed study keeps its
+    snapshot). Built beside it and renamed into place: a crash leaves no half snapshot."""
+    dest = Path(dest)
+    if dest.is_dir():
+        return dest
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name in packages:
+        if (root / name).is_dir():
+            shutil.copytree(root / name, partial / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    os.replace(partial, dest)
+    return dest
+
+
+def pinned_python(code_dir: str | Path, shell: bool) -> str | None:
+    """The command that starts a job's Python with `code_dir` first on its path, then the submitting
+    directory (for user objective modules). `-P` keeps `python -m` from putting the working directory (a
+    checkout that may have changed) in front. For a shell (the sbatch script) the job's own PYTHONPATH is
+    kept after them. None before Python 3.11, which has no -P."""
+    if sys.version_info < (3, 11):
+        return None
+    path = f"{Path(code_dir).resolve()}{os.pathsep}{os.getcwd()}"
+    python = shlex.quote(sys.executable)
+    if shell:
+        return f"env {shlex.quote('PYTHONPATH=' + path)}${{PYTHONPATH:+:$PYTHONPATH}} {python} -P"
+    inherited = os.environ.get("PYTHONPATH")
+    return f"env {shlex.quote('PYTHONPATH=' + path + (os.pathsep + inherited if inherited else ''))} {python} -P"
+
+
 def make_executor(kind: str, folder: str | Path, resources: Resources | None = None,
-                  job_name: str = "lora-hpo") -> submitit.AutoExecutor:
+                  job_name: str = "lora-hpo", code_dir: str | Path | None = None) -> submitit.AutoExecutor:
     """A submitit executor for `kind` ("auto", "slurm", "local", "debug") with `resources` applied.
 
     "slurm" only needs `srun` on PATH here (sbatch reports an unreachable controller at submission);
-    "auto" also checks that the controller answers before choosing it over "local"."""
+    "auto" also checks that the controller answers before choosing it over "local". With `code_dir` (see
+    snapshot_code), slurm and local jobs import the project from there; debug jobs run in this process."""
     if kind not in KINDS:
         raise ValueError(f"make_executor(kind={kind!r}) is invalid: use one of {', '.join(KINDS)}")
     resources = resources or Resources()
@@ -188,9 +231,17 @@ def make_executor(kind: str, folder: str | Path, resources: Resources | None = N
     if cluster == "slurm" and shutil.which("srun") is None:
         raise RuntimeError("kind='slurm' but srun is not on PATH: run on a SLURM login node, or start the dev "
                            "cluster (slurm/dev-cluster.sh start; eval \"$(slurm/dev-cluster.sh env)\")")
+    pythons = {}
+    if code_dir is not None and cluster in ("slurm", "local"):
+        pythons = {"slurm_python": pinned_python(code_dir, shell=True),
+                   "local_python": pinned_python(code_dir, shell=False)}
+        if None in pythons.values():
+            warnings.warn(f"jobs cannot be pinned to {code_dir} before Python 3.11 (python -P): they import "
+                          "the project from the working directory", stacklevel=2)
+            pythons = {}
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
                                      slurm_max_num_timeout=resources.max_num_timeout,
-                                     local_max_num_timeout=resources.max_num_timeout)
+                                     local_max_num_timeout=resources.max_num_timeout, **pythons)
     executor.update_parameters(**resources.submitit_parameters(job_name))
     return executor
 

@@ -7,19 +7,16 @@ started is stopped at the end; one that was already running is left running.
 """
 import os
 import shutil
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import submitit
 
 from slurm.executors import Resources, force_states, make_executor
 
-pytestmark = pytest.mark.slurm
+from .slurm_fixture import REPO, sacct_state, slurm_cluster  # noqa: F401  (registers the session fixture)
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "slurm" / "dev-cluster.sh"
+pytestmark = pytest.mark.slurm
 
 
 # --------------------------------------------------------------------------- functions run inside the jobs
@@ -38,26 +35,6 @@ def _square(x):
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """SLURM_CONF of a running dev cluster (started here, and then stopped at the end, if needed)."""
-    if os.geteuid() != 0:
-        pytest.skip("the dev SLURM cluster needs root (it starts munged, MariaDB and the SLURM daemons)")
-    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-        pytest.skip("SLURM is not installed and apt-get is not available to install it")
-    was_running = subprocess.run([str(SCRIPT), "status"], capture_output=True).returncode == 0
-    started = subprocess.run([str(SCRIPT), "start"], capture_output=True, text=True, timeout=900)
-    if started.returncode != 0:
-        pytest.fail(f"slurm/dev-cluster.sh start failed:\n{started.stderr}")
-    conf = started.stdout.strip().rsplit("SLURM_CONF=", 1)[1]
-    patch = pytest.MonkeyPatch()
-    patch.setenv("SLURM_CONF", conf)
-    yield conf
-    patch.undo()
-    if not was_running:
-        subprocess.run([str(SCRIPT), "stop"], capture_output=True, timeout=120)
-
-
 @pytest.fixture
 def executor_for(slurm_cluster, tmp_path):
     def make(**resources):
@@ -77,17 +54,6 @@ def gpu_job(slurm_cluster, tmp_path_factory):
     return job, result, time.monotonic() - t0
 
 
-def _sacct_state(job_id, timeout_s=15.0):
-    """The job's state in accounting, waiting up to timeout_s for slurmdbd to record its end (1-2 s late)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"],
-                             capture_output=True, text=True, check=True).stdout.split()
-        if (out and out[0] not in ("PENDING", "RUNNING")) or time.monotonic() > deadline:
-            return out[0] if out else ""
-        time.sleep(0.5)
-
-
 # --------------------------------------------------------------------------- tests
 def test_auto_chooses_slurm_when_the_cluster_answers(slurm_cluster, tmp_path):
     assert make_executor("auto", tmp_path).cluster == "slurm"
@@ -103,7 +69,7 @@ def test_gpu_job_returns_its_result_and_sees_its_gpu(gpu_job):
 
 def test_sacct_records_the_job_completed(gpu_job):
     job, _, _ = gpu_job
-    assert _sacct_state(job.job_id) == "COMPLETED"
+    assert sacct_state(job.job_id) == "COMPLETED"
 
 
 def test_one_task_per_gpu_by_default(executor_for):
@@ -144,7 +110,7 @@ def test_force_states_asks_sacct_once_for_many_jobs(executor_for, tmp_path, monk
     jobs = [executor_for().submit(_sleep, 60) for _ in range(3)]
     try:
         deadline = time.monotonic() + 15
-        while any(_sacct_state(job.job_id, timeout_s=0) not in ("PENDING", "RUNNING") for job in jobs):
+        while any(sacct_state(job.job_id, timeout_s=0) not in ("PENDING", "RUNNING") for job in jobs):
             assert time.monotonic() < deadline, "the jobs never reached accounting"
             time.sleep(0.5)
         calls = tmp_path / "sacct-calls"
