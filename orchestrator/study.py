@@ -38,6 +38,9 @@ RETRY_STATES = {"NODE_FAIL": "node_fail", "PREEMPTED": "preempted", "BOOT_FAIL":
 KILLED_STATES = ("CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
+PLOT_EVERY_S = 60.0  # refresh the parent run's plots at most this often while the study runs
+
+
 class StudyError(RuntimeError):
     """The study cannot go on (not an evaluation failure): the message says why and what to do."""
 
@@ -72,6 +75,8 @@ class Study:
         self.live: dict[int, Live] = {}
         self.progress = Progress(config, out)
         self.best: TrialState | None = None
+        self.untracked: list = []  # finished trials not yet recorded in MLflow
+        self.plotted_at = 0.0
 
     def _open(self, resume: bool) -> StudyState:
         if self.journal.exists() and not resume:
@@ -129,6 +134,7 @@ class Study:
     def _loop(self) -> None:
         while True:
             acted = self._fill_slots()
+            self._track()
             if not self.live:
                 if self.searcher.finished or self._used() >= self.config.budget:
                     return
@@ -270,14 +276,24 @@ class Study:
         t.status, t.value, t.reason, t.summary = status, value, reason, summary
         del self.live[t.trial]
         self.searcher.tell(t.trial, value if status == "ok" else None)
-        self.tracker.finish_child(t.run_id, status, value, summary, reason, t.out)
-        n = len(self.state.finished)
-        if status == "ok":
-            self.tracker.log_trial_value(n, value)
         self._update_best(t)
-        if self.best is not None:
-            self.tracker.log_best(n, self.best.value, self.best.trial, self.best.point)
+        # MLflow (artifact uploads can take seconds) waits until the freed slot has been refilled
+        self.untracked.append((t, len(self.state.finished), self.best))
         self.progress.event(t)
+
+    def _track(self, final: bool = False) -> None:
+        """Record finished trials in MLflow; refresh the parent run's plots now and then, and at the end."""
+        for t, n, best in self.untracked:
+            self.tracker.finish_child(t.run_id, t.status, t.value, t.summary, t.reason, t.out)
+            if t.status == "ok":
+                self.tracker.log_trial_value(n, t.value)
+            if best is not None:
+                self.tracker.log_best(n, best.value, best.trial, best.point)
+        fresh, self.untracked = bool(self.untracked), []
+        if (fresh and time.time() - self.plotted_at >= PLOT_EVERY_S) or final:
+            from orchestrator.plots import log_plots  # matplotlib/plotly: only when drawing
+            log_plots(self.tracker.client, self.tracker.parent_id, self.state, self.folder)
+            self.plotted_at = time.time()
 
     def _update_best(self, t: TrialState) -> None:
         if t.status == "ok" and (self.best is None or t.value < self.best.value):
@@ -285,6 +301,7 @@ class Study:
 
     # ------------------------------------------------------------------------------------------- the end
     def _finish(self) -> None:
+        self._track(final=True)
         registered = None
         if self.best is not None and self.config.objective is None and self.config.register_as != "":
             registered = register_best(self.tracker.client, self.config, self.best)

@@ -51,6 +51,8 @@ def test_study_with_a_synthetic_objective_is_fully_tracked(tmp_path, algo):
     assert len(history) == budget and history == sorted(history, reverse=True)
     assert history[-1] == pytest.approx(min(t.value for t in state.finished))
     assert Journal(cfg.folder / "journal.jsonl").load().ended
+    plots = {a.path for a in client.list_artifacts(state.parent_run_id, "plots")}
+    assert {"plots/history.png", "plots/parallel.html", "plots/params.png"} <= plots
 
 
 def test_failed_evaluations_are_recorded_and_the_study_goes_on(tmp_path):
