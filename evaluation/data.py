@@ -11,26 +11,19 @@ Each file may also be .json or .parquet, and each folder may be a `save_to_disk`
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from evaluation.tasks.common import EvalError
+from jobs.data import DataError, read_records
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def read_file(path: Path) -> list[dict]:
     try:
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-            return pq.read_table(path).to_pylist()
-        text = path.read_text()
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-        return data["data"] if isinstance(data, dict) and "data" in data else data
-    except (OSError, ValueError) as e:
-        raise EvalError(f"data file {path} cannot be read ({type(e).__name__}: {e}): fix or replace it") from None
+        return read_records(path)  # the training data's reader: one parser for both
+    except DataError as e:
+        raise EvalError(str(e)) from None
 
 
 def read_split(folder: Path, split: str) -> list[dict]:

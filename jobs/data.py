@@ -79,10 +79,10 @@ def _load_raw(name: str, split: str) -> list[dict]:
         if key not in BUNDLED:
             raise DataError(f"unknown bundled data set {name!r}: choose one of "
                             + ", ".join(BUNDLED_PREFIX + k for k in BUNDLED))
-        return _read_file(BUNDLED[key])
+        return read_records(BUNDLED[key])
     path = Path(name).expanduser()
     if path.is_file():
-        return _read_file(path)
+        return read_records(path)
     if path.is_dir():
         return _read_folder(path, split)
     if name.startswith((".", "/", "~")) or name.endswith((".json", ".jsonl", ".parquet")) or name.count("/") > 1:
@@ -90,7 +90,8 @@ def _load_raw(name: str, split: str) -> list[dict]:
     return _read_hub(name, split)
 
 
-def _read_file(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
+    """Rows of a .json (a list, or {"data": [...]}), .jsonl or .parquet file; DataError when unreadable."""
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
