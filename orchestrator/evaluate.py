@@ -30,7 +30,7 @@ import submitit
 from evaluation.job import EvaluationJob
 from evaluation.tracking import INSTRUCTEVAL
 from orchestrator.config import DEFAULT_TRACKING_URI, ConfigError, load_config
-from orchestrator.journal import Journal, JournalError, StudyState
+from orchestrator.journal import Journal, StudyState
 from slurm.executors import Resources, force_states, make_executor, snapshot_code
 
 
@@ -244,18 +244,7 @@ def outcome(job) -> tuple[str, str | None, dict]:
 def load_evaluations(journal: Journal) -> tuple[str | None, dict[str, Evaluation]]:
     """(executor kind, {key: Evaluation}) folded from evaluate.jsonl; a torn last line is ignored."""
     kind, evals = None, {}
-    if not journal.path.exists():
-        return kind, evals
-    lines = journal.path.read_text().split("\n")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            if n >= len(lines) - 1:
-                break
-            raise JournalError(f"{journal.path}:{n} is not valid JSON: the journal is damaged") from None
+    for r in journal.records():
         event = r.get("event")
         if event == "start":
             kind = r["executor"]

@@ -74,10 +74,10 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
 
-    def load(self) -> StudyState:
-        state = StudyState()
+    def records(self):
+        """The journal's records in order; a torn last line (a crash mid-write) never happened."""
         if not self.path.exists():
-            return state
+            return
         lines = self.path.read_text().split("\n")
         for n, line in enumerate(lines, 1):
             if not line.strip():
@@ -85,9 +85,14 @@ class Journal:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                if n >= len(lines) - 1:  # the torn last write of a killed process: it never happened
-                    break
+                if n >= len(lines) - 1:
+                    return
                 raise JournalError(f"{self.path}:{n} is not valid JSON: the journal is damaged") from None
+            yield record
+
+    def load(self) -> StudyState:
+        state = StudyState()
+        for record in self.records():
             _fold(state, record)
         return state
 
