@@ -88,6 +88,16 @@ def resumed_config(args) -> StudyConfig:
     return config
 
 
+def _fresh_name(config: StudyConfig) -> str:
+    from pathlib import Path
+
+    name, n = config.study, 1
+    while (Path(config.workdir) / name / "journal.jsonl").exists():
+        n += 1
+        name = f"{config.study}-{n}"
+    return name
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "run"
@@ -102,6 +112,8 @@ def main(argv=None) -> int:
             fields = ("algo", "preset", "budget", "parallel", "executor", "study", "workdir", "tracking_uri",
                       "seed", "register_as", "objective", "poll_s")
             config = load_config(args.config, **{k: getattr(args, k) for k in fields})
+            if args.study is None and config.study == f"{config.preset}-{config.algo}":
+                config.study = _fresh_name(config)  # a default name never collides with an earlier study
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -170,3 +170,14 @@ def test_unknown_yaml_keys_and_bad_trial_values_name_the_key(tmp_path):
     bad.write_text("resources: {gpus_per_node: -2}\n")
     with pytest.raises(ConfigError, match="gpus_per_node"):
         load_config(str(bad))
+
+
+def test_default_study_names_do_not_collide(tmp_path):
+    from orchestrator.__main__ import main
+    common = ["--algo", "random", "--budget", "1", "--executor", "debug", "--objective",
+              "tests.objectives:landscape", "--workdir", str(tmp_path / "runs"),
+              "--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db", "--poll", "0.05"]
+    assert main(common) == 0 and main(common) == 0
+    assert (tmp_path / "runs" / "tiny-random" / "journal.jsonl").exists()
+    assert (tmp_path / "runs" / "tiny-random-2" / "journal.jsonl").exists()
+    assert main(common + ["--study", "tiny-random"]) == 2, "an explicit name must not be silently changed"
