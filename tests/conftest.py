@@ -25,3 +25,23 @@ def tiny_model_dir():
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def kill_when(proc, condition, timeout_s: float, what: str) -> None:
+    """SIGKILL a process at a moment the condition holds: it is frozen (SIGSTOP) while the condition is
+    checked, so it cannot move on between the check and the kill (e.g. journal a trial but not its job)."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the process exited ({proc.returncode}) while waiting for {what}:\n{proc.stdout.read()}")
+        proc.send_signal(signal.SIGSTOP)
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        proc.send_signal(signal.SIGCONT)
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.1)

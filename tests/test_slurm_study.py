@@ -28,6 +28,7 @@ from orchestrator.journal import Journal
 from orchestrator.study import Study, run_study
 
 from .slurm_fixture import REPO, sacct, sacct_history, sacct_state, slurm_cluster  # noqa: F401
+from .conftest import kill_when
 
 pytestmark = pytest.mark.slurm
 
@@ -261,10 +262,8 @@ def test_kill_9_of_the_orchestrator_then_resume_reattaches_the_slurm_jobs(slurm_
                         "--executor", "slurm", "--objective", "tests.objectives:slow_landscape", "--poll", "0.3",
                         env=env)
     journal = Journal(tmp_path / "runs" / study / "journal.jsonl")
-    wait_until(lambda: (s := journal.load()).finished and any(t.job_id for t in s.running), 90,
-               "a finished trial and a running job", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: (s := journal.load()).finished and any(t.job_id for t in s.running), 90,
+              "a finished trial and a running job")
     before = journal.load()
     running = {t.trial: t.job_id for t in before.running if t.job_id}
     assert running and not before.ended

@@ -1,11 +1,8 @@
 """The study loop on real components: real searchers, real submitit executors, a real MLflow store."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -14,7 +11,7 @@ from orchestrator.config import load_config
 from orchestrator.journal import Journal
 from orchestrator.study import run_study
 
-from .conftest import REPO
+from .conftest import REPO, kill_when
 
 
 def config(tmp_path, **kw):
@@ -96,15 +93,9 @@ def test_kill_9_then_resume_loses_nothing_and_runs_nothing_twice(tmp_path, algo)
             "--objective", "tests.objectives:slow_landscape", "--poll", "0.2"]
     proc = _orchestrator(tmp_path, *args, env=env)
     journal = Journal(tmp_path / "runs" / "crashy" / "journal.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill once some trials are done and others are running
-        state = journal.load()
-        if len(state.finished) >= 3 and any(t.job_id for t in state.running):
-            break
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # kill once some trials are done and others are running
+    kill_when(proc, lambda: len((s := journal.load()).finished) >= 3 and any(t.job_id for t in s.running), 120,
+              "three results and a running job")
     before = journal.load()
     running_jobs = {t.trial: t.job_id for t in before.running if t.job_id}
     assert running_jobs and not before.ended
