@@ -250,6 +250,7 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
     if not train_set or not val_set:
         raise TrainingFailure(f"no trainable examples at max_seq_len={spec.max_seq_len}: raise max_seq_len")
     lengths = [len(ids) for ids, _ in train_set]
+    targets = [loss_tokens(e) for e in train_set]  # counted once, not in every step of every epoch
     steps_per_epoch = len(epoch_plan(lengths, spec, world, 0))
     if steps_per_epoch == 0:
         raise TrainingFailure(f"{len(train_set)} training examples are fewer than one optimizer step "
@@ -298,8 +299,8 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
         if epoch != plan_epoch:
             plan, plan_epoch = epoch_plan(lengths, spec, world, epoch), epoch
         micro = plan[step % steps_per_epoch]
-        step_tokens = sum(loss_tokens(train_set[i]) for mb in micro for i in mb)  # global, known up front
-        real_tokens = sum(len(train_set[i][0]) for mb in micro for i in mb)  # all ranks, no padding
+        step_tokens = sum(targets[i] for mb in micro for i in mb)  # global, known up front
+        real_tokens = sum(lengths[i] for mb in micro for i in mb)  # all ranks, no padding
         tokens_seen, tokens_window = tokens_seen + real_tokens, tokens_window + real_tokens
         mine = micro[rank::world]
         step_loss = torch.zeros((), device=device)
