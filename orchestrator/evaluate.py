@@ -224,17 +224,11 @@ def eval_resources(resources: dict) -> Resources:
 
 def outcome(job) -> tuple[str, str | None, dict]:
     """(status, reason, scores) of a finished evaluation job, whatever way it ended."""
-    from orchestrator.study import _first_line, _last_error_line
-    from submitit.core.utils import FailedJobError, UncompletedJobError
+    from orchestrator.study import job_result
 
-    try:
-        result = job.results()[0]
-    except UncompletedJobError as e:
-        return "failed", f"job {job.job_id} did not complete ({_first_line(e)})", {}
-    except FailedJobError as e:
-        return "failed", f"job {job.job_id} raised: {_last_error_line(e)}", {}
-    except Exception as e:
-        return "failed", f"job {getattr(job, 'job_id', '?')}: {type(e).__name__}: {_first_line(e)}", {}
+    result, why = job_result(job)
+    if why:
+        return "failed", why, {}
     if not isinstance(result, dict) or result.get("status") != "ok":
         reason = result.get("reason") if isinstance(result, dict) else f"job returned {type(result).__name__}"
         return "failed", reason or "the evaluation reported a failure", {}

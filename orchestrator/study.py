@@ -319,18 +319,26 @@ def register_best(client, config: StudyConfig, best: TrialState) -> dict:
     return {"name": name, "version": version, "trial": best.trial, "uri": f"models:/{name}@champion"}
 
 
-def _outcome(job) -> tuple[str, float | None, str | None, dict]:
-    """(status, value, reason, summary) of a finished job, whatever way it ended."""
+def job_result(job) -> tuple[object, str | None]:
+    """(rank 0's result, None), or (None, why the job did not return one): cancelled, timed out, node
+    failure or out of memory (seen by SLURM), or an exception inside the job."""
     try:
-        result = job.results()[0]  # rank 0's result (a multi-GPU job has one task per GPU)
-    except UncompletedJobError as e:  # cancelled, timed out, node failure, out of memory (seen by SLURM)
+        return job.results()[0], None  # a multi-GPU job has one task per GPU
+    except UncompletedJobError as e:
         state = re.search(r"has not produced any output \(state: ([^)\n]*)\)", str(e))
         why = f"state: {state.group(1)}" if state else _first_line(e)
-        return "failed", None, f"job {job.job_id} did not complete ({why})", {}
-    except FailedJobError as e:  # an exception inside the job
-        return "failed", None, f"job {job.job_id} raised: {_last_error_line(e)}", {}
+        return None, f"job {job.job_id} did not complete ({why})"
+    except FailedJobError as e:
+        return None, f"job {job.job_id} raised: {_last_error_line(e)}"
     except Exception as e:
-        return "failed", None, f"job {getattr(job, 'job_id', '?')}: {type(e).__name__}: {_first_line(e)}", {}
+        return None, f"job {getattr(job, 'job_id', '?')}: {type(e).__name__}: {_first_line(e)}"
+
+
+def _outcome(job) -> tuple[str, float | None, str | None, dict]:
+    """(status, value, reason, summary) of a finished job, whatever way it ended."""
+    result, why = job_result(job)
+    if why:
+        return "failed", None, why, {}
     if not isinstance(result, dict):
         return "failed", None, f"job returned {type(result).__name__}, expected a result dict", {}
     summary = {k: v for k, v in result.items() if k not in ("spec", "traceback") and not isinstance(v, (dict, list))}
