@@ -1,0 +1,38 @@
+"""The one door to MLflow's tracking store, for every entry point (torch-free; mlflow imported when used).
+
+    from jobs.tracking_store import resolve, client, download
+    uri = resolve(args.tracking_uri)          # --tracking-uri, else $MLFLOW_TRACKING_URI, else the project's store
+    c = client(uri)                           # an MlflowClient bound to that store (never MLflow's global one)
+    folder = download("models:/tiny-nomad-adapter@champion", uri)   # artifacts read from *that* store
+
+The project's default store is `sqlite:///mlruns/mlflow.db` (relative to the working directory, the project
+folder), not MLflow's own default (`./mlflow.db`): the orchestrator, `python -m evaluation`, the preference
+report and `jobs.adapter.load_adapter` all read and write the same store unless told otherwise. Nothing here
+changes the process environment: the URI is passed explicitly to each client.
+"""
+from __future__ import annotations
+
+import os
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+
+
+def resolve(explicit: str | None = None) -> str:
+    """The tracking URI to use: the explicit one, else $MLFLOW_TRACKING_URI, else the project's default."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def client(uri: str | None = None):
+    """An MlflowClient bound to `uri` (resolved as above)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve(uri))
+
+
+def download(artifact_uri: str, tracking_uri: str | None = None, dst: str | None = None) -> str:
+    """Download `runs:/...`, `models:/...` or `mlflow-artifacts:/...` from the given store; returns a local path."""
+    import mlflow.artifacts
+
+    uri = resolve(tracking_uri)
+    return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri, registry_uri=uri,
+                                               dst_path=dst)
