@@ -3,67 +3,119 @@
 Submitit pickles the callable by reference, so the login node must be able to import it without torch:
 these classes live here, and `jobs.finetune` (torch, transformers, peft) is imported on the compute node.
 
-- `FinetuneTrial()(spec_dict)`: one LoRA fine-tune (jobs/finetune.py). On a time-out (or a preemption that
-  SLURM signals with USR2) submitit calls `checkpoint()`, which saves the last finished optimizer step and
-  requeues the same call. A SIGTERM (SLURM's notice before `scontrol requeue`, a preemption by requeue, a
-  cancellation or a node shutdown, followed by SIGKILL after KillWait) saves it too. The requeued job
-  continues from that checkpoint in the same output folder, so the trial keeps its identity (and its job id)
-  and ends with the result of an uninterrupted run. One process at a time works in a trial's folder (a
-  lock): a job that SLURM gave up for a failed node may still run there while the trial's retry starts.
+- `FinetuneTrial()(spec_dict)`: one LoRA fine-tune (jobs/finetune.py).
 - `ObjectiveTrial()("pkg.module:function", point, out)`: any Python blackbox for `--objective`; the function
   takes the decoded hyperparameters and returns a float or a dict holding "objective" (or "val_loss").
-Both return a result dict with at least status ("ok" | "failed"), val_loss and reason.
+Both return a result dict (jobs.contract.TrialResult.to_dict: status "ok" | "failed", val_loss, reason, ...).
+
+Signals: a job told to stop stops. SIGTERM (scancel, `scontrol requeue`, a preemption, a node shutdown; SLURM
+sends SIGKILL KillWait seconds later) and USR2 (sent `signal_delay_s` before the time limit) make the job save a
+checkpoint of its last finished optimizer step, append why it stopped to OUT/attempts.jsonl ({"job_id",
+"signal", "step", "saved"}), and exit at once (code 128 + signal): no training goes on into KillWait, no
+result file is written by a stopped attempt, and the orchestrator (slurm/dispatch.py) continues the trial in a
+fresh job that resumes from that checkpoint when its retry policy says so. submitit's own requeue-on-USR2 is not
+used (the orchestrator owns every retry). One process at a time works in a trial's folder (a lock): a job that
+SLURM gave up for a failed node may still run there while the trial's next attempt starts.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import importlib
-import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 
-try:  # submitit is on the login node and in every job; keep this module importable without it anyway
-    from submitit.helpers import Checkpointable, DelayedSubmission
-except ImportError:  # pragma: no cover
-    Checkpointable, DelayedSubmission = object, None
+from jobs.contract import LOCK_FILE, TrialResult, record_attempt, write_result
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
-class FinetuneTrial(Checkpointable):
+class FinetuneTrial:
     def __call__(self, spec: dict) -> dict:
+        quiet_third_parties()
         threads = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("LORA_HPO_THREADS")
         from jobs import finetune  # heavy: only on the compute node
 
         if threads:
             finetune.torch.set_num_threads(int(threads))
-        with _folder_lock(spec.get("out") or "runs/finetune"):
-            return self._run(finetune, spec)
-
-    def _run(self, finetune, spec: dict) -> dict:
-        if threading.current_thread() is not threading.main_thread():  # e.g. a debug executor's thread
+        out = spec.get("out") or "runs/finetune"
+        with _folder_lock(out), stop_on_signals(out, save=finetune.checkpoint_now):
             return finetune.run(spec)
-        previous = signal.getsignal(signal.SIGTERM)  # submitit's: logs the signal and carries on
 
-        def on_sigterm(signum, frame):
-            _checkpoint_now("SIGTERM")
-            if callable(previous):
-                previous(signum, frame)
 
-        signal.signal(signal.SIGTERM, on_sigterm)
-        try:
-            return finetune.run(spec)
-        finally:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+class ObjectiveTrial:
+    def __call__(self, target: str, point: dict, out: str | None = None) -> dict:
+        with stop_on_signals(out):
+            return run_objective(target, point, out)
 
-    def checkpoint(self, spec: dict):  # submitit, on USR2: save, then requeue the same call
-        _checkpoint_now("USR2")
-        return DelayedSubmission(self, spec)
+
+def run_objective(target: str, point: dict, out: str | None = None) -> dict:
+    t0 = time.time()
+    try:
+        value = load_objective(target)(dict(point))
+        value = value if isinstance(value, dict) else {"objective": value}
+        objective = value.get("objective", value.get("val_loss"))
+        if objective is None or not math.isfinite(float(objective)):
+            raise ValueError(f"objective returned {objective!r}: expected a finite number")
+        extra = {k: v for k, v in value.items() if k not in ("objective", "val_loss", "status", "reason")}
+        result = TrialResult("ok", float(objective), None, extra).to_dict()
+    except Exception as e:  # the objective's failure is this trial's result
+        result = TrialResult.failed(f"{type(e).__name__}: {e}".splitlines()[0][:300]).to_dict()
+        result["traceback"] = traceback.format_exc()
+    result["total_s"] = time.time() - t0
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_result(out, result)
+    return result
+
+
+def job_id() -> str:
+    """This job's id as submitit names it (123, or 123_4 for an array task; the local pid), or '?'."""
+    try:
+        import submitit
+        return str(submitit.JobEnvironment().job_id)
+    except Exception:  # noqa: BLE001 - not inside a submitit job (by hand, torchrun)
+        return os.environ.get("SLURM_JOB_ID", "?")
+
+
+@contextlib.contextmanager
+def stop_on_signals(folder: str | None, save=None):
+    """While the body runs in the main thread: on SIGTERM or USR2 save (rank 0), record, and exit."""
+    if threading.current_thread() is not threading.main_thread() or "SUBMITIT_DEBUG_JOB_ID" in os.environ:
+        yield  # in the orchestrator's own process (debug executor): its signals are not the job's
+        return
+    me = job_id()
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        record_attempt(folder, job_id=me, event="start", host=socket.gethostname(), pid=os.getpid(), time=time.time())
+
+    def stop(signum, frame):
+        name = signal.Signals(signum).name
+        step = save() if save else None  # the step saved, or None (not rank 0, nothing consistent, no training)
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+        note = f"checkpoint of step {step} saved" if step is not None else "nothing new to save"
+        print(f"jobs.entry: {name}: {note}; stopping", file=sys.stderr, flush=True)
+        if folder and rank == 0:
+            record_attempt(folder, job_id=me, event="stop", signal=name, step=step, saved=step is not None,
+                           time=time.time())
+        raise SystemExit(128 + signum)  # not an Exception: no result is written, no finally retrains
+
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -71,7 +123,7 @@ def _folder_lock(out: str):
     """Hold <out>/.lock while working there; wait while another process holds it (flock: released when its
     holder dies, and by the NFS lease of a node that is gone)."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / ".lock", "a") as lock:
+    with open(Path(out) / LOCK_FILE, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -80,37 +132,9 @@ def _folder_lock(out: str):
         yield
 
 
-def _checkpoint_now(why: str) -> bool:
-    finetune = sys.modules.get("jobs.finetune")  # never import torch from a signal handler
-    saved = bool(finetune and finetune.checkpoint_now())
-    note = "checkpoint saved" if saved else "nothing consistent to save now (the last checkpoint stands)"
-    print(f"jobs.entry: {why}: {note}", file=sys.stderr, flush=True)
-    return saved
-
-
-class ObjectiveTrial(Checkpointable):
-    def __call__(self, target: str, point: dict, out: str | None = None) -> dict:
-        t0 = time.time()
-        result = {"status": "failed", "val_loss": None, "reason": None, "point": point}
-        try:
-            value = load_objective(target)(dict(point))
-            value = value if isinstance(value, dict) else {"objective": value}
-            objective = value.get("objective", value.get("val_loss"))
-            if objective is None or not math.isfinite(float(objective)):
-                raise ValueError(f"objective returned {objective!r}: expected a finite number")
-            result.update({k: v for k, v in value.items() if k != "objective"},
-                          status="ok", val_loss=float(objective))
-        except Exception as e:  # the objective's failure is this trial's result
-            result["reason"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            result["traceback"] = traceback.format_exc()
-        result["total_s"] = time.time() - t0
-        if out:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            (Path(out) / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        return result
-
-    def checkpoint(self, target: str, point: dict, out: str | None = None):
-        return DelayedSubmission(self, target, point, out)
+def quiet_third_parties() -> None:
+    """Library chatter that says nothing about this run (kept out of the job's log)."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def load_objective(target: str):

@@ -29,78 +29,20 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from jobs import checkpoint
+from jobs import contract as C
 from jobs import data as D
-from jobs.spec import TINY_MODEL, FinetuneSpec, SpecError, preset
+from jobs.model import TrainingFailure, add_lora, distributed_env, load_base, pick_precision  # noqa: F401
+from jobs.spec import FinetuneSpec, SpecError, preset
 
-RESULT, METRICS, ADAPTER, CHECKPOINTS = "result.json", "metrics.jsonl", "adapter", "checkpoints"
-
-
-class TrainingFailure(RuntimeError):
-    """An evaluation that failed for a reason that belongs in its result (diverged, no data...)."""
-
-
-_save_now = None  # set by train() while its loop runs: see checkpoint_now()
-
-
-def checkpoint_now() -> bool:
-    """Checkpoint the last finished optimizer step now. For signal handlers (jobs/entry.py: a job about to be
-    requeued, preempted or timed out), which run between any two bytecodes of the training loop. False when
-    nothing consistent can be saved: outside the loop, on a rank other than 0, or during an update."""
-    return _save_now() if _save_now else False
-
-
-# ----------------------------------------------------------------------------------------------- setup
-def load_base(name: str, device: torch.device, dtype: torch.dtype):
-    """Tokenizer and causal LM from the tiny builder, a local HF-layout folder or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if name == TINY_MODEL:
-        from jobs.tiny import tiny_model_dir
-        name = str(tiny_model_dir())
-    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
-        raise TrainingFailure(f"base model folder {name} does not exist: give a HF-layout folder or a hub id")
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if tokenizer.eos_token_id is None:
-        raise TrainingFailure(f"tokenizer of {name} has no EOS token: the recipe appends EOS to every target")
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
-    model.config.use_cache = False
-    return tokenizer, model.to(device)
-
-
-def add_lora(model, spec: FinetuneSpec):
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=list(spec.target_modules), bias="none", task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, config)
-    except ValueError as e:  # e.g. target modules not found in the base model
-        raise TrainingFailure(f"LoRA could not be applied: {str(e).splitlines()[0]}: fix target_modules") from None
-
-
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank); initializes torch.distributed under torchrun or a multi-task job."""
-    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SUBMITIT_FOLDER" in os.environ:
-        import submitit
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def pick_precision(spec: FinetuneSpec, device: torch.device) -> torch.dtype:
-    if spec.precision == "bf16" or (spec.precision == "auto" and device.type == "cuda"):
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        return torch.bfloat16
-    return torch.float32
+METRICS, ADAPTER = C.METRICS_FILE, C.ADAPTER_DIR
+checkpoint_now = checkpoint.now  # for jobs/entry.py's signal handler: the step saved, or None
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -180,57 +122,31 @@ def validation_loss(model: ResponseLoss, examples, spec: FinetuneSpec, device, r
     return (total[0] / total[1]).item()
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, spec: FinetuneSpec, rng=None) -> None:
-    state = {
-        "step": step,
-        "adapter": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or _rng_state(),
-    }
-    folder = out / CHECKPOINTS
-    folder.mkdir(exist_ok=True)
-    tmp = folder / f".step-{step:07d}.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / f"step-{step:07d}.pt")  # a checkpoint either exists whole or not at all
-    for old in sorted(folder.glob("step-*.pt"))[:-spec.keep_checkpoints]:
-        old.unlink()
-
-
-def load_checkpoint(out: Path, model, optimizer, scheduler) -> int:
-    """Restore the newest checkpoint; returns the step to continue from (0 when there is none)."""
-    found = sorted((out / CHECKPOINTS).glob("step-*.pt"))
-    if not found:
-        return 0
-    state = torch.load(found[-1], map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["adapter"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint we resume from, so the curve has no doubled steps."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
-
-
 # ----------------------------------------------------------------------------------------------- the recipe
-def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int) -> dict:
-    t0 = time.time()
+@dataclass
+class Setup:
+    """Everything the loop needs, built once per attempt (the model, the data, the optimizer...)."""
+    device: torch.device
+    dtype: torch.dtype
+    autocast: object
+    splits: Path
+    train_set: list
+    val_set: list
+    dropped: int
+    pad_id: int
+    lengths: list
+    targets: list
+    steps_per_epoch: int
+    total_steps: int
+    model: object
+    loss_fn: ResponseLoss
+    ddp: object
+    trainable: list
+    optimizer: object
+    scheduler: object
+
+
+def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -250,7 +166,6 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
     if not train_set or not val_set:
         raise TrainingFailure(f"no trainable examples at max_seq_len={spec.max_seq_len}: raise max_seq_len")
     lengths = [len(ids) for ids, _ in train_set]
-    targets = [loss_tokens(e) for e in train_set]  # counted once, not in every step of every epoch
     steps_per_epoch = len(epoch_plan(lengths, spec, world, 0))
     if steps_per_epoch == 0:
         raise TrainingFailure(f"{len(train_set)} training examples are fewer than one optimizer step "
@@ -259,81 +174,96 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
 
     model = add_lora(model, spec)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     from transformers import get_cosine_schedule_with_warmup
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total_steps), total_steps)
     model.train()
-    start = load_checkpoint(out, model, optimizer, scheduler)
-    if rank == 0:
-        trim_metrics(out / METRICS, start)
     loss_fn = ResponseLoss(model)
     ddp = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=[local_rank] if device.type == "cuda"
                                                     else None) if world > 1 else None
-    val_before = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast, pad_id) \
-        if spec.eval_before and start == 0 else None
+    return Setup(device, dtype, autocast, splits, train_set, val_set, dropped_train + dropped_val, pad_id, lengths,
+                 [loss_tokens(e) for e in train_set],  # counted once, not in every step of every epoch
+                 steps_per_epoch, total_steps, model, loss_fn, ddp, trainable, optimizer, scheduler)
 
+
+def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int) -> dict:
+    t0 = time.time()
+    s = set_up(spec, rank, world, local_rank)
+    model, optimizer, scheduler = s.model, s.optimizer, s.scheduler
+    start = checkpoint.load(out, model, optimizer, scheduler)
+    if rank == 0:
+        checkpoint.trim_metrics(out / METRICS, start)
+
+    def val_loss() -> float:
+        return validation_loss(s.loss_fn, s.val_set, spec, s.device, rank, world, s.autocast, s.pad_id)
+
+    val_before = val_loss() if spec.eval_before and start == 0 else None
     log = open(out / METRICS, "a") if rank == 0 else None
     pending, train_losses, t_train, tokens_seen = [], [], time.time(), 0
-    t_window, tokens_window, plan, plan_epoch = time.time(), 0, [], -1
+    t_window, tokens_window, plan, plan_epoch, saved_at = time.time(), 0, [], -1, time.time()
     # Until an update starts, model, optimizer and scheduler hold the state that ended step boundary["step"];
     # its RNG state is kept aside (dropout draws from the generator during the next forward passes).
-    boundary = {"step": start, "rng": _rng_state(), "busy": False}
+    boundary = {"step": start, "rng": checkpoint.rng_state(), "busy": False}
 
-    def save_now() -> bool:
+    def save_now() -> int | None:
         if rank != 0 or boundary["busy"]:
-            return False
+            return None
         boundary["busy"] = True  # a second signal during this save must not write the same file
         if pending and world == 1:  # a checkpoint implies its metrics on disk (_flush all-reduces over ranks)
             train_losses.extend(_flush(pending, log, world, tokens_window / max(time.time() - t_window, 1e-9)))
             pending.clear()
-        save_checkpoint(out, boundary["step"], model, optimizer, scheduler, spec, rng=boundary["rng"])
+        checkpoint.save(out, boundary["step"], model, optimizer, scheduler, spec.keep_checkpoints, boundary["rng"])
         boundary["busy"] = False
-        return True
+        return boundary["step"]
 
-    global _save_now
-    _save_now = save_now
-    for step in range(start, total_steps):
-        epoch = step // steps_per_epoch
-        if epoch != plan_epoch:
-            plan, plan_epoch = epoch_plan(lengths, spec, world, epoch), epoch
-        micro = plan[step % steps_per_epoch]
-        step_tokens = sum(targets[i] for mb in micro for i in mb)  # global, known up front
-        real_tokens = sum(lengths[i] for mb in micro for i in mb)  # all ranks, no padding
-        tokens_seen, tokens_window = tokens_seen + real_tokens, tokens_window + real_tokens
-        mine = micro[rank::world]
-        step_loss = torch.zeros((), device=device)
-        for k, mb in enumerate(mine):
-            sync = ddp.no_sync() if ddp is not None and k < len(mine) - 1 else nullcontext()
-            with sync, autocast:
-                loss, _ = (ddp or loss_fn)(**on_device(collate([train_set[i] for i in mb], pad_id), device))
-            (loss * world / step_tokens).backward()  # DDP averages over ranks: scale so the sum is exact
-            step_loss += loss.detach()
-        boundary["busy"] = True  # until the end of this step, the state is between two steps
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        pending.append((step + 1, epoch, step_loss, step_tokens, scheduler.get_last_lr()[0], grad_norm))
-        last = step + 1 == total_steps
-        checkpoint = spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 and not last
-        if len(pending) >= spec.log_every or last or checkpoint:  # a checkpoint implies its metrics are on disk
-            train_losses += _flush(pending, log, world, tokens_window / max(time.time() - t_window, 1e-9))
-            pending, t_window, tokens_window = [], time.time(), 0
-        if spec.eval_every and (step + 1) % spec.eval_every == 0 and not last:
-            v = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast, pad_id)
-            _append(log, {"step": step + 1, "val_loss": v})
-        if checkpoint and rank == 0:
-            save_checkpoint(out, step + 1, model, optimizer, scheduler, spec)
-        boundary.update(step=step + 1, rng=_rng_state(), busy=False)
-    _save_now = None
-    train_s = time.time() - t_train
-    t_eval = time.time()
-    val = validation_loss(loss_fn, val_set, spec, device, rank, world, autocast, pad_id)
+    min_step_s = float(os.environ.get("LORA_HPO_MIN_STEP_S") or 0)  # tests and demos: slow the steps down
+    with checkpoint.saving(save_now):
+        for step in range(start, s.total_steps):
+            t_step = time.time()
+            epoch = step // s.steps_per_epoch
+            if epoch != plan_epoch:
+                plan, plan_epoch = epoch_plan(s.lengths, spec, world, epoch), epoch
+            micro = plan[step % s.steps_per_epoch]
+            step_tokens = sum(s.targets[i] for mb in micro for i in mb)  # global, known up front
+            real_tokens = sum(s.lengths[i] for mb in micro for i in mb)  # all ranks, no padding
+            tokens_seen, tokens_window = tokens_seen + real_tokens, tokens_window + real_tokens
+            mine = micro[rank::world]
+            step_loss = torch.zeros((), device=s.device)
+            for k, mb in enumerate(mine):
+                sync = s.ddp.no_sync() if s.ddp is not None and k < len(mine) - 1 else nullcontext()
+                with sync, s.autocast:
+                    batch = on_device(collate([s.train_set[i] for i in mb], s.pad_id), s.device)
+                    loss, _ = (s.ddp or s.loss_fn)(**batch)
+                (loss * world / step_tokens).backward()  # DDP averages over ranks: scale so the sum is exact
+                step_loss += loss.detach()
+            boundary["busy"] = True  # until the end of this step, the state is between two steps
+            grad_norm = torch.nn.utils.clip_grad_norm_(s.trainable, spec.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending.append((step + 1, epoch, step_loss, step_tokens, scheduler.get_last_lr()[0], grad_norm))
+            last = step + 1 == s.total_steps
+            due = not last and ((spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0)
+                                or _time_due(spec, saved_at, pending, world, s.device))
+            if len(pending) >= spec.log_every or last or due:  # a checkpoint implies its metrics are on disk
+                train_losses += _flush(pending, log, world, tokens_window / max(time.time() - t_window, 1e-9))
+                pending, t_window, tokens_window = [], time.time(), 0
+            if spec.eval_every and (step + 1) % spec.eval_every == 0 and not last:
+                _append(log, {"step": step + 1, "val_loss": val_loss()})
+            if due:
+                if rank == 0:
+                    checkpoint.save(out, step + 1, model, optimizer, scheduler, spec.keep_checkpoints)
+                saved_at = time.time()
+            boundary.update(step=step + 1, rng=checkpoint.rng_state(), busy=False)
+            if min_step_s:
+                time.sleep(max(0.0, min_step_s - (time.time() - t_step)))
+        # a stop during the final pass saves the finished training: the next attempt only evaluates
+        train_s, t_eval = time.time() - t_train, time.time()
+        val = val_loss()
     if not math.isfinite(val):
         raise TrainingFailure(f"validation loss is {val}: the run diverged; lower the learning rate")
-    _append(log, {"step": total_steps, "val_loss": val})
+    _append(log, {"step": s.total_steps, "val_loss": val})
     if log:
         log.close()
     if rank == 0:
@@ -343,15 +273,27 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
         os.replace(tmp, out / ADAPTER)
     return {
         "val_loss": val, "val_loss_before": val_before,
-        "train_loss": float(np.mean(train_losses[-max(1, steps_per_epoch):])) if train_losses else None,
-        "steps": total_steps, "resumed_from_step": start, "steps_per_epoch": steps_per_epoch,
-        "n_train": len(train_set), "n_val": len(val_set), "dropped_too_long": dropped_train + dropped_val,
+        "train_loss": float(np.mean(train_losses[-max(1, s.steps_per_epoch):])) if train_losses else None,
+        "steps": s.total_steps, "resumed_from_step": start, "steps_per_epoch": s.steps_per_epoch,
+        "n_train": len(s.train_set), "n_val": len(s.val_set), "dropped_too_long": s.dropped,
         "train_tokens": tokens_seen, "tokens_per_s": tokens_seen / max(train_s, 1e-9),
         "train_s": train_s, "eval_s": time.time() - t_eval, "setup_s": t_train - t0,
-        "trainable_params": n_trainable, "total_params": n_total, "device": str(device), "world_size": world,
-        "dtype": str(dtype).replace("torch.", ""), "peak_memory_bytes": _peak_memory(device),
-        "data_folder": str(splits),
+        "trainable_params": sum(p.numel() for p in s.trainable),
+        "total_params": sum(p.numel() for p in model.parameters()), "device": str(s.device), "world_size": world,
+        "dtype": str(s.dtype).replace("torch.", ""), "peak_memory_bytes": _peak_memory(s.device),
+        "data_folder": str(s.splits),
     }
+
+
+def _time_due(spec: FinetuneSpec, saved_at: float, pending: list, world: int, device) -> bool:
+    """A time-based checkpoint is due. Checked at flush points only (every rank is there at the same step), and
+    any rank's clock decides for all (an all-reduce), so that every rank takes the same branch."""
+    if not spec.checkpoint_every_s or len(pending) < spec.log_every:
+        return False
+    due = torch.tensor([float(time.time() - saved_at >= spec.checkpoint_every_s)], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(due, op=torch.distributed.ReduceOp.MAX)
+    return bool(due.item())
 
 
 def _flush(pending, log, world, tokens_per_s) -> list[float]:
@@ -404,13 +346,14 @@ def run(spec: FinetuneSpec | dict) -> dict:
     try:
         out.mkdir(parents=True, exist_ok=True)  # first: even an invalid spec leaves its failed result.json
         spec = spec if isinstance(spec, FinetuneSpec) else FinetuneSpec.from_dict(spec_dict)
-        previous = _read_result(out)
-        if previous and previous.get("status") == "ok" and (out / ADAPTER).is_dir():
+        previous = C.finished_ok(out)
+        if previous:
             return previous
         rank, world, local_rank = distributed_env()
         if rank == 0:
-            spec.to_json(out / "spec.json")
+            spec.to_json(out / C.SPEC_FILE)
             shutil.rmtree(out / ADAPTER, ignore_errors=True)  # a stale adapter must not look like this run's
+            (out / C.RESULT_FILE).unlink(missing_ok=True)  # nor an earlier attempt's failure
         result.update(train(spec, out, rank, world, local_rank), status="ok")
     except (SpecError, D.DataError, TrainingFailure) as e:
         result["reason"] = str(e)
@@ -424,21 +367,8 @@ def run(spec: FinetuneSpec | dict) -> dict:
     if rank == 0 and out.is_dir():
         if result["status"] != "ok":
             shutil.rmtree(out / ADAPTER, ignore_errors=True)
-        _write_json(out / RESULT, result)
+        C.write_result(out, result)
     return result
-
-
-def _read_result(out: Path) -> dict | None:
-    try:
-        return json.loads((out / RESULT).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

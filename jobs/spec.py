@@ -96,7 +96,10 @@ class FinetuneSpec:
     # validation loss at the end, and every eval_every optimizer steps if > 0 (logged to metrics.jsonl)
     eval_every: int = 0
     eval_before: bool = False  # also measure the untrained (base model) validation loss, as val_loss_before
-    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = none (a requeued job restarts)
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = none
+    # Seconds between checkpoints (0 = none): bounds the work a hard kill (node failure, SIGKILL) loses. A job
+    # told to stop (SIGTERM, or USR2 before its time limit) always saves its last finished step first.
+    checkpoint_every_s: float = 0.0
     log_every: int = 10  # flush per-step metrics every N steps (fewer host syncs)
     keep_checkpoints: int = 1
 
@@ -107,7 +110,7 @@ class FinetuneSpec:
             ("r", isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, "an integer >= 1"),
             ("alpha", _num(self.alpha) and self.alpha > 0, "a number > 0"),
             ("dropout", _num(self.dropout) and 0 <= self.dropout <= 1, "a number in [0, 1]"),
-            ("lr", _num(self.lr) and self.lr > 0, "a number > 0"),
+            ("lr", _num(self.lr) and 0 < self.lr <= 1, "a number in (0, 1] (larger learning rates only diverge)"),
             ("epochs", _num(self.epochs) and self.epochs > 0, "a number > 0"),
             ("max_steps", self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1),
              "an integer >= 1 or null"),
@@ -125,6 +128,8 @@ class FinetuneSpec:
         for name, ok, fix in checks:
             if not ok:
                 raise SpecError(f"{name}={getattr(self, name)!r} is invalid: must be {fix}")
+        if not (_num(self.checkpoint_every_s) and self.checkpoint_every_s >= 0):
+            raise SpecError(f"checkpoint_every_s={self.checkpoint_every_s!r} is invalid: must be seconds >= 0")
         for name in ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "group_window"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "log_every" else 0):
                 raise SpecError(f"{name}={getattr(self, name)!r} is invalid: must be a non-negative integer")
@@ -179,7 +184,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                      dict(name="databricks/databricks-dolly-15k", weight=0.3)]),
                   epochs=2.0, per_device_batch=4, grad_accum=8, max_seq_len=512, warmup_ratio=0.03,
                   weight_decay=0.0, precision="auto", r=8, alpha=32, dropout=0.1, lr=1e-5,
-                  eval_every=0, checkpoint_every=50, log_every=10),
+                  eval_every=0, checkpoint_every=50, checkpoint_every_s=1800.0, log_every=10),
 }
 
 

@@ -3,21 +3,29 @@
     python -m orchestrator --algo nomad                       # tiny study on this machine (the default)
     python -m orchestrator --algo tpe --config study.yaml --budget 100 --parallel 4 --executor slurm
     python -m orchestrator --study tiny-nomad --resume        # after a crash or a logout
-    python -m orchestrator status --study tiny-nomad          # progress and best, from the journal
+    python -m orchestrator status --study tiny-nomad          # progress and best, from the journal and SLURM
     python -m orchestrator register --study tiny-nomad --register-as my-adapter
     python -m orchestrator compare tiny-nomad tiny-tpe        # studies side by side
     python -m orchestrator evaluate --study tiny-nomad --top 10 --include-default   # downstream scores
+
+Exit codes: 0 done; 1 the study ran but every evaluation failed; 2 bad input or a study that cannot run
+(one line on stderr, nothing written); 130 interrupted (jobs go on; --resume re-attaches them).
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+from pathlib import Path
 
-from orchestrator.config import STUDY_PRESETS, ConfigError, StudyConfig, load_config
+from orchestrator.config import RESUMABLE, STUDY_PRESETS, ConfigError, StudyConfig, load_config, resume_changes
 from orchestrator.searchers import ALGOS
 from slurm.executors import KINDS
 
 SUBCOMMANDS = ("run", "status", "register", "compare", "evaluate")
+RUN_FIELDS = ("algo", "preset", "budget", "parallel", "executor", "study", "workdir", "tracking_uri", "seed",
+              "register_as", "objective", "poll_s")
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -39,7 +47,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--register-as", dest="register_as", help="registered model name for the best adapter")
     p.add_argument("--objective", help="tune a Python blackbox instead: package.module:function")
     p.add_argument("--poll", dest="poll_s", type=float, help="seconds between job-state polls")
-    p.add_argument("--resume", action="store_true", help="continue the study from its journal")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the study from its journal (may change only: {', '.join(RESUMABLE)})")
     return p
 
 
@@ -73,61 +82,106 @@ def study_parser(command: str) -> argparse.ArgumentParser:
 
 
 def resumed_config(args) -> StudyConfig:
-    """On --resume the journal's config is the study's; only the budget may be raised."""
+    """On --resume the journal's config is the study's; only RESUMABLE values may change, others are refused."""
     from orchestrator.journal import Journal
 
     name = args.study or load_config(args.config, preset=args.preset, algo=args.algo).study
-    journal = Journal(f"{args.workdir or 'runs'}/{name}/journal.jsonl")
+    journal = Journal(Path(args.workdir or "runs") / name / "journal.jsonl")
     saved = journal.load().config if journal.exists() else None
     if saved is None:
         raise ConfigError(f"--resume: no journal for study {name!r} under {args.workdir or 'runs'}: "
                           "check --study and --workdir, or drop --resume")
-    saved = {k: v for k, v in saved.items() if k != "executor_resolved"}
-    config = load_config(None, **{**saved, "budget": args.budget or saved["budget"],
-                                  "poll_s": args.poll_s or saved["poll_s"]})
-    return config
+    wanted = {k: getattr(args, k) for k in RUN_FIELDS if k not in ("study", "workdir")}
+    if args.config:  # the keys the YAML sets, in their normalized form
+        from orchestrator.config import _read_yaml
+        full = load_config(args.config).to_dict()
+        wanted.update({k: full[k] for k in _read_yaml(args.config) if k in full and k not in ("study", "workdir")})
+    changed = resume_changes(saved, wanted)
+    if changed:
+        raise ConfigError(f"--resume cannot change {', '.join(changed)} of study {name!r} (it was started with "
+                          f"other values); a resume may change only {', '.join(RESUMABLE)}: drop the other flags")
+    return load_config(None, **{**saved, "budget": args.budget or saved["budget"],
+                                "poll_s": args.poll_s or saved["poll_s"], "workdir": args.workdir or saved["workdir"]})
 
 
-def _fresh_name(config: StudyConfig) -> str:
-    from pathlib import Path
+def claim_fresh_name(config: StudyConfig) -> str | None:
+    """A default study name never collides: the first `<name>`, `<name>-2`, ... whose folder this process
+    creates itself (mkdir is atomic: two starts at once get two names). Returns the original name if renamed."""
+    base, n = config.study, 1
+    while True:
+        try:
+            (Path(config.workdir) / config.study).mkdir(parents=True)
+            return base if config.study != base else None
+        except FileExistsError:
+            n += 1
+            config.study = f"{base}-{n}"
 
-    name, n = config.study, 1
-    while (Path(config.workdir) / name / "journal.jsonl").exists():
-        n += 1
-        name = f"{config.study}-{n}"
-    return name
+
+def quiet_libraries() -> None:
+    """Third-party chatter off the console (MLflow's table creation, alembic's migrations)."""
+    for name in ("alembic", "mlflow", "urllib3", "nni"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow retries an unreachable server for minutes by default; the outbox retries on its own schedule
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "run"
+    quiet_libraries()
     if command != "run":
         from orchestrator import commands
         return commands.main(command, study_parser(command).parse_args(argv))
     args = run_parser().parse_args(argv)
+    from jobs.tracking_store import StoreError, check_store
+    from orchestrator.lock import LockError
+    from orchestrator.study import StudyError, run_study
+    config = None
     try:
         if args.resume:
             config = resumed_config(args)
         else:
-            fields = ("algo", "preset", "budget", "parallel", "executor", "study", "workdir", "tracking_uri",
-                      "seed", "register_as", "objective", "poll_s")
-            config = load_config(args.config, **{k: getattr(args, k) for k in fields})
-            if args.study is None and config.study == f"{config.preset}-{config.algo}":
-                config.study = _fresh_name(config)  # a default name never collides with an earlier study
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from orchestrator.study import StudyError, run_study
-    try:
-        run_study(config, resume=args.resume)
-    except StudyError as e:
+            config = load_config(args.config, **{k: getattr(args, k) for k in RUN_FIELDS})
+        _check_workdir(config)
+        check_store(config.tracking())
+        existed = config.folder.exists()
+        if not args.resume and args.study is None and config.study == f"{config.preset}-{config.algo}":
+            existed = False
+            renamed = claim_fresh_name(config)
+            if renamed:
+                print(f"note: a study named {renamed!r} exists already: this one is {config.study!r}", flush=True)
+        state = run_study(config, resume=args.resume)
+    except (ConfigError, StudyError, LockError, StoreError) as e:
+        if config is not None and not args.resume and not locals().get("existed", True):
+            _remove_unstarted(config.folder)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: running jobs go on; continue with: python -m orchestrator --study "
               f"{config.study} --resume", file=sys.stderr)
         return 130
+    if state.finished and all(t.status == "failed" for t in state.finished):
+        print(f"error: every evaluation of study {config.study!r} failed (see the reasons above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _remove_unstarted(folder: Path) -> None:
+    """A study that stopped before its journal began leaves nothing behind (its folder was made by this run)."""
+    import shutil
+
+    if folder.is_dir() and not (folder / "journal.jsonl").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_workdir(config: StudyConfig) -> None:
+    workdir = Path(config.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file: give a folder for the study folders")
+    probe = workdir if workdir.exists() else next((p for p in workdir.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"--workdir {workdir} is not writable: give a folder you can write")
 
 
 if __name__ == "__main__":

@@ -7,21 +7,23 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from orchestrator.config import DEFAULT_TRACKING_URI, ConfigError, load_config
-from orchestrator.journal import Journal, StudyState
-from orchestrator.progress import point_text
+from jobs import tracking_store
+from orchestrator.config import ConfigError, load_config
+from orchestrator.journal import StudyState
+from orchestrator.progress import _hms, point_text
 
 
 def _load(workdir: str, study: str) -> StudyState:
-    journal = Journal(Path(workdir) / study / "journal.jsonl")
-    if not journal.exists():
+    from orchestrator.tracking import load_study
+
+    folder = Path(workdir) / study
+    if not (folder / "journal.jsonl").exists():
         raise ConfigError(f"no study {study!r} under {workdir}: check the name and --workdir")
-    return journal.load()
+    return load_study(folder)
 
 
 def _best(state: StudyState):
@@ -29,43 +31,109 @@ def _best(state: StudyState):
     return min(ok, key=lambda t: t.value) if ok else None
 
 
+def _value(t) -> str:
+    return f"{t.value:.4f}" if isinstance(t.value, (int, float)) else "-"
+
+
 def status(args) -> int:
+    """Progress and best from the journal; for a live SLURM study, each running trial's job as SLURM sees it."""
     state = _load(args.workdir, args.study)
-    cfg = state.config
-    names = [k for k in (state.trials[min(state.trials)].point if state.trials else {})]
+    cfg = state.config or {}
+    names = list(next(iter(state.trials.values())).point) if state.trials else []
     done = sorted(state.finished, key=lambda t: t.trial)
-    print(f"study {args.study}: {cfg['algo']}, budget {cfg['budget']}, parallel {cfg['parallel']}, "
+    jobs = _scheduler_view(state, cfg)
+    running = [t for t in state.running if jobs.get(t.job_id, ("RUNNING", ""))[0] not in _waiting()]
+    print(f"study {args.study}: {cfg.get('algo')}, budget {cfg.get('budget')}, parallel {cfg.get('parallel')}, "
           f"executor {cfg.get('executor_resolved')}; {'ended' if state.ended else 'not ended'}")
-    print(f"done {len(done)} ({sum(t.status == 'failed' for t in done)} failed), running {len(state.running)}")
+    print(f"done {len(done)} ({sum(t.status == 'failed' for t in done)} failed), running {len(running)}, "
+          f"pending {len(state.running) - len(running)}")
     for t in sorted(state.trials.values(), key=lambda t: t.trial):
-        what = {"ok": f"val_loss {t.value:.4f}", "failed": f"FAILED: {t.reason}", None: f"running (job {t.job_id})"}
-        print(f"  trial {t.trial:3d} {point_text(t.point, names)}: {what[t.status]}")
+        if t.status == "ok":
+            what = f"val_loss {_value(t)}"
+        elif t.status == "failed":
+            what = f"FAILED: {t.reason}"
+        else:
+            what = _live_text(t, jobs.get(t.job_id))
+        print(f"  trial {t.trial:3d} {point_text(t.point, names)}: {what}")
     best = _best(state)
     if best:
-        print(f"best: trial {best.trial}, val_loss {best.value:.4f}, {point_text(best.point, names)}")
+        print(f"best: trial {best.trial}, val_loss {_value(best)}, {point_text(best.point, names)}")
+    for r in state.registered:
+        print(f"registered: {r.get('uri') or r.get('name')} (version {r.get('version')}, trial {r.get('trial')})")
     return 0
 
 
-def register(args) -> int:
-    from orchestrator.study import register_best
-    from orchestrator.tracking import Tracker
+def _waiting() -> set:
+    from slurm.dispatch import WAITING
+    return WAITING
 
+
+def _scheduler_view(state: StudyState, cfg: dict) -> dict:
+    """{job id: (state, reason)} of the study's live SLURM jobs (one sacct + one squeue call); {} elsewhere."""
+    ids = [t.job_id for t in state.running if t.job_id]
+    if cfg.get("executor_resolved") != "slurm" or not ids:
+        return {}
+    from slurm.dispatch import DispatchError, slurm_snapshot
+    try:
+        return {k: (v.state, v.reason) for k, v in slurm_snapshot(ids).items()}
+    except DispatchError:
+        return {}
+
+
+def _live_text(t, job) -> str:
+    if not t.job_id:
+        return "being submitted"
+    attempt = f", attempt {t.attempt + 1}" if t.attempt else ""
+    if job is None:
+        return f"running (job {t.job_id}{attempt})"
+    state, reason = job
+    since = f" for {_hms(time.time() - t.submitted_at)}" if t.submitted_at else ""
+    return f"{state.lower()}{' (' + reason + ')' if reason else ''}{since} (job {t.job_id}{attempt})"
+
+
+def register(args) -> int:
+    """Register the best adapter (idempotent: the same trial gets the same version), under the study's lock."""
+    from orchestrator.lock import LockError, StudyLock
+    from orchestrator.study import registry_tags
+    from orchestrator.tracking import Tracker, trial_key
+
+    folder = Path(args.workdir) / args.study
     state = _load(args.workdir, args.study)
     best = _best(state)
     if best is None:
         raise ConfigError(f"study {args.study!r} has no successful trial to register")
-    config = load_config(None, **{k: v for k, v in state.config.items() if k != "executor_resolved"},
-                         register_as=args.register_as or state.config.get("register_as"),
-                         tracking_uri=args.tracking_uri or state.config.get("tracking_uri"))
-    tracker = Tracker(config.tracking(), config.study)
-    info = register_best(tracker.client, config, best)
-    Journal(Path(args.workdir) / args.study / "journal.jsonl").append("registered", **info)
-    print(f"registered trial {best.trial} (val_loss {best.value:.4f}) as {info['name']} v{info['version']}: "
-          f"{info['uri']}")
+    saved = {k: v for k, v in state.config.items() if k != "executor_resolved"}
+    config = load_config(None, **{**saved, "register_as": args.register_as or saved.get("register_as"),
+                                  "tracking_uri": args.tracking_uri or saved.get("tracking_uri")})
+    if config.objective:
+        raise ConfigError(f"study {args.study!r} tuned an objective function: it has no adapter to register")
+    name = config.register_as or f"{config.study}-adapter"
+    try:
+        lock = StudyLock(folder / "study.lock", what=f"study {args.study!r}").acquire()
+    except LockError as e:
+        raise ConfigError(f"{e} (it registers its champion itself when it ends)") from None
+    try:
+        tracker = Tracker(config.tracking(), config.study, folder, state.study_uid or "", log=print)
+        seq = tracker.register(name, best.trial, registry_tags(config, best))
+        if not tracker.close(wait_s=300, idle_s=60):
+            raise ConfigError(f"MLflow did not take the registration ({tracker.outbox.status()}); run the "
+                              "command again when the tracking server is back")
+        version = tracker.outbox.result(seq)
+        info = {"name": name, "version": version, "trial": best.trial,
+                "run_id": tracker.run_id(trial_key(best.trial)), "uri": f"models:/{name}@champion"}
+        from orchestrator.journal import Journal
+        Journal(folder / "journal.jsonl").append("registered", **info)
+    finally:
+        lock.release()
+    print(f"registered trial {best.trial} (val_loss {_value(best)}) as {name} v{version}: {info['uri']}")
     return 0
 
 
-DOWNSTREAM = ("mmlu", "bbh", "drop", "humaneval")  # child-run metrics logged by the downstream evaluation
+def _score_columns(rows: list[dict]) -> list[str]:
+    """The downstream score metrics present in any row: InstructEval's tasks first, then lm-eval's, by name."""
+    from evaluation.tracking import INSTRUCTEVAL
+    present = {k for r in rows for k in r["downstream"]}
+    return [k for k in INSTRUCTEVAL if k in present] + sorted(present - set(INSTRUCTEVAL))
 
 
 def compare(args) -> int:
@@ -124,15 +192,14 @@ def _compare_row(name: str, state: StudyState, tracking_uri: str | None) -> dict
 
 def _tracking_uri(uri: str | None) -> str | None:
     """The study's store, or None where a local SQLite file does not exist (a read must not create one)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = tracking_store.resolve(uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         return None
     return uri
 
 
 def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-    return MlflowClient(tracking_uri=uri)
+    return tracking_store.client(uri)
 
 
 def _downstream(uri: str, run_id: str) -> dict:
@@ -141,12 +208,13 @@ def _downstream(uri: str, run_id: str) -> dict:
     except Exception as e:
         print(f"warning: no downstream scores for run {run_id}: {e}", file=sys.stderr)
         return {}
-    return {k: metrics[k] for k in DOWNSTREAM if k in metrics}
+    from evaluation.tracking import is_score_metric
+    return {k: v for k, v in metrics.items() if is_score_metric(k)}
 
 
 def _compare_table(rows: list[dict]) -> list[list[str]]:
     """Header and one line per study; a downstream column only where some study has that score."""
-    scores = [k for k in DOWNSTREAM if any(k in r["downstream"] for r in rows)]
+    scores = _score_columns(rows)
     header = ["study", "algo", "used", "best", "to 1%", "failed", "job-hours", "GPU-hours"] + scores + ["best point"]
     lines = [header]
     for r in rows:

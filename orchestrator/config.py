@@ -15,19 +15,20 @@ A study YAML (every key optional; `preset` picks the base, `tiny` by default):
     tracking_uri: null        # default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
     register_as: null         # registered model name; default "<study>-adapter"
     objective: null           # "pkg.module:function": tune any Python blackbox instead of the fine-tune
-    poll_s: 5                 # seconds between job-state polls (one sacct call for all jobs)
+    poll_s: 5                 # seconds between job-state polls (one sacct + one squeue call for all jobs)
     space: {...}              # the search space (orchestrator/space.py); the paper's by default
     searcher_options: {}      # NOMAD parameters (e.g. {DIRECTION_TYPE: ORTHO 2N}) or TPE options
     trial: {...}              # fine-tune settings (jobs/spec.py FinetuneSpec fields) for every evaluation
     resources: {...}          # SLURM resources per evaluation (slurm/executors.py Resources fields)
-    retries: {max_retries: 2, on: [submission, node_fail, preempted]}
+    retries: {max_retries: 2, on: [submission, node_fail, preempted], max_attempts: 10, max_hours: null}
 
+`StudyConfig` holds typed values (`space` a SearchSpace, `resources` a Resources, `retries` a RetryPolicy) and
+validates itself on construction, however it is built; `to_dict()` gives the plain form the journal keeps.
 A bad value raises ConfigError naming the key, the value and the fix; the CLI prints it and exits 2.
 """
 from __future__ import annotations
 
 import copy
-import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -35,15 +36,17 @@ from typing import Any
 
 import yaml
 
+from jobs import tracking_store
 from jobs.spec import PRESETS as TRIAL_PRESETS
 from jobs.spec import FinetuneSpec, SpecError
 from orchestrator.searchers import ALGOS
-from orchestrator.space import SearchSpace, SpaceError, paper_space
+from orchestrator.space import Choice, Fixed, Int, Log, SearchSpace, SpaceError, paper_space
+from slurm.dispatch import RetryPolicy
 from slurm.executors import KINDS as EXECUTORS
 from slurm.executors import Resources, ResourcesError
 
-RETRYABLE = ("submission", "node_fail", "preempted")
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_TRACKING_URI = tracking_store.DEFAULT_TRACKING_URI
+RESUMABLE = ("budget", "poll_s")  # what `--resume` may change; any other differing flag is refused
 
 
 class ConfigError(ValueError):
@@ -76,18 +79,26 @@ class StudyConfig:
     objective: str | None = None
     poll_s: float = 5.0
     preset: str = "tiny"
-    space: dict = field(default_factory=dict)
+    space: SearchSpace = field(default_factory=paper_space)
     searcher_options: dict = field(default_factory=dict)
     trial: dict = field(default_factory=dict)
-    resources: dict = field(default_factory=dict)
-    retries: dict = field(default_factory=lambda: {"max_retries": 2, "on": list(RETRYABLE)})
+    resources: Resources = field(default_factory=Resources)
+    retries: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self):
+        self.space = _typed("space", self.space, SearchSpace, lambda d: SearchSpace.from_dict(d) if d else paper_space(),
+                            SpaceError)
+        self.resources = _typed("resources", self.resources, Resources, Resources.from_dict,
+                                (ResourcesError, TypeError))
+        self.retries = _typed("retries", self.retries, RetryPolicy, RetryPolicy.from_dict, (ValueError, TypeError))
+        validate(self)
 
     @property
     def folder(self) -> Path:
         return Path(self.workdir) / self.study
 
     def search_space(self) -> SearchSpace:
-        return SearchSpace.from_dict(self.space) if self.space else paper_space()
+        return self.space
 
     def trial_spec(self, point: dict, out: str) -> FinetuneSpec:
         """The fine-tune spec of one evaluation: the study's trial settings with the point applied."""
@@ -96,10 +107,40 @@ class StudyConfig:
         return FinetuneSpec.from_dict({**self.trial, **point, "data": data, "out": out})
 
     def tracking(self) -> str:
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        return tracking_store.resolve(self.tracking_uri)
 
     def to_dict(self) -> dict:
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        d["space"], d["resources"], d["retries"] = space_to_dict(self.space), self.resources.to_dict(), \
+            self.retries.to_dict()
+        return d
+
+
+def _typed(key: str, value: Any, cls: type, parse, errors) -> Any:
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key {key!r}: {value!r} is invalid: must be a mapping")
+    try:
+        return parse(value)
+    except errors as e:
+        raise ConfigError(f"config key {key!r}: {e}") from None
+
+
+def space_to_dict(space: SearchSpace) -> dict:
+    """The YAML form of a search space (SearchSpace.from_dict reads it back)."""
+    out = {}
+    for dim in space.dims:
+        if isinstance(dim, Choice):
+            out[dim.name] = {"choice": list(dim.values), "default": dim.default}
+        elif isinstance(dim, Int):
+            out[dim.name] = {"int": [dim.low, dim.high], "default": dim.default}
+        elif isinstance(dim, Log):
+            out[dim.name] = {"log": [dim.low, dim.high], "default": dim.default}
+    for f in space.fixed:
+        if isinstance(f, Fixed):
+            out[f.name] = {"fixed": f.value}
+    return out
 
 
 def load_config(path: str | None = None, **cli) -> StudyConfig:
@@ -117,13 +158,12 @@ def load_config(path: str | None = None, **cli) -> StudyConfig:
                 merged[key] = value
     merged["preset"] = preset
     merged.setdefault("study", f"{preset}-{merged.get('algo', 'nomad')}")
+    merged.pop("executor_resolved", None)  # what a journaled config adds (the executor it resolved to)
     known = {f.name for f in fields(StudyConfig)}
     unknown = sorted(set(merged) - known)
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}: valid keys are {', '.join(sorted(known))}")
-    config = StudyConfig(**merged)
-    validate(config)
-    return config
+    return StudyConfig(**merged)
 
 
 def _read_yaml(path: str) -> dict:
@@ -131,6 +171,8 @@ def _read_yaml(path: str) -> dict:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file: give the path of a study YAML") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a folder: give the path of a study YAML") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -159,28 +201,60 @@ def validate(c: StudyConfig) -> None:
     _check(_is_int(c.parallel) and c.parallel >= 1, "parallel", c.parallel, "an integer >= 1")
     _check(_is_int(c.seed) and 0 <= c.seed < 2**31, "seed", c.seed, "an integer in [0, 2**31)")
     _check(c.executor in EXECUTORS, "executor", c.executor, f"use one of {', '.join(EXECUTORS)}")
-    _check(isinstance(c.poll_s, (int, float)) and 0.05 <= c.poll_s <= 3600, "poll_s", c.poll_s,
-           "seconds between polls, in [0.05, 3600]")
-    _check(c.objective is None or (isinstance(c.objective, str) and ":" in c.objective), "objective",
-           c.objective, "write package.module:function")
-    for key in ("space", "searcher_options", "trial", "resources", "retries"):
+    _check(isinstance(c.poll_s, (int, float)) and not isinstance(c.poll_s, bool) and 0.05 <= c.poll_s <= 3600,
+           "poll_s", c.poll_s, "seconds between polls, in [0.05, 3600]")
+    _check(c.objective is None or (isinstance(c.objective, str) and re.fullmatch(
+        r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", c.objective) is not None), "objective", c.objective,
+        "write package.module:function")
+    _check(isinstance(c.workdir, str) and bool(c.workdir), "workdir", c.workdir, "a folder path")
+    _check(c.tracking_uri is None or (isinstance(c.tracking_uri, str) and bool(c.tracking_uri.strip())),
+           "tracking_uri", c.tracking_uri, "an MLflow tracking URI (sqlite:///path.db, http://host:port) or null")
+    _check(c.register_as is None or (isinstance(c.register_as, str) and bool(re.fullmatch(
+        r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", c.register_as))), "register_as", c.register_as,
+        "a registered model name of letters, digits, '.', '_' or '-', or null")
+    for key in ("searcher_options", "trial"):
         _check(isinstance(getattr(c, key), dict), key, getattr(c, key), "must be a mapping")
-    try:
-        space = c.search_space()
-    except SpaceError as e:
-        raise ConfigError(f"config key 'space': {e}") from None
-    try:
-        Resources.from_dict(c.resources)
-    except (ResourcesError, TypeError) as e:
-        raise ConfigError(f"config key 'resources': {e}") from None
     if c.objective is None:
-        try:
-            c.trial_spec(space.default_point(), out=str(c.folder / "trials" / "check"))
-        except SpecError as e:
-            raise ConfigError(f"config key 'trial' (or a search-space name): {e}") from None
-    retries = c.retries
-    _check(set(retries) <= {"max_retries", "on"}, "retries", retries, "keys are max_retries and on")
-    _check(_is_int(retries.get("max_retries", 0)) and retries.get("max_retries", 0) >= 0, "retries.max_retries",
-           retries.get("max_retries"), "an integer >= 0")
-    _check(set(retries.get("on", [])) <= set(RETRYABLE), "retries.on", retries.get("on"),
-           f"a list drawn from {', '.join(RETRYABLE)}")
+        _validate_trial(c)
+    _validate_searcher(c)
+
+
+def _validate_trial(c: StudyConfig) -> None:
+    """The trial settings, and every value the space can give, are accepted by the fine-tune."""
+    out = str(c.folder / "trials" / "check")
+    try:
+        c.trial_spec(c.space.default_point(), out=out)
+    except SpecError as e:
+        raise ConfigError(f"config key 'trial' (or a search-space name): {e}") from None
+    default = c.space.default_point()
+    for dim in c.space.dims:
+        extremes = (dim.values[0], dim.values[-1]) if isinstance(dim, Choice) else (dim.low, dim.high)
+        for value in extremes:
+            try:
+                c.trial_spec({**default, dim.name: value}, out=out)
+            except SpecError as e:
+                raise ConfigError(f"config key 'space.{dim.name}': value {value!r} is not accepted by the fine-tune "
+                                  f"({e}); narrow the range") from None
+
+
+def _validate_searcher(c: StudyConfig) -> None:
+    """The searcher options are the algorithm's own: build the searcher (nothing runs) to check them."""
+    from orchestrator.searchers import make_searcher
+
+    try:
+        make_searcher(c.algo, c.space, budget=c.budget, parallel=c.parallel, seed=c.seed,
+                      options=c.searcher_options).close()
+    except ValueError as e:
+        raise ConfigError(f"config key 'searcher_options': {str(e).splitlines()[0]}") from None
+
+
+def resume_changes(saved: dict, wanted: dict) -> list[str]:
+    """Keys whose value `wanted` (flags given with --resume) changes from the journaled config, other than
+    RESUMABLE ones."""
+    changed = []
+    for key, value in wanted.items():
+        if value is None or key in RESUMABLE or key not in saved:
+            continue
+        if saved[key] != value:
+            changed.append(key)
+    return changed

@@ -25,13 +25,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import submitit
-
 from evaluation.job import EvaluationJob
 from evaluation.tracking import INSTRUCTEVAL
-from orchestrator.config import DEFAULT_TRACKING_URI, ConfigError, load_config
+from jobs import tracking_store
+from orchestrator.config import ConfigError, load_config
 from orchestrator.journal import Journal, StudyState
-from slurm.executors import Resources, force_states, make_executor, snapshot_code
+from slurm.dispatch import Dispatcher, Outcome, RetryPolicy, Task
+from slurm.executors import Resources, snapshot_code
 
 
 @dataclass
@@ -46,6 +46,9 @@ class Evaluation:
     reason: str | None = None
     scores: dict = field(default_factory=dict)
     logged: bool = False
+    attempt: int = 0
+    retries: int = 0
+    batch: str | None = None
 
 
 def settings_of(args) -> dict:
@@ -79,50 +82,83 @@ def select(state: StudyState, top: int, include_default: bool, log=print) -> dic
 
 class Evaluator:
     def __init__(self, args, log=print):
+        from orchestrator.tracking import load_study
+
         self.args, self.log = args, log
         self.folder = Path(args.workdir) / args.study
-        study_journal = Journal(self.folder / "journal.jsonl")
-        if not study_journal.exists():
+        if not (self.folder / "journal.jsonl").exists():
             raise ConfigError(f"no study {args.study!r} under {args.workdir}: check the name and --workdir")
-        self.study = study_journal.load()
+        self.study = load_study(self.folder)
         self.journal = Journal(self.folder / "evaluate.jsonl")
-        recorded, self.evals = load_evaluations(self.journal)
+        recorded, self.evals, self.batches = load_evaluations(self.journal)
         cfg = self.study.config
         kind = recorded or args.executor or cfg.get("executor_resolved") or "auto"  # re-attach needs the same
-        self.executor = make_executor(kind, self.folder / "evaluate-submitit", eval_resources(cfg["resources"]),
-                                      job_name=f"{args.study}-eval", code_dir=self.folder / "evaluate-code")
-        self.kind = self.executor.cluster
+        self.policy = RetryPolicy.from_dict(cfg.get("retries"))
+        self.dispatcher = Dispatcher(kind, self.folder / "evaluate-submitit", eval_resources(cfg["resources"]),
+                                     job_name=f"{args.study}-eval", code_dir=self.folder / "evaluate-code",
+                                     record=self.journal.append)
+        self.kind = self.dispatcher.kind
         if self.kind == "local":  # local jobs share this machine: honour cpus_per_task as their thread count
             os.environ.setdefault("LORA_HPO_THREADS", str(eval_resources(cfg["resources"]).cpus_per_task))
         if recorded is None:
             self.journal.append("start", executor=self.kind)
-        self.uri = (args.tracking_uri or cfg.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-                    or DEFAULT_TRACKING_URI)
-        from mlflow.tracking import MlflowClient
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.uri = tracking_store.resolve(args.tracking_uri or cfg.get("tracking_uri"))
+        self.client = tracking_store.client(self.uri)
 
     def run(self) -> dict:
         if self.kind in ("slurm", "local"):
             snapshot_code(self.folder / "evaluate-code")  # jobs import this copy; a rerun keeps it
         wanted = self._plan()
-        live = {}
-        for e in wanted:
-            if e.status is None:
-                job = self._reattach(e) if e.job_id else None
-                live[e.key] = job or self._submit(e)
+        live = self._start([e for e in wanted if e.status is None])
         while live:
-            jobs = [j for j in live.values() if isinstance(j, submitit.Job)]
-            if self.kind == "slurm" and jobs:
-                force_states(jobs)
-            finished = [k for k, j in live.items() if j.done()]
-            for key in finished:
-                self._collect(self.evals[key], live.pop(key))
-            if not finished:
+            settled = self.dispatcher.poll(live.values())
+            for attempt, outcome in settled:
+                e = self.evals[attempt.task.key]
+                del live[e.key]
+                status, reason, scores = outcome_of(outcome)
+                if status == "failed" and self.policy.allows(outcome.retry, e.retries, e.attempt + 1,
+                                                             follow=outcome.follow):
+                    self.journal.append("retry", key=e.key, kind=outcome.retry, follow=outcome.follow, reason=reason)
+                    e.retries += 0 if outcome.follow else 1
+                    e.attempt += 1
+                    self.log(f"trial {e.trial}: {reason}; evaluation attempt {e.attempt + 1} submitted")
+                    live[e.key] = self.dispatcher.submit([self._task(e)])[0]
+                    continue
+                self._collect(e, status, reason, scores)
+            if not settled:
                 time.sleep(self.args.poll_s)
         for e in wanted:
             if e.status == "ok" and not e.logged:
                 self._log(e)
         return self._poster()
+
+    def _start(self, todo: list) -> dict:
+        """Re-attach the evaluations whose job runs, find those a crash left unjournaled, submit the rest."""
+        live, fresh = {}, []
+        found = {}
+        for batch, keys in self.batches.items():
+            waiting = [e for e in todo if e.batch == batch]
+            if waiting:
+                ids = self.dispatcher.recover(batch, [self._task(self.evals[k]) for k in keys])
+                if ids:
+                    self.journal.append("submitted", batch=batch, jobs=ids)
+                found.update(ids)
+        for e in todo:
+            job_id = e.job_id or found.get(e.key)
+            if job_id:
+                self.log(f"trial {e.trial}: re-attached to evaluation job {job_id}")
+                live[e.key] = self.dispatcher.reattach(self._task(e), job_id)
+            else:
+                fresh.append(e)
+        for e, attempt in zip(fresh, self.dispatcher.submit([self._task(e) for e in fresh])):
+            e.job_id = attempt.job_id
+            live[e.key] = attempt
+            self.log(f"trial {e.trial}: evaluation job {attempt.job_id} submitted ({', '.join(e.roles)})")
+        return live
+
+    def _task(self, e: Evaluation) -> Task:
+        return Task(e.key, EvaluationJob(), (e.spec,), attempt=e.attempt, folder=e.spec["out"],
+                    result_file=str(Path(e.spec["out"]) / "job_result.json"))
 
     # ------------------------------------------------------------------------------------------- plan
     def _plan(self) -> list[Evaluation]:
@@ -145,36 +181,15 @@ class Evaluator:
                 self.evals[key] = Evaluation(key, trial, t.run_id, roles, spec)
             e = self.evals[key]
             if e.status == "failed" and self.args.retry_failed:
-                self.journal.append("retry", key=key)
-                e.status, e.reason, e.job_id = None, None, None
+                self.journal.append("retry", key=key, fresh=True)
+                e.status, e.reason, e.job_id, e.attempt, e.retries = None, None, None, e.attempt + 1, 0
             if e.status is not None:
                 self.log(f"trial {trial}: evaluated already ({e.status}), not redone")
             wanted.append(e)
         return wanted
 
-    # ------------------------------------------------------------------------------------------- jobs
-    def _submit(self, e: Evaluation):
-        try:
-            job = self.executor.submit(EvaluationJob(), e.spec)
-        except Exception as exc:  # sbatch refused: this evaluation fails, the others go on
-            return _Refused(f"submission failed: {str(exc).splitlines()[0][:200] if str(exc) else exc!r}")
-        e.job_id = str(job.job_id)
-        self.journal.append("submitted", key=e.key, job_id=e.job_id)
-        self.log(f"trial {e.trial}: evaluation job {e.job_id} submitted ({', '.join(e.roles)})")
-        return job
-
-    def _reattach(self, e: Evaluation):
-        folder = self.folder / "evaluate-submitit"
-        self.log(f"trial {e.trial}: re-attached to evaluation job {e.job_id}")
-        if self.kind == "slurm":
-            return submitit.SlurmJob(folder=folder, job_id=e.job_id)
-        if self.kind == "local":
-            from orchestrator.study import ReattachedLocalJob
-            return ReattachedLocalJob(folder=folder, job_id=e.job_id)
-        return None  # a debug job ran inside the dead process: run it again
-
-    def _collect(self, e: Evaluation, job) -> None:
-        status, reason, scores = outcome(job)
+    # ------------------------------------------------------------------------------------------- results
+    def _collect(self, e: Evaluation, status: str, reason: str | None, scores: dict) -> None:
         self.journal.append("result", key=e.key, status=status, reason=reason, scores=scores)
         e.status, e.reason, e.scores = status, reason, scores
         if status == "ok":
@@ -222,59 +237,61 @@ def eval_resources(resources: dict) -> Resources:
     return Resources.from_dict(res)
 
 
-def outcome(job) -> tuple[str, str | None, dict]:
-    """(status, reason, scores) of a finished evaluation job, whatever way it ended."""
-    from orchestrator.study import job_result
-
-    result, why = job_result(job)
-    if why:
-        return "failed", why, {}
+def outcome_of(outcome: Outcome) -> tuple[str, str | None, dict]:
+    """(status, reason, scores) of a settled evaluation job."""
+    if outcome.status != "done":
+        return "failed", outcome.reason, {}
+    result = outcome.result
     if not isinstance(result, dict) or result.get("status") != "ok":
         reason = result.get("reason") if isinstance(result, dict) else f"job returned {type(result).__name__}"
         return "failed", reason or "the evaluation reported a failure", {}
     return "ok", None, dict(result.get("scores") or {})
 
 
-def load_evaluations(journal: Journal) -> tuple[str | None, dict[str, Evaluation]]:
-    """(executor kind, {key: Evaluation}) folded from evaluate.jsonl; a torn last line is ignored."""
-    kind, evals = None, {}
+def load_evaluations(journal: Journal) -> tuple[str | None, dict[str, Evaluation], dict[str, list]]:
+    """(executor kind, {key: Evaluation}, {batch: keys}) folded from evaluate.jsonl."""
+    kind, evals, batches = None, {}, {}
     for r in journal.records():
         event = r.get("event")
         if event == "start":
             kind = r["executor"]
         elif event == "evaluation":
             evals[r["key"]] = Evaluation(r["key"], r["trial"], r.get("run_id"), r["roles"], r["spec"])
+        elif event == "dispatch":
+            batches[r["batch"]] = list(r["keys"])
+            for key in r["keys"]:
+                e = evals[key]
+                e.batch, e.job_id, e.attempt = r["batch"], None, r.get("attempts", {}).get(key, e.attempt)
         elif event == "submitted":
-            evals[r["key"]].job_id = r["job_id"]
+            for key, job_id in (r.get("jobs") or {r["key"]: r["job_id"]}).items():
+                evals[key].job_id, evals[key].batch = job_id, None
         elif event == "result":
             e = evals[r["key"]]
             e.status, e.reason, e.scores = r["status"], r.get("reason"), r.get("scores") or {}
         elif event == "retry":
             e = evals[r["key"]]
-            e.status, e.reason, e.job_id, e.logged = None, None, None, False
+            if r.get("fresh"):  # --retry-failed: a new evaluation of the same adapter
+                e.status, e.reason, e.job_id, e.logged, e.retries = None, None, None, False, 0
+            else:
+                e.retries += 0 if r.get("follow") else 1
         elif event == "logged":
             evals[r["key"]].logged = True
-    return kind, evals
-
-
-class _Refused:
-    """Stands in for a job that could not be submitted: done at once, its result a failure."""
-    job_id = "none"
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def done(self) -> bool:
-        return True
-
-    def results(self):
-        return [{"status": "failed", "reason": self.reason}]
+    return kind, evals, batches
 
 
 def evaluate_study(args, log=print) -> dict:
     if not isinstance(args.top, int) or args.top < 1:
         raise ConfigError(f"--top {args.top!r} is invalid: give the number of best trials to evaluate (>= 1)")
-    return Evaluator(args, log).run()
+    from orchestrator.lock import LockError, StudyLock
+
+    folder = Path(args.workdir) / args.study
+    if not (folder / "journal.jsonl").exists():
+        raise ConfigError(f"no study {args.study!r} under {args.workdir}: check the name and --workdir")
+    try:
+        with StudyLock(folder / "evaluate.lock", what=f"the evaluation of study {args.study!r}"):
+            return Evaluator(args, log).run()
+    except LockError as e:
+        raise ConfigError(str(e)) from None
 
 
 def main(args) -> int:

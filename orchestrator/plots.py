@@ -433,6 +433,15 @@ def write_plots(state: StudyState, folder: str | Path) -> list[Path]:
     return paths
 
 
+def draw_plots(state: StudyState, folder: str | Path) -> list[Path]:
+    """write_plots, or [] with a warning if anything failed (the plots are a view: never why a study stops)."""
+    try:
+        return write_plots(state, folder)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"study plots not drawn: {type(e).__name__}: {e}", stacklevel=2)
+        return []
+
+
 def log_plots(client, run_id: str, state: StudyState, tmpdir: str | Path) -> list[str]:
     """Draw the plots into `tmpdir`/plots and log them as artifacts `plots/*` of `run_id` (the study's parent
     run, overwriting the previous ones). Returns the artifact paths; [] with a warning if anything failed."""

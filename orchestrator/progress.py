@@ -1,4 +1,12 @@
-"""What a person watching the study sees: a live status line, one line per finished trial, a final table."""
+"""What a person watching the study sees: a status line when something changes, one line per finished trial,
+and a final summary that says where everything is.
+
+    [0:03:12] tiny-nomad: done 5/8 (1 failed) | slots 2/2 busy, 1 pending (Resources) | best 4.8371 (...) | ETA 0:02:40
+
+The ETA uses the durations observed so far (submission to result, mean over finished trials): the running
+trials' remaining time (mean minus elapsed, at least zero) plus the trials still to start, over the slots.
+Pending jobs (SLURM has not started them) are counted as not started.
+"""
 from __future__ import annotations
 
 import time
@@ -19,42 +27,66 @@ def point_text(point: dict, names) -> str:
     return " ".join(f"{k}={_fmt(point[k])}" for k in names if k in point)
 
 
+def eta_s(state, live, parallel: int, budget: int, now: float | None = None) -> float | None:
+    """Seconds until the budget is spent, from the observed trial durations; None before the first result."""
+    now = now or time.time()
+    durations = [t.summary.get("total_s") for t in state.finished if isinstance(t.summary.get("total_s"), (int, float))]
+    if not durations:
+        return None
+    mean = sum(durations) / len(durations)
+    running = [lv for lv in live.values() if not lv.attempt.pending]
+    left_running = sum(max(0.0, mean - (now - lv.started)) for lv in running)
+    to_start = max(0, budget - len(state.finished) - len(running))
+    return (left_running + to_start * mean) / max(1, parallel)
+
+
 class Progress:
     def __init__(self, config, out):
         self.config, self.out, self.t0 = config, out, time.time()
-        self.names = list(config.search_space().names)
+        self.names = list(config.space.names)
         self.tty = hasattr(out, "isatty") and out.isatty()
-        self.last_line, self.last_print = "", 0.0
+        self.last_line, self.last_key = "", None
 
-    def status_line(self, state, live, best) -> str:
+    def status_line(self, state, live, best, mlflow: str | None = None) -> tuple[str, tuple]:
         done = state.finished
         failed = sum(1 for t in done if t.status == "failed")
-        elapsed = time.time() - self.t0
-        durations = [t.summary.get("total_s") for t in done if isinstance(t.summary.get("total_s"), (int, float))]
-        left = self.config.budget - len(done)
-        eta = (sum(durations) / len(durations)) * left / self.config.parallel if durations and left else 0
+        pending = [lv for lv in live.values() if lv.attempt.pending]
+        reasons = sorted({lv.attempt.reason for lv in pending if lv.attempt.reason})
+        slots = f"slots {len(live) - len(pending)}/{self.config.parallel} busy"
+        if pending:
+            slots += f", {len(pending)} pending" + (f" ({', '.join(reasons)})" if reasons else "")
+        eta = eta_s(state, live, self.config.parallel, self.config.budget)
         best_text = f"best {best.value:.4f} ({point_text(best.point, self.names)})" if best else "best -"
-        return (f"[{_hms(elapsed)}] {self.config.study}: done {len(done)}/{self.config.budget} "
-                f"({failed} failed), running {len(live)} | {best_text} | ETA {_hms(eta) if durations else '?'}")
+        key = (len(done), failed, len(live), len(pending), tuple(reasons), best.trial if best else None, mlflow)
+        line = (f"[{_hms(time.time() - self.t0)}] {self.config.study}: done {len(done)}/{self.config.budget} "
+                f"({failed} failed) | {slots} | {best_text} | ETA {_hms(eta) if eta is not None else '?'}")
+        if mlflow:
+            line += f" | {mlflow}"
+        return line, key
 
-    def update(self, state, live, best) -> None:
-        line = self.status_line(state, live, best)
+    def update(self, state, live, best, mlflow: str | None = None) -> None:
+        line, key = self.status_line(state, live, best, mlflow)
         if self.tty:
             self.out.write("\r" + line.ljust(len(self.last_line)))
             self.out.flush()
-        elif line.split("]", 1)[1] != self.last_line.split("]", 1)[-1] or time.time() - self.last_print > 60:
+        elif key != self.last_key:  # a new line only when something changed, not because the clock did
             print(line, file=self.out, flush=True)
-            self.last_print = time.time()
-        self.last_line = line
+        self.last_line, self.last_key = line, key
 
-    def event(self, t) -> None:
-        if self.tty:
+    def _line(self, text: str) -> None:
+        if self.tty and self.last_line:
             self.out.write("\n")
-        result = f"val_loss {t.value:.4f}" if t.status == "ok" else f"FAILED: {t.reason}"
-        print(f"  trial {t.trial:3d} {point_text(t.point, self.names)}: {result}", file=self.out, flush=True)
+        print(text, file=self.out, flush=True)
         self.last_line = ""
 
-    def summary(self, state, best, default_point: dict, registered: dict | None) -> None:
+    def event(self, t) -> None:
+        result = f"val_loss {t.value:.4f}" if t.status == "ok" else f"FAILED: {t.reason}"
+        self._line(f"  trial {t.trial:3d} {point_text(t.point, self.names)}: {result}")
+
+    def note(self, text: str) -> None:
+        self._line(f"  {text}")
+
+    def summary(self, state, best, default_point: dict, registered: dict | None, where: dict) -> None:
         done = sorted(state.finished, key=lambda t: t.trial)
         failed = sum(1 for t in done if t.status == "failed")
         default = next((t for t in done if t.status == "ok" and all(
@@ -68,6 +100,14 @@ class Progress:
         for label, point, value in rows:
             cells = "".join(f"{_fmt(point[n]) if point else '-':>{width}s}" for n in self.names)
             lines.append(f"{label:8s}{cells}{(f'{value:.4f}' if value is not None else 'not run'):>{width}s}")
+        lines.append("")
         if registered:
-            lines.append(f"registered: {registered['name']} v{registered['version']} ({registered['uri']})")
-        print("\n".join(lines), file=self.out, flush=True)
+            lines.append(f"champion:  {registered['uri']} (version {registered['version']}, trial "
+                         f"{registered['trial']})")
+        lines += [f"study:     {where['folder']} (journal, trial folders, logs)",
+                  f"MLflow:    {where['tracking_uri']}", f"UI:        {where['ui']}",
+                  f"plots:     {where['plots']}"]
+        if failed == len(done) and done:
+            lines.append("every evaluation failed: see the reasons above and the job logs under "
+                         f"{where['folder']}/submitit")
+        self._line("\n".join(lines))

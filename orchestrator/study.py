@@ -1,44 +1,43 @@
-"""The study loop: ask the searcher, submit jobs, poll them in batches, tell results, track, journal.
+"""The study loop: ask the searcher, dispatch jobs, follow them, tell results, track, journal.
 
     python -m orchestrator --algo nomad            # the embedded default (tiny study, local executor)
 
-The loop knows four protocols only: the searcher's ask/tell, submitit's submit/done/result, the tracker,
-and the journal. Every decision is journaled before it is acted on; `--resume` folds the journal back:
-finished results are replayed into a fresh searcher, jobs still running are re-attached by their job id
-(never resubmitted), and the budget is finished. A failed evaluation is a recorded failed trial told to the
-searcher as a failure; only infrastructure faults stop a study, after the configured retries.
+The loop knows four protocols only: the searcher's ask/tell, the dispatcher's submit/poll
+(slurm/dispatch.py: states, results, requeues; no executor kinds here), the tracker (MLflow through a durable
+outbox), and the journal. Every decision is journaled before it is acted on; `--resume` folds the journal
+back: finished results are replayed into a fresh searcher, jobs still running are re-attached by their job
+id (or found by their batch's name when a crash came between submitting and journaling them), never
+resubmitted, and the budget is finished. A failed evaluation is a recorded failed trial told to the searcher
+as a failure; a trial is retried (a fresh attempt in the same folder, resuming from its checkpoint) only as
+`retries:` allows. One process runs a study at a time (orchestrator/lock.py, taken by `run_study`).
 
-Trials that fill several free slots at once (a NOMAD block, TPE's first asks) go out as one
-`executor.batch()`: a job array on SLURM. Jobs run the code of `<study folder>/code/`, a copy of the
-project's packages made when the study started (slurm/executors.py snapshot_code), not the checkout.
+Trials that fill several free slots at once (TPE's first asks, a NOMAD poll) go out as one job array.
+Jobs run the code of `<study folder>/code/`, a copy of the project made when the study started.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
+import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import submitit
-from submitit.core.utils import FailedJobError, UncompletedJobError
-
+from jobs.contract import METRICS_FILE, RESULT_FILE, TrialResult
 from jobs.entry import FinetuneTrial, ObjectiveTrial
-from orchestrator.config import StudyConfig
+from orchestrator.config import StudyConfig, space_to_dict
 from orchestrator.journal import Journal, StudyState, TrialState
+from orchestrator.lock import StudyLock
 from orchestrator.progress import Progress
 from orchestrator.searchers import Observation, Pending, make_searcher
-from orchestrator.tracking import Tracker, register
-from slurm.executors import Resources, force_states, make_executor, snapshot_code
-
-RETRY_STATES = {"NODE_FAIL": "node_fail", "PREEMPTED": "preempted", "BOOT_FAIL": "node_fail"}
-# SLURM ended these jobs from outside: no result file is coming, so do not wait submitit's 15 s for one.
-KILLED_STATES = ("CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
-
+from orchestrator.tracking import PARENT, Tracker, trial_key
+from slurm.dispatch import Attempt, Dispatcher, Outcome, Task
+from slurm.executors import pinned_path, snapshot_code
 
 PLOT_EVERY_S = 60.0  # refresh the parent run's plots at most this often while the study runs
+DRAIN_IDLE_S = 60.0  # at the end, wait for MLflow while its writes make progress, up to this long without any
 
 
 class StudyError(RuntimeError):
@@ -48,35 +47,37 @@ class StudyError(RuntimeError):
 @dataclass
 class Live:
     trial: TrialState
-    job: object
-    curve_step: int = 0  # last step of the live curve already logged
-    val_step: int = -1  # last step of the validation curve already logged
-    offset: int = 0  # bytes of metrics.jsonl already read
+    attempt: Attempt
+    curve_step: int = 0  # last step of the live curve already queued for MLflow
+    val_step: int = -1   # last step of the validation curve already queued
+    offset: int = 0      # bytes of metrics.jsonl already read
     started: float = field(default_factory=time.time)
 
 
 class Study:
-    def __init__(self, config: StudyConfig, resume: bool = False, out=sys.stdout):
-        self.config, self.folder = config, config.folder
+    def __init__(self, config: StudyConfig, resume: bool = False, out=None):
+        self.config, self.folder, self.out = config, config.folder, out or sys.stdout
         self.journal = Journal(self.folder / "journal.jsonl")
         self.state = self._open(resume)
-        self.space = config.search_space()
-        self.tracker = Tracker(config.tracking(), config.study)
-        kind = self.state.config.get("executor_resolved") if self.state.config else None
+        self.space = config.space
+        kind = (self.state.config or {}).get("executor_resolved") or config.executor
         self.code = self.folder / "code"  # made by _start, before the first submission
-        self.executor = make_executor(kind or config.executor, self.folder / "submitit",
-                                      Resources.from_dict(config.resources), job_name=config.study,
-                                      code_dir=self.code)
-        self.kind = self.executor.cluster
+        self.dispatcher = Dispatcher(kind, self.folder / "submitit", config.resources, job_name=config.study,
+                                     code_dir=self.code, record=self.journal.append)
+        self.kind = self.dispatcher.kind
         if self.kind == "local":  # local jobs share this machine: honour cpus_per_task as their thread count
-            os.environ.setdefault("LORA_HPO_THREADS", str(Resources.from_dict(config.resources).cpus_per_task))
+            os.environ.setdefault("LORA_HPO_THREADS", str(config.resources.cpus_per_task))
+        self.uid = self.state.study_uid or uuid.uuid4().hex
+        self.tracker = Tracker(config.tracking(), config.study, self.folder, self.uid, log=self._warn)
         self.searcher = make_searcher(config.algo, self.space, budget=config.budget, parallel=config.parallel,
                                       seed=config.seed, options=config.searcher_options)
         self.live: dict[int, Live] = {}
-        self.progress = Progress(config, out)
+        self.progress = Progress(config, self.out)
         self.best: TrialState | None = None
-        self.untracked: list = []  # finished trials not yet recorded in MLflow
+        self.untracked: list = []  # finished trials not yet queued for MLflow
         self.plotted_at = 0.0
+        self.busy_s = 0.0  # slot-seconds of finished attempts (for slot_utilization)
+        self.t0 = time.time()
 
     def _open(self, resume: bool) -> StudyState:
         if self.journal.exists() and not resume:
@@ -86,13 +87,19 @@ class Study:
             raise StudyError(f"nothing to resume: no journal at {self.journal.path}; drop --resume to start it")
         return self.journal.load()
 
+    def _warn(self, message: str) -> None:
+        print(message, file=self.out, flush=True)
+
     # ------------------------------------------------------------------------------------------- lifecycle
     def run(self) -> StudyState:
-        self._start()
+        if self.state.ended:
+            return self._already_ended()
         try:
+            self._start()
             self._loop()
         except BaseException:
             self.searcher.close()
+            self.tracker.close()
             raise  # jobs keep running; --resume re-attaches them
         self.searcher.close()
         self._finish()
@@ -100,36 +107,62 @@ class Study:
 
     def _start(self) -> None:
         resumed = self.state.config is not None
-        pinned = self.kind in ("slurm", "local")  # debug jobs run in this process, on its code
-        if pinned:  # a resumed study keeps the snapshot it started with
+        if self.kind in ("slurm", "local"):  # a resumed study keeps the snapshot it started with
             snapshot_code(self.code)
         if not resumed:
-            if self.config.objective is None:
-                from jobs.data import prepare_splits  # torch-free: the splits are made once, here
-                prepare_splits(self.config.trial_spec(self.space.default_point(), "unused").data)
+            if self.config.objective:
+                check_objective(self.config.objective, self.code if self.kind != "debug" else None)
+            else:
+                from jobs.data import DataError, prepare_splits  # torch-free: the splits are made once, here
+                try:
+                    prepare_splits(self.config.trial_spec(self.space.default_point(), "unused").data)
+                except DataError as e:
+                    raise StudyError(f"the training data cannot be prepared: {e}") from None
             config = {**self.config.to_dict(), "executor_resolved": self.kind}
-            parent = self.tracker.start_parent(config, self.config.space or {"paper": True})
-            self.journal.append("start", config=config, parent_run_id=parent)
-            self.state.config, self.state.parent_run_id = config, parent
-        else:
-            self.tracker.start_parent(self.state.config, {}, resume_run_id=self.state.parent_run_id)
-        if pinned:
-            self.tracker.tag(self.state.parent_run_id, code_snapshot=str(self.code.resolve()))
+            self.journal.append("start", config=config, study_uid=self.uid)
+            self.state.config, self.state.study_uid = config, self.uid
+        self.tracker.start_parent(self.state.config, space_to_dict(self.space))
+        if self.kind in ("slurm", "local"):
+            self.tracker.tag(PARENT, code_snapshot=str(self.code.resolve()))
         if resumed:
             self._adopt()
+        self.tracker.flush()
 
     def _adopt(self) -> None:
-        """After a restart: replay finished trials into the searcher, re-attach the running ones."""
-        self.tracker.reconcile(self.state.trials)
+        """After a restart: replay finished trials into the searcher, re-attach (or find) the running ones."""
         finished = sorted(self.state.finished, key=lambda t: t.trial)
         running = sorted(self.state.running, key=lambda t: t.trial)
         history = [Observation(t.point, t.value if t.status == "ok" else None, t.trial) for t in finished]
         self.searcher.replay(history, [Pending(t.point, t.trial) for t in running])
+        for t in sorted(self.state.trials.values(), key=lambda t: t.trial):
+            self.tracker.start_child(t.trial, t.point, t.encoded, self.config.algo)  # queued once, ever
         for t in finished:
             self._update_best(t)
+            self.tracker.finish_child(t.trial, t.status, t.value, t.summary, t.reason, t.out)
+        found = self._recover(running)
+        fresh = []
         for t in running:
-            job = self._reattach(t) if t.job_id else None
-            self.live[t.trial] = Live(t, job or self._submit(t), curve_step=self.tracker.last_curve_step(t.run_id))
+            job_id = t.job_id or found.get(str(t.trial))
+            if job_id:
+                attempt = self.dispatcher.reattach(self._task(t), job_id)
+                self.live[t.trial] = Live(t, attempt, curve_step=0)
+            else:
+                fresh.append(t)
+        self._dispatch(fresh)
+
+    def _recover(self, running: list[TrialState]) -> dict[str, str]:
+        """Jobs of batches dispatched but never journaled as submitted (a crash in between): found, adopted."""
+        found = {}
+        for batch, keys in self.state.batches.items():
+            waiting = [t for t in running if t.batch == batch]
+            if not waiting:
+                continue
+            tasks = [self._task(self.state.trials[int(k)]) for k in keys]
+            ids = self.dispatcher.recover(batch, tasks)
+            if ids:
+                self.journal.append("submitted", batch=batch, jobs=ids)
+            found.update(ids)
+        return found
 
     def _loop(self) -> None:
         while True:
@@ -143,7 +176,7 @@ class Study:
                                      "the study cannot progress (report this as a bug)")
                 continue
             acted |= self._poll()
-            self.progress.update(self.state, self.live, self.best)
+            self.progress.update(self.state, self.live, self.best, self.tracker.outbox.status())
             if not acted:
                 time.sleep(self.config.poll_s)
 
@@ -158,237 +191,231 @@ class Study:
                 break
             t = TrialState(suggestion.trial_id, suggestion.point, _plain(suggestion.encoded),
                            out=str((self.folder / "trials" / f"{suggestion.trial_id:04d}").resolve()))
-            t.run_id = self.tracker.start_child(t.trial, t.point, t.encoded, self.config.algo)
-            self.journal.append("trial", trial=t.trial, point=t.point, encoded=t.encoded, run_id=t.run_id, out=t.out)
+            self.journal.append("trial", trial=t.trial, point=t.point, encoded=t.encoded, out=t.out)
             self.state.trials[t.trial] = t
+            self.tracker.start_child(t.trial, t.point, t.encoded, self.config.algo)
             fresh.append(t)
-        for t, job in zip(fresh, self._submit_all(fresh)):
-            self.live[t.trial] = Live(t, job)
+        self._dispatch(fresh)
         return bool(fresh)
 
     # ------------------------------------------------------------------------------------------- jobs
-    def _call(self, t: TrialState) -> tuple:
+    def _task(self, t: TrialState) -> Task:
         if self.config.objective:
-            return ObjectiveTrial(), self.config.objective, t.point, t.out
-        return FinetuneTrial(), self.config.trial_spec(t.point, t.out).to_dict()
+            fn, args = ObjectiveTrial(), (self.config.objective, t.point, t.out)
+        else:
+            fn, args = FinetuneTrial(), (self.config.trial_spec(t.point, t.out).to_dict(),)
+        return Task(str(t.trial), fn, args, attempt=t.attempt, folder=t.out, result_file=str(Path(t.out) / RESULT_FILE))
 
-    def _submit_all(self, trials: list[TrialState]) -> list:
-        """Journaled trials out as one batch (a job array on SLURM); one by one if the batch is refused."""
-        if len(trials) < 2:
-            return [self._submit(t) for t in trials]
-        try:
-            with self.executor.batch():
-                jobs = [self.executor.submit(*self._call(t)) for t in trials]
-        except Exception:  # sbatch refused the array: each trial gets its own submission and retry policy
-            return [self._submit(t) for t in trials]
-        for t, job in zip(trials, jobs):
-            self._submitted(t, job)
-        return jobs
-
-    def _submit(self, t: TrialState):
-        """Submit the trial's job; submission errors are retried per policy, then the trial fails."""
-        policy = self.config.retries
-        for attempt in range(policy.get("max_retries", 0) + 1):
-            try:
-                job = self.executor.submit(*self._call(t))
-            except Exception as e:  # sbatch refused, controller unreachable...
-                if "submission" not in policy.get("on", []) or attempt == policy.get("max_retries", 0):
-                    return _FailedSubmission(f"submission failed: {str(e).splitlines()[0][:200]}")
-                time.sleep(min(60, 2 ** attempt))
-                continue
-            self._submitted(t, job)
-            return job
-        raise AssertionError("unreachable")
-
-    def _submitted(self, t: TrialState, job) -> None:
-        t.job_id = str(job.job_id)
-        self.journal.append("submitted", trial=t.trial, job_id=t.job_id, attempt=t.attempt)
-        self.tracker.tag(t.run_id, slurm_job_id=t.job_id if self.kind == "slurm" else None,
-                         job_id=t.job_id, executor=self.kind)
-
-    def _reattach(self, t: TrialState):
-        folder = self.folder / "submitit"
-        if self.kind == "slurm":
-            return submitit.SlurmJob(folder=folder, job_id=t.job_id)
-        if self.kind == "local":
-            return ReattachedLocalJob(folder=folder, job_id=t.job_id)
-        return None  # debug jobs ran inside the dead process: run them again
+    def _dispatch(self, trials: list[TrialState]) -> None:
+        for t, attempt in zip(trials, self.dispatcher.submit([self._task(t) for t in trials])):
+            t.job_id, t.started_at = attempt.job_id, t.started_at or time.time()
+            self.live[t.trial] = Live(t, attempt)
+            self.tracker.tag(trial_key(t.trial), job_id=attempt.job_id, executor=self.kind,
+                             slurm_job_id=attempt.job_id if self.kind == "slurm" else None)
 
     def _poll(self) -> bool:
-        jobs = [lv.job for lv in self.live.values() if isinstance(lv.job, submitit.Job)]
-        if self.kind == "slurm" and jobs:
-            force_states(jobs)  # one sacct call for every running job
-        acted = False
-        for trial_id, lv in list(self.live.items()):
+        settled = self.dispatcher.poll([lv.attempt for lv in self.live.values()])
+        for lv in self.live.values():
             self._follow_curve(lv)
-            if lv.job.done():
-                self._collect(lv)
-                acted = True
-        return acted
+        by_attempt = {id(lv.attempt): lv for lv in self.live.values()}
+        for attempt, outcome in settled:
+            self._settle(by_attempt[id(attempt)], outcome)
+        return bool(settled)
 
     def _follow_curve(self, lv: Live) -> None:
-        path = Path(lv.trial.out) / "metrics.jsonl"
-        if not path.exists():
-            return
-        start = lv.offset
-        with open(path, "rb") as f:
-            f.seek(max(start - 1, 0))
-            chunk = f.read()
-        if start and chunk[:1] != b"\n":  # rewritten: a requeued job trimmed it to its checkpoint
-            start, chunk = 0, path.read_bytes()
-        elif start:
-            chunk = chunk[1:]
-        complete = chunk[:chunk.rfind(b"\n") + 1]  # a line being written is read next time
-        lv.offset = start + len(complete)
-        records = []
-        for line in complete.decode().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # torn by a rewrite under our feet: steps already seen are skipped
-                continue
+        records, lv.offset = read_new_records(Path(lv.trial.out) / METRICS_FILE, lv.offset)
         curve = [r for r in records if "loss" in r and r.get("step", 0) > lv.curve_step]
         val = [r for r in records if "val_loss" in r and r.get("step", 0) > lv.val_step]
         if curve or val:
-            self.tracker.log_curve(lv.trial.run_id, curve + val)
+            self.tracker.log_curve(lv.trial.trial, curve + val)
             lv.curve_step = max([lv.curve_step] + [r["step"] for r in curve])
             lv.val_step = max([lv.val_step] + [r["step"] for r in val])
 
-    def _collect(self, lv: Live) -> None:
-        t = lv.trial
-        state = getattr(lv.job, "state", "").split(" ")[0]
-        if isinstance(lv.job, submitit.SlurmJob) and state in KILLED_STATES:
-            lv.job._results_timeout_s = 2  # submitit's grace for a result file on a slow NFS
-        status, value, reason, summary = _outcome(lv.job)
-        if isinstance(lv.job, submitit.SlurmJob) and (status == "failed" or state in KILLED_STATES):
-            lv.job.cancel(check=False)  # SLURM requeues a job whose node failed: that copy must not run too
-        retry_kind = RETRY_STATES.get(state) if status == "failed" else None
-        policy = self.config.retries
-        if retry_kind in policy.get("on", []) and t.attempt < policy.get("max_retries", 0):
-            t.attempt += 1  # same trial, same folder: the recipe resumes from its checkpoint
-            self.tracker.tag(t.run_id, **{f"retry_{t.attempt}": reason})
-            lv.job = self._submit(t)
+    def _settle(self, lv: Live, outcome: Outcome) -> None:
+        t, a = lv.trial, lv.attempt
+        self.busy_s += time.time() - max(a.submitted, lv.started)
+        result = TrialResult.from_dict(outcome.result) if outcome.status == "done" else \
+            TrialResult.failed(outcome.reason or "the job failed")
+        hours = (time.time() - (t.started_at or a.submitted)) / 3600
+        if not result.ok and self.config.retries.allows(outcome.retry, t.retries, t.attempt + 1, hours,
+                                                         follow=outcome.follow):
+            self._retry(lv, outcome, result.reason)
             return
         self._follow_curve(lv)
-        if self.kind == "slurm":  # sacct's view, already cached by the last batched poll
-            info = lv.job.get_info(mode="cache") if hasattr(lv.job, "get_info") else {}
-            self.tracker.tag(t.run_id, slurm_node=info.get("NodeList"), slurm_state=info.get("State"))
-        self.journal.append("result", trial=t.trial, status=status, value=value, reason=reason, summary=summary)
-        t.status, t.value, t.reason, t.summary = status, value, reason, summary
+        history = t.history + [{"job_id": a.job_id, "states": a.history or [outcome.state]}]
+        self.tracker.tag(trial_key(t.trial), slurm_state=outcome.state if self.kind == "slurm" else None,
+                         slurm_node=a.node or None, attempts=len(history),
+                         attempt_history=json.dumps([{"job_id": h.get("job_id"), "states": h.get("states"),
+                                                      "reason": h.get("reason")} for h in history]))
+        self.journal.append("result", trial=t.trial, status=result.status, value=result.value, reason=result.reason,
+                            summary=result.summary())
+        t.status, t.value, t.reason, t.summary = result.status, result.value, result.reason, result.summary()
         del self.live[t.trial]
-        self.searcher.tell(t.trial, value if status == "ok" else None)
+        self.searcher.tell(t.trial, result.value if result.ok else None)
         self._update_best(t)
-        # MLflow (artifact uploads can take seconds) waits until the freed slot has been refilled
-        self.untracked.append((t, len(self.state.finished), self.best))
+        self.untracked.append((t, len(self.state.finished), self.best))  # MLflow after the slot is refilled
         self.progress.event(t)
 
+    def _retry(self, lv: Live, outcome: Outcome, reason: str) -> None:
+        """A fresh attempt of the same trial, in the same folder: it resumes from the last checkpoint."""
+        t, a = lv.trial, lv.attempt
+        self.journal.append("retry", trial=t.trial, attempt=t.attempt, job_id=a.job_id, kind=outcome.retry,
+                            follow=outcome.follow, reason=reason)
+        t.history.append({"attempt": t.attempt, "job_id": a.job_id, "kind": outcome.retry, "reason": reason,
+                          "states": a.history or [outcome.state]})
+        t.retries += 0 if outcome.follow else 1
+        t.attempt += 1
+        self.tracker.tag(trial_key(t.trial), **{f"retry_{t.attempt}": reason})
+        self.progress.note(f"trial {t.trial}: {reason}; attempt {t.attempt + 1} submitted")
+        [lv.attempt] = self.dispatcher.submit([self._task(t)])
+        lv.started = time.time()
+        t.job_id = lv.attempt.job_id
+        self.tracker.tag(trial_key(t.trial), job_id=t.job_id)
+
     def _track(self, final: bool = False) -> None:
-        """Record finished trials in MLflow; refresh the parent run's plots now and then, and at the end."""
+        """Queue finished trials for MLflow; refresh the parent run's plots now and then, and at the end."""
         for t, n, best in self.untracked:
-            self.tracker.finish_child(t.run_id, t.status, t.value, t.summary, t.reason, t.out)
+            self.tracker.finish_child(t.trial, t.status, t.value, t.summary, t.reason, t.out)
             if t.status == "ok":
-                self.tracker.log_trial_value(n, t.value)
+                self.tracker.log_metrics(PARENT, {"trial_val_loss": t.value}, step=n)
             if best is not None:
                 self.tracker.log_best(n, best.value, best.trial, best.point)
+            self.tracker.log_metrics(PARENT, {"slot_utilization": self.utilization(),
+                                              "evaluations_in_flight": len(self.live)}, step=n)
         fresh, self.untracked = bool(self.untracked), []
         if (fresh and time.time() - self.plotted_at >= PLOT_EVERY_S) or final:
-            from orchestrator.plots import log_plots  # matplotlib/plotly: only when drawing
-            log_plots(self.tracker.client, self.tracker.parent_id, self.state, self.folder)
+            from orchestrator.plots import draw_plots  # matplotlib/plotly: only when drawing
+            if draw_plots(self.state, self.folder / "plots"):
+                self.tracker.log_plots(self.folder / "plots")
             self.plotted_at = time.time()
+        self.tracker.flush()
+
+    def utilization(self) -> float:
+        """Busy slot-seconds over parallel x wall time since this process started."""
+        now = time.time()
+        busy = self.busy_s + sum(now - max(lv.attempt.submitted, lv.started) for lv in self.live.values()
+                                 if not lv.attempt.pending)
+        return busy / max(1e-9, self.config.parallel * (now - self.t0))
 
     def _update_best(self, t: TrialState) -> None:
         if t.status == "ok" and (self.best is None or t.value < self.best.value):
             self.best = t
 
     # ------------------------------------------------------------------------------------------- the end
+    def _already_ended(self) -> StudyState:
+        """`--resume` of a finished study changes nothing: it only replays MLflow writes an outage left queued
+        (a registration among them)."""
+        self.searcher.close()
+        for t in self.state.finished:
+            self._update_best(t)
+        pending = self.tracker.outbox.pending
+        seq = self._queue_registration() if not self.state.registered else None
+        drained = self.tracker.close(wait_s=24 * 3600, idle_s=DRAIN_IDLE_S)
+        if seq is not None and drained:
+            self._journal_registration(seq)
+        said = f"study {self.config.study!r} has finished already ({len(self.state.finished)} evaluations" + \
+            (f", best {self.best.value:.4f} at trial {self.best.trial})" if self.best else ")")
+        if pending:
+            said += f"; {pending} queued MLflow writes " + ("replayed" if drained else "still wait (MLflow unreachable)")
+        self._warn(said + ": nothing else to do")
+        self._note_run_ids()
+        return self.state
+
+    def _note_run_ids(self) -> None:
+        self.state.parent_run_id = self.tracker.run_id(PARENT)
+        for t in self.state.trials.values():
+            t.run_id = self.tracker.run_id(trial_key(t.trial))
+
+    def _queue_registration(self) -> int | None:
+        if self.best is None or self.config.objective is not None or self.config.register_as == "":
+            return None
+        name = self.config.register_as or f"{self.config.study}-adapter"
+        return self.tracker.register(name, self.best.trial, registry_tags(self.config, self.best))
+
+    def _journal_registration(self, seq: int) -> dict:
+        name = self.config.register_as or f"{self.config.study}-adapter"
+        registered = {"name": name, "version": self.tracker.outbox.result(seq), "trial": self.best.trial,
+                      "run_id": self.tracker.run_id(trial_key(self.best.trial)), "uri": f"models:/{name}@champion"}
+        self.journal.append("registered", **registered)
+        self.state.registered.append(registered)
+        return registered
+
     def _finish(self) -> None:
         self._track(final=True)
-        registered = None
-        if self.best is not None and self.config.objective is None and self.config.register_as != "":
-            registered = register_best(self.tracker.client, self.config, self.best)
-            self.journal.append("registered", **registered)
+        seq = self._queue_registration()
         self.tracker.end_parent("FINISHED")
-        self.journal.append("end")
-        self.progress.summary(self.state, self.best, self.space.default_point(), registered)
+        pending = self.tracker.outbox.pending
+        if pending > 20:
+            self._warn(f"waiting for MLflow to take {pending} queued writes...")
+        drained = self.tracker.close(wait_s=24 * 3600, idle_s=DRAIN_IDLE_S)
+        registered = self._journal_registration(seq) if seq is not None and drained else None
+        self.journal.append("end", mlflow_pending=0 if drained else self.tracker.outbox.pending)
+        self.state.ended = True
+        self._note_run_ids()
+        self.progress.summary(self.state, self.best, self.space.default_point(), registered, where(self))
+        if not drained:
+            raise StudyError(f"the study finished but MLflow took no write for {DRAIN_IDLE_S:.0f} s "
+                             f"({self.tracker.outbox.status()}): the writes wait in {self.folder}/mlflow-outbox.jsonl; "
+                             f"replay them with: python -m orchestrator --study {self.config.study} --resume")
 
 
-def register_best(client, config: StudyConfig, best: TrialState) -> dict:
-    name = config.register_as or f"{config.study}-adapter"
-    tags = {"study": config.study, "algo": config.algo, "val_loss": best.value, "trial": best.trial,
+def where(study: Study) -> dict:
+    """Every place a person looks at after a study (for the final summary)."""
+    uri = study.config.tracking()
+    ui = (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite:")
+          else uri)
+    return {"folder": str(study.folder), "tracking_uri": uri, "ui": ui,
+            "plots": str(study.folder / "plots"), "journal": str(study.journal.path)}
+
+
+def registry_tags(config: StudyConfig, best: TrialState) -> dict:
+    return {"study": config.study, "algo": config.algo, "val_loss": best.value, "trial": best.trial,
             "base_model": config.trial.get("base_model", ""), **{f"hp.{k}": v for k, v in best.point.items()}}
-    version = register(client, name, best.run_id, tags)
-    return {"name": name, "version": version, "trial": best.trial, "uri": f"models:/{name}@champion"}
 
 
-def job_result(job) -> tuple[object, str | None]:
-    """(rank 0's result, None), or (None, why the job did not return one): cancelled, timed out, node
-    failure or out of memory (seen by SLURM), or an exception inside the job."""
-    try:
-        return job.results()[0], None  # a multi-GPU job has one task per GPU
-    except UncompletedJobError as e:
-        state = re.search(r"has not produced any output \(state: ([^)\n]*)\)", str(e))
-        why = f"state: {state.group(1)}" if state else _first_line(e)
-        return None, f"job {job.job_id} did not complete ({why})"
-    except FailedJobError as e:
-        return None, f"job {job.job_id} raised: {_last_error_line(e)}"
-    except Exception as e:
-        return None, f"job {getattr(job, 'job_id', '?')}: {type(e).__name__}: {_first_line(e)}"
+def read_new_records(path: Path, offset: int) -> tuple[list[dict], int]:
+    """JSON records appended to `path` since byte `offset` (a line being written is read next time); a file
+    rewritten under us (a resumed job trims it to its checkpoint) is read again from the start."""
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(max(offset - 1, 0))
+        chunk = f.read()
+    if offset and chunk[:1] != b"\n":
+        offset, chunk = 0, path.read_bytes()
+    elif offset:
+        chunk = chunk[1:]
+    complete = chunk[:chunk.rfind(b"\n") + 1]
+    records = []
+    for line in complete.decode(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # torn by a rewrite under our feet: steps already seen are skipped
+            continue
+    return records, offset + len(complete)
 
 
-def _outcome(job) -> tuple[str, float | None, str | None, dict]:
-    """(status, value, reason, summary) of a finished job, whatever way it ended."""
-    result, why = job_result(job)
-    if why:
-        return "failed", None, why, {}
-    if not isinstance(result, dict):
-        return "failed", None, f"job returned {type(result).__name__}, expected a result dict", {}
-    summary = {k: v for k, v in result.items() if k not in ("spec", "traceback") and not isinstance(v, (dict, list))}
-    if result.get("status") == "ok":
-        return "ok", float(result["val_loss"]), None, summary
-    return "failed", None, result.get("reason") or "the job reported a failure", summary
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
-
-
-def _last_error_line(e: BaseException) -> str:
-    lines = [line for line in str(e).strip().splitlines() if line.strip() and not line.startswith(" ")]
-    return (lines[-1] if lines else type(e).__name__)[:300]
+def check_objective(target: str, code_dir: Path | None) -> None:
+    """Import the objective the way jobs will (in a subprocess: it may import anything) before any submission."""
+    script = "import sys\nfrom jobs.entry import load_objective\nload_objective(sys.argv[1])\n"
+    env = dict(os.environ)
+    cmd = [sys.executable, "-c", script, target]
+    if code_dir is not None and sys.version_info >= (3, 11):
+        env["PYTHONPATH"] = pinned_path(code_dir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        cmd.insert(1, "-P")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        said = lines[-1] if lines else f"objective {target!r} cannot be loaded"
+        raise StudyError(said.removeprefix("ValueError: ") + " (nothing was submitted)")
 
 
 def _plain(x):
     return json.loads(json.dumps(x, default=float)) if x is not None else None
 
 
-class _FailedSubmission:
-    """Stands in for a job that could not be submitted: done at once, its result a failure."""
-    job_id, state = "none", "SUBMISSION_FAILED"
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def done(self) -> bool:
-        return True
-
-    def results(self):
-        return [{"status": "failed", "reason": self.reason, "val_loss": None}]
-
-
-class ReattachedLocalJob(submitit.local.local.LocalJob):
-    """A local job started by a previous orchestrator process: alive while its PID runs (zombies excluded)."""
-
-    def get_info(self, mode: str = "force") -> dict:
-        if self.paths.result_pickle.exists():
-            return {"jobState": "FINISHED"}
-        try:
-            stat = Path(f"/proc/{int(self.job_id)}/stat").read_text()
-            alive = stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except (OSError, ValueError, IndexError):
-            alive = False
-        return {"jobState": "RUNNING" if alive else "INTERRUPTED"}
-
-
-def run_study(config: StudyConfig, resume: bool = False, out=sys.stdout) -> StudyState:
+def run_study(config: StudyConfig, resume: bool = False, out=None) -> StudyState:
+    """Run (or resume) a study under its lock: one orchestrator per study."""
     os.makedirs(config.folder, exist_ok=True)
-    return Study(config, resume, out).run()
+    with StudyLock(config.folder / "study.lock", what=f"study {config.study!r}"):
+        return Study(config, resume, out).run()

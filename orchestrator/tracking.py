@@ -3,8 +3,12 @@
 Experiment = study. One parent run per study (resolved config, search space, algorithm settings, code
 version, budget; the best-so-far validation loss as a stepped metric), one child run per evaluation
 (`mlflow.parentRunId`), carrying the decoded and encoded point, the training curve followed live from the
-job's metrics.jsonl, the final metrics, the SLURM job id and node, FINISHED or FAILED with the reason, and
-the adapter as an artifact. Explicit run ids everywhere (MlflowClient): no implicit "active run".
+job's metrics.jsonl, the final metrics, the job id and node, FINISHED or FAILED with the reason, and the
+adapter as an artifact. Runs are named by keys ("parent", "trial:3"), never by an implicit "active run".
+
+Every write goes through the study's durable outbox (orchestrator/outbox.py): the study loop only queues, a
+background thread writes, and an outage of the tracking server delays the writes without losing or
+repeating any. `Tracker.run_id(key)` gives a run's id once it exists.
 """
 from __future__ import annotations
 
@@ -14,16 +18,20 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from jobs.contract import ADAPTER_DIR, RESULT_FILE, SPEC_FILE
+from orchestrator.outbox import Outbox
 
 CURVE_KEYS = {"loss": "train_loss", "lr": "lr", "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s"}
-# result.json key -> final metric name (distinct from the stepped curve's names, which share no history)
+# result key -> final metric name (distinct from the stepped curve's names, which share no history)
 FINAL_KEYS = {"val_loss": "val_loss", "val_loss_before": "val_loss_before", "train_loss": "train_loss_last_epoch",
               "tokens_per_s": "train_tokens_per_s", "train_s": "train_s", "eval_s": "eval_s", "setup_s": "setup_s",
               "total_s": "total_s", "trainable_params": "trainable_params", "steps": "steps", "n_train": "n_train",
               "n_val": "n_val"}
+PARENT = "parent"
+
+
+def trial_key(trial: int) -> str:
+    return f"trial:{trial}"
 
 
 def code_version() -> dict:
@@ -39,7 +47,7 @@ def code_version() -> dict:
     return {"git_sha": sha or "unknown", "git_dirty": str(dirty)}
 
 
-def _artifact_location(uri: str, study: str) -> str | None:
+def artifact_location(uri: str, study: str) -> str | None:
     """For the local SQLite default, artifacts live beside the database: mlruns/artifacts/<study>."""
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
@@ -47,119 +55,137 @@ def _artifact_location(uri: str, study: str) -> str | None:
     return None
 
 
-def _params(d: dict, prefix: str = "") -> list[Param]:
-    text = lambda v: json.dumps(v) if isinstance(v, (dict, list)) else str(v)  # noqa: E731
-    return [Param(prefix + k, text(v)[:6000]) for k, v in d.items()]
+def _text(v) -> str:
+    return (json.dumps(v) if isinstance(v, (dict, list)) else str(v))[:6000]
+
+
+def _ms(seconds: float | None = None) -> int:
+    return int((time.time() if seconds is None else seconds) * 1000)
 
 
 class Tracker:
-    def __init__(self, uri: str, study: str):
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=uri)
-        self.uri = uri
-        exp = self.client.get_experiment_by_name(study)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            study, artifact_location=_artifact_location(uri, study))
-        self.parent_id: str | None = None
+    def __init__(self, uri: str, study: str, folder: str | Path, uid: str, log=print):
+        self.uri, self.study = uri, study
+        self.outbox = Outbox(Path(folder) / "mlflow-outbox.jsonl", uri, study, uid,
+                             artifact_location=artifact_location(uri, study), log=log)
+        self.outbox.start()
+
+    def run_id(self, key: str) -> str | None:
+        return self.outbox.run_id(key)
+
+    def flush(self) -> None:
+        self.outbox.flush()
+
+    def close(self, wait_s: float = 0.0, idle_s: float | None = None) -> bool:
+        return self.outbox.close(wait_s, idle_s)
 
     # ------------------------------------------------------------------------------------------- parent
-    def start_parent(self, config: dict, space: dict, resume_run_id: str | None = None) -> str:
-        if resume_run_id:
-            self.parent_id = resume_run_id
-            self.client.update_run(resume_run_id, status="RUNNING")
-            self.client.set_tag(resume_run_id, "resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
-            return resume_run_id
+    def start_parent(self, config: dict, space: dict) -> None:
+        box = self.outbox
+        if box.has("create:parent"):
+            box.put("set_status", key=PARENT, status="RUNNING")
+            box.put("log_batch", key=PARENT, tags={"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            return
         tags = {"study": config["study"], "algo": config["algo"], "role": "study", **code_version()}
-        run = self.client.create_run(self.experiment_id, run_name=f"{config['study']}", tags=tags)
-        self.parent_id = run.info.run_id
+        box.put("create_run", mark="create:parent", key=PARENT, name=config["study"], tags=tags,
+                start_time=_ms())
         flat = {"algo": config["algo"], "budget": config["budget"], "parallel": config["parallel"],
                 "seed": config["seed"], "executor": config["executor"], "preset": config["preset"],
                 "objective": config["objective"] or "finetune"}
-        self.client.log_batch(self.parent_id, params=_params(flat) + _params(config["searcher_options"], "opt.")
-                              + _params(config["trial"], "trial."))
-        self.client.log_dict(self.parent_id, config, "study_config.json")
-        self.client.log_dict(self.parent_id, space, "search_space.json")
-        return self.parent_id
+        params = {**{k: _text(v) for k, v in flat.items()},
+                  **{f"opt.{k}": _text(v) for k, v in config["searcher_options"].items()},
+                  **{f"trial.{k}": _text(v) for k, v in config["trial"].items()}}
+        items = list(params.items())
+        for i in range(0, len(items), 90):  # MLflow takes at most 100 params per batch
+            box.put("log_batch", key=PARENT, params=dict(items[i:i + 90]))
+        box.put("log_text", key=PARENT, text=json.dumps(config, indent=2, default=str), file="study_config.json")
+        box.put("log_text", key=PARENT, text=json.dumps(space, indent=2, default=str), file="search_space.json")
 
     def log_best(self, step: int, value: float, trial: int, point: dict) -> None:
-        self.client.log_metric(self.parent_id, "best_val_loss", value, step=step)
-        self.client.log_batch(self.parent_id, tags=[RunTag("best_trial", str(trial)),
-                                                    RunTag("best_point", json.dumps(point))])
+        self.outbox.put("log_batch", key=PARENT, metrics=[["best_val_loss", value, _ms(), step]],
+                        tags={"best_trial": str(trial), "best_point": json.dumps(point)})
 
-    def log_trial_value(self, step: int, value: float) -> None:
-        self.client.log_metric(self.parent_id, "trial_val_loss", value, step=step)
+    def log_metrics(self, key: str, metrics: dict, step: int = 0, at: float | None = None) -> None:
+        rows = [[k, float(v), _ms(at), step] for k, v in metrics.items() if v is not None]
+        if rows:
+            self.outbox.put("log_batch", key=key, metrics=rows)
+
+    def tag(self, key: str, **tags) -> None:
+        tags = {k: str(v)[:5000] for k, v in tags.items() if v is not None}
+        if tags:
+            self.outbox.put("log_batch", key=key, tags=tags)
+
+    def log_plots(self, folder: str | Path) -> None:
+        self.outbox.put("log_artifacts", key=PARENT, path=str(folder), artifact_path="plots")
 
     def end_parent(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.parent_id, status=status)
+        self.outbox.put("set_status", key=PARENT, status=status, end_time=_ms())
 
-    def reconcile(self, trials: dict) -> None:
-        """After a crash: finish child runs whose result the journal has but MLflow missed, and mark runs the
-        journal never recorded (the crash came between creating the run and journaling it) as KILLED."""
-        runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_id}' "
-                                       "and attributes.status = 'RUNNING'", max_results=10000)
-        for run in runs:
-            t = trials.get(int(run.data.tags.get("trial", -1)))
-            if t is None or t.run_id != run.info.run_id:
-                self.client.set_terminated(run.info.run_id, status="KILLED")
-            elif t.status is not None:
-                self.finish_child(t.run_id, t.status, t.value, t.summary, t.reason, t.out)
+    def register(self, name: str, trial: int, tags: dict) -> int:
+        """Queue the registration of the trial's adapter as `name`@champion (once: a registration queued before
+        is not queued again); returns the write's sequence number, whose result is the model version."""
+        mark = f"register:{name}:{trial}"
+        if self.outbox.has(mark):
+            return self.outbox.seq_of(mark)
+        return self.outbox.put("register", mark=mark, key=trial_key(trial), name=name,
+                               alias="champion", artifact_path=ADAPTER_DIR,
+                               tags={k: str(v) for k, v in tags.items()})
 
     # ------------------------------------------------------------------------------------------- children
-    def start_child(self, trial: int, point: dict, encoded, algo: str) -> str:
-        tags = {"mlflow.parentRunId": self.parent_id, "trial": str(trial), "algo": algo, "role": "trial"}
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial:03d}", tags=tags)
-        encoded_params = {"encoded": encoded}
-        self.client.log_batch(run.info.run_id, params=_params(point) + _params(encoded_params))
-        return run.info.run_id
+    def start_child(self, trial: int, point: dict, encoded, algo: str) -> None:
+        key = trial_key(trial)
+        if self.outbox.has(f"create:{key}"):
+            return  # a resumed study: the run exists (or its creation waits in the outbox)
+        tags = {"trial": str(trial), "algo": algo, "role": "trial"}
+        self.outbox.put("create_run", mark=f"create:{key}", key=key, parent=PARENT, name=f"trial-{trial:03d}",
+                        tags=tags, start_time=_ms())
+        self.outbox.put("log_batch", key=key, params={**{k: _text(v) for k, v in point.items()},
+                                                      "encoded": _text(encoded)})
 
-    def tag(self, run_id: str, **tags) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None])
-
-    def last_curve_step(self, run_id: str) -> int:
-        """Highest step of the live curve already logged (so a resumed study does not log it twice)."""
-        history = self.client.get_metric_history(run_id, "train_loss")
-        return max((m.step for m in history), default=0)
-
-    def log_curve(self, run_id: str, records: Iterable[dict]) -> None:
-        now = int(time.time() * 1000)
+    def log_curve(self, trial: int, records: Iterable[dict]) -> None:
+        now = time.time()
         metrics = []
         for r in records:
-            ts = int(r.get("time", now / 1000) * 1000)
+            ts = _ms(r.get("time", now))
             if "val_loss" in r:
-                metrics.append(Metric("val_loss_curve", r["val_loss"], ts, r["step"]))
-            metrics += [Metric(name, float(r[key]), ts, r["step"]) for key, name in CURVE_KEYS.items() if key in r]
+                metrics.append(["val_loss_curve", float(r["val_loss"]), ts, r["step"]])
+            metrics += [[name, float(r[key]), ts, r["step"]] for key, name in CURVE_KEYS.items() if key in r]
         for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(run_id, metrics=metrics[i:i + 900])
+            self.outbox.put("log_batch", key=trial_key(trial), metrics=metrics[i:i + 900])
 
-    def finish_child(self, run_id: str, status: str, value: float | None, summary: dict, reason: str | None,
+    def finish_child(self, trial: int, status: str, value: float | None, summary: dict, reason: str | None,
                      out: str | None) -> None:
-        now = int(time.time() * 1000)
-        metrics = [Metric(name, float(summary[k]), now, 0) for k, name in FINAL_KEYS.items()
+        key, now = trial_key(trial), _ms()
+        if self.outbox.has(f"finish:{key}"):
+            return
+        metrics = [[name, float(summary[k]), now, 0] for k, name in FINAL_KEYS.items()
                    if isinstance(summary.get(k), (int, float)) and not isinstance(summary.get(k), bool)]
+        if status == "ok" and value is not None and not any(m[0] == "val_loss" for m in metrics):
+            metrics.append(["val_loss", float(value), now, 0])
         if isinstance(summary.get("peak_memory_bytes"), (int, float)):
-            metrics.append(Metric("peak_memory_gb", summary["peak_memory_bytes"] / 2**30, now, 0))
-        tags = [RunTag("status", status)] + ([RunTag("failure_reason", reason[:5000])] if reason else [])
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+            metrics.append(["peak_memory_gb", summary["peak_memory_bytes"] / 2**30, now, 0])
+        tags = {"status": status, **({"failure_reason": reason[:5000]} if reason else {})}
+        self.outbox.put("log_batch", key=key, metrics=metrics, tags=tags)
         folder = Path(out) if out else None
         if folder and folder.is_dir():
-            for name in ("result.json", "spec.json"):
+            for name in (RESULT_FILE, SPEC_FILE):
                 if (folder / name).exists():
-                    self.client.log_artifact(run_id, str(folder / name))
-            if status == "ok" and (folder / "adapter").is_dir():
-                self.client.log_artifacts(run_id, str(folder / "adapter"), "adapter")
-        self.client.set_terminated(run_id, status="FINISHED" if status == "ok" else "FAILED")
+                    self.outbox.put("log_artifact", key=key, path=str(folder / name))
+            if status == "ok" and (folder / ADAPTER_DIR).is_dir():
+                self.outbox.put("log_artifacts", key=key, path=str(folder / ADAPTER_DIR), artifact_path=ADAPTER_DIR)
+        self.outbox.put("set_status", mark=f"finish:{key}", key=key,
+                        status="FINISHED" if status == "ok" else "FAILED", end_time=now)
 
 
-def register(client: MlflowClient, name: str, run_id: str, tags: dict) -> str:
-    """Register the run's adapter artifact as a new version of `name`, alias it `champion`; returns the version."""
-    try:
-        client.create_registered_model(name, tags={"kind": "lora-adapter"})
-    except MlflowException as e:
-        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
-            raise
-    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/adapter"
-    version = client.create_model_version(name, source=source, run_id=run_id,
-                                          tags={k: str(v) for k, v in tags.items()})
-    client.set_registered_model_alias(name, "champion", version.version)
-    return version.version
+def load_study(folder: str | Path):
+    """A study's state from its journal, with the MLflow run ids its outbox created (parent and trials)."""
+    from orchestrator.journal import Journal
+    from orchestrator.outbox import run_ids
+
+    folder = Path(folder)
+    state = Journal(folder / "journal.jsonl").load()
+    ids = run_ids(folder / "mlflow-outbox.jsonl")
+    state.parent_run_id = ids.get(PARENT, state.parent_run_id)
+    for t in state.trials.values():
+        t.run_id = ids.get(trial_key(t.trial), t.run_id)
+    return state

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real single-node SLURM cluster (with accounting and fake GPUs) for development and tests.
 #
-#   slurm/dev-cluster.sh start [--gpus N] [--cpus N] [--mem-gb N] [--dir DIR]
+#   slurm/dev-cluster.sh start [--profile fast|production] [--gpus N] [--cpus N] [--mem-gb N] [--dir DIR]
 #   eval "$(slurm/dev-cluster.sh env)"      # exports SLURM_CONF for sbatch/sacct/submitit
 #   slurm/dev-cluster.sh status             # exit 0 running, 3 stopped, 1 partly running
 #   slurm/dev-cluster.sh stop
@@ -11,8 +11,15 @@
 # under one folder (default ${LORA_HPO_SLURM_DIR:-/var/tmp/lora-hpo-slurm}); the clients find the cluster
 # through SLURM_CONF, nothing is written to /etc. Accounting is on because submitit reads job states
 # from sacct. `start` is idempotent and returns once the node is idle and sacct answers; settings given
-# once (--gpus, --cpus, --mem-gb) are remembered by later starts. `stop` ends only the daemons it started
-# (by pid file), after cancelling the jobs still queued.
+# once (--profile, --gpus, --cpus, --mem-gb) are remembered by later starts. `stop` ends only the daemons it
+# started (by pid file), after cancelling the jobs still queued.
+#
+# Profiles: `fast` (default) for development: short KillWait and credential expiry, a scheduler pass every
+# 2 s. `production`: what sites usually run, and what the project is tested against too: KillWait=30, the
+# scheduler's defaults (batch_sched_delay 3 s, sched_interval 60 s), credential expiry 120 s (a requeued job
+# is held that long), DefMemPerCPU, a partition MaxTime, memory enforced by accounting (OverMemoryKill), and
+# partition-priority preemption: jobs in `urgent` preempt jobs in `gpu` (PreemptMode=REQUEUE) and in
+# `scavenger` (PreemptMode=CANCEL).
 #
 # Environment: LORA_HPO_SLURM_DIR (folder), LORA_HPO_SLURM_PORT_BASE (default 16817: slurmctld, slurmd,
 # slurmdbd and MariaDB use BASE..BASE+3), LORA_HPO_SLURM_TIMEOUT_S (readiness wait, default 90).
@@ -36,17 +43,20 @@ parse_args() {
     [[ -n $CMD ]] || usage
     shift
     DIR=${LORA_HPO_SLURM_DIR:-/var/tmp/lora-hpo-slurm}
-    OPT_GPUS="" OPT_CPUS="" OPT_MEM_GB=""
+    OPT_GPUS="" OPT_CPUS="" OPT_MEM_GB="" OPT_PROFILE=""
     while [[ $# -gt 0 ]]; do
         case $1 in
+            --profile) OPT_PROFILE=${2:?--profile needs fast or production}; shift 2 ;;
             --gpus) OPT_GPUS=${2:?--gpus needs a number}; shift 2 ;;
             --cpus) OPT_CPUS=${2:?--cpus needs a number}; shift 2 ;;
             --mem-gb) OPT_MEM_GB=${2:?--mem-gb needs a number}; shift 2 ;;
             --dir) DIR=${2:?--dir needs a folder}; shift 2 ;;
             -h|--help) usage ;;
-            *) die "unknown argument '$1' (valid: --gpus N, --cpus N, --mem-gb N, --dir DIR)" ;;
+            *) die "unknown argument '$1' (valid: --profile fast|production, --gpus N, --cpus N, --mem-gb N, --dir DIR)" ;;
         esac
     done
+    [[ -z $OPT_PROFILE || $OPT_PROFILE == fast || $OPT_PROFILE == production ]] ||
+        die "--profile must be fast or production, got '$OPT_PROFILE'"
     for pair in "--gpus:$OPT_GPUS" "--cpus:$OPT_CPUS" "--mem-gb:$OPT_MEM_GB"; do
         [[ -z ${pair#*:} || ${pair#*:} =~ ^[0-9]+$ ]] || die "${pair%%:*} must be a whole number, got '${pair#*:}'"
     done
@@ -138,10 +148,10 @@ install_packages() {
 
 # ---------------------------------------------------------------- configuration
 load_settings() {
-    GPUS=4 CPUS=8 MEM_GB=64
+    GPUS=4 CPUS=8 MEM_GB=64 PROFILE=fast
     # shellcheck disable=SC1091
     [[ -f $ETC/settings ]] && source "$ETC/settings"
-    GPUS=${OPT_GPUS:-$GPUS} CPUS=${OPT_CPUS:-$CPUS} MEM_GB=${OPT_MEM_GB:-$MEM_GB}
+    GPUS=${OPT_GPUS:-$GPUS} CPUS=${OPT_CPUS:-$CPUS} MEM_GB=${OPT_MEM_GB:-$MEM_GB} PROFILE=${OPT_PROFILE:-$PROFILE}
     ((CPUS >= 1)) || die "--cpus must be at least 1, got $CPUS"
     ((MEM_GB >= 1)) || die "--mem-gb must be at least 1, got $MEM_GB"
 }
@@ -156,6 +166,32 @@ write_if_changed() {  # write_if_changed FILE MODE < content; sets CHANGED=1 whe
     else
         mv "$tmp" "$1"
         CHANGED=1
+    fi
+}
+
+profile_settings() {  # the slurm.conf lines that differ between the profiles
+    local nodes="Nodes=ALL"
+    if [[ $PROFILE == production ]]; then
+        CRED_EXPIRE="" KILL_WAIT=30
+        SCHEDULER="# The scheduler's defaults: batch_sched_delay=3, sched_interval=60."
+        PREEMPTION="PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE"
+        ACCT_GATHER="JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=2
+JobAcctGatherParams=OverMemoryKill"
+        PARTITIONS="PartitionName=gpu $nodes Default=YES MaxTime=1-00:00:00 DefaultTime=60 PriorityTier=1 PreemptMode=REQUEUE State=UP
+PartitionName=scavenger $nodes MaxTime=1-00:00:00 DefaultTime=60 PriorityTier=1 PreemptMode=CANCEL State=UP
+PartitionName=urgent $nodes MaxTime=04:00:00 DefaultTime=60 PriorityTier=10 PreemptMode=OFF State=UP
+PartitionName=debug $nodes MaxTime=01:00:00 DefaultTime=30 PriorityTier=1 PreemptMode=REQUEUE State=UP"
+    else
+        CRED_EXPIRE=",cred_expire=5" KILL_WAIT=2
+        SCHEDULER="# Without batch_sched_delay=0 every job waits about 3 s before it starts; a requeued job becomes eligible
+# with no event to wake the scheduler, so it waits for the next pass (sched_interval, default 60 s).
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2"
+        PREEMPTION="PreemptType=preempt/none"
+        ACCT_GATHER="JobAcctGatherType=jobacct_gather/none"
+        PARTITIONS="PartitionName=gpu $nodes Default=YES MaxTime=7-00:00:00 DefaultTime=60 State=UP
+PartitionName=debug $nodes MaxTime=7-00:00:00 DefaultTime=60 State=UP"
     fi
 }
 
@@ -181,7 +217,9 @@ write_configs() {
     CHANGED=""
     local gres_line="" mem_mb=$((MEM_GB * 1024)) i
     ((GPUS > 0)) && gres_line=" Gres=gpu:$GPUS"
-    printf 'GPUS=%s\nCPUS=%s\nMEM_GB=%s\n' "$GPUS" "$CPUS" "$MEM_GB" | write_if_changed "$ETC/settings" 644
+    printf 'GPUS=%s\nCPUS=%s\nMEM_GB=%s\nPROFILE=%s\n' "$GPUS" "$CPUS" "$MEM_GB" "$PROFILE" |
+        write_if_changed "$ETC/settings" 644
+    profile_settings
     write_if_changed "$ETC/slurm.conf" 644 <<EOF
 # Written by $PROG: single-node development cluster.
 ClusterName=$CLUSTER_NAME
@@ -192,7 +230,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 # cred_expire also holds a requeued job back that long before it may start again (default 120 s).
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=5
+AuthInfo=socket=$MUNGE_SOCKET$CRED_EXPIRE
 CredType=cred/munge
 StateSaveLocation=$DIR/spool/slurmctld
 SlurmdSpoolDir=$DIR/spool/slurmd
@@ -209,13 +247,12 @@ DefMemPerCPU=1024
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
-# Without batch_sched_delay=0 every job waits about 3 s before it starts; a requeued job becomes eligible
-# with no event to wake the scheduler, so it waits for the next pass (sched_interval, default 60 s).
-SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
+$SCHEDULER
 # Advertise more CPUs than the machine has so that several jobs run at once.
 SlurmdParameters=config_overrides
-# Short grace between SIGTERM and SIGKILL: submitit ignores SIGTERM, and completing jobs hold up scheduling.
-KillWait=2
+# Grace between SIGTERM and SIGKILL (a signalled job of this project saves its checkpoint and exits at once).
+KillWait=$KILL_WAIT
+$PREEMPTION
 InactiveLimit=0
 MinJobAge=300
 GresTypes=gpu
@@ -225,11 +262,10 @@ AccountingStoragePort=$DBD_PORT
 # slurmctld takes its munge socket for slurmdbd from here, not from AuthInfo.
 AccountingStoragePass=$MUNGE_SOCKET
 AccountingStorageTRES=gres/gpu
-JobAcctGatherType=jobacct_gather/none
+$ACCT_GATHER
 JobCompType=jobcomp/none
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem_mb$gres_line State=UNKNOWN
-PartitionName=gpu Nodes=ALL Default=YES MaxTime=7-00:00:00 DefaultTime=60 State=UP
-PartitionName=debug Nodes=ALL MaxTime=7-00:00:00 DefaultTime=60 State=UP
+$PARTITIONS
 EOF
     {
         echo "# Written by $PROG: fake GPUs (device files cloned from /dev/null)."
@@ -368,7 +404,7 @@ cmd_start() {
     start_slurm_daemon slurmctld
     start_slurm_daemon slurmd
     wait_until_ready
-    log "cluster up: node $NODE, $CPUS CPUs, $GPUS GPUs, ${MEM_GB} GB, partitions gpu (default) and debug"
+    log "cluster up ($PROFILE profile): node $NODE, $CPUS CPUs, $GPUS GPUs, ${MEM_GB} GB, partitions $(sinfo -h -o %P | tr '\n' ' ')"
     echo "export SLURM_CONF=$SLURM_CONF"
 }
 
@@ -457,7 +493,8 @@ main() {
             "cmd_$CMD" ;;
         status) cmd_status ;;
         env) echo "export SLURM_CONF=$SLURM_CONF" ;;
-        *) die "unknown command '$CMD' (valid: start, stop, status, env)" ;;
+        profile) load_settings; echo "$PROFILE" ;;
+        *) die "unknown command '$CMD' (valid: start, stop, status, env, profile)" ;;
     esac
 }
 

@@ -1,6 +1,6 @@
 """Login-node side of job submission: typed resources in, a plain submitit executor out (never imports torch).
 
-    from slurm.executors import Resources, make_executor, force_states
+    from slurm.executors import Resources, make_executor
     res = Resources(partition="gpu", gpus_per_node=4, timeout_min=180, setup=["source .venv/bin/activate"])
     executor = make_executor("auto", "runs/submitit", res, job_name="trial-7")
     job = executor.submit(jobs.finetune.run, spec)     # a submitit Job: done(), result(), cancel()
@@ -8,10 +8,8 @@
 `kind` is "slurm", "local" (subprocesses on this machine), "debug" (in this process) or "auto" (slurm when
 `sbatch` is on PATH and `sinfo` answers, else local). For a dev cluster: `eval "$(slurm/dev-cluster.sh env)"`.
 
-Polling many jobs: submitit's watcher asks `sacct` about every registered job in one call, but only on its
-own back-off schedule (up to 600 s apart), and `job.done(force_check=True)` forces a call per job. A study
-loop calls `force_states(jobs)` once per tick (one sacct call for all of them), then reads `job.done()`,
-which answers from that cache.
+Following jobs (states, results, retries) is slurm/dispatch.py's work: the study and the evaluation loops
+go through its Dispatcher, never through this executor directly.
 
 Pinning the code: `snapshot_code(study_folder / "code")` copies the project's packages once, and
 `make_executor(..., code_dir=that folder)` starts every job's Python with the snapshot first on its path and
@@ -35,6 +33,7 @@ import submitit
 from submitit.slurm.slurm import SlurmJob
 
 KINDS = ("auto", "slurm", "local", "debug")
+LOCAL_PARAMETERS = ("name", "timeout_min", "gpus_per_node", "tasks_per_node")
 REPO = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("orchestrator", "jobs", "evaluation", "slurm")  # what jobs import from the project
 
@@ -78,21 +77,20 @@ class Resources:
     additional_parameters: dict[str, Any] = field(default_factory=dict)
     # Shell lines run by the batch script before the job starts (SLURM only: module load, venv activation).
     setup: list[str] = field(default_factory=list)
-    # Seconds before the time limit at which SLURM sends USR2 so submitit can checkpoint and requeue.
-    # SLURM may send it up to 60 s earlier than asked. None: 90 s, or a quarter of the limit for short jobs
-    # (a 2-minute test job with the default 90 s would be signalled right after it starts).
+    # Seconds before the time limit at which SLURM sends USR2: the job saves its checkpoint and stops, and
+    # the orchestrator continues the trial in a fresh job if `retries.on` has "timeout". SLURM may send it up
+    # to 60 s earlier than asked (its event loop ticks once a minute). None: 180 s, enough for a 7B adapter
+    # and its optimizer state (r=512 on q/v of Llama-2-7b: ~3 GB) on a parallel file system, or a quarter
+    # of the limit for short jobs (a 2-minute test job would otherwise be signalled right after it starts).
     signal_delay_s: int | None = None
-    # How many times a timed-out or preempted checkpointable job is requeued before it is given up.
-    max_num_timeout: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min", "max_num_timeout"):
+        for name in ("nodes", "gpus_per_node", "cpus_per_task", "timeout_min"):
             _check_int(name, getattr(self, name))
         _check_min("nodes", self.nodes, 1, "ask for at least one node")
         _check_min("gpus_per_node", self.gpus_per_node, 0, "use 0 for a CPU-only job")
         _check_min("cpus_per_task", self.cpus_per_task, 1, "ask for at least one CPU per task")
         _check_min("timeout_min", self.timeout_min, 1, "give the wall-clock limit in whole minutes")
-        _check_min("max_num_timeout", self.max_num_timeout, 0, "use 0 to never requeue")
         if self.tasks_per_node is None:
             self.tasks_per_node = max(1, self.gpus_per_node)
         _check_int("tasks_per_node", self.tasks_per_node)
@@ -113,7 +111,7 @@ class Resources:
     def _check_signal_delay(self) -> None:
         limit_s = self.timeout_min * 60
         if self.signal_delay_s is None:
-            self.signal_delay_s = min(90, limit_s // 4)
+            self.signal_delay_s = min(180, limit_s // 4)
         _check_int("signal_delay_s", self.signal_delay_s)
         if not 0 <= self.signal_delay_s < limit_s:
             _fail("signal_delay_s", self.signal_delay_s,
@@ -136,6 +134,9 @@ class Resources:
     def from_dict(cls, data: Mapping[str, Any]) -> "Resources":
         """Build from configuration data (YAML, JSON); unknown keys are rejected with the valid ones listed."""
         valid = [f.name for f in dataclasses.fields(cls)]
+        if "max_num_timeout" in data:
+            raise ResourcesError("resources.max_num_timeout was removed: the orchestrator retries trials itself; "
+                                 "write retries: {on: [timeout], max_retries: N} to continue timed-out trials")
         unknown = sorted(set(data) - set(valid))
         if unknown:
             raise ResourcesError(f"unknown resources key(s) {unknown}; valid keys are: {', '.join(valid)}")
@@ -202,14 +203,19 @@ def snapshot_code(dest: str | Path, root: Path = REPO, packages: Iterable[str] =
     return dest
 
 
+def pinned_path(code_dir: str | Path) -> str:
+    """The PYTHONPATH of a pinned job: the code snapshot first, then the submitting directory (for user
+    objective modules)."""
+    return f"{Path(code_dir).resolve()}{os.pathsep}{os.getcwd()}"
+
+
 def pinned_python(code_dir: str | Path, shell: bool) -> str | None:
-    """The command that starts a job's Python with `code_dir` first on its path, then the submitting
-    directory (for user objective modules). `-P` keeps `python -m` from putting the working directory (a
-    checkout that may have changed) in front. For a shell (the sbatch script) the job's own PYTHONPATH is
-    kept after them. None before Python 3.11, which has no -P."""
+    """The command that starts a job's Python with `code_dir` first on its path (pinned_path). `-P` keeps
+    `python -m` from putting the working directory (a checkout that may have changed) in front. For a shell
+    (the sbatch script) the job's own PYTHONPATH is kept after them. None before Python 3.11, which has no -P."""
     if sys.version_info < (3, 11):
         return None
-    path = f"{Path(code_dir).resolve()}{os.pathsep}{os.getcwd()}"
+    path = pinned_path(code_dir)
     python = shlex.quote(sys.executable)
     if shell:
         return f"env {shlex.quote('PYTHONPATH=' + path)}${{PYTHONPATH:+:$PYTHONPATH}} {python} -P"
@@ -218,7 +224,7 @@ def pinned_python(code_dir: str | Path, shell: bool) -> str | None:
 
 
 def make_executor(kind: str, folder: str | Path, resources: Resources | None = None,
-                  job_name: str = "lora-hpo", code_dir: str | Path | None = None) -> submitit.AutoExecutor:
+                  job_name: str = "lora-hpo", code_dir: str | Path | None = None):
     """A submitit executor for `kind` ("auto", "slurm", "local", "debug") with `resources` applied.
 
     "slurm" only needs `srun` on PATH here (sbatch reports an unreachable controller at submission);
@@ -233,32 +239,20 @@ def make_executor(kind: str, folder: str | Path, resources: Resources | None = N
                            "cluster (slurm/dev-cluster.sh start; eval \"$(slurm/dev-cluster.sh env)\")")
     pythons = {}
     if code_dir is not None and cluster in ("slurm", "local"):
-        pythons = {"slurm_python": pinned_python(code_dir, shell=True),
-                   "local_python": pinned_python(code_dir, shell=False)}
+        pythons = {"slurm": pinned_python(code_dir, shell=True), "local": pinned_python(code_dir, shell=False)}
         if None in pythons.values():
             warnings.warn(f"jobs cannot be pinned to {code_dir} before Python 3.11 (python -P): they import "
                           "the project from the working directory", stacklevel=2)
             pythons = {}
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
-                                     slurm_max_num_timeout=resources.max_num_timeout,
-                                     local_max_num_timeout=resources.max_num_timeout, **pythons)
-    executor.update_parameters(**resources.submitit_parameters(job_name))
+    params = resources.submitit_parameters(job_name)
+    if cluster == "local":  # submitit's local executor, recording how each job's tasks exited (slurm/local.py)
+        from slurm.local import LocalExecutor
+        executor = LocalExecutor(folder, max_num_timeout=0, python=pythons.get("local"))
+        executor.update_parameters(signal_delay_s=resources.signal_delay_s,
+                                   **{k: v for k, v in params.items() if k in LOCAL_PARAMETERS})
+        return executor
+    # max_num_timeout=0: submitit never requeues a job itself; the orchestrator decides (slurm/dispatch.py)
+    extra = {"slurm_python": pythons["slurm"]} if pythons else {}
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=0, **extra)
+    executor.update_parameters(**params)
     return executor
-
-
-def force_states(jobs: Iterable[submitit.Job[Any]]) -> dict[str, str]:
-    """Refresh the states of many jobs with one `sacct` call and return {job_id: state}.
-
-    SLURM jobs share their class's watcher, which asks about every registered unfinished job at once;
-    finished jobs are cached and not asked again. Local and debug jobs answer without a scheduler call.
-    A job that ended moments ago may read RUNNING or UNKNOWN until slurmdbd records it (1-2 s)."""
-    jobs = list(jobs)
-    watchers = {}
-    for job in jobs:
-        if isinstance(job, SlurmJob):
-            job.watcher.get_info(job.job_id, mode="cache")  # registers the job without calling sacct
-            watchers[id(job.watcher)] = job.watcher
-    for watcher in watchers.values():
-        watcher.update()
-    return {job.job_id: (job.watcher.get_state(job.job_id, mode="cache") if isinstance(job, SlurmJob)
-                         else job.state) for job in jobs}

@@ -34,3 +34,50 @@ def slow_landscape(point: dict) -> float:
     _mark(point)
     time.sleep(float(os.environ.get("LORA_HPO_TEST_SLEEP", "1.0")))
     return paper_landscape(point)
+
+
+def dies(point: dict) -> float:
+    """A job that ends without a result the way real ones do: point["how"] says which."""
+    import signal
+    import sys
+
+    _mark(point)
+    how = point.get("how")
+    print(f"about to die: {how}", file=sys.stderr, flush=True)
+    if how == "os_exit":
+        os._exit(3)
+    if how == "sigkill":  # what the kernel's OOM killer does
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "sys_exit":
+        sys.exit(2)
+    if how == "raise":
+        raise ValueError("boom")
+    return paper_landscape(point)
+
+
+def waits_for_file(point: dict) -> float:
+    """Runs until the file named by $LORA_HPO_TEST_GATE exists (a test decides when it ends)."""
+    _mark(point)
+    gate = Path(os.environ["LORA_HPO_TEST_GATE"])
+    while not gate.exists():
+        time.sleep(0.05)
+    return paper_landscape(point)
+
+
+def always_fails(point: dict) -> float:
+    _mark(point)
+    raise RuntimeError("this objective never works")
+
+
+def huge(point: dict) -> dict:
+    """A 50 MB return value: the journal must keep a bounded summary of it, not a copy."""
+    return {"objective": paper_landscape(point), "blob": "x" * 50_000_000, "many": list(range(10))}
+
+
+def eats_memory(point: dict) -> float:
+    """Holds 2 GB for a while: more than a default job's memory (DefMemPerCPU) on the production dev cluster."""
+    blocks = [bytearray(256 * 2**20) for _ in range(8)]
+    for block in blocks:
+        block[::4096] = b"x" * len(block[::4096])  # touch every page: resident, not just reserved
+    time.sleep(30)
+    return paper_landscape(point) + len(blocks) * 0

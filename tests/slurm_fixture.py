@@ -2,18 +2,24 @@
 
     from tests.slurm_fixture import slurm_cluster  # noqa: F401  (in a test module: registers the fixture)
 
-`slurm_cluster` starts slurm/dev-cluster.sh if it is not running (root and apt on Debian the first time),
-exports SLURM_CONF for this process and the processes it starts, and stops the cluster at the end of the
-session if it started it. Imported by several modules, each registers it; the first start wins and only
-that one stops the cluster.
+`slurm_cluster` starts slurm/dev-cluster.sh (its fast profile) if it is not running (root and apt on Debian the
+first time), exports SLURM_CONF for this process and the processes it starts, and stops the cluster at the end
+of the session if it started it. `slurm_production` switches the same cluster to its production profile
+(KillWait 30, the scheduler's default delays, preemption...) for a module's tests and back to fast after.
+Imported by several modules, each registers them; the first start wins and only that one stops the cluster.
 """
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
+
+from orchestrator.journal import Journal
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "dev-cluster.sh"
@@ -27,16 +33,30 @@ def slurm_cluster():
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
         pytest.skip("SLURM is not installed and apt-get is not available to install it")
     was_running = subprocess.run([str(SCRIPT), "status"], capture_output=True).returncode == 0
-    started = subprocess.run([str(SCRIPT), "start"], capture_output=True, text=True, timeout=900)
-    if started.returncode != 0:
-        pytest.fail(f"slurm/dev-cluster.sh start failed:\n{started.stderr}")
-    conf = started.stdout.strip().rsplit("SLURM_CONF=", 1)[1]
+    conf = start_profile("fast")
     patch = pytest.MonkeyPatch()
     patch.setenv("SLURM_CONF", conf)
     yield conf
     patch.undo()
     if not was_running:
         subprocess.run([str(SCRIPT), "stop"], capture_output=True, timeout=120)
+
+
+def start_profile(profile: str) -> str:
+    """Start the dev cluster with that profile (a profile change restarts slurmctld and slurmd); its SLURM_CONF."""
+    started = subprocess.run([str(SCRIPT), "start", "--profile", profile], capture_output=True, text=True,
+                             timeout=900)
+    if started.returncode != 0:
+        pytest.fail(f"slurm/dev-cluster.sh start --profile {profile} failed:\n{started.stderr}")
+    return started.stdout.strip().rsplit("SLURM_CONF=", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def slurm_production(slurm_cluster):
+    """The dev cluster in its production profile for this module's tests; back to fast afterwards."""
+    conf = start_profile("production")
+    yield conf
+    start_profile("fast")
 
 
 def sacct(*args: str) -> list[list[str]]:
@@ -59,3 +79,58 @@ def sacct_state(job_id: str, timeout_s: float = 15.0) -> str:
 def sacct_history(job_id: str) -> list[str]:
     """Every state the job went through, oldest first (sacct -D: one record per requeue)."""
     return [row[0].split(" ")[0] for row in sacct("-X", "-D", "-j", job_id, "-o", "State")]
+
+
+# --------------------------------------------------------------------------- studies on the cluster
+def uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+
+
+def orchestrator(tmp_path, *args, env=None, cwd=REPO):
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "--workdir", str(tmp_path / "runs"), "--tracking-uri", uri(tmp_path),
+         *args], cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+
+
+def study_yaml(tmp_path, **settings) -> str:
+    path = tmp_path / f"{settings['study']}.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)
+
+
+def events(journal: Journal, kind: str | None = None) -> list[dict]:
+    found = []
+    for line in journal.path.read_text().splitlines():
+        try:
+            found.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            continue
+    return [e for e in found if kind is None or e["event"] == kind]
+
+
+def steps_done(out) -> int:
+    path = Path(out) / "metrics.jsonl"
+    return sum('"loss"' in line for line in path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_until(condition, timeout_s: float, what: str, proc=None):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the orchestrator exited ({proc.returncode}) while waiting for {what}:\n{proc.stdout.read()}")
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.1)
+    return value
+
+
+def finish(proc, timeout_s: float) -> str:
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the study did not finish within {timeout_s} s:\n{proc.communicate()[0]}")
+    assert proc.returncode == 0, output
+    return output
+
+

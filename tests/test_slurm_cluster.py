@@ -10,9 +10,9 @@ import shutil
 import time
 
 import pytest
-import submitit
 
-from slurm.executors import Resources, force_states, make_executor
+from slurm.dispatch import Dispatcher, Task
+from slurm.executors import Resources, make_executor
 
 from .slurm_fixture import REPO, sacct_state, slurm_cluster  # noqa: F401  (registers the session fixture)
 
@@ -79,21 +79,21 @@ def test_one_task_per_gpu_by_default(executor_for):
     assert all(len(r["cuda"].split(",")) == 2 for r in results), results
 
 
-def test_cancelled_job_raises_uncompleted_promptly(executor_for, monkeypatch):
-    job = executor_for().submit(_sleep, 300)
-    deadline = time.monotonic() + 30
-    while force_states([job])[job.job_id] != "RUNNING":
-        assert time.monotonic() < deadline, f"job never started: {job.state}"
+def test_a_cancelled_job_settles_promptly_with_its_state(slurm_cluster, tmp_path):
+    d = Dispatcher("slurm", tmp_path / "jobs", Resources(timeout_min=5, setup=[f"export PYTHONPATH={REPO}"]),
+                   job_name="pytest")
+    [a] = d.submit([Task("0", _sleep, (300,))])
+    deadline = time.monotonic() + 60
+    while d.poll([a]) == [] and a.state != "RUNNING":
+        assert time.monotonic() < deadline, f"job never started: {a.state} {a.reason}"
         time.sleep(0.5)
-    job.cancel()
+    d.cancel(a)
     t0 = time.monotonic()
-    while not job.done(force_check=True):
-        assert time.monotonic() - t0 < 20, f"cancellation not seen after 20 s (state {job.state})"
+    while not (settled := d.poll([a])):
+        assert time.monotonic() - t0 < 40, f"cancellation not seen after 40 s (state {a.state})"
         time.sleep(0.5)
-    # submitit waits this long for a result file that a cancelled job never writes (slow NFS grace).
-    monkeypatch.setattr(job, "_results_timeout_s", 1)
-    with pytest.raises(submitit.core.utils.UncompletedJobError, match="CANCELLED"):
-        job.result()
+    outcome = settled[0][1]
+    assert outcome.status == "failed" and outcome.state == "CANCELLED" and "CANCELLED" in outcome.reason
 
 
 def test_batch_submits_an_array(executor_for):
@@ -105,27 +105,23 @@ def test_batch_submits_an_array(executor_for):
     assert [job.result() for job in jobs] == [0, 1, 4, 9]
 
 
-def test_force_states_asks_sacct_once_for_many_jobs(executor_for, tmp_path, monkeypatch):
-    # Unfinished jobs: those are the ones a per-job forced check would ask about one call at a time.
-    jobs = [executor_for().submit(_sleep, 60) for _ in range(3)]
+def test_one_poll_asks_sacct_once_and_squeue_once_for_many_jobs(slurm_cluster, tmp_path, monkeypatch):
+    d = Dispatcher("slurm", tmp_path / "jobs", Resources(timeout_min=5, setup=[f"export PYTHONPATH={REPO}"]),
+                   job_name="pytest")
+    attempts = d.submit([Task(str(k), _sleep, (60,)) for k in range(3)])
     try:
-        deadline = time.monotonic() + 15
-        while any(sacct_state(job.job_id, timeout_s=0) not in ("PENDING", "RUNNING") for job in jobs):
-            assert time.monotonic() < deadline, "the jobs never reached accounting"
-            time.sleep(0.5)
-        calls = tmp_path / "sacct-calls"
+        calls = tmp_path / "calls"
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
-        (bin_dir / "sacct").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {shutil.which("sacct")} "$@"\n')
-        (bin_dir / "sacct").chmod(0o755)
+        for name in ("sacct", "squeue"):
+            (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $@" >> {calls}\nexec {shutil.which(name)} "$@"\n')
+            (bin_dir / name).chmod(0o755)
         monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-        calls_before = submitit.SlurmJob.watcher.num_calls
-        states = force_states(jobs)
-        assert set(states) == {job.job_id for job in jobs}
-        assert set(states.values()) <= {"PENDING", "RUNNING"}, states
-        sacct_calls = calls.read_text().splitlines()
-        assert len(sacct_calls) == 1 and submitit.SlurmJob.watcher.num_calls == calls_before + 1, sacct_calls
-        assert all(f"-j {job.job_id}" in sacct_calls[0] for job in jobs), sacct_calls[0]
+        assert d.poll(attempts) == []
+        lines = calls.read_text().splitlines()
+        assert sorted(line.split()[0] for line in lines) == ["sacct", "squeue"], lines
+        assert all(a.job_id in line for line in lines for a in attempts), lines
+        assert {a.state for a in attempts} <= {"PENDING", "RUNNING"}
     finally:
-        for job in jobs:
-            job.cancel(check=False)
+        for a in attempts:
+            d.cancel(a)

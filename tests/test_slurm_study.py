@@ -19,15 +19,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-import submitit
-import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
 from orchestrator.journal import Journal
-from orchestrator.study import Study, run_study
+from orchestrator.study import run_study
+from orchestrator.tracking import load_study
 
-from .slurm_fixture import REPO, sacct, sacct_history, sacct_state, slurm_cluster  # noqa: F401
+from .slurm_fixture import (REPO, events, finish, orchestrator, sacct, sacct_history, sacct_state,  # noqa: F401
+                            slurm_cluster, steps_done, study_yaml, uri, wait_until)
 from .conftest import kill_when
 
 pytestmark = pytest.mark.slurm
@@ -37,59 +37,6 @@ GPU_JOB = {"partition": "gpu", "gpus_per_node": 1, "timeout_min": 10}
 SAME_TRAINING = {"keep_checkpoints": {"choice": [1, 2, 3, 4, 5, 6, 7, 8], "default": 1},
                  "r": {"fixed": 8}, "alpha": {"fixed": 16}, "dropout": {"fixed": 0.1}, "lr": {"fixed": 1e-3}}
 MLFLOW_STATUS = {"COMPLETED": "FINISHED", "CANCELLED": "FAILED", "FAILED": "FAILED", "TIMEOUT": "FAILED"}
-
-
-# --------------------------------------------------------------------------- helpers
-def uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-
-
-def orchestrator(tmp_path, *args, env=None, cwd=REPO):
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "--workdir", str(tmp_path / "runs"), "--tracking-uri", uri(tmp_path),
-         *args], cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
-
-
-def study_yaml(tmp_path, **settings) -> str:
-    path = tmp_path / f"{settings['study']}.yaml"
-    path.write_text(yaml.safe_dump(settings))
-    return str(path)
-
-
-def events(journal: Journal, kind: str | None = None) -> list[dict]:
-    found = []
-    for line in journal.path.read_text().splitlines():
-        try:
-            found.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            continue
-    return [e for e in found if kind is None or e["event"] == kind]
-
-
-def steps_done(out) -> int:
-    path = Path(out) / "metrics.jsonl"
-    return sum('"loss"' in line for line in path.read_text().splitlines()) if path.exists() else 0
-
-
-def wait_until(condition, timeout_s: float, what: str, proc=None):
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the orchestrator exited ({proc.returncode}) while waiting for {what}:\n{proc.stdout.read()}")
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.1)
-    return value
-
-
-def finish(proc, timeout_s: float) -> str:
-    try:
-        output, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"the study did not finish within {timeout_s} s:\n{proc.communicate()[0]}")
-    assert proc.returncode == 0, output
-    return output
 
 
 def child_runs(client, state, study):
@@ -107,17 +54,11 @@ def assert_sacct_agrees_with_mlflow(client, state):
 
 
 # --------------------------------------------------------------------------- dispatch
-def test_tiny_study_runs_on_slurm_and_accounting_agrees_with_mlflow(slurm_cluster, tiny_model_dir, tmp_path,
-                                                                     monkeypatch):
+def test_tiny_study_runs_on_slurm_and_accounting_agrees_with_mlflow(slurm_cluster, tiny_model_dir, tmp_path):
     cfg = load_config(None, study="slurm-tiny", algo="tpe", budget=3, parallel=2, executor="slurm", poll_s=0.3,
                       seed=1, workdir=str(tmp_path / "runs"), tracking_uri=uri(tmp_path),
                       trial={"max_steps": 10, "data": {"total_rows": 300}}, resources=GPU_JOB)
-    ticks, poll = [], Study._poll
-    monkeypatch.setattr(Study, "_poll", lambda self: ticks.append(1) or poll(self))
-    calls = submitit.SlurmJob.watcher.num_calls
     state = run_study(cfg, out=open(os.devnull, "w"))
-    calls = submitit.SlurmJob.watcher.num_calls - calls
-    assert calls <= len(ticks), f"{calls} sacct calls in {len(ticks)} polls: not one per poll for all jobs"
     assert len(state.finished) == 3 and all(t.status == "ok" for t in state.finished), \
         [(t.trial, t.reason) for t in state.finished]
     client = MlflowClient(cfg.tracking())
@@ -133,8 +74,11 @@ def test_tiny_study_runs_on_slurm_and_accounting_agrees_with_mlflow(slurm_cluste
     first = [state.trials[i].job_id for i in (0, 1)]
     assert first[0].split("_")[0] == first[1].split("_")[0] and {j.split("_")[1] for j in first} == {"0", "1"}
     journal = Journal(cfg.folder / "journal.jsonl")
-    order = [(e["event"], e["trial"]) for e in events(journal) if e["event"] in ("trial", "submitted")]
-    assert order[:4] == [("trial", 0), ("trial", 1), ("submitted", 0), ("submitted", 1)], order
+    order = [e["event"] for e in events(journal) if e["event"] in ("trial", "dispatch", "submitted")]
+    assert order[:4] == ["trial", "trial", "dispatch", "submitted"], order
+    dispatch, submitted = events(journal, "dispatch")[0], events(journal, "submitted")[0]
+    assert dispatch["keys"] == ["0", "1"] and submitted["jobs"] == {"0": first[0], "1": first[1]}
+    assert sacct("-X", "-j", first[0], "-o", "JobName")[0][0] == f"slurm-tiny.{dispatch['batch']}"
     parent = client.get_run(state.parent_run_id)
     assert parent.data.tags["code_snapshot"] == str((cfg.folder / "code").resolve())
     assert parent.data.tags["git_sha"] and (cfg.folder / "code" / "jobs" / "finetune.py").exists()
@@ -144,47 +88,66 @@ def test_tiny_study_runs_on_slurm_and_accounting_agrees_with_mlflow(slurm_cluste
 @pytest.mark.slow
 def test_requeue_time_limit_and_cancel_keep_the_trial_and_its_result(slurm_cluster, tiny_model_dir, tmp_path):
     """Four identical fine-tunes as one array: one requeued (scontrol requeue: SIGTERM, then SIGKILL), one
-    sent the time-limit signal (USR2, what --signal sends before the limit), one cancelled, one untouched."""
+    sent the time-limit signal (USR2, what --signal sends before the limit), one cancelled, one untouched.
+    A signalled job saves its checkpoint and stops at once; the study continues the requeued and the timed-out
+    trials in fresh jobs that resume from those checkpoints (retries.on has timeout), and the cancelled one
+    fails. Steps last at least 0.2 s (LORA_HPO_MIN_STEP_S), so no job can finish before its signal lands."""
     steps = 40
     config = study_yaml(tmp_path, study="interrupts", algo="random", budget=5, parallel=4, executor="slurm",
                         poll_s=0.3, space=SAME_TRAINING, resources=GPU_JOB,
+                        retries={"max_retries": 2, "on": ["submission", "node_fail", "preempted", "timeout"]},
                         trial={"max_steps": steps, "log_every": 1, "checkpoint_every": 0,
                                "data": {"total_rows": 300}})
-    proc = orchestrator(tmp_path, "--config", config)
+    proc = orchestrator(tmp_path, "--config", config, env={"LORA_HPO_MIN_STEP_S": "0.2"})
     journal = Journal(tmp_path / "runs" / "interrupts" / "journal.jsonl")
-    actions = {0: (3, ["scontrol", "requeue"]), 1: (3, ["scancel", "--signal=USR2"]), 2: (1, ["scancel"])}
+    actions = {0: (3, ["scontrol", "requeue"], "SIGTERM"), 1: (3, ["scancel", "--signal=USR2"], "SIGUSR2"),
+               2: (1, ["scancel"], "SIGTERM")}
     acted = {}
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while len(acted) < len(actions):
         state = journal.load()
-        for trial, (min_steps, command) in actions.items():
+        for trial, (min_steps, command, sig) in actions.items():
             t = state.trials.get(trial)
             if trial not in acted and t and t.job_id and steps_done(t.out) >= min_steps:
-                subprocess.run([*command, t.job_id], check=True, capture_output=True)
                 acted[trial] = t.job_id
+            if trial in acted and not stopped(t.out, acted[trial]):
+                # scancel may answer "Job can not be altered now, try again later" though the signal landed:
+                # the stop record in the trial folder is what says the job got it, so send until it shows
+                subprocess.run([*command, acted[trial]], capture_output=True)
         assert proc.poll() is None and time.monotonic() < deadline, f"acted on {acted} only"
-        time.sleep(0.05)
-    finish(proc, 200)
+        time.sleep(0.2)
+    finish(proc, 300)
 
-    state = journal.load()
+    state = load_study(journal.path.parent)
     assert state.ended and len(state.finished) == 5
     assert [t.trial for t in state.finished if t.status == "failed"] == [2]
-    assert "CANCELLED" in state.trials[2].reason
+    assert "CANCELLED" in state.trials[2].reason and "SIGTERM" in state.trials[2].reason
     reference = state.trials[3].value  # uninterrupted, as trial 4 (started once trial 2 had failed)
     client = MlflowClient(uri(tmp_path))
-    for trial in (0, 1):
+    for trial, kind, signal_name in ((0, "requeued", "SIGTERM"), (1, "timeout", "SIGUSR2")):
         t = state.trials[trial]
-        assert [e["job_id"] for e in events(journal, "submitted") if e["trial"] == trial] == [acted[trial]]
-        assert sacct_history(t.job_id) == ["REQUEUED", "COMPLETED"], (trial, t.job_id)
+        [retry] = [e for e in events(journal, "retry") if e["trial"] == trial]
+        assert retry["kind"] == kind and retry["job_id"] == acted[trial] and t.job_id != acted[trial]
+        stop = stopped(t.out, acted[trial])
+        assert stop["signal"] == signal_name and stop["saved"], stop
         result = json.loads((Path(t.out) / "result.json").read_text())
-        assert 0 < result["resumed_from_step"] < steps, "the requeued job did not continue from a checkpoint"
+        assert result["resumed_from_step"] == stop["step"] > 0, "the next attempt did not start where it stopped"
         assert t.value == pytest.approx(reference, rel=1e-5)
         curve = client.get_metric_history(t.run_id, "train_loss")
         assert sorted(m.step for m in curve) == list(range(1, steps + 1)), "the curve is incomplete or doubled"
+        assert "RUNNING" not in sacct_history(acted[trial])[1:], "the signalled job ran again"
+        assert json.loads(client.get_run(t.run_id).data.tags["attempt_history"])[0]["job_id"] == acted[trial]
+    assert sacct_history(acted[0])[-1] == "CANCELLED", "SLURM's requeued copy was not cancelled"
     assert state.trials[4].value == pytest.approx(reference, rel=1e-5)
     runs = child_runs(client, state, "interrupts")
     assert sorted(r.info.run_id for r in runs) == sorted(t.run_id for t in state.trials.values())
     assert_sacct_agrees_with_mlflow(client, state)
+
+
+def stopped(out, job_id) -> dict | None:
+    """The stop record a job wrote in its trial folder when a signal stopped it (jobs/entry.py)."""
+    from jobs.contract import read_attempts
+    return next((r for r in read_attempts(out) if r.get("event") == "stop" and r.get("job_id") == job_id), None)
 
 
 def _node_state(node: str) -> str:
@@ -237,19 +200,22 @@ def test_a_job_whose_node_fails_is_retried_per_policy(slurm_cluster, tiny_model_
     finally:
         wait_until(lambda: _back_in_service(node), 30, "the node back in service")
 
-    state = journal.load()
+    state = load_study(journal.path.parent)
     assert len(state.finished) == 2 and all(t.status == "ok" for t in state.finished), \
         [(t.trial, t.reason) for t in state.finished]
-    submissions = [e for e in events(journal, "submitted") if e["trial"] == 0]
-    assert [e["attempt"] for e in submissions] == [0, 1], submissions
-    assert submissions[0]["job_id"] == first.job_id != submissions[1]["job_id"]
+    dispatches = [e["attempts"]["0"] for e in events(journal, "dispatch") if "0" in e["keys"]]
+    assert dispatches == [0, 1], dispatches
+    jobs = [e["jobs"]["0"] for e in events(journal, "submitted") if "0" in e["jobs"]]
+    assert jobs[0] == first.job_id != jobs[1]
+    [retry] = [e for e in events(journal, "retry") if e["trial"] == 0]
+    assert retry["kind"] == "node_fail" and not retry["follow"]
     assert sacct_state(first.job_id) in ("CANCELLED", "NODE_FAIL"), "SLURM's requeued copy was left to run"
     t = state.trials[0]
     assert 0 < json.loads((Path(t.out) / "result.json").read_text())["resumed_from_step"] < 60
     assert t.value == pytest.approx(state.trials[1].value, rel=1e-5)
     run = MlflowClient(uri(tmp_path)).get_run(t.run_id)
     assert run.info.status == "FINISHED" and "NODE_FAIL" in run.data.tags["retry_1"]
-    assert run.data.tags["slurm_job_id"] == submissions[1]["job_id"]
+    assert run.data.tags["slurm_job_id"] == jobs[1]
 
 
 # --------------------------------------------------------------------------- the login node dies
@@ -275,7 +241,8 @@ def test_kill_9_of_the_orchestrator_then_resume_reattaches_the_slurm_jobs(slurm_
     for trial, job_id in running.items():
         assert after.trials[trial].job_id == job_id, "a running job was resubmitted instead of re-attached"
     assert len(list(marks.iterdir())) == 6, "an evaluation was lost or ran twice"
-    jobs = {row[0]: row[1] for row in sacct("-X", "-S", "now-3hours", f"--name={study}", "-o", "JobID,State")}
+    jobs = {row[0]: row[2] for row in sacct("-X", "-S", "now-3hours", "-o", "JobID,JobName%200,State")
+            if row[1].startswith(f"{study}.")}  # jobs are named <study>.<dispatch batch>
     assert sorted(jobs) == sorted(t.job_id for t in after.trials.values()), "sacct knows other jobs than the trials'"
     assert set(jobs.values()) == {"COMPLETED"}, jobs
     assert (tmp_path / "runs" / study / "code" / "SENTINEL").exists(), "--resume replaced the code snapshot"
@@ -311,5 +278,5 @@ def test_jobs_run_the_code_the_study_started_with(request, tmp_path, executor):
     assert [t.value for t in state.finished] == [1.0] * 4, [(t.trial, t.value, t.reason) for t in state.finished]
     code = tmp_path / "runs" / "pinned" / "code"
     assert "return 1.0" in (code / "jobs" / "pin_probe.py").read_text()
-    tags = MlflowClient(uri(tmp_path)).get_run(state.parent_run_id).data.tags
+    tags = MlflowClient(uri(tmp_path)).get_run(load_study(journal.path.parent).parent_run_id).data.tags
     assert tags["code_snapshot"] == str(code.resolve()) and "git_sha" in tags

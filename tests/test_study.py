@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.config import load_config
 from orchestrator.journal import Journal
 from orchestrator.study import run_study
+from orchestrator.tracking import load_study
 
 from .conftest import REPO, kill_when
 
@@ -103,7 +104,7 @@ def test_kill_9_then_resume_loses_nothing_and_runs_nothing_twice(tmp_path, algo)
     resumed = _orchestrator(tmp_path, "--study", "crashy", "--resume", env=env)
     output, _ = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, output
-    after = journal.load()
+    after = load_study(journal.path.parent)
     assert after.ended and len(after.finished) == 8 and all(t.status == "ok" for t in after.finished)
     for trial, job_id in running_jobs.items():
         assert after.trials[trial].job_id == job_id, "a running job was resubmitted instead of re-attached"

@@ -1,0 +1,303 @@
+"""Replay the reliability attack list against real orchestrator processes; print case | expected | got | PASS/FAIL.
+
+    .venv/bin/python bench/attack_replay.py               # every case (a few minutes on 2 cores)
+    .venv/bin/python bench/attack_replay.py -k kill       # the cases whose name contains "kill"
+
+Each case runs in its own temporary folder with the local executor and the project's test objectives
+(tests/objectives.py). Kills land at exact windows: the orchestrator runs under a small wrapper that SIGKILLs
+its own process right after the N-th journal record of a given kind is written (or right before it), which is
+where a real kill -9 or a power cut would leave things; then `--resume` must lose nothing and run nothing twice.
+Exit status 1 if any case fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Runs the orchestrator's CLI, SIGKILLing itself at one journal window: KILL_AT = "<event>:<n>:<before|after>".
+WRAPPER = """
+import os, signal, sys
+from orchestrator.journal import Journal
+event, n, when = os.environ["KILL_AT"].split(":")
+seen = {"n": 0}
+real = Journal.append
+def append(self, kind, **data):
+    if kind == event and self.path.name == "journal.jsonl":
+        seen["n"] += 1
+        if seen["n"] == int(n) and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(self, kind, **data)
+        if seen["n"] == int(n) and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return
+    real(self, kind, **data)
+Journal.append = append
+from orchestrator.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+class Case:
+    def __init__(self, root: Path):
+        self.root = root
+        self.marks = root / "marks"
+        self.marks.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "LORA_HPO_TEST_MARKS": str(self.marks), "PYTHONPATH": str(REPO)}
+
+    def args(self, *args) -> list[str]:
+        return ["--workdir", str(self.root / "runs"), "--tracking-uri", f"sqlite:///{self.root}/mlruns/mlflow.db",
+                *args]
+
+    def run(self, *args, kill_at: str | None = None, env=None, timeout=300) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-c", WRAPPER] if kill_at else [sys.executable, "-m", "orchestrator"]
+        environment = {**self.env, **(env or {}), **({"KILL_AT": kill_at} if kill_at else {})}
+        return subprocess.run(cmd + self.args(*args), cwd=REPO, env=environment, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def start(self, *args, env=None) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "orchestrator", *self.args(*args)], cwd=REPO,
+                                env={**self.env, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    def journal(self, study: str):
+        from orchestrator.tracking import load_study
+        return load_study(self.root / "runs" / study)
+
+    def evaluations(self) -> int:
+        return len(list(self.marks.iterdir()))
+
+    def mlflow(self):
+        from mlflow.tracking import MlflowClient
+        return MlflowClient(f"sqlite:///{self.root}/mlruns/mlflow.db")
+
+
+def study_args(study, algo="random", budget=6, parallel=2, objective="tests.objectives:slow_landscape"):
+    return ["--study", study, "--algo", algo, "--budget", str(budget), "--parallel", str(parallel),
+            "--executor", "local", "--objective", objective, "--poll", "0.1"]
+
+
+def one_line_error(proc) -> bool:
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------- the cases
+def kill_window(event: str, n: int, when: str, algo: str = "random"):
+    def case(c: Case):
+        first = c.run(*study_args("k", algo), kill_at=f"{event}:{n}:{when}", env={"LORA_HPO_TEST_SLEEP": "0.5"})
+        if first.returncode != -9:
+            return f"the kill did not land (exit {first.returncode}): {first.stderr[-300:]}"
+        resumed = c.run(*study_args("k", algo)[:2], "--resume", env={"LORA_HPO_TEST_SLEEP": "0.5"})
+        state = c.journal("k")
+        runs = c.mlflow().search_runs([c.mlflow().get_experiment_by_name("k").experiment_id], max_results=100)
+        got = (f"exit {resumed.returncode}, {len(state.finished)} done, {c.evaluations()} evaluated, "
+               f"{len(runs)} runs, {sum(r.data.tags.get('role') == 'study' for r in runs)} parent")
+        ok = resumed.returncode == 0 and len(state.finished) == 6 and c.evaluations() == 6 and len(runs) == 7
+        return None if ok else got
+    return case
+
+
+def concurrent_resume(c: Case):
+    gate_env = {"LORA_HPO_TEST_GATE": str(c.root / "gate")}
+    first = c.start(*study_args("twice", objective="tests.objectives:waits_for_file"), env=gate_env)
+    journal = c.root / "runs" / "twice" / "journal.jsonl"
+    deadline = time.time() + 120
+    while not (journal.exists() and '"submitted"' in journal.read_text()):
+        if time.time() > deadline or first.poll() is not None:
+            return "the first orchestrator never started its jobs"
+        time.sleep(0.1)
+    second = c.run("--study", "twice", "--resume", env=gate_env)
+    (c.root / "gate").touch()
+    first.wait(timeout=180)
+    state = c.journal("twice")
+    if not (one_line_error(second) and f"pid {first.pid} on {socket.gethostname()}" in second.stderr):
+        return f"second resume: exit {second.returncode}: {second.stderr.strip()[:200]}"
+    return None if c.evaluations() == 6 and len(state.finished) == 6 else f"{c.evaluations()} evaluations"
+
+
+def default_names_together(c: Case):
+    args = ["--algo", "random", "--budget", "1", "--executor", "local", "--objective", "tests.objectives:landscape",
+            "--poll", "0.1"]
+    procs = [c.start(*args) for _ in range(2)]
+    codes = [p.wait(timeout=180) for p in procs]
+    names = sorted(p.name for p in (c.root / "runs").iterdir())
+    return None if codes == [0, 0] and names == ["tiny-random", "tiny-random-2"] else f"exits {codes}, {names}"
+
+
+def torn_journal(c: Case):
+    first = c.run(*study_args("torn", budget=3), kill_at="result:2:after")
+    with open(c.root / "runs" / "torn" / "journal.jsonl", "ab") as f:
+        f.write(b'{"event": "result", "tri')
+    resumed = c.run("--study", "torn", "--resume")
+    status = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--study", "torn", "--workdir",
+                             str(c.root / "runs")], cwd=REPO, capture_output=True, text=True)
+    ok = first.returncode == -9 and resumed.returncode == 0 and status.returncode == 0 and c.evaluations() == 3
+    return None if ok else f"resume exit {resumed.returncode}, status exit {status.returncode}: {resumed.stderr[-200:]}"
+
+
+def missing_objective(c: Case):
+    proc = c.run(*study_args("nope", objective="no_such_package.module:f"))
+    ok = one_line_error(proc) and not (c.root / "runs" / "nope").exists()
+    return None if ok else f"exit {proc.returncode}: {proc.stderr.strip()[:200]}"
+
+
+def all_failed(c: Case):
+    proc = c.run(*study_args("doomed", objective="tests.objectives:always_fails", budget=3))
+    return None if proc.returncode == 1 else f"exit {proc.returncode}"
+
+
+def dies_without_result(how: str, says: str):
+    def case(c: Case):
+        (c.root / "space.yaml").write_text(f"space:\n  r: {{choice: [4, 8], default: 8}}\n  how: {{fixed: {how}}}\n")
+        t0 = time.time()
+        proc = c.run(*study_args("dead", budget=1, parallel=1, objective="tests.objectives:dies"),
+                     "--config", str(c.root / "space.yaml"))
+        reason = c.journal("dead").trials[0].reason or ""
+        took = time.time() - t0
+        return None if proc.returncode == 1 and says in reason and took < 60 else f"{took:.0f} s: {reason[:160]}"
+    return case
+
+
+def bad_input(*args, says: str):
+    def case(c: Case):
+        a_file = c.root / "a-file"
+        a_file.write_text("x")
+        args_ = [a.replace("{file}", str(a_file)).replace("{root}", str(c.root)) for a in args]
+        t0 = time.time()
+        proc = c.run("--study", "bad", "--executor", "local", *args_)
+        ok = one_line_error(proc) and says in proc.stderr and not (c.root / "runs" / "bad").exists()
+        return None if ok and time.time() - t0 < 60 else f"exit {proc.returncode}: {proc.stderr.strip()[:200]}"
+    return case
+
+
+def yaml_input(text: str, says: str):
+    def case(c: Case):
+        (c.root / "study.yaml").write_text(text.replace("{root}", str(c.root)))
+        return bad_input("--config", str(c.root / "study.yaml"), says=says)(c)
+    return case
+
+
+def resume_changed_flag(c: Case):
+    c.run(*study_args("flags", budget=2))
+    proc = c.run("--study", "flags", "--resume", "--parallel", "4")
+    return None if one_line_error(proc) and "cannot change parallel" in proc.stderr else proc.stderr[-200:]
+
+
+def finished_resume_changes_nothing(c: Case):
+    c.run(*study_args("done", budget=2))
+    before = (c.root / "runs" / "done" / "journal.jsonl").read_text()
+    proc = c.run("--study", "done", "--resume")
+    after = (c.root / "runs" / "done" / "journal.jsonl").read_text()
+    ok = proc.returncode == 0 and "finished already" in proc.stdout and before == after
+    return None if ok else f"exit {proc.returncode}, journal changed: {before != after}"
+
+
+def huge_return(c: Case):
+    c.run(*study_args("huge", budget=1, parallel=1, objective="tests.objectives:huge"))
+    size = (c.root / "runs" / "huge" / "journal.jsonl").stat().st_size
+    return None if size < 100_000 else f"journal of {size} bytes"
+
+
+def store_creation_killed(c: Case):
+    script = "import sys\nfrom jobs.tracking_store import ensure_local_store\nensure_local_store(sys.argv[1])\n"
+    store = f"sqlite:///{c.root}/mlruns/mlflow.db"
+    for delay in (0.3, 0.6, 0.9, 1.2, 1.5):  # kills at different moments of the table creation
+        p = subprocess.Popen([sys.executable, "-c", script, store], cwd=REPO)
+        time.sleep(delay)
+        p.kill()
+        p.wait()
+    proc = c.run(*study_args("after", budget=1, parallel=1, objective="tests.objectives:landscape"))
+    return None if proc.returncode == 0 else proc.stderr[-300:]
+
+
+def fresh_store_two_studies(c: Case):
+    procs = [c.start(*study_args(f"s{k}", budget=2, objective="tests.objectives:landscape")) for k in range(2)]
+    codes = [p.wait(timeout=180) for p in procs]
+    return None if codes == [0, 0] else f"exits {codes}: {[p.stdout.read()[-200:] for p in procs]}"
+
+
+CASES = [  # (case, expected, check): check returns None when it behaves as expected, else what it saw
+    ("two --resume at once", "2nd refused naming pid+host; 6 evaluations", concurrent_resume),
+    ("two default-named starts at once", "two studies, two names", default_names_together),
+    ("kill -9 after a trial is journaled", "resume: 6 evaluated once, 1 parent", kill_window("trial", 3, "after")),
+    ("kill -9 between batch intent and job ids", "jobs found, none run twice", kill_window("submitted", 2, "before")),
+    ("kill -9 after the job ids are journaled", "jobs re-attached", kill_window("submitted", 2, "after")),
+    ("kill -9 after a result is journaled", "resume: nothing lost or twice", kill_window("result", 3, "after")),
+    ("kill -9 after the study started", "one parent run", kill_window("start", 1, "after")),
+    ("kill -9 before the end record", "resume finishes once", kill_window("end", 1, "before")),
+    ("kill -9 mid-study (tpe)", "resume: nothing lost or twice", kill_window("result", 2, "after", algo="tpe")),
+    ("kill -9 mid-study (nomad)", "resume: nothing lost or twice", kill_window("result", 2, "after", algo="nomad")),
+    ("torn last journal line", "resume and status work", torn_journal),
+    ("missing objective module", "1 line, exit 2, nothing made", missing_objective),
+    ("every evaluation fails", "exit 1", all_failed),
+    ("job calls os._exit(3)", "failed: 'exit code 3', fast", dies_without_result("os_exit", "exit code 3")),
+    ("job killed by SIGKILL (OOM killer)", "failed: 'SIGKILL', fast", dies_without_result("sigkill", "SIGKILL")),
+    ("job calls sys.exit(2)", "failed: 'exit code 2', fast", dies_without_result("sys_exit", "exit code 2")),
+    ("unwritable tracking store", "1 line, exit 2", bad_input("--tracking-uri", "sqlite:////proc/x/mlflow.db",
+                                                            says="cannot create its folder")),
+    ("malformed tracking URI", "1 line, exit 2", bad_input("--tracking-uri", "nonsense", says="not one MLflow")),
+    ("tracking server down", "1 line, exit 2, < 60 s", bad_input("--tracking-uri", "http://127.0.0.1:9",
+                                                               says="does not answer")),
+    ("--workdir is a file", "1 line, exit 2", bad_input("--workdir", "{file}", says="is a file")),
+    ("unknown searcher option", "1 line, exit 2",
+     yaml_input("algo: tpe\nsearcher_options: {n_startup_job: 3}\n", "searcher_options")),
+    ("negative rank in the space", "1 line, exit 2", yaml_input("space:\n  r: {choice: [-4, 8], default: 8}\n",
+                                                               "space.r")),
+    ("dropout 2.0 in the space", "1 line, exit 2",
+     yaml_input("space:\n  dropout: {choice: [0, 2.0], default: 0}\n", "space.dropout")),
+    ("learning rate up to 10", "1 line, exit 2", yaml_input("space:\n  lr: {log: [1.0e-6, 10], default: 1.0e-5}\n",
+                                                           "space.lr")),
+    ("missing data file", "1 line, exit 2",
+     yaml_input("trial: {data: {sources: [{name: {root}/missing.jsonl}]}}\n", "training data")),
+    ("--resume with a changed flag", "refused, names budget/poll", resume_changed_flag),
+    ("--resume of a finished study", "says so, journal unchanged", finished_resume_changes_nothing),
+    ("50 MB objective return value", "journal < 100 kB", huge_return),
+    ("kills during MLflow store creation", "next study works", store_creation_killed),
+    ("two studies on a fresh store", "both work", fresh_store_two_studies),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-k", dest="pattern", help="only the cases whose name contains this")
+    p.add_argument("--keep", action="store_true", help="keep each case's folder (printed)")
+    args = p.parse_args(argv)
+    rows, failed = [], 0
+    for name, expected, case in CASES:
+        if args.pattern and args.pattern not in name:
+            continue
+        root = Path(tempfile.mkdtemp(prefix="attack-"))
+        t0 = time.time()
+        try:
+            problem = case(Case(root))
+        except Exception as e:  # noqa: BLE001 - a case that crashes is a failure, reported, not a stop
+            problem = f"{type(e).__name__}: {e}"
+        failed += problem is not None
+        rows.append((name, expected, problem or expected, "PASS" if problem is None else "FAIL",
+                     f"{time.time() - t0:.0f}s"))
+        print(f"{'PASS' if problem is None else 'FAIL'}  {name}" + (f": {problem}" if problem else ""), flush=True)
+        if args.keep:
+            print(f"      kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    w = [max(len(r[i]) for r in rows) for i in range(2)]
+    print(f"\n| {'case':{w[0]}s} | {'expected':{w[1]}s} | got | result | time |")
+    for name, expected, got, result, took in rows:
+        print(f"| {name:{w[0]}s} | {expected:{w[1]}s} | {got} | {result} | {took} |")
+    print(f"\n{len(rows) - failed}/{len(rows)} PASS")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
