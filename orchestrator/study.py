@@ -210,8 +210,7 @@ class Study:
         for t, attempt in zip(trials, self.dispatcher.submit([self._task(t) for t in trials])):
             t.job_id, t.started_at = attempt.job_id, t.started_at or time.time()
             self.live[t.trial] = Live(t, attempt)
-            self.tracker.tag(trial_key(t.trial), job_id=attempt.job_id, executor=self.kind,
-                             slurm_job_id=attempt.job_id if self.kind == "slurm" else None)
+            self._tag_job(t)
 
     def _poll(self) -> bool:
         settled = self.dispatcher.poll([lv.attempt for lv in self.live.values()])
@@ -270,7 +269,11 @@ class Study:
         [lv.attempt] = self.dispatcher.submit([self._task(t)])
         lv.started = time.time()
         t.job_id = lv.attempt.job_id
-        self.tracker.tag(trial_key(t.trial), job_id=t.job_id)
+        self._tag_job(t)
+
+    def _tag_job(self, t: TrialState) -> None:
+        self.tracker.tag(trial_key(t.trial), job_id=t.job_id, executor=self.kind,
+                         slurm_job_id=t.job_id if self.kind == "slurm" else None)
 
     def _track(self, final: bool = False) -> None:
         """Queue finished trials for MLflow; refresh the parent run's plots now and then, and at the end."""

@@ -302,7 +302,9 @@ class Dispatcher:
         requeued = a.state in REQUEUE_STATES or (a.state in WAITING and (a.ran or len(a.history) > 1))
         if requeued:  # SLURM will run it again: go on in a fresh job instead (see the module docstring)
             self.cancel(a)
-            before = next((s for s in reversed(a.history[:-1]) if s in FINAL or s in REQUEUE_STATES), "REQUEUED")
+            # what ended the attempt: the last final state sacct recorded (it may lag squeue's PENDING by a poll)
+            before = next((s for s in reversed(a.history) if s in FINAL), None) or \
+                next((s for s in reversed(a.history) if s in REQUEUE_STATES), "REQUEUED")
             kind = FINAL.get(before) or "requeued"
             # a node failure counts against the retry policy; a preemption or a requeue asked for is followed
             return Outcome("failed", reason=f"job {a.job_id} was requeued by SLURM (after {before}): continued in "
@@ -328,18 +330,20 @@ class Dispatcher:
         now = time.time()
         if a.final_since is None:
             a.final_since = now
-        if now - a.final_since < self.grace_s:
+        grace = self.grace_s if state in ("COMPLETED", "FAILED") else min(self.grace_s, 2.0)  # killed: none coming
+        if now - a.final_since < grace:
             return None  # the result pickle may still be on its way (NFS): look again at the next poll
         return self._failed(a, state, f"job {a.job_id} ended without a result ({self._cause(a, state)})")
 
     def _failed(self, a: Attempt, state: str, reason: str) -> Outcome:
         stop = self._stop_record(a)
         retry = FINAL.get(state)
-        if stop and stop.get("signal") == "USR2":
-            retry = "timeout"  # SLURM signals USR2 signal_delay_s before the time limit
-        if stop:
-            reason += f"; it stopped on {stop.get('signal')} at step {stop.get('step')} (checkpoint saved)" \
-                if stop.get("saved") else f"; it stopped on {stop.get('signal')}"
+        if stop:  # the job said why it stopped: lead with that
+            why = "the time limit is near" if stop.get("signal") == "SIGUSR2" else "cancelled, requeued or preempted"
+            saved = f"checkpoint of step {stop.get('step')} saved" if stop.get("saved") else "no checkpoint saved"
+            reason = f"job {a.job_id} stopped on {stop.get('signal')} ({why}; {saved}); state {state}"
+            if stop.get("signal") == "SIGUSR2":
+                retry = "timeout"  # SLURM sends USR2 signal_delay_s before the time limit (our sbatch --signal)
         if self.kind == "slurm" and state not in ("COMPLETED", "FAILED", "CANCELLED"):
             _run(["scancel", a.job_id])  # a copy SLURM may still requeue must never run after this
         return Outcome("failed", reason=reason, state=state, retry=retry)
