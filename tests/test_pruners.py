@@ -6,6 +6,9 @@ Optuna's MedianPruner / SuccessiveHalvingPruner on random curves fed in time ord
 import copy
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -102,6 +105,17 @@ def test_asha_keeps_the_top_third_at_each_rung_asynchronously():
     assert pruner.decide(9, jumper).rung == 0
 
 
+def test_a_margin_keeps_trials_close_to_the_threshold():
+    curves = {**COMPLETED, 10: flat(1.33, 2), 11: flat(1.55, 2)}  # median at 2/8: 1.30
+    assert MedianPruner().decide(10, curves) is not None
+    with_margin = MedianPruner(margin=0.05)
+    assert with_margin.decide(10, curves) is None and "margin 0.05" in with_margin.decide(11, curves).reason
+    rung = {0: [(0.125, 1.20)], 1: [(0.125, 1.21)], 2: [(0.125, 1.6)]}
+    assert AshaPruner(min_fraction=0.125).decide(1, rung) is not None
+    assert AshaPruner(min_fraction=0.125, margin=0.02).decide(1, rung) is None
+    assert AshaPruner(min_fraction=0.125, margin=0.02).decide(2, rung).threshold == 1.20
+
+
 def test_asha_min_trials_lets_early_trials_continue():
     pruner = make_pruner({"kind": "asha", "min_fraction": 0.125, "reduction_factor": 3, "min_trials": 3})
     curves = {0: [(0.125, 1.2)], 1: [(0.125, 1.3)]}
@@ -145,6 +159,7 @@ def test_decisions_are_pure_and_deterministic():
     ({"kind": "asha"}, "needs either min_fraction"),
     ({"kind": "asha", "min_fraction": 0.1, "rungs": [0.2]}, "not both"),
     ({"kind": "none", "warmup": 0.1}, "takes no options"),
+    ({"kind": "median", "margin": -0.01}, "margin=-0.01 must be a number >= 0"),
 ])
 def test_bad_configs_are_one_line_errors(bad, message):
     with pytest.raises(PrunerError, match=message) as error:
@@ -155,7 +170,8 @@ def test_bad_configs_are_one_line_errors(bad, message):
 def test_configs_round_trip_and_off():
     assert make_pruner(None) is None and make_pruner({"kind": "none"}) is None
     for cfg in ({"kind": "median", "n_startup_trials": 3, "warmup": 0.25, "interval": 0.25},
-                {"kind": "asha", "min_fraction": 0.125, "reduction_factor": 4}, {"kind": "asha", "rungs": [0.1, 0.3]}):
+                {"kind": "asha", "min_fraction": 0.125, "reduction_factor": 4, "margin": 0.02},
+                {"kind": "asha", "rungs": [0.1, 0.3]}):
         pruner = make_pruner(cfg)
         assert config(pruner) == cfg and make_pruner(config(pruner)) == pruner
     assert describe(make_pruner({"kind": "asha", "min_fraction": 0.125})) == "asha(min_fraction=0.125)"
@@ -180,6 +196,15 @@ def test_what_the_searcher_is_told():
     assert told_value("tpe", Decision(4, "asha", 0, 0.125, math.nan, math.nan, 1.2, 3, "why")) is None
     with pytest.raises(ValueError, match="valid: last, fail"):
         told_value("tpe", d, policy="median")
+
+
+def test_the_pruners_import_nothing_heavy():
+    """The orchestrator (login node) decides; its pruners must not pull torch, numpy or optuna in."""
+    script = ("import sys, orchestrator.pruners\n"
+              "print([m for m in ('torch', 'transformers', 'numpy', 'optuna', 'mlflow') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 # --------------------------------------------------------------------------------- against Optuna's own
