@@ -2,15 +2,19 @@
 
     python -m evaluation.preference generate study.db --a-adapter models:/tiny-nomad-adapter@champion \\
         --b-base tiny --questions evaluation/assets/questions.jsonl --max-new-tokens 256
-    python -m evaluation.preference serve study.db --port 8765          # prints the raters' token and URL
-    python -m evaluation.preference report study.db --tracking-uri sqlite:///mlruns/mlflow.db [--run-id RUN]
+    python -m evaluation.preference serve study.db --raters alice,bob   # prints each new rater's token once
+    python -m evaluation.preference raters study.db --add carol          # more raters; --reissue NAME; list
+    python -m evaluation.preference report study.db [--tracking-uri URI] [--run-id RUN]
 
 The study file is one SQLite database (WAL, one writer: the local server): the questions with both answers,
-the settings that made them, the raters' sessions, the sides each rater was shown and the votes. `generate`
-refuses to overwrite an existing study (votes refer to its answers). Questions are JSONL rows
+the settings that made them, the raters (name and the hash of their personal token), their sessions, the
+sides each rater was shown and the votes. `generate` refuses to overwrite an existing study (votes refer to its answers). Questions are JSONL rows
 {"question_id", "category", "question"}; the bundled set (evaluation/assets/questions.jsonl) is 30 open
 questions in the Vicuna categories, written for this project. Answers use the Alpaca prompt the adapters were
 trained with; greedy unless --temperature > 0 (then seeded per side).
+
+Raters: each has a personal token, printed once when the rater is added (`serve --raters` or `raters --add`)
+and stored hashed; the token is the rater's identity (evaluation/preference_raters.py).
 
 Votes: one per rater and question, the first is final (a second is refused with 409): raters judge blind and
 a study should not be revisited after the answers were compared. The report counts A's wins, ties and losses
@@ -33,10 +37,13 @@ BUNDLED_QUESTIONS = Path(__file__).resolve().parent / "assets" / "questions.json
 MAX_QUESTION_CHARS = 4000
 MAX_ID_CHARS = 64
 CHOICES = ("A", "B", "tie")
+# sessions.sid and raters.token_hash hold SHA-256 hex digests, never the secrets themselves; a session is
+# valid while its token_hash is its rater's current one (a reissued token ends the old sessions).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS questions (qid TEXT PRIMARY KEY, pos INTEGER NOT NULL, category TEXT NOT NULL,
     question TEXT NOT NULL, answer_a TEXT NOT NULL, answer_b TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS raters (name TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (sid TEXT PRIMARY KEY, rater TEXT NOT NULL, nonce TEXT NOT NULL,
     token_hash TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS sides (rater TEXT NOT NULL, qid TEXT NOT NULL REFERENCES questions(qid),
@@ -250,19 +257,34 @@ def markdown(result: dict, info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log_report(result: dict, info: dict, tracking_uri: str | None, run_id: str | None) -> str:
-    """Metrics + preference/report.json and .md into `run_id`, or into a new run of experiment "preference"."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
+def _experiment(client, uri: str) -> str:
+    """The "preference" experiment's id; in a local SQLite store its artifacts go beside the database
+    (<store>/artifacts/preference), as the orchestrator's studies do, not into MLflow's ./mlruns default."""
+    exp = client.get_experiment_by_name("preference")
+    if exp:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent.resolve() / "artifacts" / "preference").as_uri()
+    return client.create_experiment("preference", artifact_location=location)
 
-    client = MlflowClient(tracking_uri)
+
+def log_report(result: dict, info: dict, tracking_uri: str | None, run_id: str | None) -> str:
+    """Metrics + preference/report.json and .md into `run_id`, or into a new run of experiment "preference",
+    in the store `jobs.tracking_store.resolve(tracking_uri)` names (the project's store by default)."""
+    from mlflow.entities import Metric
+
+    from jobs import tracking_store
+
+    uri = tracking_store.resolve(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    client = tracking_store.client(uri)
     new = run_id is None
     if new:
-        exp = client.get_experiment_by_name("preference")
-        exp_id = exp.experiment_id if exp else client.create_experiment("preference")
-        run_id = client.create_run(exp_id, tags={"mlflow.runName": "preference",
-                                                  "model_A": info["model_A"]["label"][:5000],
-                                                  "model_B": info["model_B"]["label"][:5000]}).info.run_id
+        run_id = client.create_run(_experiment(client, uri), tags={
+            "mlflow.runName": "preference", "model_A": info["model_A"]["label"][:5000],
+            "model_B": info["model_B"]["label"][:5000]}).info.run_id
     now = int(time.time() * 1000)
     keys = ("n_votes", "n_questions", "n_raters", "wins_a", "ties", "losses_a", "score_a", "ci_low", "ci_high")
     client.log_batch(run_id, metrics=[Metric(f"pref_{k}", float(result[k]), now, 0) for k in keys
@@ -295,12 +317,21 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cuda, cpu (default: cuda if available)")
     s = sub.add_parser("serve", help="the blind rating web page")
     s.add_argument("study")
+    s.add_argument("--raters", help="add these raters (comma-separated) and print their tokens; names that "
+                                    "exist already keep theirs")
     s.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1; another exposes the study)")
     s.add_argument("--port", type=int, default=8765, help="port (8765; 0 picks a free one)")
-    s.add_argument("--token", help="the raters' token (default: a random one, printed)")
+    s.add_argument("--workers", type=int, default=8, help="threads answering requests (8)")
+    s.add_argument("--idle-timeout", type=float, default=30.0,
+                   help="seconds a connection may take to send its whole request before it is closed (30)")
+    a = sub.add_parser("raters", help="add raters or reissue a token (each token is printed once); list raters")
+    a.add_argument("study")
+    a.add_argument("--add", help="new raters, comma-separated")
+    a.add_argument("--reissue", help="a rater whose token is replaced (lost or leaked); ends their sessions")
     r = sub.add_parser("report", help="A vs B preference, logged to MLflow")
     r.add_argument("study")
-    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlruns)")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the project's "
+                                          "store sqlite:///mlruns/mlflow.db)")
     r.add_argument("--run-id", help="attach to this run (default: a new run in experiment 'preference')")
     r.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws (2000)")
     r.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
@@ -324,7 +355,11 @@ def main(argv=None) -> int:
             print(f"written: {path}\nnext: python -m evaluation.preference serve {path}")
         elif args.step == "serve":
             from evaluation.preference_app import serve
-            serve(args.study, host=args.host, port=args.port, token=args.token)
+            serve(args.study, host=args.host, port=args.port, new_raters=args.raters, workers=args.workers,
+                  idle_timeout=args.idle_timeout)
+        elif args.step == "raters":
+            from evaluation.preference_raters import manage_raters
+            manage_raters(args.study, args.add, args.reissue)
         else:
             con = open_study(args.study)
             result = preference(votes(con), n_boot=args.bootstrap, seed=args.seed)

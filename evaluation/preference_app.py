@@ -1,39 +1,42 @@
 """The blind rating web page of a preference study (stdlib http.server, no framework, no files served).
 
-    python -m evaluation.preference serve study.db [--host 127.0.0.1] [--port 8765] [--token TOKEN]
+    python -m evaluation.preference serve study.db --raters alice,bob [--host 127.0.0.1] [--port 8765]
 
-Raters open the printed URL, give a name and the study token, and see one question at a time with two
-answers, left and right, and three buttons (left better, tie, right better). Which model is on the left is
-drawn once per (rater, question), stored, and balanced over each rater's questions. The rater's name is
-their identity: logging in again with the same name resumes where they stopped.
+Raters open the printed URL, give their personal token (evaluation/preference_raters.py), and see one
+question at a time with two answers, left and right, and three buttons (left better, tie, right better).
+Which model is on the left is drawn once per (rater, question), stored, and balanced over each rater's
+questions. The token is the rater's identity: logging in again with it resumes where they stopped, and
+nothing a client sends can name another rater.
 
 Safety: listens on 127.0.0.1 unless told otherwise; every page but the login form needs a session, which
-needs the token (compared in constant time) and lapses when the server starts with another token; the
-session cookie is HttpOnly and SameSite=Strict, and every vote is a POST carrying the session's nonce
+needs a rater's token (looked up by its hash) and lapses when that token is reissued; the session cookie is
+HttpOnly and SameSite=Strict and only its hash is stored; every vote is a POST carrying the session's nonce
 (a cross-site form cannot know it) from the same origin. Inputs are checked (known question id, choice in
-left/right/tie, name pattern, body size) and refused with 400 (403 for a wrong token or nonce, 401 without a
-session, 409 for a second vote on a question); all text shown is HTML-escaped and a strict CSP forbids
-scripts. Each vote is committed to the study file (WAL, full fsync) before the answer is sent.
+left/right/tie, exactly the expected fields, body size) and refused with 400 (403 for an unknown token or a
+wrong nonce, 401 without a session, 409 for a second vote on a question); all text shown is HTML-escaped and
+a strict CSP forbids scripts. Each vote is committed to the study file (WAL, full fsync) before the answer
+is sent. Threads are bounded and idle connections closed: evaluation/bounded_server.py.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import html
+import io
 import re
 import secrets
 import sys
 import time
 from http import HTTPStatus
 from http.cookies import SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs
 
 from evaluation import preference as pref
+from evaluation import preference_raters as raters
+from evaluation.bounded_server import BoundedServer
 
 COOKIE = "pref_sid"
 MAX_BODY = 4096
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._@-]{0,39}")
 TOKEN_RE = re.compile(r"[\x21-\x7e]{1,128}")
 # Referrer-Policy same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on the
 # form posts, which the same-origin check below would refuse.
@@ -55,10 +58,6 @@ class Refused(Exception):
         self.status, self.message = status, message
 
 
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 def page(title: str, body: str) -> str:
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>{body}</body></html>")
@@ -68,8 +67,8 @@ def login_form(message: str = "") -> str:
     err = f"<p class=err>{html.escape(message)}</p>" if message else ""
     return page("Preference study", f"""<h1>Preference study</h1>{err}
 <p>You will see questions, each with two answers. Pick the better answer, or a tie.</p>
-<form method=post action=/login><p><label>Your name <input name=name required maxlength=40 id=name></label></p>
-<p><label>Study token <input name=token type=password required maxlength=128 id=token></label></p>
+<form method=post action=/login>
+<p><label>Your personal token <input name=token type=password required maxlength=128 id=token></label></p>
 <button type=submit id=login>Start</button></form>""")
 
 
@@ -100,13 +99,19 @@ def rating_page(con, session: dict) -> str:
 <button name=choice value=right id=vote-right>Right is better</button></form>""")
 
 
-def make_handler(study: str, token: str):
-    """A request handler class bound to one study file and one raters' token."""
-    current = token_hash(token)
+def make_handler(study: str):
+    """A request handler class bound to one study file, for a BoundedServer (it reads the request that the
+    server has already received, from memory)."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "preference"
         sys_version = ""
+        timeout = 10  # seconds per socket operation while answering: a client that never reads its reply
+
+        def setup(self):
+            super().setup()
+            self.rfile.close()
+            self.rfile = io.BytesIO(self.server.received.pop(self.request, b""))
 
         def do_GET(self):
             self._dispatch({"/": self._index, "/rate": self._rate})
@@ -152,10 +157,12 @@ def make_handler(study: str, token: str):
             except Exception:
                 jar = SimpleCookie()
             sid = jar[COOKIE].value if COOKIE in jar else ""
-            row = con.execute("SELECT rater, nonce, token_hash FROM sessions WHERE sid = ?", (sid[:100],)).fetchone() \
-                if sid else None
-            if row is None or not hmac.compare_digest(row[2], current):
-                raise Refused(HTTPStatus.UNAUTHORIZED, "please log in with your name and the study token")
+            # the session's token must still be its rater's: a reissued token ends the old sessions
+            row = con.execute("SELECT s.rater, s.nonce FROM sessions s JOIN raters r ON r.name = s.rater AND "
+                              "r.token_hash = s.token_hash WHERE s.sid = ?",
+                              (raters.secret_hash(sid[:100]),)).fetchone() if sid else None
+            if row is None:
+                raise Refused(HTTPStatus.UNAUTHORIZED, "please log in with your personal token")
             return {"rater": row[0], "nonce": row[1]}
 
         def _form(self, fields: tuple) -> dict:
@@ -187,15 +194,15 @@ def make_handler(study: str, token: str):
                 self._send(HTTPStatus.OK, login_form())
 
         def _login(self, con):
-            form = self._form(("name", "token"))
-            if not TOKEN_RE.fullmatch(form["token"]) or not hmac.compare_digest(token_hash(form["token"]), current):
-                raise Refused(HTTPStatus.FORBIDDEN, "wrong study token")
-            name = form["name"].strip()
-            if not NAME_RE.fullmatch(name):
-                raise Refused(HTTPStatus.BAD_REQUEST, "a name is 1-40 letters, digits, spaces or . _ @ - "
-                                                      "and starts with a letter or digit")
+            token = self._form(("token",))["token"]
+            found = raters.rater_of_token(con, token) if TOKEN_RE.fullmatch(token) else None
+            if found is None:
+                raise Refused(HTTPStatus.FORBIDDEN, "unknown token: use the personal token you were given (the "
+                                                    "study's organizer can reissue a lost one)")
+            name, token_hash = found
             sid, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
-            con.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?)", (sid, name, nonce, current, time.time()))
+            con.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
+                        (raters.secret_hash(sid), name, nonce, token_hash, time.time()))
             pref.assign_sides(con, name)
             self._send(HTTPStatus.SEE_OTHER, location="/rate", cookie=sid)
 
@@ -218,21 +225,46 @@ def make_handler(study: str, token: str):
     return Handler
 
 
-def make_server(study: str, host: str = "127.0.0.1", port: int = 8765, token: str | None = None):
-    """(server, token): a ThreadingHTTPServer not yet serving; the token is random unless given."""
-    pref.open_study(study).close()  # a missing or empty study fails here, before listening
-    token = token or secrets.token_urlsafe(12)
-    if not TOKEN_RE.fullmatch(token):
-        raise pref.EvalError("--token must be 1-128 printable ASCII characters without spaces")
-    return ThreadingHTTPServer((host, port), make_handler(study, token)), token
+def make_server(study: str, host: str = "127.0.0.1", port: int = 8765, new_raters: str | None = None,
+                workers: int = 8, idle_timeout: float = 30.0, max_connections: int = 256):
+    """(server, {name: token} of the raters added now): a BoundedServer not yet serving. Names in
+    `new_raters` ("alice,bob") that exist already keep their tokens. Fails before adding anyone when the
+    study, the names, the numbers or the address are bad, and when the study would have no rater."""
+    if not 1 <= workers <= max_connections or not idle_timeout > 0:
+        raise pref.EvalError(f"--workers {workers} / --idle-timeout {idle_timeout} are invalid: 1 to "
+                             f"{max_connections} workers and an idle timeout > 0 seconds")
+    names = raters.parse_raters(new_raters) if new_raters is not None else []
+    con = pref.open_study(study)  # a missing or empty study fails here, before listening
+    try:
+        if not names and not raters.raters(con):
+            raise pref.EvalError(f"study {study} has no raters: add them with `serve {study} --raters alice,bob`")
+        try:
+            server = BoundedServer((host, port), make_handler(study), workers, idle_timeout, max_connections,
+                                   max_body=MAX_BODY)
+        except (OSError, OverflowError) as e:
+            why = getattr(e, "strerror", None) or str(e)
+            raise pref.EvalError(f"cannot listen on {host}:{port} ({why}): choose another --host/--port") from None
+        try:
+            tokens = raters.add_raters(con, names, skip_existing=True)
+        except BaseException:
+            server.server_close()
+            raise
+    finally:
+        con.close()
+    return server, tokens
 
 
-def serve(study: str, host: str = "127.0.0.1", port: int = 8765, token: str | None = None) -> None:
-    server, token = make_server(study, host, port, token)
+def serve(study: str, host: str = "127.0.0.1", port: int = 8765, new_raters: str | None = None,
+          workers: int = 8, idle_timeout: float = 30.0) -> None:
+    server, tokens = make_server(study, host, port, new_raters, workers, idle_timeout)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}: anyone who can reach it and knows the token can vote; plain HTTP "
-              "(no TLS): put it behind an HTTPS proxy for use beyond this machine", file=sys.stderr)
-    print(f"serving {study} on http://{host}:{server.server_address[1]}/  raters' token: {token}", flush=True)
+        print(f"warning: listening on {host}: anyone who can reach it and holds a token can vote as that rater; "
+              "plain HTTP (no TLS): put it behind an HTTPS proxy for use beyond this machine", file=sys.stderr)
+    raters.print_tokens(tokens)
+    kept = [n for n in (raters.parse_raters(new_raters) if new_raters else []) if n not in tokens]
+    if kept:
+        print(f"already raters, tokens unchanged: {', '.join(kept)} (`raters {study} --reissue NAME` for a new one)")
+    print(f"serving {study} on http://{host}:{server.server_address[1]}/  ({workers} workers)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

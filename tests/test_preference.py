@@ -1,5 +1,6 @@
-"""The human-preference study: generation on the tiny model, the rating server's safety and durability, the
-report's numbers, and a real browser voting on every question.
+"""The human-preference study: generation on the tiny model, the rating server's safety (personal tokens,
+forged / replayed / cross-rater requests, idle connections) and durability, the report's numbers and its
+MLflow store, and a real browser voting on every question.
 
     .venv/bin/python -m pytest -q tests/test_preference.py              # all but the browser test: -m "not ui"
 
@@ -13,20 +14,22 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 
 from evaluation import preference as pref
+from evaluation import preference_raters as raters
 from evaluation.preference_app import make_server
 from evaluation.tasks.common import EvalError
 
 REPO = Path(__file__).resolve().parents[1]
-TOKEN = "test-token-123"
 
 
 def _study(path: Path, n: int = 30, question: str = "Question {i}?") -> Path:
@@ -36,13 +39,17 @@ def _study(path: Path, n: int = 30, question: str = "Question {i}?") -> Path:
     return pref.write_study(path, qs, made, info)
 
 
+def _serve(study, raters_csv="ann,bob,cy", **kw):
+    """(server, port, {name: token}) of a server on `study`, serving in a thread."""
+    srv, tokens = make_server(str(study), port=0, new_raters=raters_csv, **kw)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, srv.server_address[1], tokens
+
+
 @pytest.fixture()
 def server(tmp_path):
-    study = _study(tmp_path / "study.db")
-    srv, _ = make_server(str(study), port=0, token=TOKEN)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield study, srv.server_address[1]
+    srv, port, tokens = _serve(_study(tmp_path / "study.db"))
+    yield tmp_path / "study.db", port, tokens
     srv.shutdown()
     srv.server_close()
 
@@ -63,8 +70,8 @@ def _request(port, method, path, form=None, cookie=None, headers=None):
     return resp.status, text, resp
 
 
-def _login(port, name):
-    status, _, resp = _request(port, "POST", "/login", {"name": name, "token": TOKEN})
+def _login(port, token):
+    status, _, resp = _request(port, "POST", "/login", {"token": token})
     assert status == 303 and resp.getheader("Location") == "/rate"
     cookie = resp.getheader("Set-Cookie")
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
@@ -131,23 +138,25 @@ def test_bundled_questions_are_valid_and_bad_files_are_refused(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- server
 def test_token_and_session_are_required(server):
-    _, port = server
+    study, port, tokens = server
     assert _request(port, "GET", "/")[0] == 200
     assert _request(port, "GET", "/rate")[0] == 401
     assert _request(port, "GET", "/rate", cookie="forged")[0] == 401
     assert _request(port, "POST", "/vote", {"qid": "q00", "nonce": "x", "choice": "tie"})[0] == 401
-    assert _request(port, "POST", "/login", {"name": "ann", "token": "wrong"})[0] == 403
-    assert _request(port, "POST", "/login", {"name": "ann", "token": ""})[0] == 403
+    assert _request(port, "POST", "/login", {"token": "wrong"})[0] == 403
+    assert _request(port, "POST", "/login", {"token": ""})[0] == 403
+    assert _request(port, "POST", "/login", {"token": tokens["ann"] + "x"})[0] == 403
     for path in ("/../study.db", "/study.db", "/evaluation/preference.py", "/rate/../etc/passwd"):
         assert _request(port, "GET", path)[0] == 404
     status, page, resp = _request(port, "GET", "/")
     assert "script-src" not in resp.getheader("Content-Security-Policy") and "default-src 'none'" in \
         resp.getheader("Content-Security-Policy")
+    assert pref.open_study(study).execute("SELECT count(*) FROM sessions").fetchone()[0] == 0
 
 
 def test_inputs_are_validated(server):
-    study, port = server
-    sid = _login(port, "ann")
+    study, port, tokens = server
+    sid = _login(port, tokens["ann"])
     qid, nonce, _ = _current(port, sid)
     assert _vote(port, sid, "left", qid="q99") == 400
     assert _vote(port, sid, "left", qid="x" * 500) == 400
@@ -163,18 +172,51 @@ def test_inputs_are_validated(server):
                     headers={"Content-Type": "application/json"})[0] == 400
     good = {"qid": qid, "nonce": nonce, "choice": "tie"}
     assert _request(port, "POST", "/vote", good, cookie=sid, headers={"Origin": "http://evil.example"})[0] == 403
-    for name in ("", " ", "<b>x</b>", "a" * 41, "-dash"):
-        assert _request(port, "POST", "/login", {"name": name, "token": TOKEN})[0] == 400
+    assert _request(port, "POST", "/login", urlencode({"token": tokens["ann"]}) + "&token=x")[0] == 400
     assert pref.votes(pref.open_study(study)) == []  # nothing refused was recorded
 
 
+def test_a_rater_can_neither_vote_as_another_nor_invent_one(server):
+    study, port, tokens = server
+    con = pref.open_study(study)
+    ann, bob = _login(port, tokens["ann"]), _login(port, tokens["bob"])
+    qid, ann_nonce, _ = _current(port, ann)
+    _, bob_nonce, _ = _current(port, bob)
+    # invented raters: a made-up token, a name next to a real token, a rater field on the vote form
+    assert _request(port, "POST", "/login", {"token": "mallory-token-123"})[0] == 403
+    assert _request(port, "POST", "/login", {"name": "mallory", "token": tokens["ann"]})[0] == 400
+    assert _request(port, "POST", "/vote", {"qid": qid, "nonce": ann_nonce, "choice": "tie", "rater": "mallory"},
+                    cookie=ann)[0] == 400
+    # forged: what the study file stores (hashes) is no credential
+    token_hash, sid_hash = con.execute("SELECT r.token_hash, s.sid FROM raters r JOIN sessions s ON s.rater = r.name "
+                                       "WHERE r.name = 'ann'").fetchone()
+    assert _request(port, "POST", "/login", {"token": token_hash})[0] == 403
+    assert _request(port, "GET", "/rate", cookie=sid_hash)[0] == 401
+    # cross-rater: one rater's session with the other's nonce
+    assert _vote(port, bob, "left", qid=qid, nonce=ann_nonce) == 403
+    assert _vote(port, ann, "left", qid=qid, nonce=bob_nonce) == 403
+    assert pref.votes(con) == []
+    # bob's session votes as bob, whatever question it names; ann's own vote is untouched and hers alone
+    assert _vote(port, bob, "tie", qid=qid, nonce=bob_nonce) == 303
+    ann_vote = {"qid": qid, "nonce": ann_nonce, "choice": "right"}
+    assert _request(port, "POST", "/vote", ann_vote, cookie=ann)[0] == 303
+    assert _request(port, "POST", "/vote", ann_vote, cookie=ann)[0] == 409  # replayed
+    assert sorted((v["rater"], v["qid"]) for v in pref.votes(con)) == [("ann", qid), ("bob", qid)]
+    # a reissued token: the old token and the old session stop, replays included; the votes stay
+    new_token = raters.reissue_token(con, "ann")
+    assert _request(port, "POST", "/login", {"token": tokens["ann"]})[0] == 403
+    q2, _, _ = _current(port, _login(port, tokens["cy"]))
+    assert _request(port, "POST", "/vote", {"qid": q2, "nonce": ann_nonce, "choice": "tie"}, cookie=ann)[0] == 401
+    page = _request(port, "GET", "/rate", cookie=_login(port, new_token))[1]
+    assert "Rater <b>ann</b>: 1 of 30 questions rated" in page
+    assert {v["rater"] for v in pref.votes(con)} == {"ann", "bob"} and len(pref.votes(con)) == 2
+    assert {r[0] for r in con.execute("SELECT rater FROM sessions")} <= {"ann", "bob", "cy"}
+
+
 def test_output_is_html_escaped(tmp_path):
-    study = _study(tmp_path / "s.db", n=2, question="<script>alert({i})</script> & co")
-    srv, _ = make_server(str(study), port=0, token=TOKEN)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv, port, tokens = _serve(_study(tmp_path / "s.db", n=2, question="<script>alert({i})</script> & co"))
     try:
-        port = srv.server_address[1]
-        page = _request(port, "GET", "/rate", cookie=_login(port, "ann"))[1]
+        page = _request(port, "GET", "/rate", cookie=_login(port, tokens["ann"]))[1]
         assert "<script>" not in page and "&lt;script&gt;alert(0)&lt;/script&gt; &amp; co" in page
     finally:
         srv.shutdown()
@@ -182,18 +224,18 @@ def test_output_is_html_escaped(tmp_path):
 
 
 def test_one_vote_per_rater_and_question_the_first_is_final(server):
-    study, port = server
-    sid = _login(port, "ann")
+    study, port, tokens = server
+    sid = _login(port, tokens["ann"])
     qid, nonce, _ = _current(port, sid)
     assert _vote(port, sid, "left", qid=qid, nonce=nonce) == 303
     assert _vote(port, sid, "right", qid=qid, nonce=nonce) == 409
-    sid2 = _login(port, "ann")  # a second session of the same rater is the same rater
+    sid2 = _login(port, tokens["ann"])  # a second session of the same rater is the same rater
     assert _vote(port, sid2, "right", qid=qid) == 409
     con = pref.open_study(study)
     left = pref.assign_sides(con, "ann")[qid]
     assert pref.votes(con) == [{"rater": "ann", "qid": qid, "choice": left}]
     # another rater may vote on the same question
-    assert _vote(port, _login(port, "bob"), "tie", qid=qid) == 303
+    assert _vote(port, _login(port, tokens["bob"]), "tie", qid=qid) == 303
     assert len(pref.votes(con)) == 2
 
 
@@ -214,42 +256,135 @@ def test_sides_are_stable_per_rater_and_balanced(tmp_path):
         assert pref.record_vote(con, "ann", q, "right") is None
 
 
-def _start(study, port=0):
-    proc = subprocess.Popen([sys.executable, "-m", "evaluation.preference", "serve", str(study), "--port", str(port),
-                             "--token", TOKEN], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    match = re.search(r"http://127\.0\.0\.1:(\d+)/ +raters' token: (\S+)", line)
-    assert match, f"unexpected first line: {line!r}"
-    return proc, int(match.group(1))
+def _tokens(text: str) -> dict:
+    return dict(re.findall(r"token for (\S+): (\S+)", text))
+
+
+def test_raters_are_added_with_tokens_printed_once_and_stored_hashed(tmp_path, capsys):
+    study = str(_study(tmp_path / "s.db", n=3))
+    assert pref.main(["serve", study, "--port", "0"]) == 2  # no rater yet: refused before listening
+    assert "has no raters" in capsys.readouterr().err
+    assert pref.main(["raters", study, "--add", "dee,eve"]) == 0
+    tokens = _tokens(capsys.readouterr().out)
+    assert set(tokens) == {"dee", "eve"} and len(set(tokens.values())) == 2
+    assert all(len(t) >= 24 for t in tokens.values())
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("s.db*"))
+    for token in tokens.values():
+        assert token.encode() not in stored and raters.secret_hash(token).encode() in stored
+    for bad in (["--add", "dee"], ["--add", "bad name"], ["--add", "x,x"], ["--reissue", "nobody"]):
+        assert pref.main(["raters", study, *bad]) == 2, bad
+        assert capsys.readouterr().err.startswith("error: ")
+    assert pref.main(["serve", study, "--port", "0", "--raters", "fay,<b>"]) == 2
+    assert pref.main(["serve", study, "--port", "0", "--raters", "fay", "--workers", "0"]) == 2
+    assert pref.main(["serve", study, "--port", "99999", "--raters", "fay"]) == 2  # cannot listen: no token made
+    assert raters.raters(pref.open_study(study)) == ["dee", "eve"]  # nothing added by a refused command
+    assert pref.main(["raters", study]) == 0
+    assert capsys.readouterr().out.splitlines() == ["dee: 0 votes", "eve: 0 votes"]
+
+
+def _start(study, *args):
+    """A server process; returns (process, port, {name: token} printed at start)."""
+    proc = subprocess.Popen([sys.executable, "-m", "evaluation.preference", "serve", str(study), "--port", "0", *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines = []
+    while not lines or not lines[-1].startswith("serving"):
+        lines.append(proc.stdout.readline())
+        assert lines[-1], f"the server exited before serving: {lines}"
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/", lines[-1])
+    assert match, f"unexpected last line: {lines[-1]!r}"
+    return proc, int(match.group(1)), _tokens("".join(lines))
 
 
 def test_a_killed_server_loses_no_vote(tmp_path):
     study = _study(tmp_path / "s.db", n=5)
-    proc, port = _start(study)
+    proc, port, tokens = _start(study, "--raters", "ann")
     try:
-        sid = _login(port, "ann")
+        sid = _login(port, tokens["ann"])
         assert [_vote(port, sid, c) for c in ("left", "right", "tie")] == [303, 303, 303]
     finally:
         proc.send_signal(signal.SIGKILL)  # no clean shutdown: the votes must already be on disk
         proc.wait()
-    proc, port = _start(study)
+    proc, port, again = _start(study, "--raters", "ann")  # the same command again: ann keeps her token
     try:
+        assert again == {}
         assert len(pref.votes(pref.open_study(study))) == 3
-        page = _request(port, "GET", "/rate", cookie=sid)[1]  # the session survives a restart with the same token
+        page = _request(port, "GET", "/rate", cookie=sid)[1]  # the session survives a restart
         assert "3 of 5 questions rated" in page and "Question 4 of 5" in page
         assert _vote(port, sid, "left") == 303
     finally:
         proc.terminate()
         proc.wait()
     assert len(pref.votes(pref.open_study(study))) == 4
-    proc = subprocess.Popen([sys.executable, "-m", "evaluation.preference", "serve", str(study), "--port", "0",
-                             "--token", "another-token"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    new_token = raters.reissue_token(pref.open_study(study), "ann")
+    proc, port, _ = _start(study)
     try:
-        port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
-        assert _request(port, "GET", "/rate", cookie=sid)[0] == 401  # a new token ends the old sessions
+        assert _request(port, "GET", "/rate", cookie=sid)[0] == 401  # a reissued token ends the old sessions
+        assert _request(port, "POST", "/login", {"token": tokens["ann"]})[0] == 403
+        assert "4 of 5 questions rated" in _request(port, "GET", "/rate", cookie=_login(port, new_token))[1]
     finally:
         proc.terminate()
         proc.wait()
+
+
+def _wait_for(condition, what: str, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.02)
+
+
+def _closed_by_server(sock) -> bool:
+    """Blocks until the server closes `sock` (True) or the socket's own timeout passes (raises)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+# a client that connects and sends nothing, half a head, or a head whose body never comes (slowloris)
+IDLE = [b"", b"GET /rate HTTP/1.1\r\nHost: x\r\n", b"POST /vote HTTP/1.0\r\nContent-Length: 40\r\n\r\nqid="]
+
+
+def test_idle_connections_hold_no_thread_and_cannot_lock_out_a_rater(tmp_path):
+    baseline = threading.active_count()
+    srv, port, tokens = _serve(_study(tmp_path / "s.db", n=5), workers=2, idle_timeout=3600, max_connections=40)
+    idle = []
+    try:
+        for i in range(60):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=60))
+            idle[-1].sendall(IDLE[i % 3])
+        # past max_connections the oldest waiting ones are closed to admit new ones
+        assert all(_closed_by_server(s) for s in idle[:20])
+        _wait_for(lambda: srv.open_connections() == (40, 0), "40 connections waiting")
+        sid = _login(port, tokens["ann"])  # a real rater is answered while 40 idle clients hold their sockets
+        assert [_vote(port, sid, c) for c in ("left", "right", "tie")] == [303, 303, 303]
+        assert "3 of 5 questions rated" in _request(port, "GET", "/rate", cookie=sid)[1]
+        # the first of those 8 requests made room by closing the oldest idle connection; a later one closes
+        # another only if it came before a worker had released the previous one's place
+        assert _closed_by_server(idle[20])
+        assert threading.active_count() <= baseline + 1 + 2  # the serving thread and at most 2 workers
+        _wait_for(lambda: srv.open_connections()[1] == 0, "the workers to finish")
+        assert 40 - 8 <= srv.open_connections()[0] <= 39
+    finally:
+        for s in idle:
+            s.close()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_idle_connections_are_closed_after_the_idle_timeout(tmp_path):
+    srv, port, tokens = _serve(_study(tmp_path / "s.db", n=2), workers=1, idle_timeout=0.5)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(12)]
+    try:
+        for i, s in enumerate(idle):
+            s.sendall(IDLE[i % 3])
+        assert all(_closed_by_server(s) for s in idle)
+        _wait_for(lambda: srv.open_connections() == (0, 0), "no connection left open")
+    finally:
+        for s in idle:
+            s.close()
+        srv.shutdown()
+        srv.server_close()
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -297,6 +432,27 @@ def test_report_is_logged_to_mlflow(tmp_path):
     assert client.get_run(other).data.metrics["pref_n_votes"] == 6
 
 
+def test_report_uses_the_project_store_by_default(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    study = _study(tmp_path / "s.db", n=3)
+    con = pref.open_study(study)
+    pref.record_vote(con, "ann", "q00", "tie")
+    monkeypatch.chdir(tmp_path)  # the project folder: the default store is ./mlruns/mlflow.db
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert pref.main(["report", str(study)]) == 0
+    assert not (tmp_path / "mlflow.db").exists()  # MLflow's own default is not used
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("preference").experiment_id])
+    assert run.data.metrics["pref_ties"] == 1
+    assert (tmp_path / "mlruns" / "artifacts" / "preference" / run.info.run_id / "artifacts" / "preference" /
+            "report.md").is_file()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other/mlflow.db")  # the variable wins
+    assert pref.main(["report", str(study)]) == 0
+    other = MlflowClient(f"sqlite:///{tmp_path}/other/mlflow.db")
+    assert len(other.search_runs([other.get_experiment_by_name("preference").experiment_id])) == 1
+
+
 # --------------------------------------------------------------------------------------------- browser
 CHROMIUM = os.environ.get("LORA_HPO_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -315,9 +471,8 @@ def test_a_rater_votes_on_every_question_in_a_browser(tmp_path):
     shots = Path(os.environ.get("LORA_HPO_UI_SCREENSHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
     study = _study(tmp_path / "s.db", n=4)
-    srv, _ = make_server(str(study), port=0, token=TOKEN)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}/"
+    srv, port, tokens = _serve(study, "ann")
+    url = f"http://127.0.0.1:{port}/"
     clicks = ["left", "right", "tie", "left"]
     expected = {"A": 0, "B": 0, "tie": 0}
     try:
@@ -327,8 +482,7 @@ def test_a_rater_votes_on_every_question_in_a_browser(tmp_path):
             page = browser.new_page()
             page.set_default_timeout(30_000)
             page.goto(url)
-            page.fill("#name", "ann")
-            page.fill("#token", TOKEN)
+            page.fill("#token", tokens["ann"])
             page.click("#login")
             sides = pref.assign_sides(pref.open_study(study), "ann")
             for i, click in enumerate(clicks):
