@@ -7,6 +7,7 @@
     python -m orchestrator register --study tiny-nomad --register-as my-adapter
     python -m orchestrator compare tiny-nomad tiny-tpe        # studies side by side
     python -m orchestrator evaluate --study tiny-nomad --top 10 --include-default   # downstream scores
+    python -m orchestrator server start --auth                # the lab's MLflow server (orchestrator/server.py)
 """
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from orchestrator.config import STUDY_PRESETS, ConfigError, StudyConfig, load_co
 from orchestrator.searchers import ALGOS
 from slurm.executors import KINDS
 
-SUBCOMMANDS = ("run", "status", "register", "compare", "evaluate")
+SUBCOMMANDS = ("run", "status", "register", "compare", "evaluate", "server")
 
 
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator", description=(
         "Tune LoRA hyperparameters (rank, alpha, dropout, learning rate) with NOMAD or TPE; every evaluation "
-        "is a submitit job; everything is tracked in MLflow. Subcommands: status, register, compare, evaluate "
+        "is a submitit job; everything is tracked in MLflow. Subcommands: status, register, compare, evaluate, server "
         "(python -m orchestrator SUBCOMMAND --help)."))
     p.add_argument("--algo", choices=ALGOS, help="search algorithm (default: nomad)")
     p.add_argument("--config", help="study YAML (see orchestrator/config.py for its keys)")
@@ -101,6 +102,9 @@ def _fresh_name(config: StudyConfig) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "run"
+    if command == "server":
+        from orchestrator import server
+        return server.main(argv)
     if command != "run":
         from orchestrator import commands
         return commands.main(command, study_parser(command).parse_args(argv))
