@@ -21,7 +21,7 @@ rules: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, else ~/.mlflow/crede
 database; a sqlite file can be written; a database URI (postgresql://...) can be connected to.
 
 MLflow's HTTP client retries a failed request MLFLOW_HTTP_REQUEST_MAX_RETRIES times (7) with exponential
-backoff (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR 2, capped at 120 s: sleeps 0, 4, 8, ... 120 s, about 250 s in
+backoff (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR 2, capped at 120 s: sleeps 0, 4, 8, 16, 32, 64, 120 s, 244 s in
 all) and waits MLFLOW_HTTP_REQUEST_TIMEOUT (120 s) for each answer; 5xx answers (a server whose database is
 down) are retried the same way. These variables are read at every request, by the REST stores and by the
 proxied-artifact repository alike, so `http_settings()` returns values to put into a process's environment
@@ -236,8 +236,9 @@ def check_database(uri: str, timeout_s: float = STORE_TIMEOUT_S) -> None:
 
 # ------------------------------------------------------------------------------------------- MLflow's HTTP
 def http_settings(retries: int = 0, timeout_s: int = 30, environ=None) -> dict[str, str]:
-    """Environment entries that bound MLflow's HTTP client: `retries` quick retries (1, 2, 4 s apart) instead
-    of 7 slow ones, `timeout_s` per connect / read instead of 120 s. Entries the user has set are left out.
+    """Environment entries that bound MLflow's HTTP client: `retries` quick retries (after 0, 2, 4 ... s)
+    instead of 7 slow ones (244 s of sleep in all), `timeout_s` per connect / read instead of 120 s. Entries
+    the user has set are left out.
 
     `retries=0` suits a writer with its own durable queue (a failed write is queued, not retried in place);
     one-shot commands may take 2. `timeout_s` bounds each socket wait, not a whole transfer, so a large

@@ -22,12 +22,10 @@ created or were granted (default_permission NO_PERMISSIONS; --default-permission
 from __future__ import annotations
 
 import argparse
-import configparser
 import fcntl
 import getpass
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -38,12 +36,7 @@ from pathlib import Path
 
 from jobs.tracking_store import StoreError, check_database, check_store
 from orchestrator.postgres import Postgres, ServerError, _gone, _tail
-
-PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
-ADMIN = "admin"
-# The auth app's REST routes (mlflow/server/auth/routes.py; importing that module costs seconds).
-CREATE_USER = "/api/2.0/mlflow/users/create"
-GRANT = "/api/3.0/mlflow/users/permissions/grant"
+from orchestrator.server_auth import PERMISSIONS, add_user, admin_login, auth_env, grant
 
 
 def default_dir() -> Path:
@@ -112,40 +105,7 @@ def mlflow_pid(layout: Layout) -> int | None:
 
 def url(s: Settings) -> str:
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
-    return f"http://{host}:{s.port}"
-
-
-def admin_login(layout: Layout) -> tuple[str, str] | None:
-    if not layout.ini.exists():
-        return None
-    ini = configparser.ConfigParser()
-    ini.read(layout.ini)
-    return ini["mlflow"]["admin_username"], ini["mlflow"]["admin_password"]
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.parent.chmod(0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
-def _auth_env(layout: Layout, s: Settings, log) -> dict:
-    """basic_auth.ini (admin password generated once) and the CSRF secret; both 0600 under auth/."""
-    login = admin_login(layout)
-    if login is None:
-        login = (ADMIN, secrets.token_urlsafe(18))
-        log(f"admin login created: {login[0]} / {login[1]}  (kept in {layout.ini}; `server url` shows it)")
-    users_db = layout.postgres.uri("mlflow_auth") if s.backend_uri is None else f"sqlite:///{layout.auth}/users.db"
-    _write_private(layout.ini, "[mlflow]\n" + "".join(f"{k} = {v}\n" for k, v in {
-        "default_permission": s.default_permission, "database_uri": users_db, "admin_username": login[0],
-        "admin_password": login[1], "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
-    }.items()))
-    secret = layout.auth / "secret_key"
-    if not secret.exists():
-        _write_private(secret, secrets.token_hex(32))
-    return {"MLFLOW_AUTH_CONFIG_PATH": str(layout.ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": secret.read_text()}
+    return f"http://[{host}]:{s.port}" if ":" in host else f"http://{host}:{s.port}"
 
 
 def _check_inputs(layout: Layout, s: Settings) -> None:
@@ -195,7 +155,8 @@ def _start_mlflow(layout: Layout, s: Settings, timeout_s: float, log) -> None:
                "--serve-artifacts", "--artifacts-destination", layout.artifacts(s), "--host", s.host,
                "--port", str(s.port), "--workers", str(s.workers)]
     if s.auth:
-        env.update(_auth_env(layout, s, log))
+        users = layout.postgres.uri("mlflow_auth") if s.backend_uri is None else f"sqlite:///{layout.auth}/users.db"
+        env.update(auth_env(layout.auth, users, s.default_permission, log))
         command += ["--app-name", "basic-auth"]
     layout.run.mkdir(parents=True, exist_ok=True)
     log_file = layout.logs / "mlflow.log"
@@ -203,10 +164,11 @@ def _start_mlflow(layout: Layout, s: Settings, timeout_s: float, log) -> None:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                    cwd=layout.root, env=env, start_new_session=True)  # its own process group
     layout.pid_file.write_text(str(process.pid))
-    login = admin_login(layout) if s.auth else (None, None)
+    login = admin_login(layout.ini) if s.auth else (None, None)
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
+            layout.pid_file.unlink(missing_ok=True)
             raise ServerError(f"mlflow server exited ({process.returncode}); last lines of {log_file}: "
                               f"{_tail(log_file)}")
         try:
@@ -277,6 +239,9 @@ def start(layout: Layout, given: dict, timeout_s: float) -> Settings:
         if running is None:
             _start_mlflow(layout, s, timeout_s, _log)
         layout.settings.write_text(json.dumps(asdict(s), indent=1))
+    if not s.auth and s.host not in ("127.0.0.1", "localhost", "::1"):
+        _log(f"warning: listening on {s.host} without --auth: whoever reaches port {s.port} reads and writes "
+             "every study")
     _log(f"up: {url(s)} (backend {'private PostgreSQL' if s.backend_uri is None else 'given database'}, "
          f"artifacts {layout.artifacts(s)}, auth {'on' if s.auth else 'off'}; logs in {layout.logs})")
     return s
@@ -301,7 +266,7 @@ def status(layout: Layout) -> int:
         return 3
     if up < len(parts):
         return 1
-    login = admin_login(layout) if s.auth else (None, None)
+    login = admin_login(layout.ini) if s.auth else (None, None)
     try:
         check_store(url(s), username=login[0], password=login[1])
     except StoreError as e:
@@ -311,80 +276,37 @@ def status(layout: Layout) -> int:
     return 0
 
 
-def show_url(layout: Layout) -> None:
+def show_url(layout: Layout, admin: bool = True) -> None:
     s = layout.load()
     host = socket.getfqdn()
     host = socket.gethostname() if host.startswith("localhost") else host
     print(url(s))
     print(f"tunnel from your laptop: ssh -N -L {s.port}:127.0.0.1:{s.port} {getpass.getuser()}@{host}  "
           f"then open http://localhost:{s.port}")
-    login = admin_login(layout) if s.auth else None
+    login = admin_login(layout.ini) if s.auth and admin else None
     if login:
         print(f"admin login: MLFLOW_TRACKING_USERNAME={login[0]} MLFLOW_TRACKING_PASSWORD={login[1]}")
 
 
-def _admin_call(layout: Layout, endpoint: str, method: str, **kwargs) -> dict:
-    from mlflow.utils.rest_utils import MlflowHostCreds, http_request
-
-    s = layout.load()
-    login = admin_login(layout)
+def _admin(layout: Layout) -> tuple[str, tuple[str, str]]:
+    """The running server's URL and admin login, for managing users."""
+    s, login = layout.load(), admin_login(layout.ini)
     if not s.auth or login is None or mlflow_pid(layout) is None:
         raise ServerError("users and permissions need the server running with logins: python -m orchestrator "
                           "server start --auth")
-    creds = MlflowHostCreds(url(s), username=login[0], password=login[1])
-    response = http_request(creds, endpoint, method, max_retries=0, timeout=30, raise_on_status=False, **kwargs)
-    if response.status_code != 200:
-        try:
-            message = response.json().get("message", response.text)
-        except ValueError:
-            message = response.text
-        raise ServerError(f"{endpoint} refused (HTTP {response.status_code}): {' '.join(str(message).split())}")
-    return response.json() if response.text.strip() else {}
-
-
-def add_user(layout: Layout, name: str, password: str | None) -> None:
-    password = password or secrets.token_urlsafe(18)
-    if len(password) < 12:
-        raise ServerError("--password must have at least 12 characters (MLflow's rule); omit it to get one made")
-    _admin_call(layout, CREATE_USER, "POST", json={"username": name, "password": password})
-    _log(f"user {name} created; they put these lines in ~/.mlflow/credentials (chmod 600), or export "
-         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD:")
-    print(f"[mlflow]\nmlflow_tracking_username = {name}\nmlflow_tracking_password = {password}")
-
-
-def _experiment_id(layout: Layout, name: str) -> str:
-    try:
-        found = _admin_call(layout, "/api/2.0/mlflow/experiments/get-by-name", "GET", params={"experiment_name": name})
-    except ServerError as e:
-        if "HTTP 404" in str(e):
-            raise ServerError(f"no experiment {name!r} on this server: check the study name (a study's experiment "
-                              "exists once it has started)") from None
-        raise
-    return found["experiment"]["experiment_id"]
-
-
-def grant(layout: Layout, name: str, experiment: str | None, model: str | None, permission: str) -> None:
-    if permission not in PERMISSIONS:
-        raise ServerError(f"--permission must be one of {', '.join(PERMISSIONS)}, got {permission!r}")
-    if not experiment and not model:
-        raise ServerError("grant needs --experiment STUDY (or its id) and/or --model REGISTERED_MODEL")
-    targets = []
-    if experiment:
-        targets.append(("experiment", experiment if experiment.isdigit() else _experiment_id(layout, experiment)))
-    if model:
-        targets.append(("registered_model", model))
-    for kind, resource in targets:
-        _admin_call(layout, GRANT, "POST", json={"username": name, "resource_type": kind, "resource_id": resource,
-                                                 "permission": permission})
-        _log(f"{name}: {permission} on {kind} {resource}")
+    return url(s), login
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator server", description=__doc__.split("\n")[0])
-    p.add_argument("--dir", type=Path, help="the server's folder (default: $LORA_HPO_MLFLOW_DIR, else "
-                   "~/.local/share/lora-hpo/mlflow-server; /var/lib/lora-hpo/mlflow-server as root)")
+    folder = argparse.ArgumentParser(add_help=False)  # --dir before or after the subcommand
+    folder.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help="the server's folder (default: "
+                        "$LORA_HPO_MLFLOW_DIR, else ~/.local/share/lora-hpo/mlflow-server; as root "
+                        "/var/lib/lora-hpo/mlflow-server)")
+    p = argparse.ArgumentParser(prog="python -m orchestrator server", description=__doc__.split("\n")[0],
+                                parents=[folder])
     sub = p.add_subparsers(dest="command", required=True)
-    st = sub.add_parser("start", help="start (or restart with new settings); returns once it answers")
+    st = sub.add_parser("start", parents=[folder], help="start (or restart with new settings); returns once it "
+                        "answers; settings given once are remembered")
     st.add_argument("--host", help="address to listen on (default 127.0.0.1: reach it through an SSH tunnel)")
     st.add_argument("--port", type=int, help="default 5000")
     st.add_argument("--workers", type=int, help="server processes (default 2)")
@@ -395,12 +317,16 @@ def parser() -> argparse.ArgumentParser:
                     help="MLflow's basic-auth app: logins, per-experiment permissions (--no-auth turns it off)")
     st.add_argument("--default-permission", dest="default_permission", choices=PERMISSIONS,
                     help="with --auth, what users may do with others' experiments (default NO_PERMISSIONS)")
-    for name in ("stop", "status", "url"):
-        sub.add_parser(name)
-    au = sub.add_parser("add-user", help="create a login (needs --auth); prints its credentials file lines")
+    for name, text in (("stop", "stop the MLflow server and PostgreSQL (data kept)"),
+                       ("status", "exit 0 running, 3 stopped, 1 partly running or not answering"),
+                       ("url", "the tracking URI, the SSH tunnel line and, with --auth, the admin login")):
+        sub.add_parser(name, parents=[folder], help=text)
+    au = sub.add_parser("add-user", parents=[folder], help="create a login (needs --auth); prints the lines of "
+                        "its ~/.mlflow/credentials")
     au.add_argument("name")
     au.add_argument("--password", help="at least 12 characters (default: generated)")
-    gr = sub.add_parser("grant", help="give a user a permission on an experiment (study) or registered model")
+    gr = sub.add_parser("grant", parents=[folder], help="give a user a permission on an experiment (a study) or "
+                        "a registered model")
     gr.add_argument("name")
     gr.add_argument("--experiment", help="experiment (study) name or id")
     gr.add_argument("--model", help="registered model name (e.g. STUDY-adapter)")
@@ -410,14 +336,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    layout = Layout(args.dir or default_dir())
+    layout = Layout(getattr(args, "dir", None) or default_dir())
     timeout_s = float(os.environ.get("LORA_HPO_MLFLOW_TIMEOUT_S", "120"))
     try:
         if args.command == "start":
             given = {k: getattr(args, k) for k in ("host", "port", "workers", "backend_uri", "artifacts", "auth",
                                                     "default_permission")}
             start(layout, given, timeout_s)
-            show_url(layout)
+            show_url(layout, admin=False)  # the admin password is printed once, when made; `url` shows it
         elif args.command == "stop":
             stop(layout)
         elif args.command == "status":
@@ -425,9 +351,9 @@ def main(argv: list[str]) -> int:
         elif args.command == "url":
             show_url(layout)
         elif args.command == "add-user":
-            add_user(layout, args.name, args.password)
+            add_user(*_admin(layout), args.name, args.password)
         elif args.command == "grant":
-            grant(layout, args.name, args.experiment, args.model, args.permission)
+            grant(*_admin(layout), args.name, args.experiment, args.model, args.permission)
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if args.command != "status" else 1
