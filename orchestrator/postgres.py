@@ -70,7 +70,7 @@ def ensure_installed(log_folder: Path) -> Path:
 
 class _services_blocked:
     """A policy-rc.d that forbids starting services while apt installs (the package would start its own
-    cluster); an existing policy that already forbids them is left alone."""
+    cluster); whatever policy was there before is put back."""
     policy = Path("/usr/sbin/policy-rc.d")
 
     def __enter__(self):

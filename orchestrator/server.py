@@ -18,6 +18,8 @@ given once are remembered by later starts; `start` is idempotent (it restarts th
 setting changed) and returns once the server answers a real API call; `stop` ends only the processes its
 pid files name. MLflow's GenAI job workers are off. With --auth, users see only the experiments they
 created or were granted (default_permission NO_PERMISSIONS; --default-permission READ lets all read).
+Environment: LORA_HPO_MLFLOW_DIR (folder), LORA_HPO_MLFLOW_TIMEOUT_S (how long `start` waits for PostgreSQL
+and for the server to answer, default 120), LORA_HPO_PG_BIN (PostgreSQL's bin folder, if not Debian's).
 """
 from __future__ import annotations
 
