@@ -8,7 +8,9 @@ as the postgres user, which must be able to enter it). Needs Debian's postgresql
 server itself when root) and the `server` extra (psycopg2, Flask-WTF); skips, saying which, where missing.
 """
 import configparser
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,7 +142,6 @@ def test_a_run_with_a_metric_and_an_artifact_travels_through_the_server(lab, mon
     out = subprocess.run([*_hidden(lab.folder), sys.executable, "-c", reader], cwd=REPO, env=lab.env("alice"),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    import hashlib
     assert out.stdout.split() == ["[(3,", "0.25)]", hashlib.sha256(payload).hexdigest()]
 
 
@@ -233,7 +234,6 @@ def test_start_rejects_bad_input_before_starting_anything(lab, tmp_path):
         "artifacts": (["--port", str(_free_port()), "--artifacts", str(blocker / "sub")],
                       r"cannot write artifacts to .*--artifacts"),
     }
-    import re
     for name, (args, expected) in cases.items():
         folder = tmp_path / name
         done = _cli(folder, "start", *args, timeout=120)
