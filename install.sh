@@ -11,11 +11,22 @@ extras=""
 if [[ "${1:-}" == "--test" ]]; then
   extras="[test,bench]"
   # System packages the tests use where they can be installed (root + apt): Debian's chromium for the MLflow
-  # UI test, rsync for per-study code snapshots. Without them those tests skip and say why.
+  # UI test, rsync for per-study code snapshots, postgresql for the tracking-server tests (the tests run their
+  # own private instance: a policy-rc.d keeps the package from starting the system's). Without them those
+  # tests skip and say why.
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    missing=$(for p in chromium fonts-dejavu-core rsync; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+    packages="chromium fonts-dejavu-core rsync postgresql"
+    missing=$(for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
     if [[ -n "$missing" ]]; then
-      apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null
+      made_policy=""
+      if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made_policy=1
+      fi
+      rc=0
+      { apt-get update -q >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null; } || rc=$?
+      [[ -n $made_policy ]] && rm -f /usr/sbin/policy-rc.d
+      [[ $rc -eq 0 ]] || { echo "install.sh: apt-get install $missing failed" >&2; exit $rc; }
     fi
   fi
 fi

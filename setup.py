@@ -33,8 +33,11 @@ setup(
     ],
     extras_require={
         # the UI test drives Debian's chromium (install.sh --test installs it); no browser download
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.45", "lm-eval>=0.4.13"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.45", "lm-eval>=0.4.13", "mlflow[auth]>=3.0",
+                 "psycopg2-binary>=2.9"],
         "bench": ["optuna>=4"],
         "lm-eval": ["lm-eval>=0.4.13"],  # python -m evaluation --harness lm-eval
+        # python -m orchestrator server: PostgreSQL driver (SQLAlchemy's psycopg2 dialect), the basic-auth app
+        "server": ["mlflow[auth]>=3.0", "psycopg2-binary>=2.9"],
     },
 )

@@ -9,6 +9,23 @@ The project's default store is `sqlite:///mlruns/mlflow.db` (relative to the wor
 folder), not MLflow's own default (`./mlflow.db`): the orchestrator, `python -m evaluation`, the preference
 report and `jobs.adapter.load_adapter` all read and write the same store unless told otherwise. Nothing here
 changes the process environment: the URI is passed explicitly to each client.
+
+    check_store(uri)                          # preflight: StoreError (one line, naming the fix) within seconds
+    os.environ.update(http_settings())        # MLflow's HTTP client: fail fast instead of ~250 s of retries
+
+`check_store` answers within `timeout_s` (default STORE_TIMEOUT_S = 5 s, the whole check's budget: a server
+on the same site answers its two probes in milliseconds; five seconds leave room for a loaded login node and
+an SSH hop without making a user wait on a dead address). It checks what a study needs before anything is
+written or submitted: an http(s) server answers, is MLflow, accepts the credentials (MLflow's own client
+rules: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, else ~/.mlflow/credentials) and reaches its
+database; a sqlite file can be written; a database URI (postgresql://...) can be connected to.
+
+MLflow's HTTP client retries a failed request MLFLOW_HTTP_REQUEST_MAX_RETRIES times (7) with exponential
+backoff (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR 2, capped at 120 s: sleeps 0, 4, 8, 16, 32, 64, 120 s, 244 s in
+all) and waits MLFLOW_HTTP_REQUEST_TIMEOUT (120 s) for each answer; 5xx answers (a server whose database is
+down) are retried the same way. These variables are read at every request, by the REST stores and by the
+proxied-artifact repository alike, so `http_settings()` returns values to put into a process's environment
+(only those the user has not set: an explicit choice wins); `bounded_http()` applies them for a block.
 """
 from __future__ import annotations
 
@@ -16,7 +33,9 @@ import contextlib
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 
@@ -42,10 +61,187 @@ def download(artifact_uri: str, tracking_uri: str | None = None, dst: str | None
                                                dst_path=dst)
 
 
+# ------------------------------------------------------------------------------------------- preflight
+STORE_TIMEOUT_S = 5.0
+
+
 class StoreError(RuntimeError):
-    """The tracking store cannot be used; the one-line message names the problem and the fix."""
+    """The tracking store cannot be used as given; the message (one line) names the fix."""
 
 
+def check_store(uri: str | None = None, timeout_s: float = STORE_TIMEOUT_S, *, username: str | None = None,
+                password: str | None = None) -> str:
+    """Raise StoreError within about `timeout_s` if the store cannot be used; return the resolved URI.
+
+    Credentials are MLflow's (environment, else ~/.mlflow/credentials) unless `username`/`password` are given.
+    Nothing is written (a sqlite check creates and removes a probe file at most; the store itself is made by
+    ensure_local_store when a study starts)."""
+    uri = resolve(uri)
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        _check_server(uri, timeout_s, username, password)
+    elif scheme == "sqlite":
+        _check_sqlite(uri)
+    elif scheme == "file":
+        _check_writable(Path(urlparse(uri).path), uri, "a folder")
+    elif scheme == "":
+        raise StoreError(f"tracking URI {uri!r} is not one MLflow can use here: write sqlite:///PATH/mlflow.db or "
+                         "http://HOST:PORT")
+    elif scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql", "oracle"):
+        check_database(uri, timeout_s)
+    return uri
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _check_server(uri: str, timeout_s: float, username: str | None, password: str | None) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    health = _get(uri, "/health", deadline, timeout_s, username, password)
+    if health.status_code != 200 or health.text.strip() != "OK":
+        raise StoreError(f"{uri} answers but is not an MLflow tracking server (GET /health gave HTTP "
+                         f"{health.status_code}): fix --tracking-uri / MLFLOW_TRACKING_URI (e.g. http://HOST:5000)")
+    # A real API call: /health says OK even when the server's database is gone, and needs no login.
+    api = _get(uri, "/api/2.0/mlflow/experiments/search?max_results=1", deadline, timeout_s, username, password)
+    user = username or _mlflow_username()
+    if api.status_code == 401:
+        if user:
+            raise StoreError(f"the MLflow server at {uri} rejected the login of user {user!r} (HTTP 401): fix "
+                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or ~/.mlflow/credentials")
+        raise StoreError(f"the MLflow server at {uri} needs a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
+                         "MLFLOW_TRACKING_PASSWORD, or put them in ~/.mlflow/credentials (the server's admin "
+                         "creates users: python -m orchestrator server add-user NAME)")
+    if api.status_code == 403:
+        raise StoreError(f"user {user!r} may not use the MLflow server at {uri} (HTTP 403): ask its admin for "
+                         "access (python -m orchestrator server grant)")
+    if api.status_code >= 500:
+        raise StoreError(f"the MLflow server at {uri} answers but its store fails (HTTP {api.status_code}: "
+                         f"{_one_line(_message(api))}): its database is probably down; check it with python -m "
+                         "orchestrator server status (or the server's log) and restart it")
+    body = _json(api)
+    if api.status_code != 200 or not (body == {} or "experiments" in body):  # {}: no experiment visible
+        raise StoreError(f"{uri} answers /health but not MLflow's REST API (HTTP {api.status_code}): fix "
+                         "--tracking-uri / MLFLOW_TRACKING_URI (the address of an MLflow tracking server)")
+
+
+def _mlflow_username() -> str | None:
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    return read_mlflow_creds().username
+
+
+def _json(response) -> dict:
+    try:
+        body = response.json()
+    except ValueError:
+        return {"not json": True}
+    return body if isinstance(body, dict) else {"not a dict": True}
+
+
+def _message(response) -> str:
+    return str(_json(response).get("message") or response.text or response.reason)
+
+
+def _get(uri: str, endpoint: str, deadline: float, budget: float, username: str | None, password: str | None):
+    """One GET with MLflow's client (its TLS and credential rules), no retries, bounded by the deadline."""
+    import time
+
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    if username is not None:
+        creds.username, creds.password, creds.token = username, password, None
+    left = max(deadline - time.monotonic(), 0.1)
+    try:
+        return http_request(creds, endpoint, "GET", max_retries=0, backoff_factor=0, backoff_jitter=0,
+                            retry_codes=(), timeout=left, raise_on_status=False)
+    except MlflowException as e:
+        cause = e.__cause__ or e.__context__
+        while cause is not None and not isinstance(cause, requests.RequestException):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, requests.Timeout) or "timed out" in str(e).lower():
+            raise StoreError(f"the MLflow server at {uri} did not answer within {budget:g} s: check that "
+                             "it is up (python -m orchestrator server status) and reachable from here, or fix "
+                             "--tracking-uri / MLFLOW_TRACKING_URI") from None
+        raise StoreError(f"no MLflow server answers at {uri} ({_reason(cause or e)}): start it (python -m "
+                         "orchestrator server start) or fix --tracking-uri / MLFLOW_TRACKING_URI") from None
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error)
+    for known in ("Connection refused", "Name or service not known", "No route to host", "Network is unreachable",
+                  "Temporary failure in name resolution", "certificate verify failed"):
+        if known in text:
+            return known.lower()
+    return _one_line(text, 120)
+
+
+def _check_sqlite(uri: str) -> None:
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:"):
+        return
+    db = Path(path)
+    if db.exists() and (not db.is_file() or not os.access(db, os.R_OK | os.W_OK)):
+        raise StoreError(f"cannot write the MLflow store {uri}: {db} is not a writable file: fix its "
+                         "permissions or choose another with --tracking-uri sqlite:///PATH")
+    _check_writable(db.parent, uri, "the database's folder")
+
+
+def _check_writable(folder: Path, uri: str, what: str) -> None:
+    """The folder, or the nearest existing folder above it, must take a new file (probed, then removed)."""
+    import tempfile
+
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    fix = "choose a writable place with --tracking-uri (e.g. sqlite:///PATH/mlflow.db) or fix its permissions"
+    if not existing.is_dir():
+        raise StoreError(f"cannot write the MLflow store {uri}: {existing} is a file, not a folder: {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".lora-hpo-probe-"):
+            pass
+    except OSError as e:
+        raise StoreError(f"cannot write the MLflow store {uri}: {what} {existing} is not writable "
+                         f"({e.strerror}): {fix}") from None
+
+
+def check_database(uri: str, timeout_s: float = STORE_TIMEOUT_S) -> None:
+    """Connect to a SQLAlchemy database URI once (bounded by timeout_s); StoreError naming the fix if not."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    try:
+        url = sqlalchemy.engine.make_url(uri)
+    except sqlalchemy.exc.ArgumentError:
+        raise StoreError(f"{uri!r} is not a database URI: write it as DIALECT[+DRIVER]://USER:PASSWORD@HOST:PORT/DB "
+                         "(e.g. postgresql+psycopg2://mlflow:SECRET@dbhost:5432/mlflow)") from None
+    shown = url.render_as_string(hide_password=True)
+    args = {"connect_timeout": max(1, round(timeout_s))} if url.get_backend_name() in ("postgresql", "mysql") else {}
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=args, poolclass=NullPool)
+    except ImportError as e:
+        raise StoreError(f"no Python driver for {shown} ({e.name or e} is not installed): pip install "
+                         "'lora-hpo[server]' (psycopg2-binary) and write postgresql+psycopg2://..., or install "
+                         f"{e.name or 'the driver'}") from None
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT 1"))
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        reason = _one_line(getattr(e, "orig", None) or e, 160)
+        raise StoreError(f"cannot reach the database {shown} ({reason}): check host, port, user, password and "
+                         "database name in the URI, and that the database server is up") from None
+    finally:
+        engine.dispose()
+
+
+# ------------------------------------------------------------------------------------------- local store
 def ensure_local_store(uri: str) -> None:
     """Make sure a `sqlite:///` store exists and is whole, created atomically on first use.
 
@@ -110,37 +306,29 @@ def _sqlite_runs(path: Path) -> bool:
         return bool(db.execute("select count(*) from runs").fetchone()[0])
 
 
-def check_store(uri: str, timeout_s: float = 10.0) -> None:
-    """A one-line StoreError, within about `timeout_s`, when the store cannot be used: a local SQLite file is
-    made (atomically) or checked; an http(s) server must answer as MLflow, and accept the credentials."""
-    if uri.startswith("sqlite:///"):
-        ensure_local_store(uri)
-    elif uri.startswith(("http://", "https://")):
-        _check_http(uri.rstrip("/"), timeout_s)
-    elif "://" not in uri and not uri.startswith("file:"):
-        raise StoreError(f"tracking URI {uri!r} is not one MLflow can use: write sqlite:///path/mlflow.db or "
-                         "http://host:port")
+# ------------------------------------------------------------------------------------------- MLflow's HTTP
+def http_settings(retries: int = 0, timeout_s: int = 30, environ=None) -> dict[str, str]:
+    """Environment entries that bound MLflow's HTTP client: `retries` quick retries (after 0, 2, 4 ... s)
+    instead of 7 slow ones (244 s of sleep in all), `timeout_s` per connect / read instead of 120 s. Entries
+    the user has set are left out.
+
+    `retries=0` suits a writer with its own durable queue (a failed write is queued, not retried in place);
+    one-shot commands may take 2. `timeout_s` bounds each socket wait, not a whole transfer, so a large
+    artifact upload is not cut by it."""
+    environ = os.environ if environ is None else environ
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(retries)), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
+    return {k: v for k, v in wanted.items() if k not in environ}
 
 
-def _check_http(uri: str, timeout_s: float) -> None:
-    import requests
-
-    auth = None
-    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
-        auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+@contextmanager
+def bounded_http(retries: int = 0, timeout_s: int = 30):
+    """Apply http_settings() to this process's environment for a block, then restore it (not thread-local:
+    meant for a command's or a writer thread's whole life)."""
+    settings = http_settings(retries, timeout_s)
+    os.environ.update(settings)
     try:
-        r = requests.get(f"{uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, auth=auth,
-                         timeout=timeout_s)
-    except requests.RequestException as e:
-        raise StoreError(f"tracking server {uri} does not answer within {timeout_s:.0f} s "
-                         f"({type(e).__name__}): start it, or check --tracking-uri") from None
-    if r.status_code in (401, 403):
-        raise StoreError(f"tracking server {uri} refused the credentials (HTTP {r.status_code}): set "
-                         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)")
-    try:
-        body = r.json()
-    except ValueError:
-        body = None
-    if r.status_code != 200 or not isinstance(body, dict):
-        raise StoreError(f"{uri} answers (HTTP {r.status_code}) but not as an MLflow tracking server: check "
-                         "--tracking-uri")
+        yield settings
+    finally:
+        for key in settings:
+            os.environ.pop(key, None)

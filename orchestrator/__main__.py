@@ -7,6 +7,7 @@
     python -m orchestrator register --study tiny-nomad --register-as my-adapter
     python -m orchestrator compare tiny-nomad tiny-tpe        # studies side by side
     python -m orchestrator evaluate --study tiny-nomad --top 10 --include-default   # downstream scores
+    python -m orchestrator server start --auth                # the lab's MLflow server (orchestrator/server.py)
 
 Exit codes: 0 done; 1 the study ran but every evaluation failed; 2 bad input or a study that cannot run
 (one line on stderr, nothing written); 130 interrupted (jobs go on; --resume re-attaches them).
@@ -23,7 +24,7 @@ from orchestrator.config import RESUMABLE, STUDY_PRESETS, ConfigError, StudyConf
 from orchestrator.searchers import ALGOS
 from slurm.executors import KINDS
 
-SUBCOMMANDS = ("run", "status", "register", "compare", "evaluate")
+SUBCOMMANDS = ("run", "status", "register", "compare", "evaluate", "server")
 RUN_FIELDS = ("algo", "preset", "budget", "parallel", "executor", "study", "workdir", "tracking_uri", "seed",
               "register_as", "objective", "poll_s")
 
@@ -31,7 +32,7 @@ RUN_FIELDS = ("algo", "preset", "budget", "parallel", "executor", "study", "work
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator", description=(
         "Tune LoRA hyperparameters (rank, alpha, dropout, learning rate) with NOMAD or TPE; every evaluation "
-        "is a submitit job; everything is tracked in MLflow. Subcommands: status, register, compare, evaluate "
+        "is a submitit job; everything is tracked in MLflow. Subcommands: status, register, compare, evaluate, server "
         "(python -m orchestrator SUBCOMMAND --help)."))
     p.add_argument("--algo", choices=ALGOS, help="search algorithm (default: nomad)")
     p.add_argument("--config", help="study YAML (see orchestrator/config.py for its keys)")
@@ -117,19 +118,23 @@ def claim_fresh_name(config: StudyConfig) -> str | None:
             config.study = f"{base}-{n}"
 
 
-def quiet_libraries() -> None:
-    """Third-party chatter off the console (MLflow's table creation, alembic's migrations)."""
+def quiet_libraries(http_retries: int = 0) -> None:
+    """Third-party chatter off the console (MLflow's table creation, alembic's migrations), and MLflow's HTTP
+    client bounded (a study's writes go through a durable queue that retries itself: 0; one-shot commands: 2)."""
     for name in ("alembic", "mlflow", "urllib3", "nni"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # MLflow retries an unreachable server for minutes by default; the outbox retries on its own schedule
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    from jobs.tracking_store import http_settings
+    os.environ.update(http_settings(retries=http_retries, timeout_s=30))
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "run"
-    quiet_libraries()
+    if command == "server":
+        from orchestrator import server
+        return server.main(argv)
+    quiet_libraries(http_retries=0 if command == "run" else 2)
     if command != "run":
         from orchestrator import commands
         return commands.main(command, study_parser(command).parse_args(argv))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.contract import METRICS_FILE, RESULT_FILE, TrialResult
+from jobs.tracking_store import ensure_local_store
 from jobs.entry import FinetuneTrial, ObjectiveTrial
 from orchestrator.config import StudyConfig, space_to_dict
 from orchestrator.journal import Journal, StudyState, TrialState
@@ -119,6 +120,7 @@ class Study:
                 except DataError as e:
                     raise StudyError(f"the training data cannot be prepared: {e}") from None
             config = {**self.config.to_dict(), "executor_resolved": self.kind}
+            ensure_local_store(self.config.tracking())  # a SQLite store is made whole before anything is written
             self.journal.append("start", config=config, study_uid=self.uid)
             self.state.config, self.state.study_uid = config, self.uid
         self.tracker.start_parent(self.state.config, space_to_dict(self.space))

@@ -194,9 +194,9 @@ def test_a_study_whose_every_evaluation_fails_exits_1(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--tracking-uri", "sqlite:////proc/nope/mlflow.db"], "cannot create its folder"),
+    (["--tracking-uri", "sqlite:////proc/nope/mlflow.db"], "is not writable"),
     (["--tracking-uri", "nonsense"], "not one MLflow can use"),
-    (["--tracking-uri", "http://127.0.0.1:9"], "does not answer"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "no MLflow server answers"),
     (["--workdir", "{file}"], "is a file"),
     (["--config", "{bad_option}"], "searcher_options"),
     (["--config", "{bad_space}"], "space.r"),
