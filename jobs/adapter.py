@@ -13,24 +13,25 @@ import json
 from pathlib import Path
 
 
-def resolve_adapter(ref: str) -> Path:
-    """A local adapter folder for a path, runs:/RUN_ID/PATH or models:/NAME@ALIAS (or /VERSION) reference."""
-    if ref.startswith(("models:/", "runs:/")):
-        import mlflow
+def resolve_adapter(ref: str, tracking_uri: str | None = None) -> Path:
+    """A local adapter folder for a path, runs:/RUN_ID/PATH or models:/NAME@ALIAS (or /VERSION) reference,
+    read from `tracking_uri` (default: $MLFLOW_TRACKING_URI, else the project's store: jobs/tracking_store.py)."""
+    if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        from jobs.tracking_store import download
 
-        ref = mlflow.artifacts.download_artifacts(artifact_uri=ref)
+        ref = download(ref, tracking_uri)
     folder = Path(ref).expanduser()
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{ref} holds no PEFT adapter (adapter_config.json missing): give an adapter folder")
     return folder
 
 
-def load_adapter(ref: str, base: str | None = None, dtype=None):
+def load_adapter(ref: str, base: str | None = None, dtype=None, tracking_uri: str | None = None):
     """(PeftModel in eval mode, tokenizer) for the adapter `ref` applied to its base model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = resolve_adapter(ref)
+    folder = resolve_adapter(ref, tracking_uri)
     base = base or json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base or base == "tiny" or (base.startswith("/") and not Path(base).exists() and "tiny-llama" in base):
         from jobs.tiny import tiny_model_dir

@@ -306,6 +306,37 @@ def _sqlite_runs(path: Path) -> bool:
         return bool(db.execute("select count(*) from runs").fetchone()[0])
 
 
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "fuse.sshfs", "glusterfs", "ceph")
+
+
+def filesystem_of(path: str | Path, mounts: str = "/proc/mounts") -> str | None:
+    """The type of the file system holding `path` (the longest mount point above it), or None if unknown."""
+    target = os.path.realpath(Path(path).expanduser())
+    best, kind = "", None
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 3:
+            point = parts[1].replace("\\040", " ")
+            if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, kind = point, parts[2]
+    return kind
+
+
+def network_store_warning(uri: str, mounts: str = "/proc/mounts") -> str | None:
+    """A warning when a SQLite store sits on a network file system (whose locks SQLite cannot trust)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    kind = filesystem_of(Path(uri[len("sqlite:///"):]).parent, mounts)
+    if kind and (kind in NETWORK_FILESYSTEMS or kind.startswith("nfs")):
+        return (f"warning: the MLflow store {uri} is on {kind}: SQLite on a network file system can lose or corrupt "
+                "writes; for a lab run a tracking server (python -m orchestrator server start) and use its URL")
+    return None
+
+
 # ------------------------------------------------------------------------------------------- MLflow's HTTP
 def http_settings(retries: int = 0, timeout_s: int = 30, environ=None) -> dict[str, str]:
     """Environment entries that bound MLflow's HTTP client: `retries` quick retries (after 0, 2, 4 ... s)

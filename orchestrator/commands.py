@@ -64,7 +64,7 @@ def status(args) -> int:
 
 
 def _waiting() -> set:
-    from slurm.dispatch import WAITING
+    from slurm.states import WAITING
     return WAITING
 
 
@@ -73,7 +73,7 @@ def _scheduler_view(state: StudyState, cfg: dict) -> dict:
     ids = [t.job_id for t in state.running if t.job_id]
     if cfg.get("executor_resolved") != "slurm" or not ids:
         return {}
-    from slurm.dispatch import DispatchError, slurm_snapshot
+    from slurm.states import DispatchError, slurm_snapshot
     try:
         return {k: (v.state, v.reason) for k, v in slurm_snapshot(ids).items()}
     except DispatchError:
@@ -165,14 +165,16 @@ def _compare_row(name: str, state: StudyState, tracking_uri: str | None) -> dict
     cfg = state.config or {}
     done = sorted(state.finished, key=lambda t: t.trial)
     best = _best(state)
-    within = None
-    if best:  # evaluations needed to come within 1% of the study's best
+    within = hours_within = None
+    if best:  # evaluations (in the order results came) and wall time needed to come within 1% of the best
         running_best = float("inf")
-        for i, t in enumerate(done, 1):
+        for i, t in enumerate(sorted(done, key=lambda t: (t.finished_at or 0, t.trial)), 1):
             if t.status == "ok":
                 running_best = min(running_best, t.value)
             if running_best <= best.value * 1.01:
                 within = i
+                if t.finished_at and state.started_at:
+                    hours_within = (t.finished_at - state.started_at) / 3600
                 break
     job_hours = sum(t.summary.get("total_s") or 0 for t in done) / 3600
     resources = cfg.get("resources") or {}
@@ -184,6 +186,7 @@ def _compare_row(name: str, state: StudyState, tracking_uri: str | None) -> dict
     return {"study": name, "algo": cfg.get("algo"), "used": len(done), "budget": cfg.get("budget"),
             "best_val_loss": best.value if best else None, "best_trial": best.trial if best else None,
             "best_point": best.point if best else None, "to_within_1pct": within,
+            "hours_to_within_1pct": hours_within,
             "failed": sum(t.status == "failed" for t in done), "job_hours": job_hours, "gpus_per_job": gpus,
             "gpu_hours": job_hours * gpus if gpus else None,
             "downstream": _downstream(uri, best.run_id) if best and best.run_id and uri else {},
@@ -215,12 +218,15 @@ def _downstream(uri: str, run_id: str) -> dict:
 def _compare_table(rows: list[dict]) -> list[list[str]]:
     """Header and one line per study; a downstream column only where some study has that score."""
     scores = _score_columns(rows)
-    header = ["study", "algo", "used", "best", "to 1%", "failed", "job-hours", "GPU-hours"] + scores + ["best point"]
+    header = ["study", "algo", "used", "best", "to 1%", "h to 1%", "failed", "job-hours", "GPU-hours"] + scores + \
+        ["best point"]
     lines = [header]
     for r in rows:
         best = r["best_point"]
         lines.append([r["study"], str(r["algo"]), f"{r['used']}/{r['budget']}",
-                      f"{r['best_val_loss']:.4f}" if best else "-", str(r["to_within_1pct"] or "-"), str(r["failed"]),
+                      f"{r['best_val_loss']:.4f}" if best else "-", str(r["to_within_1pct"] or "-"),
+                      f"{r['hours_to_within_1pct']:.2f}" if r["hours_to_within_1pct"] is not None else "-",
+                      str(r["failed"]),
                       f"{r['job_hours']:.2f}", f"{r['gpu_hours']:.2f}" if r["gpu_hours"] is not None else "-"]
                      + [f"{100 * r['downstream'][k]:.2f}" if k in r["downstream"] else "-" for k in scores]
                      + [point_text(best, list(best)) if best else "-"])
@@ -230,7 +236,8 @@ def _compare_table(rows: list[dict]) -> list[list[str]]:
 def _markdown(table: list[list[str]], widths: list[int]) -> str:
     cells = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     lines = [cells(table[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [cells(r) for r in table[1:]]
-    note = ("best: lowest validation loss; to 1%: evaluations until within 1% of it; GPU-hours: job-hours x GPUs "
+    note = ("best: lowest validation loss; to 1%: evaluations (in the order their results came) until within 1% of "
+            "it; h to 1%: wall-clock hours from the study's start to that result; GPU-hours: job-hours x GPUs "
             "per job (resources.gpus_per_node x nodes; '-' for CPU jobs); downstream scores (percent) are the best "
             "trial's, where logged.")
     return "\n".join(lines) + "\n\n" + note + "\n"

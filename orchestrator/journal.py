@@ -48,6 +48,7 @@ class TrialState:
     summary: dict = field(default_factory=dict)
     submitted_at: float | None = None
     started_at: float | None = None  # first dispatch of the trial
+    finished_at: float | None = None  # when its result was journaled
 
 
 @dataclass
@@ -168,6 +169,7 @@ def _fold(state: StudyState, r: dict) -> None:
     elif event == "result":
         t = state.trials[r["trial"]]
         t.status, t.value, t.reason, t.summary = r["status"], r.get("value"), r.get("reason"), r.get("summary", {})
+        t.finished_at = r.get("time")
     elif event == "registered":
         state.registered.append(r)
     elif event == "end":

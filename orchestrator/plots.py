@@ -3,10 +3,12 @@
     python -m orchestrator.plots runs/tiny-nomad              # writes runs/tiny-nomad/plots/*.png|html
     python -m orchestrator.plots runs/tiny-nomad --out /tmp/p
 
-Three figures, each as NAME.png and NAME.html:
+Four figures, each as NAME.png and NAME.html (drawn by plots_png.py and plots_html.py):
 
 - ``history``: the best-so-far validation loss against the trial number, every evaluation as a point,
   failed evaluations as red crosses along the top, the default point's loss as a dashed line.
+- ``history_time``: the same against the wall time since the study started (when each result came): what a
+  parallel study buys is seen here.
 - ``parallel``: parallel coordinates of every trial, one axis per searched hyperparameter (a choice of
   powers of two on log2, other choices ordinal, ``log`` ones on log10, ints linear; each axis spans the
   search space) and the validation loss, coloured by that loss; failed trials end at "failed".
@@ -65,9 +67,26 @@ class View:
     running: int
     default: TrialState | None
 
+    started: float | None = None  # the study's start (journal), for the wall-time history
+    by: str = "trial"             # what the history's x axis is: "trial" or "hours" (since the start)
+
     @property
     def names(self) -> list[str]:
         return [a.name for a in self.axes]
+
+    def x(self, t: TrialState) -> float:
+        """Where a finished trial sits on the history's x axis."""
+        if self.by == "hours":
+            return ((t.finished_at or self.started or 0) - (self.started or 0)) / 3600
+        return t.trial
+
+    @property
+    def x_label(self) -> str:
+        return "hours since the study started" if self.by == "hours" else "trial"
+
+    def by_hours(self) -> "View":
+        from dataclasses import replace
+        return replace(self, by="hours")
 
     def hover(self, t: TrialState) -> str:
         usable = t.status == "ok" and _is_number(t.value)  # an "ok" without a finite value counts as failed
@@ -152,7 +171,7 @@ def view_of(state: StudyState) -> View:
     if ok:
         best = min(ok, key=lambda t: t.value)
         title += f"; best {best.value:.4f} (trial {best.trial})"
-    return View(title, axes_of(state), ok, failed, len(state.running), default)
+    return View(title, axes_of(state), ok, failed, len(state.running), default, state.started_at)
 
 
 def _safe_key(space: SearchSpace, point: dict) -> str | None:
@@ -174,114 +193,8 @@ def _loss_range(v: View) -> tuple[float, float, float]:
     return lo, hi, hi + 0.1 * (hi - lo)
 
 
-def _best_so_far(v: View) -> tuple[list[int], list[float]]:
-    xs, ys, best = [], [], math.inf
-    for t in v.ok:
-        if t.value < best:
-            best = t.value
-            xs.append(t.trial)
-            ys.append(best)
-    last = max(t.trial for t in v.ok + v.failed) if v.ok else None
-    if xs and last is not None and last > xs[-1]:
-        xs.append(last)
-        ys.append(ys[-1])
-    return xs, ys
-
-
-# ------------------------------------------------------------------------------------------- PNG
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
-
-
-def _cmap():
-    import matplotlib
-    from matplotlib.colors import ListedColormap
-    # viridis without its palest yellows, which vanish on white; dark = low loss = good
-    return ListedColormap(matplotlib.colormaps["viridis"](_linspace(0.0, 0.88, 256)))
-
-
-def _linspace(a: float, b: float, n: int) -> list[float]:
-    return [a + (b - a) * i / (n - 1) for i in range(n)]
-
-
-def _empty_note(ax, v: View) -> None:
-    """Without a successful evaluation the loss axis has no scale: say so instead of showing one."""
-    if not v.ok:
-        ax.text(0.5, 0.5, f"no {'successful' if v.failed else 'finished'} evaluation yet", transform=ax.transAxes,
-                ha="center", va="center", color="gray")
-        ax.set_yticks([])
-
-
-def history_png(v: View, path: Path) -> None:
-    from matplotlib.ticker import MaxNLocator
-    fig = _figure(8, 4.5)
-    ax = fig.add_subplot()
-    lo, hi, top = _loss_range(v)
-    if v.ok:
-        ax.scatter([t.trial for t in v.ok], [t.value for t in v.ok], s=22, alpha=0.6, label="evaluation")
-        ax.step(*_best_so_far(v), where="post", color=BEST, lw=2, label="best so far")
-        best = min(v.ok, key=lambda t: t.value)
-        ax.scatter([best.trial], [best.value], marker="*", s=160, color=BEST, edgecolor="black", zorder=3,
-                   label=f"best (trial {best.trial})")
-    if v.failed:
-        ax.scatter([t.trial for t in v.failed], [top] * len(v.failed), marker="x", s=40, color=FAILED,
-                   label=f"failed ({len(v.failed)})")
-    if v.default is not None:
-        ax.axhline(v.default.value, ls="--", color="gray", lw=1, label=f"default (trial {v.default.trial})")
-    _empty_note(ax, v)
-    ax.set_ylim(lo - 0.05 * (hi - lo), top + 0.05 * (hi - lo))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="trial", ylabel="validation loss", title=v.title)
-    ax.title.set_fontsize(10)
-    ax.grid(alpha=0.3)
-    if v.ok or v.failed:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
-    fig.savefig(path)
-
-
 def _normalized(a: Axis, value: float) -> float:
     return (value - a.lo) / (a.hi - a.lo)
-
-
-def parallel_png(v: View, path: Path) -> None:
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.ticker import MaxNLocator
-    n = len(v.axes) + 1
-    fig = _figure(max(6.0, 1.5 * n + 2), 4.8)
-    ax = fig.add_subplot()
-    lo, hi, _ = _loss_range(v)
-    cmap, norm = _cmap(), Normalize(lo, hi)
-    for t in v.failed:
-        ys = [_normalized(a, a.at(t.point)) for a in v.axes] + [1.08]
-        ax.plot(range(n), ys, color="gray", ls="--", lw=0.9, alpha=0.6)
-    best = min(v.ok, key=lambda t: t.value) if v.ok else None
-    for t in sorted(v.ok, key=lambda t: -t.value):  # the best drawn last, on top
-        ys = [_normalized(a, a.at(t.point)) for a in v.axes] + [(t.value - lo) / (hi - lo)]
-        ax.plot(range(n), ys, color=cmap(norm(t.value)), lw=2.8 if t is best else 1.2, alpha=0.85)
-    for i, a in enumerate(v.axes + [None]):
-        ax.axvline(i, color="black", lw=0.8)
-        span = (a.lo, a.hi) if a else (lo, hi)
-        ticks = (a.ticks if a and a.ticks else [] if not (a or v.ok) else
-                 [(x, f"{x:.4g}") for x in MaxNLocator(5).tick_values(*span) if span[0] <= x <= span[1]])
-        for x, text in ticks:
-            ax.text(i - 0.04, (x - span[0]) / (span[1] - span[0]), text, ha="right", va="center", fontsize=7,
-                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.75, pad=0.6))
-    if v.failed:
-        ax.text(n - 1 - 0.04, 1.08, f"failed ({len(v.failed)})", ha="right", va="center", fontsize=7,
-                color=FAILED)
-    _empty_note(ax, v)
-    ax.set_xticks(range(n), [a.label for a in v.axes] + ["val_loss"])
-    ax.set_yticks([])
-    ax.set_xlim(-0.5, n - 0.8)
-    ax.set_ylim(-0.05, 1.13)
-    for side in ("left", "right", "top", "bottom"):
-        ax.spines[side].set_visible(False)
-    ax.set_title(v.title, fontsize=10)
-    if v.ok:
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="validation loss", shrink=0.8)
-    fig.savefig(path)
 
 
 def _grid(k: int) -> tuple[int, int]:
@@ -289,146 +202,40 @@ def _grid(k: int) -> tuple[int, int]:
     return math.ceil(max(k, 1) / cols), cols
 
 
-def params_png(v: View, path: Path) -> None:
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    rows, cols = _grid(len(v.axes))
-    fig = _figure(3.0 * cols + 1.2, 2.8 * rows + 0.6)
-    grid = fig.subplots(rows, cols, sharey=True, squeeze=False)
-    lo, hi, top = _loss_range(v)
-    trials = [t.trial for t in v.ok + v.failed] or [0]
-    norm = Normalize(min(trials), max(max(trials), min(trials) + 1))
-    best = min(v.ok, key=lambda t: t.value) if v.ok else None
-    if not v.axes:
-        grid[0][0].text(0.5, 0.65, "no numeric hyperparameter", transform=grid[0][0].transAxes, ha="center",
-                        color="gray")
-    for ax in list(grid.flat)[max(len(v.axes), 1):]:
-        ax.set_visible(False)
-    for i, (a, ax) in enumerate(zip(v.axes, grid.flat)):
-        ax.scatter([a.at(t.point) for t in v.ok], [t.value for t in v.ok], c=[t.trial for t in v.ok],
-                   cmap="viridis", norm=norm, s=24, alpha=0.8)
-        if best is not None:
-            ax.scatter([a.at(best.point)], [best.value], marker="*", s=160, color=BEST, edgecolor="black")
-        ax.scatter([a.at(t.point) for t in v.failed], [top] * len(v.failed), marker="x", color=FAILED, s=30)
-        pad = 0.05 * (a.hi - a.lo)
-        ax.set_xlim(a.lo - pad, a.hi + pad)
-        if a.ticks:
-            ax.set_xticks([x for x, _ in a.ticks], [s for _, s in a.ticks],
-                          rotation=45 if len(a.ticks) > 5 else 0, fontsize=7)
-        ax.set_xlabel(a.label)
-        ax.grid(alpha=0.3)
-        if i % cols == 0:
-            ax.set_ylabel("validation loss")
-    _empty_note(grid[0][0], v)
-    grid[0][0].set_ylim(lo - 0.05 * (hi - lo), top + 0.05 * (hi - lo))
-    fig.suptitle(v.title + ("; x = failed (top)" if v.failed else ""), fontsize=10)
-    fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=grid, label="trial", shrink=0.8)
-    fig.savefig(path)
-
-
-# ------------------------------------------------------------------------------------------- HTML
-def _write_html(fig, path: Path) -> None:
-    fig.update_layout(template="plotly_white", title=dict(font=dict(size=14)))
-    fig.write_html(path, include_plotlyjs=True, full_html=True)  # self-contained: opens offline
-
-
-def history_html(v: View, path: Path) -> None:
-    import plotly.graph_objects as go
-    fig = go.Figure()
-    lo, hi, top = _loss_range(v)
-    if v.ok:
-        fig.add_scatter(x=[t.trial for t in v.ok], y=[t.value for t in v.ok], mode="markers", name="evaluation",
-                        hovertext=[v.hover(t) for t in v.ok], hoverinfo="text", marker=dict(opacity=0.7))
-        xs, ys = _best_so_far(v)
-        fig.add_scatter(x=xs, y=ys, mode="lines", line=dict(shape="hv", color=BEST, width=3), name="best so far")
-    if v.failed:
-        fig.add_scatter(x=[t.trial for t in v.failed], y=[top] * len(v.failed), mode="markers",
-                        name=f"failed ({len(v.failed)})", hovertext=[v.hover(t) for t in v.failed],
-                        hoverinfo="text", marker=dict(symbol="x", color=FAILED, size=9))
-    if v.default is not None:
-        fig.add_hline(y=v.default.value, line=dict(dash="dash", color="gray"),
-                      annotation_text=f"default (trial {v.default.trial})")
-    fig.update_layout(title=v.title, xaxis_title="trial", yaxis_title="validation loss",
-                      yaxis_range=[lo - 0.05 * (hi - lo), top + 0.05 * (hi - lo)])
-    _write_html(fig, path)
-
-
-def parallel_html(v: View, path: Path) -> None:
-    import plotly.graph_objects as go
-    from plotly.colors import sample_colorscale
-    lo, hi, top = _loss_range(v)
-    trials = v.ok + v.failed
-    dims = []
-    for a in v.axes:
-        dim = dict(label=a.label, values=[a.at(t.point) for t in trials], range=[a.lo, a.hi])
-        if a.ticks:
-            dim.update(tickvals=[x for x, _ in a.ticks], ticktext=[s for _, s in a.ticks])
-        dims.append(dim)
-    # failed trials sit on a 'failed' tick above the losses, in gray (the last tenth of the colour scale)
-    ticks = [lo + (hi - lo) * i / 4 for i in range(5)] if v.ok else []
-    dims.append(dict(label="val_loss", values=[t.value for t in v.ok] + [top] * len(v.failed),
-                     range=[lo, top], tickvals=ticks + ([top] if v.failed else []),
-                     ticktext=[f"{x:.4g}" for x in ticks] + (["failed"] if v.failed else [])))
-    colors = [0.9 * (t.value - lo) / (hi - lo) for t in v.ok] + [1.0] * len(v.failed)
-    stops = [i / 20 for i in range(19)]  # 0 .. 0.9
-    scale = [[s, c] for s, c in zip(stops, sample_colorscale("Viridis", [s / 0.9 * 0.88 for s in stops]))]
-    scale += [[0.901, "lightgray"], [1.0, "lightgray"]]
-    fig = go.Figure(go.Parcoords(dimensions=dims, line=dict(color=colors, colorscale=scale, cmin=0, cmax=1)))
-    fig.update_layout(title=v.title, margin=dict(l=70, r=70, t=110, b=40))
-    _write_html(fig, path)
-
-
-def params_html(v: View, path: Path) -> None:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-    rows, cols = _grid(len(v.axes))
-    fig = make_subplots(rows=rows, cols=cols, shared_yaxes=True, horizontal_spacing=0.04,
-                        vertical_spacing=0.18)
-    lo, hi, top = _loss_range(v)
-    trials = [t.trial for t in v.ok + v.failed] or [0]
-    best = min(v.ok, key=lambda t: t.value) if v.ok else None
-    for i, a in enumerate(v.axes):
-        row, col = i // cols + 1, i % cols + 1
-        fig.add_trace(go.Scatter(
-            x=[a.at(t.point) for t in v.ok], y=[t.value for t in v.ok], mode="markers", showlegend=False,
-            hovertext=[v.hover(t) for t in v.ok], hoverinfo="text",
-            marker=dict(color=[t.trial for t in v.ok], colorscale="Viridis", cmin=min(trials), cmax=max(trials),
-                        showscale=i == 0, colorbar=dict(title="trial"), size=8)), row=row, col=col)
-        if best is not None:
-            fig.add_trace(go.Scatter(x=[a.at(best.point)], y=[best.value], mode="markers", showlegend=False,
-                                     hovertext=[v.hover(best)], hoverinfo="text",
-                                     marker=dict(symbol="star", size=16, color=BEST, line=dict(width=1))),
-                          row=row, col=col)
-        if v.failed:
-            fig.add_trace(go.Scatter(
-                x=[a.at(t.point) for t in v.failed], y=[top] * len(v.failed), mode="markers", showlegend=False,
-                hovertext=[v.hover(t) for t in v.failed], hoverinfo="text",
-                marker=dict(symbol="x", color=FAILED, size=9)), row=row, col=col)
-        pad = 0.05 * (a.hi - a.lo)
-        axis = dict(title_text=a.label, range=[a.lo - pad, a.hi + pad])
-        if a.ticks:
-            axis.update(tickvals=[x for x, _ in a.ticks], ticktext=[s for _, s in a.ticks])
-        fig.update_xaxes(row=row, col=col, **axis)
-    fig.update_yaxes(range=[lo - 0.05 * (hi - lo), top + 0.05 * (hi - lo)])
-    fig.update_yaxes(title_text="validation loss", col=1)
-    fig.update_layout(title=v.title + ("; x = failed (top)" if v.failed else ""), height=330 * rows + 80)
-    _write_html(fig, path)
+def _best_so_far(v: View) -> tuple[list[float], list[float]]:
+    xs, ys, best = [], [], math.inf
+    for t in sorted(v.ok, key=v.x):
+        if t.value < best:
+            best = t.value
+            xs.append(v.x(t))
+            ys.append(best)
+    last = max(v.x(t) for t in v.ok + v.failed) if v.ok else None
+    if xs and last is not None and last > xs[-1]:
+        xs.append(last)
+        ys.append(ys[-1])
+    return xs, ys
 
 
 # ------------------------------------------------------------------------------------------- entry points
-DRAW = {"history": (history_png, history_html), "parallel": (parallel_png, parallel_html),
-        "params": (params_png, params_html)}
+def _draws() -> dict:
+    """name -> (view transform, PNG drawer, HTML drawer); matplotlib and plotly imported only when drawing."""
+    from orchestrator import plots_html as H
+    from orchestrator import plots_png as P
+    same = lambda v: v  # noqa: E731
+    return {"history": (same, P.history_png, H.history_html),
+            "history_time": (View.by_hours, P.history_png, H.history_html),
+            "parallel": (same, P.parallel_png, H.parallel_html), "params": (same, P.params_png, H.params_html)}
 
 
 def write_plots(state: StudyState, folder: str | Path) -> list[Path]:
-    """Write history, parallel and params as .png and .html into `folder`; returns the six paths."""
+    """Write history, history_time, parallel and params as .png and .html into `folder`; returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     v = view_of(state)
     paths = []
-    for name, draws in DRAW.items():
-        for ext, draw in zip(("png", "html"), draws):
-            draw(v, folder / f"{name}.{ext}")
+    for name, (view, png, html) in _draws().items():
+        for ext, draw in (("png", png), ("html", html)):
+            draw(view(v), folder / f"{name}.{ext}")
             paths.append(folder / f"{name}.{ext}")
     return paths
 

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.contract import METRICS_FILE, RESULT_FILE, TrialResult
-from jobs.tracking_store import ensure_local_store
+from jobs.tracking_store import ensure_local_store, network_store_warning
 from jobs.entry import FinetuneTrial, ObjectiveTrial
 from orchestrator.config import StudyConfig, space_to_dict
+from orchestrator.curves import Follower
 from orchestrator.journal import Journal, StudyState, TrialState
 from orchestrator.lock import StudyLock
 from orchestrator.progress import Progress
@@ -38,7 +39,9 @@ from slurm.dispatch import Attempt, Dispatcher, Outcome, Task
 from slurm.executors import pinned_path, snapshot_code
 
 PLOT_EVERY_S = 60.0  # refresh the parent run's plots at most this often while the study runs
-DRAIN_IDLE_S = 60.0  # at the end, wait for MLflow while its writes make progress, up to this long without any
+# At the end, wait for MLflow while its queued writes make progress, up to this long without any (an outage of
+# the tracking server); then exit with the writes kept for `--resume`. $LORA_HPO_MLFLOW_WAIT_S changes it.
+DRAIN_IDLE_S = float(os.environ.get("LORA_HPO_MLFLOW_WAIT_S") or 600)
 
 
 class StudyError(RuntimeError):
@@ -49,10 +52,11 @@ class StudyError(RuntimeError):
 class Live:
     trial: TrialState
     attempt: Attempt
-    curve_step: int = 0  # last step of the live curve already queued for MLflow
-    val_step: int = -1   # last step of the validation curve already queued
-    offset: int = 0      # bytes of metrics.jsonl already read
+    follow: Follower = None  # the trial's metrics.jsonl, read as it grows
     started: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        self.follow = self.follow or Follower(Path(self.trial.out) / METRICS_FILE)
 
 
 class Study:
@@ -121,6 +125,9 @@ class Study:
                     raise StudyError(f"the training data cannot be prepared: {e}") from None
             config = {**self.config.to_dict(), "executor_resolved": self.kind}
             ensure_local_store(self.config.tracking())  # a SQLite store is made whole before anything is written
+            warning = network_store_warning(self.config.tracking())
+            if warning:
+                self._warn(warning)
             self.journal.append("start", config=config, study_uid=self.uid)
             self.state.config, self.state.study_uid = config, self.uid
         self.tracker.start_parent(self.state.config, space_to_dict(self.space))
@@ -147,7 +154,7 @@ class Study:
             job_id = t.job_id or found.get(str(t.trial))
             if job_id:
                 attempt = self.dispatcher.reattach(self._task(t), job_id)
-                self.live[t.trial] = Live(t, attempt, curve_step=0)
+                self.live[t.trial] = Live(t, attempt)
             else:
                 fresh.append(t)
         self._dispatch(fresh)
@@ -224,13 +231,9 @@ class Study:
         return bool(settled)
 
     def _follow_curve(self, lv: Live) -> None:
-        records, lv.offset = read_new_records(Path(lv.trial.out) / METRICS_FILE, lv.offset)
-        curve = [r for r in records if "loss" in r and r.get("step", 0) > lv.curve_step]
-        val = [r for r in records if "val_loss" in r and r.get("step", 0) > lv.val_step]
-        if curve or val:
-            self.tracker.log_curve(lv.trial.trial, curve + val)
-            lv.curve_step = max([lv.curve_step] + [r["step"] for r in curve])
-            lv.val_step = max([lv.val_step] + [r["step"] for r in val])
+        fresh = lv.follow.poll()
+        if fresh:
+            self.tracker.log_curve(lv.trial.trial, fresh)
 
     def _settle(self, lv: Live, outcome: Outcome) -> None:
         t, a = lv.trial, lv.attempt
@@ -251,6 +254,7 @@ class Study:
         self.journal.append("result", trial=t.trial, status=result.status, value=result.value, reason=result.reason,
                             summary=result.summary())
         t.status, t.value, t.reason, t.summary = result.status, result.value, result.reason, result.summary()
+        t.finished_at = time.time()
         del self.live[t.trial]
         self.searcher.tell(t.trial, result.value if result.ok else None)
         self._update_best(t)
@@ -376,28 +380,6 @@ def where(study: Study) -> dict:
 def registry_tags(config: StudyConfig, best: TrialState) -> dict:
     return {"study": config.study, "algo": config.algo, "val_loss": best.value, "trial": best.trial,
             "base_model": config.trial.get("base_model", ""), **{f"hp.{k}": v for k, v in best.point.items()}}
-
-
-def read_new_records(path: Path, offset: int) -> tuple[list[dict], int]:
-    """JSON records appended to `path` since byte `offset` (a line being written is read next time); a file
-    rewritten under us (a resumed job trims it to its checkpoint) is read again from the start."""
-    if not path.exists():
-        return [], offset
-    with open(path, "rb") as f:
-        f.seek(max(offset - 1, 0))
-        chunk = f.read()
-    if offset and chunk[:1] != b"\n":
-        offset, chunk = 0, path.read_bytes()
-    elif offset:
-        chunk = chunk[1:]
-    complete = chunk[:chunk.rfind(b"\n") + 1]
-    records = []
-    for line in complete.decode(errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:  # torn by a rewrite under our feet: steps already seen are skipped
-            continue
-    return records, offset + len(complete)
 
 
 def check_objective(target: str, code_dir: Path | None) -> None:

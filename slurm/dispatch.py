@@ -38,8 +38,6 @@ import dataclasses
 import json
 import os
 import signal
-import shutil
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -51,22 +49,8 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from jobs.contract import read_attempts
 from slurm.executors import Resources, make_executor
-
-# SLURM job states (sacct/squeue, 22.05) -> what they mean for a trial
-LIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED", "STOPPED"}
-WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
-REQUEUE_STATES = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT"}
-FINAL = {  # final state -> the retry kind it is (None: not retried)
-    "COMPLETED": None, "FAILED": None, "CANCELLED": None, "OUT_OF_MEMORY": None, "REVOKED": None,
-    "TIMEOUT": "timeout", "DEADLINE": "timeout", "NODE_FAIL": "node_fail", "BOOT_FAIL": "node_fail",
-    "PREEMPTED": "preempted",
-}
-RETRY_KINDS = ("submission", "node_fail", "preempted", "timeout")  # what `retries.on` may list
-
-
-class DispatchError(RuntimeError):
-    """The scheduler cannot be used (not a job's failure): the message says what to do."""
-
+from slurm.states import (FINAL, LIVE, OOM_MARKS, REQUEUE_STATES, RETRY_KINDS, WAITING, DispatchError,  # noqa: F401
+                          SlurmInfo, exit_text, last_stderr_line, run, slurm_exit_text, slurm_snapshot)
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -238,7 +222,7 @@ class Dispatcher:
         ids = set()
         for cmd in (["squeue", "-h", "-r", "--states=all", "-n", name, "-o", "%i"],
                     ["sacct", "-n", "-X", "-P", "-S", "now-7days", "--name", name, "-o", "JobID"]):
-            out = _run(cmd)
+            out = run(cmd)
             ids |= {line.strip() for line in (out or "").splitlines() if line.strip() and "[" not in line}
         return sorted(ids)
 
@@ -259,7 +243,7 @@ class Dispatcher:
         """Stop the attempt's job (SLURM: scancel, which signals SIGTERM first; local: SIGTERM to the job)."""
         job = attempt.job
         if self.kind == "slurm" and attempt.job_id != "none":
-            _run(["scancel", attempt.job_id])
+            run(["scancel", attempt.job_id])
         elif self.kind == "local" and hasattr(job, "alive") and job.alive():
             try:
                 os.kill(int(attempt.job_id), signal.SIGTERM)  # the controller forwards it to its tasks
@@ -345,7 +329,7 @@ class Dispatcher:
             if stop.get("signal") == "SIGUSR2":
                 retry = "timeout"  # SLURM sends USR2 signal_delay_s before the time limit (our sbatch --signal)
         if self.kind == "slurm" and state not in ("COMPLETED", "FAILED", "CANCELLED"):
-            _run(["scancel", a.job_id])  # a copy SLURM may still requeue must never run after this
+            run(["scancel", a.job_id])  # a copy SLURM may still requeue must never run after this
         return Outcome("failed", reason=reason, state=state, retry=retry)
 
     def _stop_record(self, a: Attempt) -> dict | None:
@@ -359,58 +343,15 @@ class Dispatcher:
         if self.kind == "local":
             codes = a.job.exit_codes() or []
             code = next((c for c in codes if c not in (0, None)), codes[0] if codes else None)
-            parts.append(_exit_text(code) if code is not None else "no exit status recorded")
+            parts.append(exit_text(code) if code is not None else "no exit status recorded")
         elif a.exit_code:
-            parts.append(_slurm_exit_text(a.exit_code))
-        if state == "OUT_OF_MEMORY":
-            parts.append("out of memory: ask for more memory (resources.mem_gb) or lower the batch")
+            parts.append(slurm_exit_text(a.exit_code))
         tail = last_stderr_line(a.job)
+        if state == "OUT_OF_MEMORY" or (tail and any(m in tail.lower() for m in OOM_MARKS)):
+            parts.append("out of memory: ask for more memory (resources.mem_gb) or lower the batch")
         if tail:
             parts.append(f"last stderr line: {tail}")
         return "; ".join(parts)
-
-
-# ----------------------------------------------------------------------------------------------- SLURM queries
-@dataclass
-class SlurmInfo:
-    state: str
-    history: list
-    exit_code: str = ""
-    node: str = ""
-    reason: str = ""
-    live: bool = False
-
-
-def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
-    """{job_id: SlurmInfo} from one `sacct -D` and one `squeue` call. A job sacct does not know yet (accounting
-    lags 1-2 s) is PENDING. squeue wins for live jobs (it is the controller's current view)."""
-    info: dict[str, SlurmInfo] = {}
-    if not job_ids:
-        return info
-    ids = ",".join(job_ids)
-    out = _run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", "JobID,State,ExitCode,NodeList"])
-    for line in (out or "").splitlines():
-        parts = line.split("|")
-        if len(parts) < 4:
-            continue
-        job_id, state = parts[0], parts[1].split(" ")[0]
-        entry = info.setdefault(job_id, SlurmInfo(state, []))
-        entry.history.append(state)
-        entry.state, entry.exit_code, entry.node = state, parts[2], parts[3]
-    out = _run(["squeue", "-h", "-r", "--states=all", "-j", ids, "-o", "%i|%T|%r|%N"])
-    for line in (out or "").splitlines():
-        parts = line.split("|")
-        if len(parts) < 4:
-            continue
-        job_id, state, reason, node = parts[0], parts[1], parts[2], parts[3]
-        entry = info.setdefault(job_id, SlurmInfo(state, [state]))
-        if state in LIVE or state in WAITING:
-            entry.state, entry.live = state, True
-            entry.reason = "" if reason in ("None", "(null)") else reason
-            entry.node = node or entry.node
-    for job_id in job_ids:
-        info.setdefault(job_id, SlurmInfo("PENDING", [], reason="not in accounting yet"))
-    return info
 
 
 def _apply(a: Attempt, info: SlurmInfo) -> None:
@@ -419,52 +360,6 @@ def _apply(a: Attempt, info: SlurmInfo) -> None:
     a.exit_code = info.exit_code
     if info.state in LIVE:
         a.ran = True
-
-
-def _run(cmd: list[str], timeout_s: float = 60.0) -> str | None:
-    if shutil.which(cmd[0]) is None:
-        raise DispatchError(f"{cmd[0]} is not on PATH: run on a SLURM login node (or start the dev cluster)")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return None  # the controller is slow: the next poll asks again
-    return proc.stdout if proc.returncode == 0 else (proc.stdout or None)
-
-
-# ----------------------------------------------------------------------------------------------- texts
-def _exit_text(code: int) -> str:
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        oom = " (the kernel's OOM killer sends SIGKILL)" if -code == 9 else ""
-        return f"killed by {name}{oom}"
-    return f"exit code {code}"
-
-
-def _slurm_exit_text(exit_code: str) -> str:
-    code, _, sig = exit_code.partition(":")
-    if sig and sig != "0":
-        return _exit_text(-int(sig)) if sig.isdigit() else f"signal {sig}"
-    return f"exit code {code}"
-
-
-def last_stderr_line(job) -> str | None:
-    """The last meaningful line the job wrote to stderr (its traceback's last line, usually)."""
-    try:
-        path = (job.task(0) if getattr(job, "num_tasks", 1) > 1 else job).paths.stderr
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 65536))
-            lines = f.read().decode(errors="replace").splitlines()
-    except (OSError, AttributeError):
-        return None
-    for line in reversed(lines):
-        text = line.strip()
-        if text and not text.startswith(("submitit INFO", "submitit WARNING", "srun: ")):
-            return text[:300]
-    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.__main__ import main
 from orchestrator.config import load_config
 from orchestrator.study import run_study
+from orchestrator.tracking import load_study
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def test_the_table_has_gpu_hours_and_the_downstream_scores_that_exist(two_studie
     assert code == 0, out.err
     header, first, second = out.out.strip().splitlines()
     columns = header.split()
-    assert columns[:9] == ["study", "algo", "used", "best", "to", "1%", "failed", "job-hours", "GPU-hours"]
+    assert columns[:12] == ["study", "algo", "used", "best", "to", "1%", "h", "to", "1%", "failed", "job-hours",
+                            "GPU-hours"]
     assert "mmlu" in columns and "humaneval" in columns and "bbh" not in columns and "drop" not in columns
     assert first.startswith("gpu-random") and "5/5" in first and "46.24" in first and "16.94" in first
     assert second.startswith("cpu-default") and "1/1" in second
@@ -51,6 +53,10 @@ def test_the_table_has_gpu_hours_and_the_downstream_scores_that_exist(two_studie
     assert rows["cpu-default"]["gpu_hours"] is None and rows["cpu-default"]["downstream"] == {}
     best = min(gpu.finished, key=lambda t: t.value)
     assert rows["gpu-random"]["best_val_loss"] == pytest.approx(best.value)
+    state = load_study(tmp / "runs" / "gpu-random")  # the hours from the start to the result within 1%
+    first = next(t for t in sorted(state.finished, key=lambda t: t.finished_at)
+                 if t.status == "ok" and t.value <= best.value * 1.01)
+    assert rows["gpu-random"]["hours_to_within_1pct"] == pytest.approx((first.finished_at - state.started_at) / 3600)
 
 
 def test_the_comparison_is_logged_into_every_compared_parent_run(two_studies, capsys):

@@ -11,7 +11,7 @@ from orchestrator.plots import axes_of, log_plots, view_of, write_plots
 from .conftest import REPO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FILES = {f"{name}.{ext}" for name in ("history", "parallel", "params") for ext in ("png", "html")}
+FILES = {f"{name}.{ext}" for name in ("history", "history_time", "parallel", "params") for ext in ("png", "html")}
 
 
 def trial(i, status="ok", value=None, **point):
@@ -117,7 +117,7 @@ def test_log_plots_puts_them_under_plots_of_the_parent_run(tmp_path):
     assert sorted(logged) == sorted(f"plots/{f}" for f in FILES)
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == set(logged)
     again = log_plots(client, run_id, state(*paper_trials()[:2]), tmp_path / "tmp")  # a later call replaces them
-    assert again == logged and len(client.list_artifacts(run_id, "plots")) == 6
+    assert again == logged and len(client.list_artifacts(run_id, "plots")) == len(FILES)
 
 
 def test_log_plots_warns_instead_of_stopping_the_study(tmp_path):
@@ -150,3 +150,17 @@ def test_command_line_writes_the_plots_of_a_study_folder(tmp_path):
     assert out.returncode == 0, out.stderr
     assert {p.split("/")[-1] for p in out.stdout.split()} == FILES
     assert (tmp_path / "study" / "plots" / "history.png").exists()
+
+
+def test_the_wall_time_history_places_each_result_at_its_hour():
+    from orchestrator.plots import view_of
+    trials = paper_trials()
+    s = state(*trials)
+    s.started_at = 1000.0
+    for k, t in enumerate(trials):
+        t.finished_at = 1000.0 + 1800.0 * (len(trials) - k)  # later trials finished earlier (parallel slots)
+    v = view_of(s).by_hours()
+    assert v.x_label == "hours since the study started"
+    assert [v.x(t) for t in v.ok] == [2.5, 2.0, 1.0]
+    xs, ys = __import__("orchestrator.plots", fromlist=["_best_so_far"])._best_so_far(v)
+    assert xs == sorted(xs) and ys == sorted(ys, reverse=True)  # best-so-far in the order results came

@@ -7,101 +7,23 @@ One server for the whole session (users alice and bob), in a folder under /var/t
 as the postgres user, which must be able to enter it). Needs Debian's postgresql package (installed by the
 server itself when root) and the `server` extra (psycopg2, Flask-WTF); skips, saying which, where missing.
 """
-import configparser
 import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from jobs.tracking_store import StoreError, check_store
-from orchestrator.journal import Journal
-from orchestrator.postgres import Postgres, binaries
+from orchestrator.postgres import Postgres
+from orchestrator.tracking import load_study
+
+from .server_fixture import REPO, free_port, lab, server_cli  # noqa: F401  (registers the session fixture)
 
 pytestmark = pytest.mark.server
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(folder: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator", "server", "--dir", str(folder), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _require_server_tools() -> None:
-    for module, package in (("psycopg2", "psycopg2-binary"), ("flask_wtf", "Flask-WTF")):
-        try:
-            __import__(module)
-        except ImportError:
-            pytest.skip(f"the server tests need {package}: pip install -e '.[server]'")
-    if binaries() is None and (os.geteuid() != 0 or shutil.which("apt-get") is None):
-        pytest.skip("the server tests need PostgreSQL: apt-get install postgresql (as root the server installs it)")
-
-
-@dataclass
-class Lab:
-    folder: Path
-    port: int
-    url: str
-    passwords: dict = field(default_factory=dict)  # user -> password (admin included)
-
-    def as_user(self, monkeypatch, user: str | None):
-        """Make this process's MLflow client log in as `user` (None: no credentials at all)."""
-        monkeypatch.setenv("HOME", str(self.folder / "no-home"))  # no ~/.mlflow/credentials either
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        for key, value in (("MLFLOW_TRACKING_USERNAME", user), ("MLFLOW_TRACKING_PASSWORD",
-                                                                 self.passwords.get(user))):
-            monkeypatch.setenv(key, value) if value else monkeypatch.delenv(key, raising=False)
-        from mlflow.tracking import MlflowClient
-        return MlflowClient(self.url)
-
-    def env(self, user: str, home: Path | None = None) -> dict:
-        """A client process's environment: the login in MLflow's variables, or (given `home`) in the
-        ~/.mlflow/credentials file that MLflow's client reads when they are not set."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
-        if home is None:
-            return {**env, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": self.passwords[user],
-                    "HOME": str(self.folder / "no-home")}
-        (home / ".mlflow").mkdir(parents=True)
-        (home / ".mlflow" / "credentials").write_text(f"[mlflow]\nmlflow_tracking_username = {user}\n"
-                                                      f"mlflow_tracking_password = {self.passwords[user]}\n")
-        return {**env, "HOME": str(home)}
-
-
-@pytest.fixture(scope="session")
-def lab():
-    _require_server_tools()
-    folder = Path(tempfile.mkdtemp(prefix="lora-hpo-mlflow-test-", dir="/var/tmp"))
-    folder.chmod(0o755)
-    port = _free_port()
-    try:
-        started = _cli(folder, "start", "--auth", "--port", str(port))
-        assert started.returncode == 0, f"server start failed:\n{started.stderr}"
-        url = started.stdout.splitlines()[0]
-        ini = configparser.ConfigParser()
-        ini.read(folder / "auth" / "basic_auth.ini")
-        lab = Lab(folder, port, url, {"admin": ini["mlflow"]["admin_password"]})
-        for user in ("alice", "bob"):
-            made = _cli(folder, "add-user", user, timeout=120)
-            assert made.returncode == 0, made.stderr
-            lab.passwords[user] = made.stdout.split("mlflow_tracking_password = ")[1].strip()
-        yield lab
-    finally:
-        _cli(folder, "stop", timeout=120)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _denied(call) -> None:
@@ -161,7 +83,7 @@ def test_basic_auth_keeps_each_users_experiment_to_themselves(lab, monkeypatch):
     _denied(lambda: bob.log_metric(run.run_id, "loss", 2.0))
     _denied(lambda: bob.download_artifacts(run.run_id, "note.txt"))
 
-    granted = _cli(lab.folder, "grant", "bob", "--experiment", "alice-private", "--permission", "READ", timeout=120)
+    granted = server_cli(lab.folder, "grant", "bob", "--experiment", "alice-private", "--permission", "READ", timeout=120)
     assert granted.returncode == 0, granted.stderr
     assert bob.get_run(run.run_id).data.metrics == {"loss": 1.0}  # READ: may look ...
     _denied(lambda: bob.log_metric(run.run_id, "loss", 3.0))  # ... not write
@@ -206,7 +128,7 @@ def test_three_studies_at_once_on_one_server_each_sees_its_own(lab, monkeypatch,
         for study in [s for s, u in studies.items() if u != user]:
             _denied(lambda: client.get_experiment_by_name(study))
         for study in [s for s, u in studies.items() if u == user]:
-            _check_study(client, study, Journal(tmp_path / "runs" / study / "journal.jsonl").load())
+            _check_study(client, study, load_study(tmp_path / "runs" / study))
 
 
 def _check_study(client, study: str, journal) -> None:
@@ -228,15 +150,15 @@ def test_start_rejects_bad_input_before_starting_anything(lab, tmp_path):
     blocker.write_text("")
     cases = {
         "port": (["--port", str(lab.port)], rf"port {lab.port} on 127\.0\.0\.1 is in use .*--port"),
-        "database": (["--port", str(_free_port()), "--backend-uri",
-                      f"postgresql://mlflow:hunter2@127.0.0.1:{_free_port()}/mlflow"],
+        "database": (["--port", str(free_port()), "--backend-uri",
+                      f"postgresql://mlflow:hunter2@127.0.0.1:{free_port()}/mlflow"],
                      r"--backend-uri: cannot reach the database postgresql\+psycopg2://mlflow:\*\*\*@"),
-        "artifacts": (["--port", str(_free_port()), "--artifacts", str(blocker / "sub")],
+        "artifacts": (["--port", str(free_port()), "--artifacts", str(blocker / "sub")],
                       r"cannot write artifacts to .*--artifacts"),
     }
     for name, (args, expected) in cases.items():
         folder = tmp_path / name
-        done = _cli(folder, "start", *args, timeout=120)
+        done = server_cli(folder, "start", *args, timeout=120)
         assert done.returncode == 2, (name, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and re.search(expected, done.stderr), (name, done.stderr)
         assert "hunter2" not in done.stderr
@@ -247,12 +169,12 @@ def test_lifecycle_idempotent_start_status_url_database_outage_stop(lab, monkeyp
     """Runs last: it stops and restarts the session's server."""
     postgres = Postgres(lab.folder / "pg", lab.folder / "log" / "postgres.log")
     mlflow_pid, pg_pid = (lab.folder / "run" / "mlflow.pid").read_text(), postgres.pid()
-    again = _cli(lab.folder, "start")
+    again = server_cli(lab.folder, "start")
     assert again.returncode == 0 and again.stdout.splitlines()[0] == lab.url, again.stderr
     assert (lab.folder / "run" / "mlflow.pid").read_text() == mlflow_pid and postgres.pid() == pg_pid  # no restart
-    status = _cli(lab.folder, "status", timeout=60)
+    status = server_cli(lab.folder, "status", timeout=60)
     assert status.returncode == 0 and f"answering at {lab.url}" in status.stdout
-    url = _cli(lab.folder, "url", timeout=60).stdout.splitlines()
+    url = server_cli(lab.folder, "url", timeout=60).stdout.splitlines()
     assert url[0] == lab.url and f"ssh -N -L {lab.port}:127.0.0.1:{lab.port} " in url[1]
     assert f"MLFLOW_TRACKING_PASSWORD={lab.passwords['admin']}" in url[2]
     admin = lab.as_user(monkeypatch, "admin")
@@ -261,15 +183,15 @@ def test_lifecycle_idempotent_start_status_url_database_outage_stop(lab, monkeyp
     postgres.stop()  # the database goes away under a running MLflow server
     with pytest.raises(StoreError, match=r"answers but its store fails \(HTTP 5\d\d"):
         check_store(lab.url)
-    assert _cli(lab.folder, "status", timeout=60).returncode == 1  # partly running
-    assert _cli(lab.folder, "start").returncode == 0  # brings the database back, keeps the MLflow server
+    assert server_cli(lab.folder, "status", timeout=60).returncode == 1  # partly running
+    assert server_cli(lab.folder, "start").returncode == 0  # brings the database back, keeps the MLflow server
     assert (lab.folder / "run" / "mlflow.pid").read_text() == mlflow_pid
     assert check_store(lab.url) == lab.url
 
-    stopped = _cli(lab.folder, "stop", timeout=120)
+    stopped = server_cli(lab.folder, "stop", timeout=120)
     assert stopped.returncode == 0, stopped.stderr
-    assert _cli(lab.folder, "status", timeout=60).returncode == 3
+    assert server_cli(lab.folder, "status", timeout=60).returncode == 3
     assert not Path(f"/proc/{mlflow_pid}").exists() and not Path(f"/proc/{pg_pid}").exists()
-    restarted = _cli(lab.folder, "start")  # settings remembered: same port, logins on
+    restarted = server_cli(lab.folder, "start")  # settings remembered: same port, logins on
     assert restarted.returncode == 0 and restarted.stdout.splitlines()[0] == lab.url, restarted.stderr
     assert admin.get_experiment(kept).name == "survives-restart"  # the data lives in PostgreSQL

@@ -142,12 +142,12 @@ def test_requeue_and_requeuehold_are_followed_and_the_job_stops_well_inside_kill
 
 def test_a_time_limit_shorter_than_the_training_is_finished_across_attempts(slurm_production, tiny_model_dir,
                                                                           tmp_path):
-    """A 1-minute limit for about 2 minutes of training: each attempt saves at USR2 and the next resumes there,
-    repeating no step; the attempts are bounded by retries.max_retries."""
+    """A 1-minute limit for about 1.5 minutes of training: each attempt saves at USR2 (sent up to a minute
+    early) and the next resumes there, repeating no step; the attempts are bounded by retries.max_retries."""
     config = study_yaml(tmp_path, study="limits", algo="random", budget=1, parallel=1, executor="slurm",
-                        poll_s=0.3, space=SAME_TRAINING, trial={**TRIAL, "max_steps": 300},
+                        poll_s=0.3, space=SAME_TRAINING, trial={**TRIAL, "max_steps": 120},
                         resources={"timeout_min": 1, "signal_delay_s": 15},
-                        retries={"on": ["timeout"], "max_retries": 5})
+                        retries={"on": ["timeout"], "max_retries": 8})
     proc = orchestrator(tmp_path, "--config", config, env={"LORA_HPO_MIN_STEP_S": "0.4"})
     t0 = time.time()
     finish(proc, 900)
@@ -158,13 +158,13 @@ def test_a_time_limit_shorter_than_the_training_is_finished_across_attempts(slur
     stops = [r for r in read_attempts(t.out) if r.get("event") == "stop"]
     starts = [r for r in read_attempts(t.out) if r.get("event") == "start"]
     assert len(stops) >= 1 and all(s["signal"] == "SIGUSR2" and s["saved"] for s in stops), stops
-    assert len(starts) == len(stops) + 1 <= 6
+    assert len(starts) == len(stops) + 1 <= 9
     retries = events(Journal(tmp_path / "runs" / "limits" / "journal.jsonl"), "retry")
     assert [r["kind"] for r in retries] == ["timeout"] * len(stops)
     steps = [json.loads(line)["step"] for line in (Path(t.out) / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in line]
-    assert steps == list(range(1, 301)), "a step was repeated or lost across attempts"
-    print(f"\n[recovery] time limit 1 min, ~2 min of training: {len(starts)} attempts, {wall:.0f} s of wall time, "
+    assert steps == list(range(1, 121)), "a step was repeated or lost across attempts"
+    print(f"\n[recovery] time limit 1 min, 120 steps of >= 0.4 s: {len(starts)} attempts, {wall:.0f} s of wall time, "
           f"stops at steps {[s['step'] for s in stops]}")
 
 
@@ -176,14 +176,14 @@ def test_a_job_over_its_memory_is_a_failed_trial_that_says_so(slurm_production, 
     state = load_study(tmp_path / "runs" / "memory")
     t = state.trials[0]
     assert finish_code == 1 and t.status == "failed", output
-    assert "SIGKILL" in t.reason and "memory" in t.reason.lower(), t.reason
+    assert "out of memory" in t.reason and "resources.mem_gb" in t.reason, t.reason
 
 
 def test_pending_trials_show_why_they_wait_and_status_asks_slurm(slurm_production, tmp_path):
     blocker = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--gres=gpu:4", "-t", "5", "--wrap",
                               "sleep 300"], capture_output=True, text=True, check=True).stdout.strip()
     try:
-        wait_until(lambda: sacct("-X", "-j", blocker, "-o", "State")[-1][0] == "RUNNING", 60, "the blocker running")
+        wait_until(lambda: [["RUNNING"]] == sacct("-X", "-j", blocker, "-o", "State")[-1:], 60, "the blocker running")
         proc = orchestrator(tmp_path, "--study", "waits", "--algo", "random", "--budget", "1", "--executor", "slurm",
                             "--objective", "tests.objectives:landscape", "--poll", "0.3",
                             "--config", study_yaml(tmp_path, study="waits", resources={"gpus_per_node": 2}))

@@ -104,3 +104,18 @@ def test_mlflow_fails_fast_on_a_dead_server_under_bounded_http(monkeypatch):
             client.get_experiment_by_name("x")
     assert time.monotonic() - t0 < 15
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # restored
+
+
+def test_a_sqlite_store_on_a_network_file_system_is_warned_about(tmp_path):
+    """A mount table written for the test (a stand-in: no NFS server here), read as /proc/mounts would be."""
+    from jobs.tracking_store import filesystem_of, network_store_warning
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\nserver:/home /home nfs4 rw 0 0\nserver:/x /home/lab/x ext4 rw 0 0\n")
+    assert filesystem_of("/home/alice/project/mlruns", mounts) == "nfs4"
+    assert filesystem_of("/home/lab/x/mlruns", mounts) == "ext4"   # the longest mount point wins
+    assert filesystem_of("/var/tmp", mounts) == "ext4"
+    warning = network_store_warning("sqlite:////home/alice/project/mlruns/mlflow.db", mounts)
+    assert warning and "nfs4" in warning and "orchestrator server start" in warning
+    assert network_store_warning("sqlite:////var/tmp/mlruns/mlflow.db", mounts) is None
+    assert network_store_warning("http://127.0.0.1:5000", mounts) is None

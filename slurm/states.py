@@ -1,0 +1,122 @@
+"""What SLURM says about jobs, read with one `sacct -D` and one `squeue` call for any number of them (torch-free).
+
+    from slurm.states import slurm_snapshot
+    info = slurm_snapshot(["1234", "1235_0"])     # {job id: SlurmInfo(state, history, exit_code, node, reason)}
+
+`history` holds every accounting record of the job (sacct -D: one per requeue, oldest first); `state` is the
+current one, from squeue while the controller holds the job live (squeue is current, sacct lags it by a second
+or two), else from sacct. Pending jobs carry SLURM's reason (Resources, Priority, BeginTime, ReqNodeNotAvail...).
+The tables below say what each state means for a trial (slurm/dispatch.py acts on them).
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+
+# SLURM job states (sacct/squeue, 22.05) -> what they mean for a trial
+LIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED", "STOPPED"}
+WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+REQUEUE_STATES = {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT"}
+FINAL = {  # final state -> the retry kind it is (None: not retried)
+    "COMPLETED": None, "FAILED": None, "CANCELLED": None, "OUT_OF_MEMORY": None, "REVOKED": None,
+    "TIMEOUT": "timeout", "DEADLINE": "timeout", "NODE_FAIL": "node_fail", "BOOT_FAIL": "node_fail",
+    "PREEMPTED": "preempted",
+}
+RETRY_KINDS = ("submission", "node_fail", "preempted", "timeout")  # what `retries.on` may list
+OOM_MARKS = ("exceeded job memory limit", "exceeded memory limit", "oom-kill", "out of memory")  # slurmstepd, kernel
+
+
+class DispatchError(RuntimeError):
+    """The scheduler cannot be used (not a job's failure): the message says what to do."""
+
+
+@dataclass
+class SlurmInfo:
+    state: str
+    history: list
+    exit_code: str = ""
+    node: str = ""
+    reason: str = ""
+    live: bool = False
+
+
+def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
+    """{job_id: SlurmInfo} from one `sacct -D` and one `squeue` call. A job sacct does not know yet (accounting
+    lags 1-2 s) is PENDING. squeue wins for live jobs (it is the controller's current view)."""
+    info: dict[str, SlurmInfo] = {}
+    if not job_ids:
+        return info
+    ids = ",".join(job_ids)
+    out = run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", "JobID,State,ExitCode,NodeList"])
+    for line in (out or "").splitlines():
+        parts = line.split("|")
+        if len(parts) < 4:
+            continue
+        job_id, state = parts[0], parts[1].split(" ")[0]
+        entry = info.setdefault(job_id, SlurmInfo(state, []))
+        entry.history.append(state)
+        entry.state, entry.exit_code, entry.node = state, parts[2], parts[3]
+    out = run(["squeue", "-h", "-r", "--states=all", "-j", ids, "-o", "%i|%T|%r|%N"])
+    for line in (out or "").splitlines():
+        parts = line.split("|")
+        if len(parts) < 4:
+            continue
+        job_id, state, reason, node = parts[0], parts[1], parts[2], parts[3]
+        entry = info.setdefault(job_id, SlurmInfo(state, [state]))
+        if state in LIVE or state in WAITING:
+            entry.state, entry.live = state, True
+            entry.reason = "" if reason in ("None", "(null)") else reason
+            entry.node = node or entry.node
+    for job_id in job_ids:
+        info.setdefault(job_id, SlurmInfo("PENDING", [], reason="not in accounting yet"))
+    return info
+
+
+def run(cmd: list[str], timeout_s: float = 60.0) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        raise DispatchError(f"{cmd[0]} is not on PATH: run on a SLURM login node (or start the dev cluster)")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None  # the controller is slow: the next poll asks again
+    return proc.stdout if proc.returncode == 0 else (proc.stdout or None)
+
+
+# ----------------------------------------------------------------------------------------------- texts
+def exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        oom = " (the kernel's OOM killer sends SIGKILL)" if -code == 9 else ""
+        return f"killed by {name}{oom}"
+    return f"exit code {code}"
+
+
+def slurm_exit_text(exit_code: str) -> str:
+    code, _, sig = exit_code.partition(":")
+    if sig and sig != "0":
+        return exit_text(-int(sig)) if sig.isdigit() else f"signal {sig}"
+    return f"exit code {code}"
+
+
+def last_stderr_line(job) -> str | None:
+    """The last meaningful line the job wrote to stderr (its traceback's last line, usually)."""
+    try:
+        path = (job.task(0) if getattr(job, "num_tasks", 1) > 1 else job).paths.stderr
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except (OSError, AttributeError):
+        return None
+    for line in reversed(lines):
+        text = line.strip()
+        if text and not text.startswith(("submitit INFO", "submitit WARNING", "srun: ")):
+            return text[:300]
+    return None
+
+
