@@ -35,7 +35,8 @@ from jobs.spec import preset  # noqa: E402
 def ours(spec) -> dict:
     result = F.run(spec)
     assert result["status"] == "ok", result["reason"]
-    return {"tokens_per_s": result["tokens_per_s"], "val_loss": result["val_loss"], "train_s": result["train_s"]}
+    return {"tokens_per_s": result["tokens_per_s"], "val_loss": result["val_loss"], "train_s": result["train_s"],
+            "base_params": result["total_params"] - result["trainable_params"]}
 
 
 def baseline(spec) -> dict:
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--per-device-batch", type=int, default=None)
     parser.add_argument("--grad-accum", type=int, default=None)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak, to print MFU (H100/H200 SXM: 989)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     overrides = dict(base_model=args.model_dir, precision=args.precision, r=8, alpha=16, dropout=0.05, lr=1e-3)
@@ -96,8 +99,8 @@ def main() -> None:
             runs[name].append(fn(spec))
             print(f"{name:9s} run {i}: {json.dumps(runs[name][-1])}", flush=True)
     # speed: the median over repeats; loss: the mean over seeds (a single seed's loss is noise-sized)
-    med = {name: {k: (statistics.mean if k == "val_loss" else statistics.median)(r[k] for r in rs) for k in rs[0]}
-           for name, rs in runs.items()}
+    med = {name: {k: (statistics.mean if k == "val_loss" else statistics.median)(r[k] for r in rs)
+                  for k in ("tokens_per_s", "val_loss", "train_s")} for name, rs in runs.items()}
     ratio = med["recipe"]["tokens_per_s"] / med["baseline"]["tokens_per_s"]
     gap = abs(med["recipe"]["val_loss"] - med["baseline"]["val_loss"]) / med["baseline"]["val_loss"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()}"
@@ -107,6 +110,12 @@ def main() -> None:
     for name, m in med.items():
         print(f"{name:10s}{m['tokens_per_s']:12.0f}{m['val_loss']:10.4f}{m['train_s']:9.1f}")
     print(f"ratio (recipe / baseline tokens/s): {ratio:.2f}   val_loss gap: {100 * gap:.2f}%")
+    if args.peak_tflops:  # model FLOPs utilization: ~6 N FLOPs per token (forward, backward, weight grads)
+        n = runs["recipe"][0]["base_params"]
+        for name, m in med.items():
+            mfu = 6 * n * m["tokens_per_s"] / (args.peak_tflops * 1e12)
+            print(f"MFU {name}: {100 * mfu:.1f}% (6 x {n / 1e9:.2f}B params x tokens/s over {args.peak_tflops:g} "
+                  "TFLOPS; a frozen base skips its weight gradients, so this overstates the FLOPs needed)")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ changes the process environment: the URI is passed explicitly to each client.
     check_store(uri)                          # preflight: StoreError (one line, naming the fix) within seconds
     os.environ.update(http_settings())        # MLflow's HTTP client: fail fast instead of ~250 s of retries
 
-`check_store` answers within `timeout_s` (default STORE_TIMEOUT_S = 5 s, the whole check's budget: a server
-on the same site answers its two probes in milliseconds; five seconds leave room for a loaded login node and
-an SSH hop without making a user wait on a dead address). It checks what a study needs before anything is
+`check_store` answers within `timeout_s` (default STORE_TIMEOUT_S = 15 s, the whole check's budget). A server
+that is down refuses the connection and is reported at once; the budget bounds the wait for one that accepts
+connections but does not answer (a hung process, a black-holed address). A healthy server answers its two
+probes in milliseconds; a busy one on a loaded login node (several studies starting at once, as in the tests
+here) was seen to need more than 5 s. It checks what a study needs before anything is
 written or submitted: an http(s) server answers, is MLflow, accepts the credentials (MLflow's own client
 rules: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, else ~/.mlflow/credentials) and reaches its
 database; a sqlite file can be written; a database URI (postgresql://...) can be connected to.
@@ -57,12 +59,29 @@ def download(artifact_uri: str, tracking_uri: str | None = None, dst: str | None
     import mlflow.artifacts
 
     uri = resolve(tracking_uri)
+    if artifact_uri.startswith("models:/"):  # MLflow resolves these through its global registry URI: do it here
+        artifact_uri = model_download_uri(artifact_uri, uri)
     return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri, registry_uri=uri,
                                                dst_path=dst)
 
 
+def model_download_uri(ref: str, tracking_uri: str | None = None) -> str:
+    """Where the files of `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `models:/NAME/latest` are, asked of the
+    given store's registry (MLflow's own resolution would ask the process's default registry instead)."""
+    c = client(tracking_uri)
+    body = ref[len("models:/"):]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        version = c.get_model_version_by_alias(name, alias).version
+    else:
+        name, _, version = body.rpartition("/")
+        if version == "latest":
+            version = max(int(v.version) for v in c.search_model_versions(f"name = '{name}'"))
+    return c.get_model_version_download_uri(name, str(version))
+
+
 # ------------------------------------------------------------------------------------------- preflight
-STORE_TIMEOUT_S = 5.0
+STORE_TIMEOUT_S = 15.0
 
 
 class StoreError(RuntimeError):
@@ -123,7 +142,8 @@ def _check_server(uri: str, timeout_s: float, username: str | None, password: st
                          f"{_one_line(_message(api))}): its database is probably down; check it with python -m "
                          "orchestrator server status (or the server's log) and restart it")
     body = _json(api)
-    if api.status_code != 200 or not (body == {} or "experiments" in body):  # {}: no experiment visible
+    # {}: no experiment visible; a page of experiments the login may not see, filtered away, leaves only the token
+    if api.status_code != 200 or not set(body) <= {"experiments", "next_page_token"}:
         raise StoreError(f"{uri} answers /health but not MLflow's REST API (HTTP {api.status_code}): fix "
                          "--tracking-uri / MLFLOW_TRACKING_URI (the address of an MLflow tracking server)")
 

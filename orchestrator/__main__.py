@@ -121,6 +121,7 @@ def claim_fresh_name(config: StudyConfig) -> str | None:
 def quiet_libraries(http_retries: int = 0) -> None:
     """Third-party chatter off the console (MLflow's table creation, alembic's migrations), and MLflow's HTTP
     client bounded (a study's writes go through a durable queue that retries itself: 0; one-shot commands: 2)."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its loggers
     for name in ("alembic", "mlflow", "urllib3", "nni"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # MLflow retries an unreachable server for minutes by default; the outbox retries on its own schedule
