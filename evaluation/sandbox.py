@@ -48,10 +48,11 @@ TAIL = 2000  # characters of stderr kept as the failure detail
 class Limits:
     timeout_s: float = 3.0  # wall time of the program itself (the reference's timeout)
     # Address space. InstructEval sets no limit, so a program that passes there must not fail here for memory.
-    # Within its 3 s a program can fill only so much: the fastest ways ([0] * n, bytes * n) wrote 2 GiB/s on a
-    # 2-core CPU server, Python objects about 1 GiB/s (bench/sandbox_memory.py), so 16 GiB is 2.5x what the
-    # budget allows there. Above it only untouched reservations (bytearray(20 << 30)) fail, which pass there
-    # only where the kernel's overcommit allows them: no HumanEval solution needs one.
+    # Within its 3 s a program can fill only so much: in the sandbox the fastest ways (bytearray(n), bytes *
+    # n, [0] * n) wrote at most 0.6 GiB/s on a 2-core server (bench/sandbox_memory.py), and 2.1 GiB/s in a warm
+    # process outside it, so 3 s fill 1.8 to 6.4 GiB: 16 GiB is 2.5x the most seen. Above it only untouched
+    # reservations (bytes(20 << 30)) fail, which pass there only where the kernel's overcommit allows them:
+    # no HumanEval solution needs one.
     memory_bytes: int = 16 << 30
     fsize_bytes: int = 16 << 20  # largest file it may write (its stdout and stderr included)
     nproc: int = 1  # processes of its user: 1 means it cannot fork
