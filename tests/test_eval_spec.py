@@ -193,3 +193,27 @@ def test_a_config_file_gives_the_fields_and_flags_override_it(tmp_path):
     EvaluationSpec(tasks="bbh", out="x").to_json(json_spec)
     assert spec_from_args(parser().parse_args(["--config", str(json_spec)])).task_list() == ["bbh"]
     assert spec_from_args(parser().parse_args(["--greedy"])).decoding == "greedy"
+
+
+def test_the_paper_kit_validates(tmp_path):
+    """examples/paper/: every study YAML's `evaluation:` section is the reference protocol and the rest is a valid
+    study; evaluation.yaml is a valid spec. (The CLI's --dry-run test runs them end to end.)"""
+    import yaml
+
+    from orchestrator.config import load_config
+
+    kit = sorted((REPO / "examples" / "paper").glob("*.yaml"))
+    assert {p.name for p in kit} >= {"nomad.yaml", "tpe.yaml", "default.yaml", "evaluation.yaml"}
+    reference = evaluation_settings({})
+    for path in kit:
+        data = yaml.safe_load(path.read_text())
+        if path.name == "evaluation.yaml":
+            spec = EvaluationSpec.from_dict(data)
+            assert spec.protocol() == EvaluationSpec(base=spec.base).protocol()  # the reference protocol
+            continue
+        assert evaluation_settings(data.pop("evaluation")) == reference, path.name
+        (tmp_path / path.name).write_text(yaml.safe_dump(data, sort_keys=False))
+        config = load_config(str(tmp_path / path.name))
+        assert (config.preset, config.resources["gpus_per_node"]) == ("paper", 4), path.name
+        assert config.budget == (1 if config.algo == "default" else 100), path.name
+        assert list(config.space) == ["r", "dropout", "alpha", "lr"], path.name  # the paper's NOMAD order
