@@ -34,5 +34,25 @@ def download(artifact_uri: str, tracking_uri: str | None = None, dst: str | None
     import mlflow.artifacts
 
     uri = resolve(tracking_uri)
+    if artifact_uri.startswith("models:/"):
+        artifact_uri = model_source(artifact_uri, uri)
     return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri, registry_uri=uri,
                                                dst_path=dst)
+
+
+def model_source(models_uri: str, tracking_uri: str | None = None) -> str:
+    """Where `models:/NAME@ALIAS[/PATH]` or `models:/NAME/VERSION[/PATH]` points, looked up in the given store.
+
+    MLflow 3's download_artifacts resolves a models:/ URI in its global registry (the environment's or its
+    default), whatever registry_uri it is given, so the version is looked up here with a bound client."""
+    name, _, rest = models_uri[len("models:/"):].partition("/")
+    c = client(tracking_uri)
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        version = c.get_model_version_by_alias(name, alias).version
+    else:
+        version, _, rest = rest.partition("/")
+        if not version.isdigit():  # a stage or "latest": MLflow's own resolution (deprecated stages)
+            return models_uri
+    source = c.get_model_version_download_uri(name, version).rstrip("/")
+    return f"{source}/{rest}" if rest else source
