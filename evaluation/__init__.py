@@ -2,12 +2,14 @@
 
     python -m evaluation --base tiny --adapter runs/demo/adapter --tasks mmlu,bbh --data-dir DIR --limit 5
 
-    from evaluation import evaluate
-    result = evaluate("tiny", "runs/demo/adapter", ["mmlu"], data_dir="DIR", limit=5)
-    result["scores"]["mmlu"], result["model"]["lora_modules"]
+    from evaluation import EvaluationSpec, evaluate
+    result = evaluate(EvaluationSpec(base="tiny", adapter="runs/demo/adapter", tasks="mmlu", data_dir="DIR", limit=5))
+    result["scores"]["mmlu"], result["model"]["lora_modules"], result["protocol"]
 
-What matches the reference and what differs: evaluation/PROTOCOL.md. Importing this package loads no torch.
+The protocol options (HumanEval cut, decoding, dtype, merge) default to InstructEval's; what matches the
+reference and what differs: evaluation/PROTOCOL.md. Importing this package loads no torch.
 """
+from evaluation.spec import EvaluationSpec, ProtocolError, evaluation_settings
 from evaluation.tasks.common import EvalError
 
 
@@ -23,4 +25,4 @@ def score_completions(*args, **kwargs) -> dict:
     return run(*args, **kwargs)
 
 
-__all__ = ["EvalError", "evaluate", "score_completions"]
+__all__ = ["EvalError", "EvaluationSpec", "ProtocolError", "evaluate", "evaluation_settings", "score_completions"]

@@ -8,13 +8,22 @@ JSON configuration as the first argument, in the program's throwaway folder (the
      limit applies and the file system's permissions protect the host;
   3. a Python audit hook that refuses writes outside the folder, process creation, signals to other
      processes, sockets, ctypes and raising limits (PEP 578; it cannot be removed once installed);
+     With the guard, also what InstructEval's reliability_guard does (human_eval/execution.py): the same
+     functions are set to None (os.getcwd, os.remove, exit, ...), so a program that calls one fails here as
+     it fails there;
   4. an interval timer that raises TimeoutError after the wall-time budget;
-  5. the program as __main__. It passes only if it ends normally: a raised exception, sys.exit(), os._exit()
-     or a signal all fail, because the pass marker (a per-run nonce) is written after the program returns.
+  5. the program, run as InstructEval runs it: `exec(program, {})`, so `__name__` is not "__main__" (an
+     `if __name__ == "__main__":` block does not run), with sys.stdout/sys.stderr swallowed and sys.stdin
+     raising on read (its swallow_io). It passes only if it ends normally: a raised exception, sys.exit(),
+     os._exit() or a signal all fail, because the pass marker (a per-run nonce) is written after it returns.
 """
+import builtins
+import faulthandler
+import io
 import json
 import os
 import resource
+import shutil
 import signal
 import sys
 
@@ -36,6 +45,14 @@ PATH_EVENTS = {  # event -> (indices of path arguments, indices of dir_fd argume
     "shutil.copytree": ((1,), ()), "shutil.move": ((1,), ()),
 }
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+REFERENCE_NONE = {  # module -> attributes InstructEval's reliability_guard sets to None
+    os: ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork", "forkpty",
+         "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown",
+         "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir"),
+    shutil: ("rmtree", "move", "chown"),
+    builtins: ("exit", "quit", "help"),
+}
+REFERENCE_NO_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")  # sys.modules[name] = None there
 
 
 def set_limits(cfg):
@@ -57,11 +74,43 @@ def drop_privileges(uid, gid):
     os.setuid(uid)
 
 
+def like_the_reference():
+    """What reliability_guard changes in the process that runs the program (subprocess.Popen too, but importing
+    subprocess is refused here anyway: it needs _posixsubprocess)."""
+    faulthandler.disable()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    for module, names in REFERENCE_NONE.items():
+        for name in names:
+            setattr(module, name, None)
+    for name in REFERENCE_NO_MODULES:
+        sys.modules[name] = None
+
+
+class Swallowed(io.TextIOBase):
+    """InstructEval's WriteOnlyStringIO, without keeping the text: writes vanish, reads raise OSError."""
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        return len(text)
+
+    def readable(self):
+        return False
+
+    def read(self, *args, **kwargs):
+        raise OSError("not readable")
+
+    readline = read
+
+
 def make_guard(root):
+    getcwd, join, normpath = os.getcwd, os.path.join, os.path.normpath  # os.getcwd is None once the program runs
+
     def inside(path):
         if isinstance(path, int) or path is None:
             return True  # an already open descriptor was checked when it was opened
-        path = os.path.abspath(os.fsdecode(path))
+        path = normpath(join(getcwd(), os.fsdecode(path)))
         return path == root or path.startswith(root + os.sep)
 
     def guard(event, args):
@@ -99,10 +148,12 @@ def main():
     code = compile(source, cfg["program"], "exec")
     if cfg.get("guard", True):
         sys.addaudithook(make_guard(root))
+        like_the_reference()
     signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, cfg["timeout_s"])
+    sys.stdout = sys.stderr = sys.stdin = Swallowed()  # the verdict never depends on how much it prints
     try:
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+        exec(code, {})  # as the reference: __name__ is then the builtins module's, not "__main__"
     except BaseException as e:  # SystemExit too: a program that exits early has not passed its tests
         signal.setitimer(signal.ITIMER_REAL, 0)
         os.write(2, f"\n{type(e).__name__}: {str(e)[:300]}\n".encode(errors="replace"))

@@ -5,9 +5,10 @@
 Batched: prompts sorted by token length (longest first, so an out-of-memory shows at once and padding stays
 small), left-padded with an attention mask, KV cache on, and a per-row stop rule checked on the decoded
 text, so a row ends as soon as later tokens cannot change its score (the batch ends when all rows have).
-An out-of-memory batch is split in two and retried. Greedy unless `temperature` > 0; sampling is seeded per
-batch (top-k 50, top-p 1.0: the library defaults InstructEval ran with). The model's own generation_config
-is not consulted: every setting is explicit. Outputs are decoded without special tokens, in input order.
+An out-of-memory batch is split in two and retried. Greedy unless `temperature` > 0; sampling (with the given
+top-k, 0 = none, and top-p) is seeded per batch. Every sampling setting is explicit, so the model's own
+generation_config cannot change a run silently (evaluation.runner.resolve_decoding reads it, for the
+reference protocol, and passes what it says). Outputs are decoded without special tokens, in input order.
 """
 from __future__ import annotations
 
@@ -27,14 +28,16 @@ def token_counter(tokenizer) -> Callable[[list[str]], list[int]]:
     return lambda texts: [len(row) for row in encode(tokenizer, texts)]
 
 
-def _config(tokenizer, max_new_tokens: int, temperature: float, suppress_eos: bool = False):
+def _config(tokenizer, max_new_tokens: int, temperature: float, suppress_eos: bool = False, top_p: float = 1.0,
+            top_k: int = 50):
     from transformers import GenerationConfig
 
     sample = temperature > 0
     return GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1, use_cache=True,
         suppress_tokens=[tokenizer.eos_token_id] if suppress_eos else None,
-        temperature=temperature if sample else None, top_k=50 if sample else None, top_p=1.0 if sample else None,
+        temperature=temperature if sample else None, top_k=top_k if sample else None,
+        top_p=top_p if sample else None,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
 
@@ -61,7 +64,7 @@ def _stopper(tokenizer, prompt_len: int, stop: Callable[[str], bool]):
 
 
 def _run_batch(model, tokenizer, rows: list[list[int]], max_new_tokens: int, stop, temperature: float,
-               seed: int, suppress_eos: bool) -> list[str]:
+               seed: int, suppress_eos: bool, top_p: float, top_k: int) -> list[str]:
     import torch
 
     width = max(len(r) for r in rows)
@@ -73,13 +76,14 @@ def _run_batch(model, tokenizer, rows: list[list[int]], max_new_tokens: int, sto
         torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=mask, stopping_criteria=criteria,
-                             generation_config=_config(tokenizer, max_new_tokens, temperature, suppress_eos))
+                             generation_config=_config(tokenizer, max_new_tokens, temperature, suppress_eos,
+                                                       top_p, top_k))
     return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: Optional[Callable[[str], bool]] = None,
              batch_size: int = 8, temperature: float = 0.0, seed: int = 0, progress=None,
-             suppress_eos: bool = False) -> list[str]:
+             suppress_eos: bool = False, top_p: float = 1.0, top_k: int = 50) -> list[str]:
     """Completions of `prompts`, in their order; `progress(n_done)` is called after each batch.
     `suppress_eos` (benchmarks and tests) makes a model that stops early use its budget like a rambling one."""
     import torch
@@ -93,7 +97,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: Op
         batch = pending.pop(0)
         try:
             texts = _run_batch(model, tokenizer, [ids[i] for i in batch], max_new_tokens, stop, temperature,
-                               seed + batch[0], suppress_eos)
+                               seed + batch[0], suppress_eos, top_p, top_k)
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 raise
@@ -109,7 +113,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: Op
 
 
 def generate_one_by_one(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-                        seed: int = 0, suppress_eos: bool = False) -> list[str]:
+                        seed: int = 0, suppress_eos: bool = False, top_p: float = 1.0, top_k: int = 50) -> list[str]:
     """The reference's way: one prompt per generate call, no padding, no stop rule beyond EOS."""
     import torch
 
@@ -120,6 +124,7 @@ def generate_one_by_one(model, tokenizer, prompts: list[str], max_new_tokens: in
         with torch.inference_mode():
             out = model.generate(input_ids=torch.tensor([row], device=model.device),
                                  attention_mask=torch.ones(1, len(row), dtype=torch.long, device=model.device),
-                                 generation_config=_config(tokenizer, max_new_tokens, temperature, suppress_eos))
+                                 generation_config=_config(tokenizer, max_new_tokens, temperature, suppress_eos,
+                                                           top_p, top_k))
         outputs.append(tokenizer.decode(out[0, len(row):], skip_special_tokens=True))
     return outputs

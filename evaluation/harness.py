@@ -44,9 +44,11 @@ def model_args(base_path: str, adapter_path: str | None, dtype: str) -> str:
 
 def evaluate(base: str | None, adapter: str | None, tasks, *, limit: int | None = None, batch_size: int = 8,
              device: str | None = None, dtype: str = "auto", out: str | None = None,
-             include_path: str | None = None, num_fewshot: int | None = None, log=None) -> dict:
-    """Scores of `base` (+ `adapter`) on lm-eval `tasks` (names, comma-separated or a list)."""
-    from evaluation.model import resolve_adapter, resolve_base
+             include_path: str | None = None, num_fewshot: int | None = None, tracking_uri: str | None = None,
+             protocol: dict | None = None, log=None) -> dict:
+    """Scores of `base` (+ `adapter`) on lm-eval `tasks` (names, comma-separated or a list). `protocol`
+    (EvaluationSpec.protocol()) is recorded in the result, to be logged with the scores."""
+    from evaluation.model import check_device, resolve_adapter, resolve_base
     from evaluation.runner import versions
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -54,7 +56,8 @@ def evaluate(base: str | None, adapter: str | None, tasks, *, limit: int | None 
     if not names:
         raise EvalError("no lm-eval task given: pass --tasks NAME[,NAME...]")
     lm_eval = require_lm_eval()
-    folder = resolve_adapter(adapter) if adapter else None
+    check_device(device, dtype)  # a device or dtype this machine cannot run fails before anything loads
+    folder = resolve_adapter(adapter, tracking_uri) if adapter else None
     base_path = resolve_base(base, folder)
     args = model_args(base_path, str(folder) if folder else None, dtype)
     manager = _task_manager(include_path, names)
@@ -68,7 +71,8 @@ def evaluate(base: str | None, adapter: str | None, tasks, *, limit: int | None 
         f"({info['lora_modules']} LoRA modules), tasks {','.join(names)}")
     raw = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot,
                                   task_manager=manager, log_samples=False, bootstrap_iters=0)
-    result = {"harness": "lm-eval", "model": info, "versions": {**versions(), "lm-eval": _version()},
+    result = {"harness": "lm-eval", "model": info, "protocol": protocol or {},
+              "versions": {**versions(), "lm-eval": _version()},
               "settings": {"limit": limit, "batch_size": batch_size, "num_fewshot": num_fewshot,
                            "include_path": include_path},
               "scores": {}, "tasks": {}}

@@ -1,18 +1,20 @@
 """What `python -m orchestrator evaluate` submits: a torch-free trampoline that runs one evaluation in the job.
 
     from evaluation.job import EvaluationJob
-    executor.submit(EvaluationJob(), {"base": "tiny", "adapter": "runs/s/trials/0003/adapter",
-                                      "tasks": "mmlu,humaneval", "limit": 2, "out": "runs/s/evaluations/0003-ab12"})
+    from evaluation.spec import EvaluationSpec
+    executor.submit(EvaluationJob(), EvaluationSpec(base="tiny", adapter="runs/s/trials/0003/adapter",
+                                                    tasks="mmlu,humaneval", limit=2,
+                                                    out="runs/s/evaluations/0003-ab12").to_dict())
 
 Submitit pickles the callable by reference: this module imports neither torch nor the evaluator, which are
-imported inside the job (evaluation.runner, or evaluation.harness for lm-eval). The spec is written to
-OUT/spec.json first, so any evaluation can be rerun by hand:
+imported inside the job (evaluation.runner, or evaluation.harness for lm-eval). The spec (evaluation/spec.py,
+validated before anything runs) is written to OUT/spec.json first, so any evaluation can be rerun by hand:
 
-    python -m evaluation --base BASE --adapter ADAPTER --tasks TASKS --limit N --out OUT
+    python -m evaluation --config OUT/spec.json
 
 The job writes OUT/scores.json (and OUT/records/) and returns a small dict: status "ok" | "failed", reason,
-scores. A failure inside the evaluation is returned as data, not raised. On a time-out SLURM signals USR2
-and submitit requeues the same call (an evaluation restarts from the beginning: it has no checkpoint).
+scores, protocol. A failure inside the evaluation is returned as data, not raised. On a time-out SLURM signals
+USR2 and submitit requeues the same call (an evaluation restarts from the beginning: it has no checkpoint).
 """
 from __future__ import annotations
 
@@ -22,25 +24,33 @@ import time
 import traceback
 from pathlib import Path
 
+from evaluation.spec import EvaluationSpec
+
 try:  # keep this module importable without submitit (it is on the login node and in every job anyway)
     from submitit.helpers import Checkpointable
 except ImportError:  # pragma: no cover
     Checkpointable = object
 
-SPEC_KEYS = ("base", "adapter", "tasks", "limit", "data_dir", "out", "harness", "batch_size", "seed", "greedy",
-             "device", "dtype", "tracking_uri", "include_path")
+
+def as_spec(spec: EvaluationSpec | dict) -> EvaluationSpec:
+    """The spec of a job. Compatibility: a dict with the former `greedy` flag (orchestrator evaluate before its
+    `evaluation:` section) maps greedy=true to decoding greedy and greedy=false to the default protocol."""
+    if isinstance(spec, EvaluationSpec):
+        return spec
+    spec = dict(spec)
+    if spec.pop("greedy", None):
+        spec.setdefault("decoding", "greedy")
+    return EvaluationSpec.from_dict(spec)
 
 
 class EvaluationJob(Checkpointable):
-    def __call__(self, spec: dict) -> dict:
-        unknown = sorted(set(spec) - set(SPEC_KEYS))
-        if unknown:
-            raise ValueError(f"evaluation spec has unknown key(s) {unknown}; valid keys: {', '.join(SPEC_KEYS)}")
-        out = Path(spec["out"])
+    def __call__(self, spec: EvaluationSpec | dict) -> dict:
+        spec = as_spec(spec)  # an invalid spec raises here, before any output exists
+        if not spec.out:
+            raise ValueError("evaluation spec has no out: give the output folder")
+        out = Path(spec.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-        if spec.get("tracking_uri"):  # an adapter given as runs:/ or models:/ is read from that store
-            os.environ.setdefault("MLFLOW_TRACKING_URI", spec["tracking_uri"])
+        spec.to_json(out / "spec.json")
         t0 = time.time()
         try:
             result = _run(spec)
@@ -49,22 +59,22 @@ class EvaluationJob(Checkpointable):
             outcome = {"status": "failed", "reason": reason, "scores": {}, "traceback": traceback.format_exc()}
         else:
             outcome = {"status": "ok", "reason": None, "scores": result["scores"]}
+        outcome["protocol"] = spec.protocol()
         outcome["total_s"] = time.time() - t0
         (out / "job_result.json").write_text(json.dumps(outcome, indent=2, default=str) + "\n")
         return outcome
 
 
-def _run(spec: dict) -> dict:
+def _run(spec: EvaluationSpec) -> dict:
     threads = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("LORA_HPO_THREADS")
     if threads:
         import torch  # heavy: only inside the job
         torch.set_num_threads(int(threads))
-    common = dict(limit=spec.get("limit"), out=spec["out"], batch_size=spec.get("batch_size") or 8,
-                  device=spec.get("device"), dtype=spec.get("dtype") or "auto")
-    if spec.get("harness", "instructeval") == "lm-eval":
+    if spec.harness == "lm-eval":
         from evaluation import harness
-        return harness.evaluate(spec.get("base"), spec.get("adapter"), spec["tasks"],
-                                include_path=spec.get("include_path"), **common)
+        return harness.evaluate(spec.base, spec.adapter, spec.tasks, limit=spec.limit, out=spec.out,
+                                batch_size=spec.batch_size, device=spec.device, dtype=spec.dtype,
+                                include_path=spec.include_path, tracking_uri=spec.tracking_uri,
+                                protocol=spec.protocol())
     from evaluation import runner
-    return runner.evaluate(spec.get("base"), spec.get("adapter"), spec["tasks"], data_dir=spec.get("data_dir"),
-                           seed=spec.get("seed", 0), greedy=bool(spec.get("greedy")), **common)
+    return runner.evaluate(spec)

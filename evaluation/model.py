@@ -1,14 +1,19 @@
 """Load (base model, adapter) for evaluation, and prove the adapter is really in the model.
 
     from evaluation.model import load
-    model, tokenizer, info = load("tiny", "runs/demo/adapter")     # info["lora_modules"] > 0, or an error
+    model, tokenizer, info = load("tiny", "runs/demo/adapter", dtype="fp32", merge=False)   # InstructEval's way
 
 The adapter is a PEFT folder (or a fine-tune output folder holding adapter/), `runs:/RUN_ID/PATH` or
-`models:/NAME@ALIAS` (downloaded with mlflow, imported only then). A wrong reference is an `EvalError`,
-never a silent fallback to the base model. After loading, every LoRA tensor of the adapter file must be in
-the model with the same values (a name mismatch leaves PEFT's fresh initialization, whose B = 0 makes the
-adapter a no-op), and the number of LoRA-wrapped modules is recorded. The adapter is then merged into the
-base weights (the same function, fewer kernels per token).
+`models:/NAME@ALIAS` (downloaded from the given MLflow store through jobs.tracking_store). A wrong reference
+is an `EvalError`, never a silent fallback to the base model. After loading, every LoRA tensor of the adapter
+file must be in the model with the same values (a name mismatch leaves PEFT's fresh initialization, whose
+B = 0 makes the adapter a no-op), and the number of LoRA-wrapped modules is recorded.
+
+Precision. merge=False keeps the adapter as a separate branch (PEFT computes it in fp32 even on a bf16 base):
+no update is lost. merge=True adds B @ A * alpha / r to the weights in fp32 and only then casts to `dtype`;
+merging into weights already rounded to bf16 would drop every update smaller than half their rounding step
+(the figure: evaluation/PROTOCOL.md, bench/merge_precision.py). `check_device` refuses a device or dtype this
+machine cannot run, before anything loads.
 """
 from __future__ import annotations
 
@@ -18,18 +23,21 @@ from pathlib import Path
 from evaluation.tasks.common import EvalError
 
 TINY = "tiny"
+DTYPES = ("fp32", "bf16", "fp16", "auto")
 
 
-def resolve_adapter(ref: str) -> Path:
-    """A local PEFT folder for a path, a fine-tune output folder, runs:/... or models:/..."""
+def resolve_adapter(ref: str, tracking_uri: str | None = None) -> Path:
+    """A local PEFT folder for a path, a fine-tune output folder, runs:/... or models:/... (read from the store
+    `tracking_uri`, resolved by jobs.tracking_store: explicit, else $MLFLOW_TRACKING_URI, else the project's)."""
     if ref.startswith(("models:/", "runs:/")):
+        from jobs.tracking_store import download, resolve
+
         try:
-            import mlflow
-            ref = mlflow.artifacts.download_artifacts(artifact_uri=ref)
+            ref = download(ref, tracking_uri)
         except Exception as e:
             first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise EvalError(f"adapter {ref} could not be downloaded from MLflow ({first}): check the run id or "
-                            "model alias and MLFLOW_TRACKING_URI") from None
+            raise EvalError(f"adapter {ref} could not be downloaded from MLflow store {resolve(tracking_uri)} "
+                            f"({first}): check the run id or model alias and the tracking URI") from None
     folder = Path(ref).expanduser()
     for candidate in (folder, folder / "adapter"):
         if (candidate / "adapter_config.json").is_file():
@@ -52,36 +60,58 @@ def resolve_base(base: str | None, adapter: Path | None) -> str:
     return base
 
 
-def pick_dtype(device, dtype: str = "auto"):
+def check_device(device: str | None = None, dtype: str = "fp32"):
+    """(torch.device, torch.dtype) for the names given, or an EvalError when this machine cannot run them."""
     import torch
 
+    if dtype not in DTYPES:
+        raise EvalError(f"dtype {dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"device {name!r} is unknown: choose cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index or 0) >= count:
+            raise EvalError(f"device {name!r} is not available here ({count} CUDA GPU(s) visible): choose cpu"
+                            + (" or cuda:0..cuda:" + str(count - 1) if count else ", or run where a GPU is"))
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise EvalError(f"device {name!r} is not available here: choose cpu")
+    native_bf16 = dev.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+    if dtype == "bf16" and not native_bf16:
+        raise EvalError(f"dtype 'bf16' cannot run on {name} ({torch.cuda.get_device_name(dev)} has no native "
+                        "bfloat16): choose fp32 or fp16")
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if dtype not in choices:
-        raise EvalError(f"dtype {dtype!r} is unknown: choose auto, {', '.join(choices)}")
-    return choices[dtype]
+        dtype = "fp32" if dev.type == "cpu" else "bf16" if native_bf16 else "fp16"
+    return dev, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
 def load(base: str | None, adapter: str | None = None, device: str | None = None, dtype: str = "auto",
-         merge: bool = True):
-    """(model in eval mode, tokenizer with left padding, info) - info records what was loaded."""
-    folder = resolve_adapter(adapter) if adapter else None  # a wrong reference fails before torch loads
+         merge: bool = True, tracking_uri: str | None = None):
+    """(model in eval mode, tokenizer with left padding, info) - info records what was loaded and how."""
+    folder = resolve_adapter(adapter, tracking_uri) if adapter else None  # a wrong reference fails before torch
     base_path = resolve_base(base, folder)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = pick_dtype(device, dtype)
+    device, torch_dtype = check_device(device, dtype)
+    merge = bool(merge and folder is not None)
+    # Merging happens in fp32: a lower dtype is loaded as fp32 on the CPU, merged, then cast and moved.
+    staged = merge and torch_dtype != torch.float32
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype, attn_implementation="sdpa")
-    model = model.to(device)  # before the adapter: PEFT puts LoRA weights on the base layer's device
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32 if staged else torch_dtype,
+                                                 attn_implementation="sdpa")
+    model = model.to("cpu" if staged else device)  # before the adapter: PEFT puts LoRA on the layer's device
     info = {"base": base or base_path, "base_path": base_path, "adapter": adapter, "adapter_path": None,
-            "lora_modules": 0, "merged": False, "device": str(device), "dtype": str(torch_dtype).split(".")[-1]}
+            "lora_modules": 0, "merged": merge, "merge_dtype": "fp32" if merge else None, "device": str(device),
+            "dtype": str(torch_dtype).split(".")[-1]}
     if folder is not None:
         model, counts = attach(model, folder, merge)
-        info.update(adapter_path=str(folder), merged=merge, **counts)
+        info.update(adapter_path=str(folder), **counts)
+    if staged:
+        model = model.to(device=device, dtype=torch_dtype)
     return model.eval(), tokenizer, info
 
 

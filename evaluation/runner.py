@@ -2,12 +2,13 @@
 
     python -m evaluation --base tiny --adapter runs/demo/adapter --tasks mmlu,bbh --data-dir DIR --limit 5
 
-Python: `evaluate(base, adapter, tasks, ...) -> dict` and `score_completions(completions, ...) -> dict` (HumanEval
-completions made elsewhere, or the canonical solutions). With `out`, the result is written as it grows (after
-every task): OUT/scores.json (scores, per-subject / per-subset breakdowns, model and LoRA counts, settings,
-versions) and OUT/records/TASK.jsonl (one line per example: id, group, prompt hash, shots, target, output,
-correct). `limit` keeps the first N test examples of each MMLU subject / BBH subset, and the first N of DROP
-and HumanEval.
+Python: `evaluate(EvaluationSpec(...)) -> dict` (evaluation/spec.py: what to score and under which protocol)
+and `score_completions(completions, ...) -> dict` (HumanEval completions made elsewhere, or the canonical
+solutions). With `out`, the result is written as it grows (after every task): OUT/scores.json (scores,
+per-subject / per-subset breakdowns, model and LoRA counts, the spec, its protocol, each task's resolved
+decoding, versions) and OUT/records/TASK.jsonl (one line per example and seed: id, group, prompt hash, shots,
+target, output, correct). `limit` keeps the first N test examples of each MMLU subject / BBH subset, and the
+first N of DROP and HumanEval.
 """
 from __future__ import annotations
 
@@ -18,57 +19,114 @@ import sys
 import time
 from pathlib import Path
 
-from evaluation.tasks import NAMES, EvalError, get_tasks
+from evaluation.spec import EvaluationSpec
+from evaluation.tasks import EvalError, get_tasks
 from evaluation.tasks import humaneval as H
 
+# The sampling settings InstructEval's generate() calls fell back on where the checkpoint's generation_config
+# sets none: the GenerationConfig defaults of transformers 4.3x (2023), the versions the paper ran.
+REFERENCE_LIBRARY_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50}
 
-def evaluate(base: str | None = None, adapter: str | None = None, tasks=NAMES, *, limit: int | None = None,
-             batch_size: int = 8, data_dir: str | None = None, greedy: bool = False, seed: int = 0,
-             device: str | None = None, dtype: str = "auto", out: str | None = None,
-             humaneval_cut: str = "top-level", workers: int | None = None, log=None) -> dict:
-    """Scores of `base` (+ `adapter`) on `tasks`; see the module docstring for what the dict holds."""
+
+def evaluate(spec: EvaluationSpec | dict | None = None, *, log=None, **fields) -> dict:
+    """Scores of spec.base (+ spec.adapter) on spec.tasks under spec's protocol (see the module docstring).
+    `evaluate(EvaluationSpec(...))`, `evaluate({...})` or `evaluate(base=..., tasks=..., ...)`."""
     from evaluation.generate import token_counter
-    from evaluation.model import load
+    from evaluation.model import check_device, load
 
+    spec = _as_spec(spec, fields)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    _check(limit=limit, batch_size=batch_size)
-    task_list = get_tasks(tasks, humaneval_cut)
-    raw = {t.name: t.load(data_dir) for t in task_list}  # data problems show before the model loads
-    model, tokenizer, info = load(base, adapter, device, dtype)
-    log(f"model: {info['base']} + {info['adapter'] or 'no adapter'} ({info['lora_modules']} LoRA modules), "
-        f"{info['device']} {info['dtype']}")
-    if adapter and not info.get("lora_b_nonzero"):
+    check_device(spec.device, spec.dtype)  # a device or dtype this machine cannot run fails before anything
+    task_list = get_tasks(spec.task_list(), spec.humaneval_cut)
+    raw = {t.name: t.load(spec.data_dir) for t in task_list}  # data problems show before the model loads
+    model, tokenizer, info = load(spec.base, spec.adapter, spec.device, spec.dtype, merge=spec.merge,
+                                  tracking_uri=spec.tracking_uri)
+    log(f"model: {info['base']} + {info['adapter'] or 'no adapter'} ({info['lora_modules']} LoRA modules, "
+        f"{'merged' if info['merged'] else 'unmerged'}), {info['device']} {info['dtype']}")
+    if spec.adapter and not info.get("lora_b_nonzero"):
         log("warning: every lora_B of the adapter is zero: it does not change the model (trained with dropout 1?)")
-    settings = {"limit": limit, "batch_size": batch_size, "data_dir": data_dir, "greedy": greedy, "seed": seed,
-                "humaneval_cut": humaneval_cut}
-    result = {"model": info, "settings": settings, "versions": versions(), "scores": {}, "tasks": {}}
+    checkpoint = checkpoint_decoding(model)
+    result = {"model": info, "settings": spec.to_dict(), "protocol": spec.protocol(), "decoding": {},
+              "versions": versions(), "scores": {}, "tasks": {}}
     count = token_counter(tokenizer)
     for task in task_list:
-        examples = task.build(raw[task.name], count, limit, seed)
-        summary = run_task(task, examples, model, tokenizer, batch_size=batch_size,
-                           temperature=0.0 if greedy else task.temperature, seed=seed, workers=workers, log=log)
+        decoding = resolve_decoding(spec, task, checkpoint)
+        examples = task.build(raw[task.name], count, spec.limit, spec.seed)
+        summary = run_task(task, examples, model, tokenizer, decoding, batch_size=spec.batch_size,
+                           seeds=spec.sampling_seeds(), workers=spec.workers, log=log)
+        result["decoding"][task.name] = decoding
         result["tasks"][task.name] = summary
         result["scores"][task.name] = summary["score"]
-        if out:
-            write(result, out)
+        if spec.out:
+            write(result, spec.out)
     return result
 
 
-def run_task(task, examples, model, tokenizer, *, batch_size: int, temperature: float, seed: int,
+def _as_spec(spec, fields: dict) -> EvaluationSpec:
+    if spec is None:
+        return EvaluationSpec(**fields)
+    if fields:
+        raise TypeError("evaluate() takes a spec or fields, not both")
+    return spec if isinstance(spec, EvaluationSpec) else EvaluationSpec.from_dict(spec)
+
+
+def checkpoint_decoding(model) -> dict:
+    """The sampling settings of the model's generation_config (the checkpoint's generation_config.json)."""
+    config = getattr(model, "generation_config", None)
+    return {k: getattr(config, k, None) for k in ("do_sample", "temperature", "top_p", "top_k")}
+
+
+def resolve_decoding(spec: EvaluationSpec, task, checkpoint: dict) -> dict:
+    """The explicit decoding of one task: greedy, or sampling with every setting spelled out.
+
+    reference: InstructEval calls generate() with no sampling arguments (HumanEval: do_sample=True,
+    temperature=0.1), so the checkpoint's generation_config decides the rest, and what it leaves unset takes
+    the library defaults of the time (transformers 4.3x: temperature 1.0, top-k 50, top-p 1.0)."""
+    if spec.decoding == "greedy":
+        return {"do_sample": False}
+    if spec.decoding == "sampling":  # pure temperature + nucleus sampling: no top-k cut
+        return {"do_sample": True, "temperature": spec.temperature,
+                "top_p": 1.0 if spec.top_p is None else spec.top_p, "top_k": 0}
+    merged = {**REFERENCE_LIBRARY_DEFAULTS, **{k: v for k, v in checkpoint.items() if v is not None}}
+    if task.temperature > 0:
+        merged.update(do_sample=True, temperature=task.temperature)
+    if not merged["do_sample"]:
+        return {"do_sample": False}
+    return {k: merged[k] for k in ("do_sample", "temperature", "top_p", "top_k")}
+
+
+def run_task(task, examples, model, tokenizer, decoding: dict, *, batch_size: int, seeds: list[int],
              workers: int | None, log) -> dict:
-    """Generate, post-process, score and average one task's examples: its summary, records included."""
+    """Generate, post-process, score and average one task's examples: its summary, records included. A
+    sampled task runs once per seed; its score is the mean over seeds (per-seed scores in `seed_scores`)."""
     from evaluation.generate import generate
 
-    log(f"{task.name}: {len(examples)} examples, {task.shots}-shot, {task.max_new_tokens} new tokens, "
-        f"{'greedy' if temperature == 0 else f'temperature {temperature}'}")
+    sampled = decoding["do_sample"]
+    runs = seeds if sampled else [None]
+    how = (f"sampling (temperature {decoding['temperature']}, top-p {decoding['top_p']}, top-k "
+           f"{decoding['top_k']}, seeds {','.join(map(str, runs))})" if sampled else "greedy")
+    log(f"{task.name}: {len(examples)} examples, {task.shots}-shot, {task.max_new_tokens} new tokens, {how}")
     t0 = time.time()
-    texts = generate(model, tokenizer, [e.prompt for e in examples], task.max_new_tokens, task.stop, batch_size,
-                     temperature, seed, progress=_every(60, task.name, len(examples), log))
-    gen_s = time.time() - t0
-    records = task.score(examples, [task.postprocess(t) for t in texts], workers=workers)
+    records, seed_scores, gen_s = [], [], 0.0
+    for seed in runs:
+        t_gen = time.time()
+        texts = generate(model, tokenizer, [e.prompt for e in examples], task.max_new_tokens, task.stop, batch_size,
+                         decoding.get("temperature", 0.0) if sampled else 0.0, seed or 0,
+                         progress=_every(60, task.name, len(examples), log), top_p=decoding.get("top_p", 1.0),
+                         top_k=decoding.get("top_k", 0))
+        gen_s += time.time() - t_gen
+        scored = task.score(examples, [task.postprocess(t) for t in texts], workers=workers)
+        if sampled:
+            scored = [{**r, "seed": seed} for r in scored]
+        seed_scores.append(task.aggregate(scored)["score"])
+        records += scored
     summary = {**task.aggregate(records), "source": task.source, "shots": task.shots,
-               "max_new_tokens": task.max_new_tokens, "temperature": temperature, "generate_s": gen_s,
-               "total_s": time.time() - t0, "examples_per_s": len(examples) / gen_s if gen_s else None}
+               "max_new_tokens": task.max_new_tokens, "decoding": decoding,
+               "temperature": decoding.get("temperature", 0.0) if sampled else 0.0, "generate_s": gen_s,
+               "total_s": time.time() - t0, "examples_per_s": len(examples) * len(runs) / gen_s if gen_s else None}
+    if sampled:
+        valid = [s for s in seed_scores if s is not None]
+        summary.update(seeds=runs, seed_scores=seed_scores, score=sum(valid) / len(valid) if valid else None)
     log(f"{task.name}: {_pct(summary['score'])} ({summary['correct']}/{summary['n']}) in {gen_s:.1f} s")
     return {**summary, "records": records}
 
@@ -176,7 +234,3 @@ def _pct(score) -> str:
     return "-" if score is None else f"{100 * score:.2f}"
 
 
-def _check(**values) -> None:
-    for name, value in values.items():
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise EvalError(f"{name}={value!r} is invalid: must be an integer >= 1")

@@ -1,8 +1,9 @@
 """Downstream scores into MLflow: one trial's scores into its child run, the poster's table into the study's run.
 
-    from evaluation.tracking import log_scores, collect, poster_table, log_poster
+    from evaluation.tracking import log_scores, collect, poster_table, log_poster, protocol_mismatch
     log_scores(client, child_run_id, result)            # result: evaluation.evaluate(...) or scores.json
     rows = collect(client, [parent_run_id])             # every evaluated child run of the study (or studies)
+    protocol_mismatch(rows)                             # [] when every row was scored under one protocol
     table = poster_table(rows, top=10)                  # per algo: min / max / mean / sd over the 10 best
     log_poster(client, parent_run_id, table)            # eval/poster_table.md + .json, top10_mean_mmlu, ...
 
@@ -12,6 +13,13 @@ into their output folder and never touch the tracking store).
 Metric names: the InstructEval-protocol scores keep their task names (`mmlu`, `bbh`, `drop`, `humaneval`);
 lm-evaluation-harness scores are prefixed `lm_eval.` because its protocols differ (an lm-eval `mmlu` is
 not the paper's MMLU number). The table's sd is the sample standard deviation (n - 1); '-' for one model.
+
+Protocol: every choice that changes a score (evaluation.spec.EvaluationSpec.protocol(): harness, HumanEval
+cut, decoding, temperature, top-p, seeds, dtype, merge, limit, seed) is a tag `eval.protocol.<key>` of the run
+that holds the scores, and the decoding each task really used (the reference protocol reads it from the
+checkpoint) is `eval.decoding.<task>.<setting>`. Tags, not params: a run evaluated again under another protocol
+gets the new values with the new scores (params cannot change). `protocol_mismatch(rows)` names the keys
+whose values differ between runs, for a table that must not mix protocols silently.
 """
 from __future__ import annotations
 
@@ -27,6 +35,9 @@ INSTRUCTEVAL = ("mmlu", "bbh", "drop", "humaneval")
 LM_EVAL_PREFIX = "lm_eval."
 STATS = ("min", "max", "mean", "sd")
 DEFAULT_ROW = "default"
+PROTOCOL_PREFIX = "eval.protocol."  # evaluation.spec.PROTOCOL_PREFIX (spec.py imports the task modules)
+DECODING_PREFIX = "eval.decoding."
+DECODING_SETTINGS = ("do_sample", "temperature", "top_p", "top_k")
 
 
 def metric_name(task: str, harness: str = "instructeval") -> str:
@@ -46,7 +57,7 @@ def log_scores(client, run_id: str, result: dict, tags: dict | None = None) -> d
     now = int(time.time() * 1000)
     metrics = {metric_name(task, harness): float(v) for task, v in result.get("scores", {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-    all_tags = {"eval_harness": harness, **(tags or {})}
+    all_tags = {"eval_harness": harness, **protocol_tags(result), **(tags or {})}
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                      tags=[RunTag(k, str(v)[:5000]) for k, v in all_tags.items() if v is not None])
     slim = {**result, "tasks": {n: {k: v for k, v in t.items() if k != "records"}
@@ -59,9 +70,48 @@ def log_scores(client, run_id: str, result: dict, tags: dict | None = None) -> d
     return metrics
 
 
+def protocol_tags(result: dict) -> dict[str, str]:
+    """`eval.protocol.*` from the result's protocol, `eval.decoding.<task>.<setting>` from its decoding."""
+    tags = {k: str(v) for k, v in (result.get("protocol") or {}).items() if k.startswith(PROTOCOL_PREFIX)}
+    for task, decoding in (result.get("decoding") or {}).items():  # every setting, so none is left stale
+        tags.update({f"{DECODING_PREFIX}{metric_name(task)}.{k}": str(decoding.get(k)).lower()
+                     for k in DECODING_SETTINGS})
+    return tags
+
+
+def protocol_of(run) -> dict[str, str]:
+    """The protocol tags of a run: an MLflow Run, a collect() row, or a plain {tag: value} dict."""
+    if hasattr(run, "data"):
+        tags = run.data.tags
+    elif isinstance(run, dict) and "protocol" in run:
+        tags = run["protocol"]
+    else:
+        tags = run
+    return {k: v for k, v in tags.items() if k.startswith((PROTOCOL_PREFIX, DECODING_PREFIX))}
+
+
+def protocol_mismatch(runs) -> list[str]:
+    """The protocol keys whose values differ between `runs` (MLflow Runs, collect() rows or tag dicts); [] when
+    they were all scored under one protocol. A run without a key (scored before protocols were logged, or by
+    another harness) differs from one that has it; a task's decoding is compared only between runs that
+    scored that task."""
+    protocols = [protocol_of(r) for r in runs]
+    keys = sorted({k for p in protocols for k in p})
+    differing = []
+    for key in keys:
+        if key.startswith(DECODING_PREFIX):
+            task = key[len(DECODING_PREFIX):].rsplit(".", 1)[0]
+            values = {p.get(key) for p in protocols if any(k.startswith(f"{DECODING_PREFIX}{task}.") for k in p)}
+        else:
+            values = {p.get(key) for p in protocols}
+        if len(values) > 1:
+            differing.append(key)
+    return differing
+
+
 def collect(client, parent_run_ids: list[str]) -> list[dict]:
     """One row per evaluated child run of the given parents: run id, trial, algo, val_loss, whether the run is
-    at the default point (tag eval_default=true), and its score metrics."""
+    at the default point (tag eval_default=true), its score metrics and its protocol tags."""
     rows = []
     for parent in parent_run_ids:
         experiment = client.get_run(parent).info.experiment_id
@@ -73,7 +123,7 @@ def collect(client, parent_run_ids: list[str]) -> list[dict]:
             tags = run.data.tags
             rows.append({"run_id": run.info.run_id, "trial": int(tags.get("trial", -1)), "algo": tags.get("algo"),
                          "val_loss": run.data.metrics.get("val_loss"), "default": tags.get("eval_default") == "true",
-                         "scores": scores})
+                         "scores": scores, "protocol": protocol_of(run)})
     return rows
 
 

@@ -32,7 +32,12 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED = {"tiny-alpaca": ASSETS / "tiny_alpaca.jsonl", "tiny-dolly": ASSETS / "tiny_dolly.jsonl"}
 RENAMES = {"input": "context", "output": "response"}  # Alpaca's columns -> the unified schema
 
-# The Alpaca templates (alpaca-lora's spelling, with the response on the line after its header).
+# The prompt templates (FinetuneSpec.prompt_template). "alpaca", the default: Stanford Alpaca's wording with
+# the response on the line after its header (alpaca-lora's spelling): the newline makes the end of the prompt
+# a token boundary for SentencePiece and byte-level BPE alike, so masking the first len(tokenize(prompt))
+# tokens masks exactly the prompt. "authors": the paper authors' training script verbatim (its context header
+# has four '#', and the response follows "### Response:" with no separator), for a token stream identical
+# to theirs.
 PROMPT_WITH_CONTEXT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -41,6 +46,15 @@ PROMPT_NO_CONTEXT = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n")
+AUTHORS_WITH_CONTEXT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n#### Context:\n{context}\n\n### Response:")
+AUTHORS_NO_CONTEXT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:")
+TEMPLATES = {"alpaca": (PROMPT_WITH_CONTEXT, PROMPT_NO_CONTEXT), "authors": (AUTHORS_WITH_CONTEXT, AUTHORS_NO_CONTEXT)}
 IGNORE = -100  # label of tokens that carry no loss (the prompt)
 
 
@@ -48,10 +62,11 @@ class DataError(ValueError):
     """Missing or malformed data; the message names the source and the fix."""
 
 
-def format_prompt(row: dict) -> str:
+def format_prompt(row: dict, template: str = "alpaca") -> str:
+    with_context, no_context = TEMPLATES[template]
     if row.get("context"):
-        return PROMPT_WITH_CONTEXT.format(instruction=row["instruction"], context=row["context"])
-    return PROMPT_NO_CONTEXT.format(instruction=row["instruction"])
+        return with_context.format(instruction=row["instruction"], context=row["context"])
+    return no_context.format(instruction=row["instruction"])
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -225,23 +240,27 @@ def read_split(folder: Path, name: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- tokenizing
-def tokenize(rows: list[dict], tokenizer, max_seq_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """(input_ids, labels) per row: BOS + prompt + response + EOS, loss on response and EOS only.
+def tokenize(rows: list[dict], tokenizer, max_seq_len: int,
+             template: str = "alpaca") -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(input_ids, labels) per row: BOS + tokenize(prompt + response) + EOS, loss on the tokens after the first
+    1 + len(tokenize(prompt)) (the response) and on EOS - Stanford Alpaca's `preprocess`, as the authors ran it.
 
-    Prompt and response are tokenized separately so that the mask boundary is exact. Sequences are cut at
-    max_seq_len; a row whose response is cut away entirely carries no loss and is dropped (counted)."""
-    prompts = tokenizer([format_prompt(r) for r in rows], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
+    Prompt and response are tokenized together, as the model sees them at inference: tokenized apart, a
+    SentencePiece tokenizer (Llama's) would start the response with a word-start token that the joint text
+    never produces. Sequences are cut at max_seq_len; a row whose response is cut away entirely carries no
+    loss and is dropped (counted)."""
+    prompts = [format_prompt(r, template) for r in rows]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    joint = tokenizer([p + r["response"] for p, r in zip(prompts, rows)], add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     out, dropped = [], 0
-    for p, r in zip(prompts, responses):
-        prompt = bos + p
-        ids = (prompt + r + [tokenizer.eos_token_id])[:max_seq_len]
-        labels = ([IGNORE] * len(prompt) + r + [tokenizer.eos_token_id])[:max_seq_len]
-        if len(ids) <= len(prompt):
+    for p, j in zip(prompt_ids, joint):
+        ids = (bos + j + [tokenizer.eos_token_id])[:max_seq_len]
+        masked = len(bos) + len(p)
+        if len(ids) <= masked:
             dropped += 1
             continue
-        out.append((ids, labels))
+        out.append((ids, [IGNORE] * masked + ids[masked:]))
     return out, dropped
 
 

@@ -106,16 +106,29 @@ def on_device(batch: dict, device) -> dict:
 @torch.no_grad()
 def validation_loss(model: ResponseLoss, examples, spec: FinetuneSpec, device, rank: int, world: int, autocast,
                     pad_id: int = 0) -> float:
-    """Token-weighted mean cross-entropy over the response tokens of the whole validation split."""
+    """The validation loss, averaged as spec.val_loss_average says.
+
+    "token" (default): the mean cross-entropy over every response token of the split, whatever the batching.
+    "batch": the HF Trainer's evaluate() that the paper reports - batches of per_device_batch consecutive
+    examples in the split's order, each batch's token mean weighted by its number of examples. It moves with
+    the batch size and the order (a batch of short answers weighs as much as one of long answers), which is
+    why "token" is the default; "batch" is there to compare with the paper's figures."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # similar lengths together
-    size = 2 * spec.per_device_batch  # no gradients to keep: twice the training micro-batch fits
-    chunks = [order[i:i + size] for i in range(0, len(order), size)]
+    if spec.val_loss_average == "batch":
+        size = spec.per_device_batch
+        chunks = [list(range(i, min(i + size, len(examples)))) for i in range(0, len(examples), size)]
+    else:
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # similar lengths together
+        size = 2 * spec.per_device_batch  # no gradients to keep: twice the training micro-batch fits
+        chunks = [order[i:i + size] for i in range(0, len(order), size)]
     for chunk in chunks[rank::world]:
         with autocast:
             loss, count = model(**on_device(collate([examples[i] for i in chunk], pad_id), device))
-        total += torch.stack([loss.double(), count.double()])
+        if spec.val_loss_average == "batch":  # (batch mean x examples, examples)
+            total += torch.stack([loss.double() / count.double() * len(chunk), total.new_tensor(len(chunk))])
+        else:  # (summed loss, tokens)
+            total += torch.stack([loss.double(), count.double()])
     if world > 1:
         torch.distributed.all_reduce(total)
     model.train()
@@ -160,8 +173,9 @@ def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
 
     splits = D.prepare_splits(spec.data)
     tokenizer, model = load_base(spec.base_model, device, dtype)
-    train_set, dropped_train = D.tokenize(D.read_split(splits, "train"), tokenizer, spec.max_seq_len)
-    val_set, dropped_val = D.tokenize(D.read_split(splits, "val"), tokenizer, spec.max_seq_len)
+    train_set, dropped_train = D.tokenize(D.read_split(splits, "train"), tokenizer, spec.max_seq_len,
+                                          spec.prompt_template)
+    val_set, dropped_val = D.tokenize(D.read_split(splits, "val"), tokenizer, spec.max_seq_len, spec.prompt_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not train_set or not val_set:
         raise TrainingFailure(f"no trainable examples at max_seq_len={spec.max_seq_len}: raise max_seq_len")
@@ -272,7 +286,7 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
         model.save_pretrained(tmp)
         os.replace(tmp, out / ADAPTER)
     return {
-        "val_loss": val, "val_loss_before": val_before,
+        "val_loss": val, "val_loss_before": val_before, "val_loss_average": spec.val_loss_average,
         "train_loss": float(np.mean(train_losses[-max(1, s.steps_per_epoch):])) if train_losses else None,
         "steps": s.total_steps, "resumed_from_step": start, "steps_per_epoch": s.steps_per_epoch,
         "n_train": len(s.train_set), "n_val": len(s.val_set), "dropped_too_long": s.dropped,

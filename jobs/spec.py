@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 TINY_MODEL = "tiny"  # the embedded base model, built and cached on first use (jobs/tiny.py)
+TEMPLATES = ("alpaca", "authors")  # jobs/data.py TEMPLATES
+VAL_LOSS_AVERAGES = ("token", "batch")
 BUNDLED_PREFIX = "bundled:"  # bundled data sets: bundled:tiny-alpaca, bundled:tiny-dolly
 
 
@@ -93,6 +95,14 @@ class FinetuneSpec:
     precision: str = "auto"  # auto: bf16 + tf32 on GPU, fp32 on CPU; or bf16 / fp32
     max_seq_len: int = 512
     seed: int = 42
+    # Prompt template (jobs/data.py): "alpaca" (Stanford Alpaca's wording, "### Input:", response on its own
+    # line) or "authors" (the paper authors' script verbatim: "#### Context:", no newline after the header).
+    prompt_template: str = "alpaca"
+    # How the validation loss averages. "token": the mean cross-entropy over every response token of the split
+    # (a property of the model alone). "batch": the HF Trainer's (the paper's) - each batch of per_device_batch
+    # consecutive examples gets its token mean, and the batches are averaged weighted by their example count,
+    # so the figure also depends on the batch size and the order of the split.
+    val_loss_average: str = "token"
     # validation loss at the end, and every eval_every optimizer steps if > 0 (logged to metrics.jsonl)
     eval_every: int = 0
     eval_before: bool = False  # also measure the untrained (base model) validation loss, as val_loss_before
@@ -120,6 +130,8 @@ class FinetuneSpec:
             ("weight_decay", _num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
             ("max_grad_norm", _num(self.max_grad_norm) and self.max_grad_norm > 0, "a number > 0"),
             ("precision", self.precision in ("auto", "bf16", "fp32"), "one of auto, bf16, fp32"),
+            ("prompt_template", self.prompt_template in TEMPLATES, f"one of {', '.join(TEMPLATES)}"),
+            ("val_loss_average", self.val_loss_average in VAL_LOSS_AVERAGES, f"one of {', '.join(VAL_LOSS_AVERAGES)}"),
             ("max_seq_len", isinstance(self.max_seq_len, int) and self.max_seq_len >= 8, "an integer >= 8"),
             ("target_modules", bool(self.target_modules) and all(isinstance(m, str) for m in self.target_modules),
              "a non-empty list of module names, e.g. [q_proj, v_proj]"),

@@ -60,24 +60,30 @@ def download(artifact_uri: str, tracking_uri: str | None = None, dst: str | None
 
     uri = resolve(tracking_uri)
     if artifact_uri.startswith("models:/"):  # MLflow resolves these through its global registry URI: do it here
-        artifact_uri = model_download_uri(artifact_uri, uri)
+        artifact_uri = model_source(artifact_uri, uri)
     return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri, registry_uri=uri,
                                                dst_path=dst)
 
 
-def model_download_uri(ref: str, tracking_uri: str | None = None) -> str:
-    """Where the files of `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `models:/NAME/latest` are, asked of the
-    given store's registry (MLflow's own resolution would ask the process's default registry instead)."""
+def model_source(models_uri: str, tracking_uri: str | None = None) -> str:
+    """Where `models:/NAME@ALIAS[/PATH]`, `models:/NAME/VERSION[/PATH]` or `models:/NAME/latest` points, looked up
+    in the given store.
+
+    MLflow 3's download_artifacts resolves a models:/ URI in its global registry (the environment's or its
+    default), whatever registry_uri it is given, so the version is looked up here with a bound client."""
+    name, _, rest = models_uri[len("models:/"):].partition("/")
     c = client(tracking_uri)
-    body = ref[len("models:/"):]
-    if "@" in body:
-        name, alias = body.split("@", 1)
+    if "@" in name:
+        name, alias = name.split("@", 1)
         version = c.get_model_version_by_alias(name, alias).version
     else:
-        name, _, version = body.rpartition("/")
+        version, _, rest = rest.partition("/")
         if version == "latest":
-            version = max(int(v.version) for v in c.search_model_versions(f"name = '{name}'"))
-    return c.get_model_version_download_uri(name, str(version))
+            version = str(max(int(v.version) for v in c.search_model_versions(f"name = '{name}'")))
+        elif not version.isdigit():  # a stage (deprecated): MLflow's own resolution
+            return models_uri
+    source = c.get_model_version_download_uri(name, version).rstrip("/")
+    return f"{source}/{rest}" if rest else source
 
 
 # ------------------------------------------------------------------------------------------- preflight

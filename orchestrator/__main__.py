@@ -50,6 +50,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", dest="poll_s", type=float, help="seconds between job-state polls")
     p.add_argument("--resume", action="store_true",
                    help=f"continue the study from its journal (may change only: {', '.join(RESUMABLE)})")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="print the resolved config, the first suggestions, the first trial's spec and batch script; "
+                        "submit and write nothing")
     return p
 
 
@@ -67,18 +70,28 @@ def study_parser(command: str) -> argparse.ArgumentParser:
     if command == "evaluate":
         p.add_argument("--top", type=int, default=10, help="evaluate the K successful trials of lowest loss (10)")
         p.add_argument("--include-default", action="store_true", help="also the trial at the default point")
-        p.add_argument("--harness", default="instructeval", choices=("instructeval", "lm-eval"),
-                       help="instructeval: the paper's protocol (default); lm-eval: lm-evaluation-harness tasks")
-        p.add_argument("--tasks", help="comma-separated (default: mmlu,bbh,drop,humaneval; lm-eval: required)")
-        p.add_argument("--limit", type=int, help="first N examples per task / subject (smoke tests)")
-        p.add_argument("--data-dir", dest="data_dir", help="local benchmark folders (evaluation/data.py)")
-        p.add_argument("--include-path", dest="include_path", help="lm-eval: a folder of your own task YAMLs")
-        p.add_argument("--seed", type=int, default=0, help="DROP demonstrations and HumanEval sampling (0)")
-        p.add_argument("--greedy", action="store_true", help="greedy HumanEval instead of T=0.1")
         p.add_argument("--executor", choices=KINDS, help="default: the study's")
         p.add_argument("--poll", dest="poll_s", type=float, default=5.0, help="seconds between job polls (5)")
         p.add_argument("--retry-failed", dest="retry_failed", action="store_true",
                        help="submit again the evaluations that failed before")
+        g = p.add_argument_group("protocol (default: the study YAML's `evaluation:` section, else InstructEval's)")
+        g.add_argument("--harness", choices=("instructeval", "lm-eval"),
+                       help="instructeval: the paper's protocol; lm-eval: lm-evaluation-harness tasks")
+        g.add_argument("--tasks", help="comma-separated (default: mmlu,bbh,drop,humaneval; lm-eval: required)")
+        g.add_argument("--limit", type=int, help="first N examples per task / subject (smoke tests)")
+        g.add_argument("--data-dir", dest="data_dir", help="local benchmark folders (evaluation/data.py)")
+        g.add_argument("--include-path", dest="include_path", help="lm-eval: a folder of your own task YAMLs")
+        g.add_argument("--seed", type=int, help="DROP demonstrations and sampling (0)")
+        g.add_argument("--humaneval-cut", dest="humaneval_cut", choices=("blank-line", "top-level"))
+        g.add_argument("--decoding", choices=("reference", "greedy", "sampling"))
+        g.add_argument("--greedy", action="store_true", help="the same as --decoding greedy")
+        g.add_argument("--temperature", type=float, help="with --decoding sampling")
+        g.add_argument("--top-p", dest="top_p", type=float, help="with --decoding sampling")
+        g.add_argument("--seeds", help="with --decoding sampling: comma-separated seeds, one run each")
+        g.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "auto"))
+        g.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
+                       help="merge the adapter into the weights (in fp32) before evaluating (default: no)")
+        g.add_argument("--batch-size", dest="batch_size", type=int)
     return p
 
 
@@ -149,6 +162,10 @@ def main(argv=None) -> int:
             config = resumed_config(args)
         else:
             config = load_config(args.config, **{k: getattr(args, k) for k in RUN_FIELDS})
+        if args.dry_run:
+            from orchestrator.dry_run import dry_run
+            dry_run(config)
+            return 0
         _check_workdir(config)
         check_store(config.tracking())
         existed = config.folder.exists()

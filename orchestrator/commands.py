@@ -139,13 +139,21 @@ def _score_columns(rows: list[dict]) -> list[str]:
 def compare(args) -> int:
     """Studies side by side: printed, logged as compare.md / compare.json into each study's parent run, and
     written to --out (JSON if it ends in .json, else Markdown)."""
+    from evaluation.tracking import protocol_mismatch
+
     rows = [_compare_row(name, _load(args.workdir, name), args.tracking_uri) for name in args.studies]
     table = _compare_table(rows)
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    mismatch = protocol_mismatch([r["protocol"] for r in rows if r["downstream"]])
     markdown = _markdown(table, widths)
-    data = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "studies": rows}
+    if mismatch:  # scores measured under different protocols must not be read as comparable
+        said = (f"the downstream scores were measured under different protocols ({', '.join(mismatch)}): do not "
+                "compare them; re-evaluate with one protocol (orchestrator evaluate)")
+        print(f"warning: {said}", file=sys.stderr)
+        markdown += f"\n**Warning:** {said}.\n"
+    data = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "studies": rows, "protocol_mismatch": mismatch}
     for row in rows:
         if row["parent_run_id"] and row["tracking_uri"]:
             try:
@@ -189,7 +197,7 @@ def _compare_row(name: str, state: StudyState, tracking_uri: str | None) -> dict
             "hours_to_within_1pct": hours_within,
             "failed": sum(t.status == "failed" for t in done), "job_hours": job_hours, "gpus_per_job": gpus,
             "gpu_hours": job_hours * gpus if gpus else None,
-            "downstream": _downstream(uri, best.run_id) if best and best.run_id and uri else {},
+            **_downstream(uri, best.run_id if best else None),
             "parent_run_id": state.parent_run_id, "tracking_uri": uri}
 
 
@@ -205,14 +213,19 @@ def _client(uri: str):
     return tracking_store.client(uri)
 
 
-def _downstream(uri: str, run_id: str) -> dict:
+def _downstream(uri: str | None, run_id: str | None) -> dict:
+    """{"downstream": the best run's scores, "protocol": the protocol they were measured under}."""
+    from evaluation.tracking import is_score_metric, protocol_of
+
+    if not (uri and run_id):
+        return {"downstream": {}, "protocol": {}}
     try:
-        metrics = _client(uri).get_run(run_id).data.metrics
+        run = _client(uri).get_run(run_id)
     except Exception as e:
         print(f"warning: no downstream scores for run {run_id}: {e}", file=sys.stderr)
-        return {}
-    from evaluation.tracking import is_score_metric
-    return {k: v for k, v in metrics.items() if is_score_metric(k)}
+        return {"downstream": {}, "protocol": {}}
+    scores = {k: v for k, v in run.data.metrics.items() if is_score_metric(k)}
+    return {"downstream": scores, "protocol": protocol_of(run) if scores else {}}
 
 
 def _compare_table(rows: list[dict]) -> list[list[str]]:

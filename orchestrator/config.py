@@ -21,6 +21,8 @@ A study YAML (every key optional; `preset` picks the base, `tiny` by default):
     trial: {...}              # fine-tune settings (jobs/spec.py FinetuneSpec fields) for every evaluation
     resources: {...}          # SLURM resources per evaluation (slurm/executors.py Resources fields)
     retries: {max_retries: 2, on: [submission, node_fail, preempted], max_attempts: 10, max_hours: null}
+    evaluation: {...}         # the downstream protocol of `orchestrator evaluate` (evaluation/spec.py fields:
+                              # tasks, limit, humaneval_cut, decoding, dtype, merge, seed...); InstructEval's by default
 
 `StudyConfig` holds typed values (`space` a SearchSpace, `resources` a Resources, `retries` a RetryPolicy) and
 validates itself on construction, however it is built; `to_dict()` gives the plain form the journal keeps.
@@ -84,6 +86,7 @@ class StudyConfig:
     trial: dict = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     retries: RetryPolicy = field(default_factory=RetryPolicy)
+    evaluation: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.space = _typed("space", self.space, SearchSpace, lambda d: SearchSpace.from_dict(d) if d else paper_space(),
@@ -212,8 +215,9 @@ def validate(c: StudyConfig) -> None:
     _check(c.register_as is None or (isinstance(c.register_as, str) and bool(re.fullmatch(
         r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", c.register_as))), "register_as", c.register_as,
         "a registered model name of letters, digits, '.', '_' or '-', or null")
-    for key in ("searcher_options", "trial"):
+    for key in ("searcher_options", "trial", "evaluation"):
         _check(isinstance(getattr(c, key), dict), key, getattr(c, key), "must be a mapping")
+    _validate_evaluation(c)
     if c.objective is None:
         _validate_trial(c)
     _validate_searcher(c)
@@ -235,6 +239,15 @@ def _validate_trial(c: StudyConfig) -> None:
             except SpecError as e:
                 raise ConfigError(f"config key 'space.{dim.name}': value {value!r} is not accepted by the fine-tune "
                                   f"({e}); narrow the range") from None
+
+
+def _validate_evaluation(c: StudyConfig) -> None:
+    from evaluation.spec import ProtocolError, evaluation_settings  # torch-free
+
+    try:
+        evaluation_settings(c.evaluation)
+    except ProtocolError as e:
+        raise ConfigError(f"config key 'evaluation': {str(e).removeprefix('evaluation: ')}") from None
 
 
 def _validate_searcher(c: StudyConfig) -> None:

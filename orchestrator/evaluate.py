@@ -51,12 +51,33 @@ class Evaluation:
     batch: str | None = None
 
 
-def settings_of(args) -> dict:
-    tasks = args.tasks or (None if args.harness == "lm-eval" else ",".join(INSTRUCTEVAL))
-    if not tasks:
+CLI_SETTINGS = ("harness", "tasks", "limit", "data_dir", "include_path", "seed", "humaneval_cut", "decoding",
+                "temperature", "top_p", "seeds", "dtype", "merge", "batch_size")
+
+
+def settings_of(args, study_config: dict | None = None) -> dict:
+    """The evaluation settings: the study YAML's `evaluation:` section (InstructEval's protocol by default),
+    overridden by the flags given on the command line; validated (ConfigError naming the field)."""
+    from evaluation.spec import ProtocolError, evaluation_settings
+
+    given = {k: getattr(args, k, None) for k in CLI_SETTINGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if getattr(args, "greedy", False):
+        given["decoding"] = "greedy"
+    if isinstance(given.get("seeds"), str):
+        try:
+            given["seeds"] = [int(x) for x in given["seeds"].split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds {args.seeds!r} is invalid: write comma-separated integers, e.g. 0,1,2") \
+                from None
+    merged = {**((study_config or {}).get("evaluation") or {}), **given}
+    if merged.get("harness") == "lm-eval" and not merged.get("tasks"):
         raise ConfigError("--harness lm-eval needs --tasks: lm-eval task names, comma-separated")
-    return {"harness": args.harness, "tasks": tasks, "limit": args.limit, "data_dir": args.data_dir,
-            "include_path": getattr(args, "include_path", None), "seed": args.seed, "greedy": args.greedy}
+    merged.setdefault("tasks", ",".join(INSTRUCTEVAL))
+    try:
+        return evaluation_settings(merged)
+    except ProtocolError as e:
+        raise ConfigError(str(e)) from None
 
 
 def select(state: StudyState, top: int, include_default: bool, log=print) -> dict[int, list[str]]:
@@ -162,8 +183,11 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------------------- plan
     def _plan(self) -> list[Evaluation]:
-        settings = settings_of(self.args)
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        from evaluation.spec import EvaluationSpec
+
+        settings = settings_of(self.args, self.study.config)
+        # the settings (the protocol among them) name an evaluation: other settings, another evaluation
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
         cfg = self.study.config
         base = (cfg.get("trial") or {}).get("base_model") or "tiny"
         wanted = []
@@ -172,11 +196,10 @@ class Evaluator:
             if key not in self.evals:
                 t = self.study.trials[trial]
                 adapter = Path(t.out or "") / "adapter"
-                spec = {"base": base, "adapter": str(adapter) if adapter.is_dir() else f"runs:/{t.run_id}/adapter",
-                        "tasks": settings["tasks"], "limit": settings["limit"], "data_dir": settings["data_dir"],
-                        "harness": settings["harness"], "include_path": settings["include_path"],
-                        "seed": settings["seed"], "greedy": settings["greedy"], "tracking_uri": self.uri,
-                        "out": str((self.folder / "evaluations" / key).resolve())}
+                spec = EvaluationSpec.from_dict({
+                    **settings, "base": base, "tracking_uri": self.uri,
+                    "adapter": str(adapter) if adapter.is_dir() else f"runs:/{t.run_id}/adapter",
+                    "out": str((self.folder / "evaluations" / key).resolve())}).to_dict()
                 self.journal.append("evaluation", key=key, trial=trial, run_id=t.run_id, roles=roles, spec=spec)
                 self.evals[key] = Evaluation(key, trial, t.run_id, roles, spec)
             e = self.evals[key]
@@ -211,7 +234,7 @@ class Evaluator:
             result.setdefault("harness", "lm-eval")
         log_scores(self.client, e.run_id, result, tags={
             "eval_status": "ok", "eval_default": str("default" in e.roles).lower(), "eval_key": e.key,
-            "eval_job_id": e.job_id, "eval_settings": json.dumps(settings_from_spec(e.spec))})
+            "eval_job_id": e.job_id, "eval_settings": json.dumps(settings_from_spec(e.spec), default=str)})
         self.journal.append("logged", key=e.key)
         e.logged = True
 
@@ -226,7 +249,8 @@ class Evaluator:
 
 
 def settings_from_spec(spec: dict) -> dict:
-    return {k: spec.get(k) for k in ("harness", "tasks", "limit", "data_dir", "include_path", "seed", "greedy")}
+    from evaluation.spec import settings_keys
+    return {k: spec.get(k) for k in settings_keys() if k in spec}
 
 
 def eval_resources(resources: dict) -> Resources:

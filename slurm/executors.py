@@ -256,3 +256,21 @@ def make_executor(kind: str, folder: str | Path, resources: Resources | None = N
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=0, **extra)
     executor.update_parameters(**params)
     return executor
+
+
+def sbatch_preview(resources: Resources, folder: str | Path, job_name: str, code_dir: str | Path | None = None) -> str:
+    """The batch script a study's job would be submitted with, without a cluster (for --dry-run): the text
+    submitit's own writer (submitit.slurm.slurm._make_sbatch_string) makes from these resources."""
+    from submitit.slurm.slurm import _convert_mem, _make_sbatch_string
+
+    python = (pinned_python(code_dir, shell=True) if code_dir else None) or shlex.quote(sys.executable)
+    r = resources
+    params = {"job_name": job_name, "partition": r.partition, "time": r.timeout_min, "nodes": r.nodes,
+              "ntasks_per_node": r.tasks_per_node, "cpus_per_task": r.cpus_per_task,
+              "gpus_per_node": r.gpus_per_node or None, "qos": r.qos, "account": r.account,
+              "constraint": r.constraint, "mem": _convert_mem(r.mem_gb) if r.mem_gb else None,
+              "signal_delay_s": r.signal_delay_s, "setup": list(r.setup) or None,
+              "additional_parameters": dict(r.additional_parameters) or None}
+    command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=str(folder), **{k: v for k, v in params.items()
+                                                                       if v is not None})

@@ -87,3 +87,14 @@ def test_an_unknown_study_is_a_one_line_error(two_studies, capsys):
     tmp, _, _, _ = two_studies
     assert main(["compare", "nope", "--workdir", str(tmp / "runs")]) == 2
     assert "no study 'nope'" in capsys.readouterr().err
+
+
+def test_scores_under_different_protocols_are_flagged(two_studies, capsys):
+    tmp, client, gpu, cpu = two_studies
+    best_cpu = min(cpu.finished, key=lambda t: t.value)
+    client.log_metric(best_cpu.run_id, "mmlu", 0.4356)
+    client.set_tag(best_cpu.run_id, "eval.protocol.dtype", "bf16")  # gpu-random's scores carry no protocol
+    code, out = compare(tmp, capsys, "--out", str(tmp / "cmp.json"))
+    assert code == 0
+    assert "different protocols (eval.protocol.dtype)" in out.err
+    assert json.loads((tmp / "cmp.json").read_text())["protocol_mismatch"] == ["eval.protocol.dtype"]

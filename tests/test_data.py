@@ -112,3 +112,56 @@ def test_truncation_keeps_prompt_first_and_drops_rows_without_response(tiny_toke
     ids, labels = examples[0]
     assert len(ids) == prompt_len + 2 and dropped == 0
     assert labels[:prompt_len] == [D.IGNORE] * prompt_len and D.IGNORE not in labels[prompt_len:]
+
+
+def sentencepiece_tokenizer(texts):
+    """A small SentencePiece-style tokenizer built offline, behaving as Llama's: a Metaspace pre-tokenizer
+    (a word-start marker on words after a space and on the text's first word) and newlines as tokens of their
+    own that never merge with a neighbour (Llama's byte-fallback <0x0A>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                 pre_tokenizers.Metaspace(prepend_scheme="first")])
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+SP_ROWS = [{"instruction": "What is the capital of France?", "context": "", "response": "Paris is the capital."},
+           {"instruction": "Who wrote it?", "context": "Hamlet was written by Shakespeare.",
+            "response": "Shakespeare wrote Hamlet."}]
+
+
+@pytest.mark.parametrize("template", ["alpaca", "authors"])
+def test_training_ids_are_the_joint_tokenization_and_the_mask_starts_at_the_response(template):
+    tok = sentencepiece_tokenizer([D.format_prompt(r, t) + r["response"] for r in SP_ROWS
+                                   for t in ("alpaca", "authors")] * 20)
+    examples, dropped = D.tokenize(SP_ROWS, tok, 512, template)
+    assert dropped == 0
+    for row, (ids, labels) in zip(SP_ROWS, examples):
+        prompt = D.format_prompt(row, template)
+        joint = tok(prompt + row["response"], add_special_tokens=False)["input_ids"]
+        assert ids == [tok.bos_token_id] + joint + [tok.eos_token_id]  # Alpaca's preprocess: one text
+        start = 1 + len(tok(prompt, add_special_tokens=False)["input_ids"])
+        assert labels == [D.IGNORE] * start + ids[start:]  # Alpaca's rule: mask len(tokenize(prompt)) tokens
+        if template == "authors":
+            continue  # "### Response:" + response has no separator: the two may merge into one token there
+        # The default template ends the prompt with a newline, its own token: the mask ends exactly there.
+        assert ids[:start] == [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids[start:-1]) == row["response"]  # the loss is on exactly the response, then EOS
+        # Tokenized apart (the former recipe), the response would start with a word-start marker that the
+        # joint text never has: the model would learn sequences it never sees at inference.
+        alone = tok(row["response"], add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(alone)[0].startswith("\u2581")
+        assert alone != ids[start:-1]
+
+
+def test_the_two_templates_are_the_documented_texts():
+    row = {"instruction": "Who?", "context": "Alice.", "response": "x"}
+    head = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n### Instruction:\nWho?\n\n")
+    assert D.format_prompt(row) == head + "### Input:\nAlice.\n\n### Response:\n"
+    assert D.format_prompt(row, "authors") == head + "#### Context:\nAlice.\n\n### Response:"  # their script
+    assert D.format_prompt({**row, "context": ""}, "authors").endswith("### Instruction:\nWho?\n\n### Response:")

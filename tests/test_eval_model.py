@@ -6,12 +6,11 @@ import json
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
-from evaluation import EvalError, evaluate
+from evaluation import EvalError, EvaluationSpec, evaluate
 from evaluation.generate import generate, generate_one_by_one, token_counter
 from evaluation.model import load, resolve_adapter
 from evaluation.tasks import get_tasks
@@ -94,6 +93,12 @@ def test_command_line_end_to_end_on_fixtures(tmp_path, adapter_dir):
     assert set(tasks["mmlu"]["groups"]) == {"astronomy", "elementary_mathematics", "high_school_geography"}
     assert tasks["bbh"]["average"] == "macro" and len(tasks["bbh"]["groups"]) == 3
     assert tasks["humaneval"]["temperature"] == 0.1 and tasks["humaneval"]["sandbox"]["network"] in ("netns", "guard")
+    # the reference protocol, logged with the scores: the tiny checkpoint's generation_config does not sample,
+    # so MMLU is greedy; HumanEval samples at InstructEval's 0.1 with the library defaults of the time
+    assert scores["protocol"]["eval.protocol.decoding"] == "reference"
+    assert (scores["protocol"]["eval.protocol.dtype"], scores["model"]["merged"]) == ("fp32", False)
+    assert scores["decoding"]["mmlu"] == {"do_sample": False}
+    assert scores["decoding"]["humaneval"] == {"do_sample": True, "temperature": 0.1, "top_p": 1.0, "top_k": 50}
     for name in tasks:
         records = [json.loads(line) for line in (out / "records" / f"{name}.jsonl").read_text().splitlines()]
         assert len(records) == tasks[name]["n"]
@@ -105,7 +110,7 @@ def test_a_wrong_adapter_is_an_error_never_the_base_model(tmp_path):
     (tmp_path / "empty").mkdir()
     for ref, why in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "holds no adapter_config.json")):
         with pytest.raises(EvalError, match=why):
-            evaluate("tiny", str(ref), ["drop"], data_dir=str(FIXTURES), limit=1)
+            evaluate(EvaluationSpec(base="tiny", adapter=str(ref), tasks="drop", data_dir=str(FIXTURES), limit=1))
     proc = subprocess.run([sys.executable, "-m", "evaluation", "--base", "tiny", "--adapter", str(tmp_path / "x"),
                            "--tasks", "drop", "--data-dir", str(FIXTURES), "--out", str(tmp_path / "o")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -125,23 +130,27 @@ def test_an_adapter_whose_tensors_do_not_land_is_refused(tmp_path, adapter_dir):
         load("tiny", str(broken))
 
 
-def test_mlflow_references_are_downloaded_then_checked(monkeypatch, adapter_dir):
-    calls = []
+def test_mlflow_references_are_read_from_the_given_store(tmp_path, adapter_dir, monkeypatch):
+    from mlflow.tracking import MlflowClient
 
-    def download_artifacts(artifact_uri):
-        calls.append(artifact_uri)
-        if "missing" in artifact_uri:
-            raise RuntimeError("RESOURCE_DOES_NOT_EXIST: no such model")
-        return str(adapter_dir.parent)  # a fine-tune output folder: adapter/ inside
-
-    fake = types.ModuleType("mlflow")
-    fake.artifacts = types.SimpleNamespace(download_artifacts=download_artifacts)
-    monkeypatch.setitem(sys.modules, "mlflow", fake)
-    assert resolve_adapter("models:/tiny-nomad@champion") == adapter_dir
-    assert resolve_adapter("runs:/abc123/trained") == adapter_dir
-    with pytest.raises(EvalError, match="could not be downloaded from MLflow.*RESOURCE_DOES_NOT_EXIST"):
-        resolve_adapter("models:/missing@champion")
-    assert calls == ["models:/tiny-nomad@champion", "runs:/abc123/trained", "models:/missing@champion"]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")  # must not be the one read
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(exp).info.run_id
+    client.log_artifacts(run, str(adapter_dir), "trained/adapter")  # a fine-tune output folder: adapter/ inside
+    client.create_registered_model("tiny-nomad")
+    version = client.create_model_version("tiny-nomad", source=f"{client.get_run(run).info.artifact_uri}/trained",
+                                          run_id=run)
+    client.set_registered_model_alias("tiny-nomad", "champion", version.version)
+    weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    for ref in ("models:/tiny-nomad@champion", f"runs:/{run}/trained"):
+        folder = resolve_adapter(ref, uri)
+        assert folder.name == "adapter" and (folder / "adapter_model.safetensors").read_bytes() == weights
+    with pytest.raises(EvalError, match=f"could not be downloaded from MLflow store {uri}"):
+        resolve_adapter("models:/tiny-nomad@missing", uri)
+    with pytest.raises(EvalError, match="could not be downloaded from MLflow store .*other.db"):
+        resolve_adapter(f"runs:/{run}/trained")  # the environment's store, where this run does not exist
 
 
 def test_sampling_at_temperature_0_1_is_reproducible_with_its_seed(prompts, tiny_model_dir):

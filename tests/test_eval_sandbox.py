@@ -127,13 +127,46 @@ def test_a_program_ignoring_the_alarm_is_killed_with_its_children(tmp_path):
 
 def test_clean_environment_closed_stdin_throwaway_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("SECRET_TOKEN", "hunter2")
-    code = ("import os\nassert 'SECRET_TOKEN' not in os.environ\nassert os.path.basename(os.getcwd())"
-            ".startswith('sandbox-')\ntry:\n    input()\n    raise SystemExit('stdin was open')\nexcept EOFError:\n"
-            "    pass\n")
+    code = ("import os\nassert 'SECRET_TOKEN' not in os.environ\nassert os.read(0, 1) == b''  # /dev/null\n"
+            "try:\n    input()\n    raise SystemExit('stdin was readable')\nexcept OSError:\n"
+            "    pass  # as InstructEval's swallow_io: reading stdin raises\n")
     assert run_program(code, FAST).passed
     where = tmp_path / "cwd"
     assert run_program(f"import os\nopen({str(where)!r}, 'w').write(os.getcwd())", FAST, layers=[]).passed
+    assert Path(where.read_text()).name.startswith("sandbox-")
     assert not Path(where.read_text()).exists()  # the folder is removed afterwards
+
+
+# ----------------------------------------------------------------------------------------------- as the reference
+def test_the_program_does_not_run_as_main():
+    """InstructEval runs exec(program, {}): __name__ is not "__main__", so such a block never runs there."""
+    code = GOOD + "assert __name__ != '__main__'\nif __name__ == '__main__':\n    raise SystemExit('ran as main')\n"
+    assert run_program(code, FAST).passed
+    assert run_program(code, FAST, layers=[]).passed  # not a guard's doing
+
+
+def test_what_reliability_guard_disables_fails_here_too():
+    for code in ("import os\nos.getcwd()", "exit()", "import shutil\nshutil.move('a', 'b')",
+                 "import resource"):
+        out = run_program(code, FAST)
+        assert (out.passed, out.status) == (False, "failed"), (code, out)
+    assert run_program("import os\nos.getcwd()", FAST, layers=[]).passed  # the control: it is the guard
+
+
+def test_printing_does_not_change_a_verdict_but_the_file_limit_holds():
+    """The reference swallows stdout: 40 MB of prints pass (beyond the 16 MiB file limit of the output file),
+    while writing past that limit through the file descriptor is still stopped."""
+    assert run_program(GOOD + "for _ in range(40_000):\n    print('x' * 1000)\n", Limits(timeout_s=3.0)).passed
+    assert not run_program("import os\nos.write(1, b'x' * (32 << 20))", FAST).passed
+
+
+def test_memory_a_program_can_use_within_its_budget_is_not_failed():
+    """A program that reserves 3 GiB and fills 1 GiB passes in the reference (no limit); the former 1 GiB limit
+    failed it, the default does not (what 3 s can fill: bench/sandbox_memory.py)."""
+    code = "reserved = bytes(3 << 30)\nfilled = [0] * (1 << 27)\nassert len(filled) == 1 << 27\n"
+    assert run_program(code, Limits(timeout_s=3.0)).passed
+    out = run_program(code, Limits(timeout_s=3.0, memory_bytes=1 << 30))
+    assert (out.passed, out.status) == (False, "memory"), out
 
 
 def test_the_run_goes_on_in_parallel_and_good_programs_still_pass(tmp_path):

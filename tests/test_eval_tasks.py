@@ -168,12 +168,12 @@ def test_humaneval_prompt_prefix_and_real_problems():
 def test_humaneval_completion_cuts():
     text = "\n\n   return x\n  y = 1\nprint(f(1))\n\ndef g():\n    pass"
     assert humaneval.fix_indents("   a\n  b\n c") == "    a\n  b\n  c"
-    assert humaneval.postprocess(text, top_level=False) == "    return x\n  y = 1\nprint(f(1))"
-    assert humaneval.postprocess(text) == "    return x\n  y = 1"
-    assert humaneval.postprocess("    return 1\ndef helper():\n    pass") == "    return 1"
+    assert humaneval.postprocess(text) == "    return x\n  y = 1\nprint(f(1))"  # the reference's cut
+    assert humaneval.postprocess(text, top_level=True) == "    return x\n  y = 1"
+    assert humaneval.postprocess("    return 1\ndef helper():\n    pass", top_level=True) == "    return 1"
     nested = "    if x:\n        return 1\n    return 2"
-    assert humaneval.postprocess(nested) == nested
-    assert humaneval.postprocess("    return 1\nifx = 2") == "    return 1\nifx = 2"  # only whole keywords
+    assert humaneval.postprocess(nested, top_level=True) == nested
+    assert humaneval.postprocess("    return 1\nifx = 2", top_level=True) == "    return 1\nifx = 2"  # whole words
     for cut in ("top-level", "blank-line"):
         task = get_tasks(["humaneval"], humaneval_cut=cut)[0]
         for i in range(len(text) + 1):  # the stop rule fires exactly when the cut is final

@@ -5,7 +5,8 @@ import statistics
 import pytest
 from mlflow.tracking import MlflowClient
 
-from evaluation.tracking import collect, log_poster, log_scores, markdown, poster_table
+from evaluation.spec import EvaluationSpec
+from evaluation.tracking import collect, log_poster, log_scores, markdown, poster_table, protocol_mismatch
 
 
 @pytest.fixture
@@ -108,3 +109,34 @@ def test_one_method_gives_unprefixed_parent_metrics(store):
     assert metrics["top2_mean_mmlu"] == pytest.approx(0.3) and metrics["default_mmlu"] == pytest.approx(0.4)
     with pytest.raises(ValueError, match="top=0"):
         poster_table([], top=0)
+
+
+def test_the_protocol_is_logged_with_the_scores_and_mixed_protocols_are_named(store):
+    client, exp, parent = store
+    reference = EvaluationSpec(base="tiny", tasks="mmlu,humaneval")
+    greedy_bf16 = reference.replace(decoding="greedy", dtype="bf16")
+    sampled = {"do_sample": True, "temperature": 0.1, "top_p": 0.9, "top_k": 50}
+    runs = {}
+    for trial, spec, decoding in ((0, reference, {"mmlu": {"do_sample": False}, "humaneval": sampled}),
+                                  (1, reference, {"mmlu": {"do_sample": False}, "humaneval": sampled}),
+                                  (2, greedy_bf16, {"mmlu": {"do_sample": False}, "humaneval": {"do_sample": False}})):
+        runs[trial] = child(client, exp, parent, trial, val_loss=1.0 + trial)
+        log_scores(client, runs[trial], {"scores": {"mmlu": 0.3}, "protocol": spec.protocol(), "decoding": decoding})
+    tags = client.get_run(runs[0]).data.tags
+    assert tags["eval.protocol.decoding"] == "reference" and tags["eval.protocol.humaneval_cut"] == "blank-line"
+    assert tags["eval.protocol.dtype"] == "fp32" and tags["eval.protocol.merge"] == "false"
+    assert tags["eval.decoding.humaneval.temperature"] == "0.1" and tags["eval.decoding.mmlu.top_p"] == "none"
+    rows = {r["trial"]: r for r in collect(client, [parent])}
+    assert protocol_mismatch([rows[0], rows[1]]) == []
+    assert protocol_mismatch(rows.values()) == [
+        "eval.decoding.humaneval.do_sample", "eval.decoding.humaneval.temperature", "eval.decoding.humaneval.top_k",
+        "eval.decoding.humaneval.top_p", "eval.protocol.decoding", "eval.protocol.dtype", "eval.protocol.seeds"]
+    assert protocol_mismatch([client.get_run(runs[0]), client.get_run(runs[2])]) == protocol_mismatch(
+        [rows[0], rows[2]])  # MLflow Runs or collect() rows
+    # a run scored before protocols were logged differs from one that has them; a task only one run scored
+    # does not make a mismatch by itself
+    old = child(client, exp, parent, 3, val_loss=0.5)
+    log_scores(client, old, {"scores": {"mmlu": 0.2}})
+    assert "eval.protocol.decoding" in protocol_mismatch([client.get_run(old), rows[0]])
+    only_mmlu = {k: v for k, v in rows[0]["protocol"].items() if not k.startswith("eval.decoding.humaneval")}
+    assert protocol_mismatch([only_mmlu, rows[1]]) == []

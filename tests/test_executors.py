@@ -6,6 +6,7 @@ SLURM commands are faked by small scripts put first on PATH (as submitit's own t
 """
 import os
 import stat
+import sys
 
 import pytest
 import submitit
@@ -142,3 +143,19 @@ def test_local_executor_reports_a_failing_function(tmp_path):
     job = make_executor("local", tmp_path, Resources(timeout_min=2)).submit(_double, None)
     with pytest.raises(submitit.core.utils.FailedJobError, match="TypeError"):
         job.result()
+
+
+@pytest.mark.parametrize("resources", [
+    Resources(partition="gpu", gpus_per_node=4, cpus_per_task=8, mem_gb=64, timeout_min=180, account="proj42",
+              qos="high", constraint="a100", additional_parameters={"mail-type": "FAIL"}, setup=["module load x"]),
+    Resources(timeout_min=2),
+    Resources(mem_gb=0.5, tasks_per_node=1, gpus_per_node=2),
+])
+def test_the_dry_run_preview_is_the_script_submitit_writes(tmp_path, monkeypatch, resources):
+    from slurm.executors import sbatch_preview
+    real = _sbatch_text(tmp_path, monkeypatch, resources, job_name="trial-0")
+    preview = sbatch_preview(resources, tmp_path / "jobs", "trial-0")
+    def lines(text):  # the command srun runs differs by design (the helper above renders a dummy one)
+        return [line.split(".err ")[0] if line.startswith("srun ") else line for line in text.splitlines()]
+    assert lines(preview) == lines(real)
+    assert f"{sys.executable} -u -m submitit.core._submit" in preview

@@ -230,3 +230,31 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert ddp["status"] == "ok" and ddp["world_size"] == 2
     assert ddp["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
     assert ddp["train_tokens"] == single["train_tokens"]
+
+
+def test_validation_loss_token_and_trainer_averages(tiny_model_dir, tiny_tokenizer):
+    """token: summed loss / response tokens of the split; batch: the HF Trainer's evaluate() - the transformers
+    model's own loss per batch of per_device_batch consecutive rows, averaged weighted by rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    rows = [{"instruction": f"Add {i} and {i}.", "context": "", "response": " ".join(["twice"] * (1 + 3 * (i % 4)))}
+            for i in range(10)]
+    examples, _ = D.tokenize(rows, tiny_tokenizer, 256)
+    spec = preset("tiny", per_device_batch=4)
+    args = (spec, torch.device("cpu"), 0, 1, F.nullcontext(), tiny_tokenizer.pad_token_id)
+    token = F.validation_loss(F.ResponseLoss(model), examples, *args)
+    batch = F.validation_loss(F.ResponseLoss(model), examples, spec.replace(val_loss_average="batch"), *args[1:])
+    with torch.no_grad():
+        per_row = [F.ResponseLoss(model)(**F.collate([e], tiny_tokenizer.pad_token_id)) for e in examples]
+        trainer = []
+        for i in range(0, len(examples), 4):
+            b = F.collate(examples[i:i + 4], tiny_tokenizer.pad_token_id)
+            loss = model(input_ids=b["input_ids"], attention_mask=b["input_ids"] != tiny_tokenizer.pad_token_id,
+                         labels=b["labels"]).loss
+            trainer.append((loss.item(), len(examples[i:i + 4])))
+    assert token == pytest.approx(sum(s.item() for s, _ in per_row) / sum(c.item() for _, c in per_row), rel=1e-5)
+    assert batch == pytest.approx(sum(v * n for v, n in trainer) / len(examples), rel=1e-5)
+    assert abs(token - batch) > 1e-4  # responses of different lengths: the two averages differ

@@ -7,7 +7,7 @@ from evaluation.tasks.common import EvalError, Example, Task
 NAMES = ("mmlu", "bbh", "drop", "humaneval")
 
 
-def get_tasks(names, humaneval_cut: str = "top-level") -> list[Task]:
+def get_tasks(names, humaneval_cut: str = "blank-line") -> list[Task]:
     """Tasks by name ("mmlu,bbh" or a list), in the order given; an unknown name lists the valid ones."""
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in NAMES]

@@ -1,8 +1,9 @@
 """BIG-Bench Hard, 3-shot, as InstructEval runs it (27 subsets).
 
 Per subset the first 3 rows are the demonstrations, each "{input}\\nAnswer: {target}\\n\\n", and every later
-row is a question ending in "\\nAnswer:" (shots dropped while the prompt exceeds 2048 tokens). Greedy, 32 new
-tokens; correct if the stripped output starts with the target; the score is the macro-average over subsets.
+row is a question ending in "\\nAnswer:" (shots dropped while the prompt exceeds 2048 tokens). No sampling
+arguments (the checkpoint's generation_config decides), 32 new tokens; correct if the stripped output starts
+with the target; the score is the macro-average over subsets.
 """
 from __future__ import annotations
 

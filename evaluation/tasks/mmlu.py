@@ -3,8 +3,8 @@
 Prompt per question: "The following are multiple choice questions (with answers) about {subject}.\\n\\n", then
 the subject's first five dev questions, each as question / "A. ..." .. "D. ..." lines / "Answer: X" and a
 blank line, then the test question ending in "Answer:". Shots are dropped from the end while the prompt
-exceeds 2048 tokens. Greedy, 2 new tokens; correct if the stripped output starts with the gold letter;
-micro-average over all questions, with a per-subject breakdown. `{subject}` is InstructEval's
+exceeds 2048 tokens. No sampling arguments, 2 new tokens; correct if the stripped output starts with the gold
+letter; micro-average over all questions, with a per-subject breakdown. `{subject}` is InstructEval's
 format_subject: each "_"-separated word preceded by a space, so the line reads "about  abstract algebra."
 (two spaces), exactly as in the reference.
 """
