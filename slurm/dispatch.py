@@ -82,6 +82,8 @@ class RetryPolicy:
     @classmethod
     def from_dict(cls, data: dict | None) -> "RetryPolicy":
         data = dict(data or {})
+        if True in data and "on" not in data:  # YAML 1.1 (PyYAML) reads an unquoted `on:` key as the boolean true
+            data["on"] = data.pop(True)
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(valid))
         if unknown:

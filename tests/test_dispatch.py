@@ -121,6 +121,8 @@ def test_retry_policy_bounds():
         RetryPolicy(on=("oom",))
     with pytest.raises(ValueError, match="unknown key 'max_retry'"):
         RetryPolicy.from_dict({"max_retry": 2})
+    import yaml
+    assert RetryPolicy.from_dict(yaml.safe_load("{on: [timeout], max_retries: 1}")).on == ("timeout",)
 
 
 # ------------------------------------------------------------------------------------------- SLURM states
