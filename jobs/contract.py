@@ -35,7 +35,7 @@ CHECKPOINT_DIR = "checkpoints"
 ATTEMPTS_FILE = "attempts.jsonl"
 LOCK_FILE = ".lock"
 
-STATUSES = ("ok", "failed")
+STATUSES = ("ok", "failed", "pruned")  # a job reports ok or failed; the orchestrator records pruned trials
 SUMMARY_MAX_CHARS = 2000   # a text value kept in the journal's summary (the full result stays in the folder)
 SUMMARY_MAX_KEYS = 200
 
@@ -57,7 +57,7 @@ class TrialResult:
         if self.status == "ok" and not _finite(self.value):
             self.status, self.reason = "failed", f"objective is {self.value!r}: expected a finite number"
             self.value = None
-        if self.status == "failed":
+        if self.status != "ok":
             self.value = None
             self.reason = self.reason or "the job reported a failure without a reason"
 

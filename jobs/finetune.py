@@ -38,101 +38,13 @@ import torch
 from jobs import checkpoint
 from jobs import contract as C
 from jobs import data as D
+from jobs.batches import (ResponseLoss, collate, epoch_plan, loss_tokens, on_device, partial_steps,  # noqa: F401
+                          validation_loss, validation_subset)
 from jobs.model import TrainingFailure, add_lora, distributed_env, load_base, pick_precision  # noqa: F401
 from jobs.spec import FinetuneSpec, SpecError, preset
 
 METRICS, ADAPTER = C.METRICS_FILE, C.ADAPTER_DIR
 checkpoint_now = checkpoint.now  # for jobs/entry.py's signal handler: the step saved, or None
-
-
-# ----------------------------------------------------------------------------------------------- batching
-def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded [batch, longest] ids and labels (padding labelled IGNORE)."""
-    width = max(len(ids) for ids, _ in examples)
-    ids = [e + [pad_id] * (width - len(e)) for e, _ in examples]
-    labels = [lab + [D.IGNORE] * (width - len(lab)) for _, lab in examples]
-    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
-
-
-def loss_tokens(example) -> int:
-    return sum(1 for t in example[1][1:] if t != D.IGNORE)  # labels are shifted by one against the logits
-
-
-def epoch_plan(lengths: list[int], spec: FinetuneSpec, world: int, epoch: int) -> list[list[list[int]]]:
-    """Optimizer steps of one epoch; each is a list of micro-batches (example indices), rank r taking every
-    world-th. Length grouping as HF's group_by_length: shuffle, sort by length within windows of
-    `group_window` micro-batches, cut, shuffle the micro-batches (0: sort only within each step, whose
-    sample then stays uniformly random). Seeded by (seed, epoch): the data order is a pure function of
-    them, which is what lets a resumed job continue exactly where its checkpoint left off."""
-    rng = np.random.default_rng([spec.seed, epoch])
-    order = rng.permutation(len(lengths)).tolist()
-    per_step = spec.per_device_batch * spec.grad_accum * world
-    window = spec.per_device_batch * spec.group_window if spec.group_window else per_step
-    micro = []
-    for w in range(0, len(order) // per_step * per_step, window):
-        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
-        micro += [chunk[i:i + spec.per_device_batch] for i in range(0, len(chunk), spec.per_device_batch)]
-    if spec.group_window:
-        micro = [micro[i] for i in rng.permutation(len(micro))]
-    return [micro[s * per_step // spec.per_device_batch:(s + 1) * per_step // spec.per_device_batch]
-            for s in range(len(order) // per_step)]
-
-
-# ----------------------------------------------------------------------------------------------- compute
-class ResponseLoss(torch.nn.Module):
-    """Sum of response-token cross-entropies and their count; the LM head sees response positions only.
-
-    A module (not a function) so that DistributedDataParallel can wrap it: DDP syncs gradients only for
-    forward passes that go through the wrapper."""
-
-    def __init__(self, peft_model):
-        super().__init__()
-        self.peft_model = peft_model
-
-    def forward(self, input_ids, labels):
-        inner = self.peft_model.get_base_model()
-        # No attention mask (right padding is invisible under causal attention) and no KV cache.
-        hidden = inner.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != D.IGNORE
-        logits = inner.lm_head(hidden[:, :-1][keep]).float()
-        return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
-
-
-def on_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def validation_loss(model: ResponseLoss, examples, spec: FinetuneSpec, device, rank: int, world: int, autocast,
-                    pad_id: int = 0) -> float:
-    """The validation loss, averaged as spec.val_loss_average says.
-
-    "token" (default): the mean cross-entropy over every response token of the split, whatever the batching.
-    "batch": the HF Trainer's evaluate() that the paper reports - batches of per_device_batch consecutive
-    examples in the split's order, each batch's token mean weighted by its number of examples. It moves with
-    the batch size and the order (a batch of short answers weighs as much as one of long answers), which is
-    why "token" is the default; "batch" is there to compare with the paper's figures."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    if spec.val_loss_average == "batch":
-        size = spec.per_device_batch
-        chunks = [list(range(i, min(i + size, len(examples)))) for i in range(0, len(examples), size)]
-    else:
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # similar lengths together
-        size = 2 * spec.per_device_batch  # no gradients to keep: twice the training micro-batch fits
-        chunks = [order[i:i + size] for i in range(0, len(order), size)]
-    for chunk in chunks[rank::world]:
-        with autocast:
-            loss, count = model(**on_device(collate([examples[i] for i in chunk], pad_id), device))
-        if spec.val_loss_average == "batch":  # (batch mean x examples, examples)
-            total += torch.stack([loss.double() / count.double() * len(chunk), total.new_tensor(len(chunk))])
-        else:  # (summed loss, tokens)
-            total += torch.stack([loss.double(), count.double()])
-    if world > 1:
-        torch.distributed.all_reduce(total)
-    model.train()
-    return (total[0] / total[1]).item()
 
 
 # ----------------------------------------------------------------------------------------------- the recipe
@@ -213,6 +125,8 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
         return validation_loss(s.loss_fn, s.val_set, spec, s.device, rank, world, s.autocast, s.pad_id)
 
     val_before = val_loss() if spec.eval_before and start == 0 else None
+    partial_at = partial_steps(spec, s.total_steps)  # {step: fraction} of the intermediate validation passes
+    subset = validation_subset(s.val_set, spec) if partial_at else None
     log = open(out / METRICS, "a") if rank == 0 else None
     pending, train_losses, t_train, tokens_seen = [], [], time.time(), 0
     t_window, tokens_window, plan, plan_epoch, saved_at = time.time(), 0, [], -1, time.time()
@@ -265,6 +179,10 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
                 pending, t_window, tokens_window = [], time.time(), 0
             if spec.eval_every and (step + 1) % spec.eval_every == 0 and not last:
                 _append(log, {"step": step + 1, "val_loss": val_loss()})
+            if step + 1 in partial_at:  # at most one attempt writes it: a resumed one starts past its step
+                v = validation_loss(s.loss_fn, subset, spec, s.device, rank, world, s.autocast, s.pad_id)
+                _append(log, {"step": step + 1, "fraction": partial_at[step + 1], "val_loss": v,
+                              "subset": len(subset), "time": time.time()})
             if due:
                 if rank == 0:
                     checkpoint.save(out, step + 1, model, optimizer, scheduler, spec.keep_checkpoints)

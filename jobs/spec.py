@@ -106,6 +106,11 @@ class FinetuneSpec:
     # validation loss at the end, and every eval_every optimizer steps if > 0 (logged to metrics.jsonl)
     eval_every: int = 0
     eval_before: bool = False  # also measure the untrained (base model) validation loss, as val_loss_before
+    # Intermediate validation at these fractions of training (for pruning): at the first step past each, an
+    # exact token-weighted pass over `eval_subset` examples of the validation split (the same ones for every
+    # trial of a study: the first N of a seeded shuffle), logged as {"step", "fraction", "val_loss", "subset"}.
+    eval_fractions: list[float] = field(default_factory=list)
+    eval_subset: int | None = None  # None: the whole validation split
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = none
     # Seconds between checkpoints (0 = none): bounds the work a hard kill (node failure, SIGKILL) loses. A job
     # told to stop (SIGTERM, or USR2 before its time limit) always saves its last finished step first.
@@ -140,6 +145,13 @@ class FinetuneSpec:
         for name, ok, fix in checks:
             if not ok:
                 raise SpecError(f"{name}={getattr(self, name)!r} is invalid: must be {fix}")
+        if not isinstance(self.eval_fractions, (list, tuple)) or not all(
+                _num(f) and 0 < f < 1 for f in self.eval_fractions):
+            raise SpecError(f"eval_fractions={self.eval_fractions!r} is invalid: must be a list of fractions in (0, 1)")
+        self.eval_fractions = sorted(float(f) for f in self.eval_fractions)
+        if self.eval_subset is not None and (isinstance(self.eval_subset, bool) or not isinstance(
+                self.eval_subset, int) or self.eval_subset < 1):
+            raise SpecError(f"eval_subset={self.eval_subset!r} is invalid: must be a number of examples >= 1, or null")
         if not (_num(self.checkpoint_every_s) and self.checkpoint_every_s >= 0):
             raise SpecError(f"checkpoint_every_s={self.checkpoint_every_s!r} is invalid: must be seconds >= 0")
         for name in ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "group_window"):

@@ -21,6 +21,8 @@ A study YAML (every key optional; `preset` picks the base, `tiny` by default):
     trial: {...}              # fine-tune settings (jobs/spec.py FinetuneSpec fields) for every evaluation
     resources: {...}          # SLURM resources per evaluation (slurm/executors.py Resources fields)
     retries: {max_retries: 2, on: [submission, node_fail, preempted], max_attempts: 10, max_hours: null}
+    pruner: null              # stop hopeless trials early: {kind: asha, min_fraction: 0.125} or {kind: median, ...}
+                              # (orchestrator/pruners.py); trials then report validation at fractions of training
     evaluation: {...}         # the downstream protocol of `orchestrator evaluate` (evaluation/spec.py fields:
                               # tasks, limit, humaneval_cut, decoding, dtype, merge, seed...); InstructEval's by default
 
@@ -87,6 +89,7 @@ class StudyConfig:
     resources: Resources = field(default_factory=Resources)
     retries: RetryPolicy = field(default_factory=RetryPolicy)
     evaluation: dict = field(default_factory=dict)
+    pruner: dict | None = None
 
     def __post_init__(self):
         self.space = _typed("space", self.space, SearchSpace, lambda d: SearchSpace.from_dict(d) if d else paper_space(),
@@ -218,6 +221,7 @@ def validate(c: StudyConfig) -> None:
     for key in ("searcher_options", "trial", "evaluation"):
         _check(isinstance(getattr(c, key), dict), key, getattr(c, key), "must be a mapping")
     _validate_evaluation(c)
+    _validate_pruner(c)
     if c.objective is None:
         _validate_trial(c)
     _validate_searcher(c)
@@ -239,6 +243,32 @@ def _validate_trial(c: StudyConfig) -> None:
             except SpecError as e:
                 raise ConfigError(f"config key 'space.{dim.name}': value {value!r} is not accepted by the fine-tune "
                                   f"({e}); narrow the range") from None
+
+
+DEFAULT_REPORTS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # median stopping's default report points
+
+
+def _validate_pruner(c: StudyConfig) -> None:
+    """A pruner needs trials that report intermediate validation: its rungs become the trials' report points
+    (trial.eval_fractions) unless the trial settings name them."""
+    from orchestrator.pruners import PrunerError, make_pruner
+
+    try:
+        pruner = make_pruner(c.pruner)
+    except PrunerError as e:
+        raise ConfigError(f"config key 'pruner': {str(e).removeprefix('pruner: ')}") from None
+    if pruner is None:
+        return
+    if c.objective is not None:
+        raise ConfigError("config key 'pruner': an --objective study cannot be pruned (only fine-tunes report "
+                          "intermediate validation losses): drop pruner or the objective")
+    reports = c.trial.get("eval_fractions") or list(getattr(pruner, "rungs", None) or
+                                                    [f for f in DEFAULT_REPORTS if f >= pruner.warmup - 1e-9])
+    try:
+        pruner.check_reports(reports)
+    except PrunerError as e:
+        raise ConfigError(f"config key 'pruner': {str(e).removeprefix('pruner: ')}") from None
+    c.trial = {**c.trial, "eval_fractions": sorted(reports)}
 
 
 def _validate_evaluation(c: StudyConfig) -> None:

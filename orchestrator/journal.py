@@ -8,6 +8,7 @@ restart (`--resume`) folds the file back into the study's state:
     {"event": "dispatch", "batch": "b1", "keys": ["3", "4"], "attempts": {"3": 0, "4": 0}}   # about to submit
     {"event": "submitted", "batch": "b1", "jobs": {"3": "12345_0", "4": "12345_1"}}          # submitted
     {"event": "retry", "trial": 3, "attempt": 0, "kind": "node_fail", "follow": false, "reason": "..."}
+    {"event": "prune", "trial": 3, "decision": {"pruner": "asha", "fraction": 0.125, "value": 3.1, ...}}
     {"event": "result", "trial": 3, "status": "ok", "value": 2.41, "reason": null, "summary": {...}}
     {"event": "registered", "name": "...", "version": "1", "trial": 3, "run_id": "..."}
     {"event": "end"}
@@ -42,7 +43,8 @@ class TrialState:
     batch: str | None = None      # dispatched in this batch but no job id recorded yet (a crash in between)
     retries: int = 0              # retries that count against the policy's max_retries
     history: list = field(default_factory=list)  # ended attempts: {"attempt", "job_id", "kind", "reason"}
-    status: str | None = None     # None while running; "ok" | "failed" when done
+    pruned: dict | None = None    # the pruner's decision (orchestrator/pruners.py Decision), once taken
+    status: str | None = None     # None while running; "ok" | "failed" | "pruned" when done
     value: float | None = None
     reason: str | None = None
     summary: dict = field(default_factory=dict)
@@ -166,6 +168,8 @@ def _fold(state: StudyState, r: dict) -> None:
         t = state.trials[r["trial"]]
         t.retries += 0 if r.get("follow") else 1
         t.history.append({k: r.get(k) for k in ("attempt", "job_id", "kind", "reason", "time", "follow")})
+    elif event == "prune":
+        state.trials[r["trial"]].pruned = r["decision"]
     elif event == "result":
         t = state.trials[r["trial"]]
         t.status, t.value, t.reason, t.summary = r["status"], r.get("value"), r.get("reason"), r.get("summary", {})

@@ -6,7 +6,8 @@
 Four figures, each as NAME.png and NAME.html (drawn by plots_png.py and plots_html.py):
 
 - ``history``: the best-so-far validation loss against the trial number, every evaluation as a point,
-  failed evaluations as red crosses along the top, the default point's loss as a dashed line.
+  failed evaluations as red crosses along the top, pruned ones as grey triangles at the intermediate loss they
+  were stopped at, the default point's loss as a dashed line.
 - ``history_time``: the same against the wall time since the study started (when each result came): what a
   parallel study buys is seen here.
 - ``parallel``: parallel coordinates of every trial, one axis per searched hyperparameter (a choice of
@@ -25,7 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -63,11 +64,12 @@ class View:
     title: str
     axes: list[Axis]
     ok: list[TrialState]  # finished with a finite value, in trial order
-    failed: list[TrialState]
+    failed: list[TrialState]     # not finished with a value: failures, and pruned trials (also in `pruned`)
     running: int
     default: TrialState | None
 
     started: float | None = None  # the study's start (journal), for the wall-time history
+    pruned: list = field(default_factory=list)  # stopped by the pruner: drawn at their last intermediate loss
     by: str = "trial"             # what the history's x axis is: "trial" or "hours" (since the start)
 
     @property
@@ -90,7 +92,8 @@ class View:
 
     def hover(self, t: TrialState) -> str:
         usable = t.status == "ok" and _is_number(t.value)  # an "ok" without a finite value counts as failed
-        what = f"val_loss {t.value:.4f}" if usable else f"FAILED: {(t.reason or t.status or '')[:120]}"
+        what = f"val_loss {t.value:.4f}" if usable else \
+            f"{(t.status or 'failed').upper()}: {(t.reason or t.status or '')[:120]}"
         return f"trial {t.trial}<br>{point_text(t.point, self.names)}<br>{what}"
 
 
@@ -167,11 +170,13 @@ def view_of(state: StudyState) -> View:
     config = state.config or {}
     done = len(ok) + len(failed)
     title = f"{config.get('study', 'study')} ({config.get('algo', '?')}): {done} evaluation{'s' * (done != 1)}"
-    title += f", {len(failed)} failed" + (f", {len(state.running)} running" if state.running else "")
+    pruned = [t for t in failed if t.status == "pruned"]
+    title += f", {len(failed) - len(pruned)} failed" + (f", {len(pruned)} pruned" if pruned else "") + \
+        (f", {len(state.running)} running" if state.running else "")
     if ok:
         best = min(ok, key=lambda t: t.value)
         title += f"; best {best.value:.4f} (trial {best.trial})"
-    return View(title, axes_of(state), ok, failed, len(state.running), default, state.started_at)
+    return View(title, axes_of(state), ok, failed, len(state.running), default, state.started_at, pruned=pruned)
 
 
 def _safe_key(space: SearchSpace, point: dict) -> str | None:
@@ -191,6 +196,12 @@ def _loss_range(v: View) -> tuple[float, float, float]:
         pad = max(abs(hi) * 0.05, 0.05)
         lo, hi = lo - pad, hi + pad
     return lo, hi, hi + 0.1 * (hi - lo)
+
+
+def pruned_value(t: TrialState) -> float:
+    """The intermediate validation loss a pruned trial was stopped at (nan if unknown)."""
+    v = (t.pruned or {}).get("value", t.summary.get("pruned_val_loss"))
+    return float(v) if _is_number(v) else math.nan
 
 
 def _normalized(a: Axis, value: float) -> float:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.plots import BEST, FAILED, View, _best_so_far, _grid, _loss_range
+from orchestrator.plots import BEST, FAILED, View, _best_so_far, _grid, _loss_range, pruned_value
 
 def _write_html(fig, path: Path) -> None:
     fig.update_layout(template="plotly_white", title=dict(font=dict(size=14)))
@@ -19,10 +19,15 @@ def history_html(v: View, path: Path) -> None:
                         hovertext=[v.hover(t) for t in v.ok], hoverinfo="text", marker=dict(opacity=0.7))
         xs, ys = _best_so_far(v)
         fig.add_scatter(x=xs, y=ys, mode="lines", line=dict(shape="hv", color=BEST, width=3), name="best so far")
-    if v.failed:
-        fig.add_scatter(x=[v.x(t) for t in v.failed], y=[top] * len(v.failed), mode="markers",
-                        name=f"failed ({len(v.failed)})", hovertext=[v.hover(t) for t in v.failed],
+    failed = [t for t in v.failed if t not in v.pruned]
+    if failed:
+        fig.add_scatter(x=[v.x(t) for t in failed], y=[top] * len(failed), mode="markers",
+                        name=f"failed ({len(failed)})", hovertext=[v.hover(t) for t in failed],
                         hoverinfo="text", marker=dict(symbol="x", color=FAILED, size=9))
+    if v.pruned:
+        fig.add_scatter(x=[v.x(t) for t in v.pruned], y=[min(pruned_value(t), top) for t in v.pruned],
+                        mode="markers", name=f"pruned ({len(v.pruned)})", hovertext=[v.hover(t) for t in v.pruned],
+                        hoverinfo="text", marker=dict(symbol="triangle-down", color="gray", size=9))
     if v.default is not None:
         fig.add_hline(y=v.default.value, line=dict(dash="dash", color="gray"),
                       annotation_text=f"default (trial {v.default.trial})")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.plots import BEST, FAILED, View, _best_so_far, _grid, _loss_range, _normalized
+from orchestrator.plots import BEST, FAILED, View, _best_so_far, _grid, _loss_range, _normalized, pruned_value
 
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
@@ -40,9 +40,13 @@ def history_png(v: View, path: Path) -> None:
         best = min(v.ok, key=lambda t: t.value)
         ax.scatter([v.x(best)], [best.value], marker="*", s=160, color=BEST, edgecolor="black", zorder=3,
                    label=f"best (trial {best.trial})")
-    if v.failed:
-        ax.scatter([v.x(t) for t in v.failed], [top] * len(v.failed), marker="x", s=40, color=FAILED,
-                   label=f"failed ({len(v.failed)})")
+    failed = [t for t in v.failed if t not in v.pruned]
+    if failed:
+        ax.scatter([v.x(t) for t in failed], [top] * len(failed), marker="x", s=40, color=FAILED,
+                   label=f"failed ({len(failed)})")
+    if v.pruned:
+        ax.scatter([v.x(t) for t in v.pruned], [min(pruned_value(t), top) for t in v.pruned], marker="v", s=34,
+                   color="gray", label=f"pruned ({len(v.pruned)})")
     if v.default is not None:
         ax.axhline(v.default.value, ls="--", color="gray", lw=1, label=f"default (trial {v.default.trial})")
     _empty_note(ax, v)

@@ -50,6 +50,7 @@ class Progress:
     def status_line(self, state, live, best, mlflow: str | None = None) -> tuple[str, tuple]:
         done = state.finished
         failed = sum(1 for t in done if t.status == "failed")
+        pruned = sum(1 for t in done if t.status == "pruned")
         pending = [lv for lv in live.values() if lv.attempt.pending]
         reasons = sorted({lv.attempt.reason for lv in pending if lv.attempt.reason})
         slots = f"slots {len(live) - len(pending)}/{self.config.parallel} busy"
@@ -59,7 +60,8 @@ class Progress:
         best_text = f"best {best.value:.4f} ({point_text(best.point, self.names)})" if best else "best -"
         key = (len(done), failed, len(live), len(pending), tuple(reasons), best.trial if best else None, mlflow)
         line = (f"[{_hms(time.time() - self.t0)}] {self.config.study}: done {len(done)}/{self.config.budget} "
-                f"({failed} failed) | {slots} | {best_text} | ETA {_hms(eta) if eta is not None else '?'}")
+                f"({failed} failed{f', {pruned} pruned' if pruned else ''}) | {slots} | {best_text} | "
+                f"ETA {_hms(eta) if eta is not None else '?'}")
         if mlflow:
             line += f" | {mlflow}"
         return line, key
@@ -80,7 +82,7 @@ class Progress:
         self.last_line = ""
 
     def event(self, t) -> None:
-        result = f"val_loss {t.value:.4f}" if t.status == "ok" else f"FAILED: {t.reason}"
+        result = f"val_loss {t.value:.4f}" if t.status == "ok" else f"{t.status.upper()}: {t.reason}"
         self._line(f"  trial {t.trial:3d} {point_text(t.point, self.names)}: {result}")
 
     def note(self, text: str) -> None:

@@ -33,6 +33,7 @@ from orchestrator.curves import Follower
 from orchestrator.journal import Journal, StudyState, TrialState
 from orchestrator.lock import StudyLock
 from orchestrator.progress import Progress
+from orchestrator.pruning import Pruning
 from orchestrator.searchers import Observation, Pending, make_searcher
 from orchestrator.tracking import PARENT, Tracker, trial_key
 from slurm.dispatch import Attempt, Dispatcher, Outcome, Task
@@ -76,6 +77,7 @@ class Study:
         self.tracker = Tracker(config.tracking(), config.study, self.folder, self.uid, log=self._warn)
         self.searcher = make_searcher(config.algo, self.space, budget=config.budget, parallel=config.parallel,
                                       seed=config.seed, options=config.searcher_options)
+        self.pruning = Pruning(config, self.state)
         self.live: dict[int, Live] = {}
         self.progress = Progress(config, self.out)
         self.best: TrialState | None = None
@@ -141,7 +143,7 @@ class Study:
         """After a restart: replay finished trials into the searcher, re-attach (or find) the running ones."""
         finished = sorted(self.state.finished, key=lambda t: t.trial)
         running = sorted(self.state.running, key=lambda t: t.trial)
-        history = [Observation(t.point, t.value if t.status == "ok" else None, t.trial) for t in finished]
+        history = [Observation(t.point, self._told(t), t.trial) for t in finished]
         self.searcher.replay(history, [Pending(t.point, t.trial) for t in running])
         for t in sorted(self.state.trials.values(), key=lambda t: t.trial):
             self.tracker.start_child(t.trial, t.point, t.encoded, self.config.algo)  # queued once, ever
@@ -155,6 +157,8 @@ class Study:
             if job_id:
                 attempt = self.dispatcher.reattach(self._task(t), job_id)
                 self.live[t.trial] = Live(t, attempt)
+                if t.pruned:  # pruned before the crash: make sure its job stops
+                    self.dispatcher.cancel(attempt)
             else:
                 fresh.append(t)
         self._dispatch(fresh)
@@ -234,6 +238,13 @@ class Study:
         fresh = lv.follow.poll()
         if fresh:
             self.tracker.log_curve(lv.trial.trial, fresh)
+        decision = self.pruning.observe(lv.trial, lv.follow.partial) if fresh else None
+        if decision is not None:  # journaled before the job is stopped: a restart keeps the decision
+            self.journal.append("prune", trial=lv.trial.trial, decision=decision.to_dict())
+            lv.trial.pruned = decision.to_dict()
+            self.dispatcher.cancel(lv.attempt)
+            self.progress.note(f"trial {lv.trial.trial}: pruned at {decision.fraction:.0%} of training "
+                               f"({decision.reason})")
 
     def _settle(self, lv: Live, outcome: Outcome) -> None:
         t, a = lv.trial, lv.attempt
@@ -241,8 +252,10 @@ class Study:
         result = TrialResult.from_dict(outcome.result) if outcome.status == "done" else \
             TrialResult.failed(outcome.reason or "the job failed")
         hours = (time.time() - (t.started_at or a.submitted)) / 3600
-        if not result.ok and self.config.retries.allows(outcome.retry, t.retries, t.attempt + 1, hours,
-                                                         follow=outcome.follow):
+        if t.pruned and not result.ok:  # stopped by the pruner (a job that finished first keeps its result)
+            result = pruned_result(t, hours)
+        elif not result.ok and self.config.retries.allows(outcome.retry, t.retries, t.attempt + 1, hours,
+                                                           follow=outcome.follow):
             self._retry(lv, outcome, result.reason)
             return
         self._follow_curve(lv)
@@ -256,7 +269,9 @@ class Study:
         t.status, t.value, t.reason, t.summary = result.status, result.value, result.reason, result.summary()
         t.finished_at = time.time()
         del self.live[t.trial]
-        self.searcher.tell(t.trial, result.value if result.ok else None)
+        if t.status == "ok":
+            self.pruning.completed(t.trial, t.value)
+        self.searcher.tell(t.trial, self._told(t))
         self._update_best(t)
         self.untracked.append((t, len(self.state.finished), self.best))  # MLflow after the slot is refilled
         self.progress.event(t)
@@ -305,6 +320,13 @@ class Study:
         busy = self.busy_s + sum(now - max(lv.attempt.submitted, lv.started) for lv in self.live.values()
                                  if not lv.attempt.pending)
         return busy / max(1e-9, self.config.parallel * (now - self.t0))
+
+    def _told(self, t: TrialState) -> float | None:
+        """What the searcher hears of a finished trial: its loss, a failure (None), or for a pruned one what
+        orchestrator/pruning.py says."""
+        if t.status == "pruned":
+            return self.pruning.told(t)
+        return t.value if t.status == "ok" else None
 
     def _update_best(self, t: TrialState) -> None:
         if t.status == "ok" and (self.best is None or t.value < self.best.value):
@@ -375,6 +397,13 @@ def where(study: Study) -> dict:
           else uri)
     return {"folder": str(study.folder), "tracking_uri": uri, "ui": ui,
             "plots": str(study.folder / "plots"), "journal": str(study.journal.path)}
+
+
+def pruned_result(t: TrialState, hours: float) -> TrialResult:
+    """A pruned trial's record: no objective (it did not finish), the decision and the time it cost."""
+    d = t.pruned
+    return TrialResult("pruned", None, f"pruned at {d['fraction']:.0%} of training: {d['reason']}",
+                       {"pruned_fraction": d["fraction"], "pruned_val_loss": d["value"], "total_s": hours * 3600})
 
 
 def registry_tags(config: StudyConfig, best: TrialState) -> dict:

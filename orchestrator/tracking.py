@@ -26,7 +26,8 @@ CURVE_KEYS = {"loss": "train_loss", "lr": "lr", "grad_norm": "grad_norm", "token
 FINAL_KEYS = {"val_loss": "val_loss", "val_loss_before": "val_loss_before", "train_loss": "train_loss_last_epoch",
               "tokens_per_s": "train_tokens_per_s", "train_s": "train_s", "eval_s": "eval_s", "setup_s": "setup_s",
               "total_s": "total_s", "trainable_params": "trainable_params", "steps": "steps", "n_train": "n_train",
-              "n_val": "n_val"}
+              "n_val": "n_val", "pruned_fraction": "pruned_at_fraction", "pruned_val_loss": "val_loss_when_pruned"}
+RUN_STATUS = {"ok": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}
 PARENT = "parent"
 
 
@@ -173,8 +174,7 @@ class Tracker:
                     self.outbox.put("log_artifact", key=key, path=str(folder / name))
             if status == "ok" and (folder / ADAPTER_DIR).is_dir():
                 self.outbox.put("log_artifacts", key=key, path=str(folder / ADAPTER_DIR), artifact_path=ADAPTER_DIR)
-        self.outbox.put("set_status", mark=f"finish:{key}", key=key,
-                        status="FINISHED" if status == "ok" else "FAILED", end_time=now)
+        self.outbox.put("set_status", mark=f"finish:{key}", key=key, status=RUN_STATUS[status], end_time=now)
 
 
 def load_study(folder: str | Path):

@@ -258,3 +258,19 @@ def test_validation_loss_token_and_trainer_averages(tiny_model_dir, tiny_tokeniz
     assert token == pytest.approx(sum(s.item() for s, _ in per_row) / sum(c.item() for _, c in per_row), rel=1e-5)
     assert batch == pytest.approx(sum(v * n for v, n in trainer) / len(examples), rel=1e-5)
     assert abs(token - batch) > 1e-4  # responses of different lengths: the two averages differ
+
+
+def test_intermediate_validation_at_fractions_on_a_fixed_subset(tmp_path):
+    result = F.run(small(tmp_path, eval_fractions=[0.25, 0.5], eval_subset=20))
+    assert result["status"] == "ok", result.get("reason")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    partial = [r for r in records if "fraction" in r]
+    assert [(r["step"], r["fraction"], r["subset"]) for r in partial] == [(6, 0.25, 20), (12, 0.5, 20)]
+    assert all(math.isfinite(r["val_loss"]) for r in partial)
+    assert partial[0]["val_loss"] > partial[1]["val_loss"] > 0  # learning shows on the subset too
+    final = [r for r in records if "val_loss" in r and "fraction" not in r]
+    assert final[-1]["step"] == 24 and final[-1]["val_loss"] == pytest.approx(result["val_loss"])
+    with pytest.raises(SpecError, match="eval_fractions"):
+        small(tmp_path, eval_fractions=[1.5])
+    with pytest.raises(SpecError, match="eval_subset"):
+        small(tmp_path, eval_subset=0)
