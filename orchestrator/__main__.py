@@ -7,6 +7,7 @@
     python -m orchestrator register --study tiny-nomad --register-as my-adapter
     python -m orchestrator compare tiny-nomad tiny-tpe        # studies side by side
     python -m orchestrator evaluate --study tiny-nomad --top 10 --include-default   # downstream scores
+    python -m orchestrator confirm --study tiny-nomad --top 3 --seeds 3     # retrain the best with new seeds
     python -m orchestrator server start --auth                # the lab's MLflow server (orchestrator/server.py)
 
 Exit codes: 0 done; 1 the study ran but every evaluation failed; 2 bad input or a study that cannot run
@@ -24,7 +25,7 @@ from orchestrator.config import RESUMABLE, STUDY_PRESETS, ConfigError, StudyConf
 from orchestrator.searchers import ALGOS
 from slurm.executors import KINDS
 
-SUBCOMMANDS = ("run", "status", "register", "compare", "evaluate", "server")
+SUBCOMMANDS = ("run", "status", "register", "compare", "evaluate", "confirm", "server")
 RUN_FIELDS = ("algo", "preset", "budget", "parallel", "executor", "study", "workdir", "tracking_uri", "seed",
               "register_as", "objective", "poll_s")
 
@@ -65,8 +66,15 @@ def study_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--study", required=True, help="study name")
     p.add_argument("--workdir", default="runs", help="where study folders are (default: runs)")
     p.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")
-    if command == "register":
-        p.add_argument("--register-as", dest="register_as", help="registered model name")
+    if command in ("register", "confirm"):
+        p.add_argument("--register-as", dest="register_as", help="registered model name ('' : do not register)")
+    if command == "confirm":
+        p.add_argument("--top", type=int, default=3, help="the K successful trials of lowest loss (3)")
+        p.add_argument("--seeds", type=int, default=3, help="new seeds per point (3)")
+        p.add_argument("--rule", choices=("mean", "upper"), default="mean",
+                       help="mean: the lowest mean loss; upper: the lowest upper 95%% bound of the mean")
+        p.add_argument("--executor", choices=KINDS, help="default: the study's")
+        p.add_argument("--poll", dest="poll_s", type=float, default=5.0, help="seconds between job polls (5)")
     if command == "evaluate":
         p.add_argument("--top", type=int, default=10, help="evaluate the K successful trials of lowest loss (10)")
         p.add_argument("--include-default", action="store_true", help="also the trial at the default point")

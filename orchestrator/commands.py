@@ -261,6 +261,9 @@ def main(command: str, args) -> int:
         if command == "evaluate":
             from orchestrator.evaluate import main as evaluate  # imports submitit: only when asked
             return evaluate(args)
+        if command == "confirm":
+            from orchestrator.confirm import main as confirm
+            return confirm(args)
         return {"status": status, "register": register, "compare": compare}[command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

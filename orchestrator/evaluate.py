@@ -21,34 +21,16 @@ import hashlib
 import json
 import os
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluation.job import EvaluationJob
 from evaluation.tracking import INSTRUCTEVAL
 from jobs import tracking_store
 from orchestrator.config import ConfigError, load_config
+from orchestrator.jobset import Item, JobSet, fold
 from orchestrator.journal import Journal, StudyState
 from slurm.dispatch import Dispatcher, Outcome, RetryPolicy, Task
 from slurm.executors import Resources, snapshot_code
-
-
-@dataclass
-class Evaluation:
-    key: str  # trial-NNNN-<settings hash>: one evaluation of one adapter under one set of settings
-    trial: int
-    run_id: str | None
-    roles: list[str]
-    spec: dict
-    job_id: str | None = None
-    status: str | None = None  # None while pending or running; "ok" | "failed" when done
-    reason: str | None = None
-    scores: dict = field(default_factory=dict)
-    logged: bool = False
-    attempt: int = 0
-    retries: int = 0
-    batch: str | None = None
 
 
 CLI_SETTINGS = ("harness", "tasks", "limit", "data_dir", "include_path", "seed", "humaneval_cut", "decoding",
@@ -107,14 +89,11 @@ class Evaluator:
 
         self.args, self.log = args, log
         self.folder = Path(args.workdir) / args.study
-        if not (self.folder / "journal.jsonl").exists():
-            raise ConfigError(f"no study {args.study!r} under {args.workdir}: check the name and --workdir")
         self.study = load_study(self.folder)
         self.journal = Journal(self.folder / "evaluate.jsonl")
         recorded, self.evals, self.batches = load_evaluations(self.journal)
         cfg = self.study.config
         kind = recorded or args.executor or cfg.get("executor_resolved") or "auto"  # re-attach needs the same
-        self.policy = RetryPolicy.from_dict(cfg.get("retries"))
         self.dispatcher = Dispatcher(kind, self.folder / "evaluate-submitit", eval_resources(cfg["resources"]),
                                      job_name=f"{args.study}-eval", code_dir=self.folder / "evaluate-code",
                                      record=self.journal.append)
@@ -123,6 +102,8 @@ class Evaluator:
             os.environ.setdefault("LORA_HPO_THREADS", str(eval_resources(cfg["resources"]).cpus_per_task))
         if recorded is None:
             self.journal.append("start", executor=self.kind)
+        self.jobs = JobSet(self.dispatcher, self.journal, RetryPolicy.from_dict(cfg.get("retries")), self._task,
+                           log=log, what="evaluation")
         self.uri = tracking_store.resolve(args.tracking_uri or cfg.get("tracking_uri"))
         self.client = tracking_store.client(self.uri)
 
@@ -130,59 +111,20 @@ class Evaluator:
         if self.kind in ("slurm", "local"):
             snapshot_code(self.folder / "evaluate-code")  # jobs import this copy; a rerun keeps it
         wanted = self._plan()
-        live = self._start([e for e in wanted if e.status is None])
-        while live:
-            settled = self.dispatcher.poll(live.values())
-            for attempt, outcome in settled:
-                e = self.evals[attempt.task.key]
-                del live[e.key]
-                status, reason, scores = outcome_of(outcome)
-                if status == "failed" and self.policy.allows(outcome.retry, e.retries, e.attempt + 1,
-                                                             follow=outcome.follow):
-                    self.journal.append("retry", key=e.key, kind=outcome.retry, follow=outcome.follow, reason=reason)
-                    e.retries += 0 if outcome.follow else 1
-                    e.attempt += 1
-                    self.log(f"trial {e.trial}: {reason}; evaluation attempt {e.attempt + 1} submitted")
-                    live[e.key] = self.dispatcher.submit([self._task(e)])[0]
-                    continue
-                self._collect(e, status, reason, scores)
-            if not settled:
-                time.sleep(self.args.poll_s)
+        self.jobs.run([e for e in wanted if e.status is None], self.evals, self.batches, self._collect,
+                      self.args.poll_s, label=lambda e: f"trial {e.data['trial']}")
         for e in wanted:
             if e.status == "ok" and not e.logged:
                 self._log(e)
         return self._poster()
 
-    def _start(self, todo: list) -> dict:
-        """Re-attach the evaluations whose job runs, find those a crash left unjournaled, submit the rest."""
-        live, fresh = {}, []
-        found = {}
-        for batch, keys in self.batches.items():
-            waiting = [e for e in todo if e.batch == batch]
-            if waiting:
-                ids = self.dispatcher.recover(batch, [self._task(self.evals[k]) for k in keys])
-                if ids:
-                    self.journal.append("submitted", batch=batch, jobs=ids)
-                found.update(ids)
-        for e in todo:
-            job_id = e.job_id or found.get(e.key)
-            if job_id:
-                self.log(f"trial {e.trial}: re-attached to evaluation job {job_id}")
-                live[e.key] = self.dispatcher.reattach(self._task(e), job_id)
-            else:
-                fresh.append(e)
-        for e, attempt in zip(fresh, self.dispatcher.submit([self._task(e) for e in fresh])):
-            e.job_id = attempt.job_id
-            live[e.key] = attempt
-            self.log(f"trial {e.trial}: evaluation job {attempt.job_id} submitted ({', '.join(e.roles)})")
-        return live
-
-    def _task(self, e: Evaluation) -> Task:
-        return Task(e.key, EvaluationJob(), (e.spec,), attempt=e.attempt, folder=e.spec["out"],
-                    result_file=str(Path(e.spec["out"]) / "job_result.json"))
+    def _task(self, e: Item) -> Task:
+        out = e.data["spec"]["out"]
+        return Task(e.key, EvaluationJob(), (e.data["spec"],), attempt=e.attempt, folder=out,
+                    result_file=str(Path(out) / "job_result.json"))
 
     # ------------------------------------------------------------------------------------------- plan
-    def _plan(self) -> list[Evaluation]:
+    def _plan(self) -> list[Item]:
         from evaluation.spec import EvaluationSpec
 
         settings = settings_of(self.args, self.study.config)
@@ -200,8 +142,9 @@ class Evaluator:
                     **settings, "base": base, "tracking_uri": self.uri,
                     "adapter": str(adapter) if adapter.is_dir() else f"runs:/{t.run_id}/adapter",
                     "out": str((self.folder / "evaluations" / key).resolve())}).to_dict()
-                self.journal.append("evaluation", key=key, trial=trial, run_id=t.run_id, roles=roles, spec=spec)
-                self.evals[key] = Evaluation(key, trial, t.run_id, roles, spec)
+                record = {"key": key, "trial": trial, "run_id": t.run_id, "roles": roles, "spec": spec}
+                self.journal.append("evaluation", **record)
+                self.evals[key] = Item(key, record)
             e = self.evals[key]
             if e.status == "failed" and self.args.retry_failed:
                 self.journal.append("retry", key=key, fresh=True)
@@ -212,29 +155,32 @@ class Evaluator:
         return wanted
 
     # ------------------------------------------------------------------------------------------- results
-    def _collect(self, e: Evaluation, status: str, reason: str | None, scores: dict) -> None:
+    def _collect(self, e: Item, outcome: Outcome) -> None:
+        status, reason, scores = outcome_of(outcome)
         self.journal.append("result", key=e.key, status=status, reason=reason, scores=scores)
-        e.status, e.reason, e.scores = status, reason, scores
+        e.status, e.reason, e.result = status, reason, {"scores": scores}
+        trial, run_id = e.data["trial"], e.data.get("run_id")
         if status == "ok":
             self._log(e)
-            self.log(f"trial {e.trial}: {', '.join(f'{k} {100 * v:.2f}' for k, v in scores.items() if v is not None)}")
+            self.log(f"trial {trial}: {', '.join(f'{k} {100 * v:.2f}' for k, v in scores.items() if v is not None)}")
         else:
-            self.log(f"trial {e.trial}: evaluation FAILED: {reason}")
-            if e.run_id:
-                self.client.set_tag(e.run_id, "eval_status", "failed")
-                self.client.set_tag(e.run_id, "eval_failure_reason", (reason or "")[:5000])
+            self.log(f"trial {trial}: evaluation FAILED: {reason}")
+            if run_id:
+                self.client.set_tag(run_id, "eval_status", "failed")
+                self.client.set_tag(run_id, "eval_failure_reason", (reason or "")[:5000])
 
     # ------------------------------------------------------------------------------------------- MLflow
-    def _log(self, e: Evaluation) -> None:
+    def _log(self, e: Item) -> None:
         from evaluation.tracking import log_scores
 
-        path = Path(e.spec["out"]) / "scores.json"
-        result = json.loads(path.read_text()) if path.exists() else {"scores": e.scores}
-        if e.spec["harness"] == "lm-eval":
+        spec = e.data["spec"]
+        path = Path(spec["out"]) / "scores.json"
+        result = json.loads(path.read_text()) if path.exists() else {"scores": e.result.get("scores", {})}
+        if spec["harness"] == "lm-eval":
             result.setdefault("harness", "lm-eval")
-        log_scores(self.client, e.run_id, result, tags={
-            "eval_status": "ok", "eval_default": str("default" in e.roles).lower(), "eval_key": e.key,
-            "eval_job_id": e.job_id, "eval_settings": json.dumps(settings_from_spec(e.spec), default=str)})
+        log_scores(self.client, e.data.get("run_id"), result, tags={
+            "eval_status": "ok", "eval_default": str("default" in e.data["roles"]).lower(), "eval_key": e.key,
+            "eval_job_id": e.job_id, "eval_settings": json.dumps(settings_from_spec(spec), default=str)})
         self.journal.append("logged", key=e.key)
         e.logged = True
 
@@ -272,35 +218,10 @@ def outcome_of(outcome: Outcome) -> tuple[str, str | None, dict]:
     return "ok", None, dict(result.get("scores") or {})
 
 
-def load_evaluations(journal: Journal) -> tuple[str | None, dict[str, Evaluation], dict[str, list]]:
-    """(executor kind, {key: Evaluation}, {batch: keys}) folded from evaluate.jsonl."""
-    kind, evals, batches = None, {}, {}
-    for r in journal.records():
-        event = r.get("event")
-        if event == "start":
-            kind = r["executor"]
-        elif event == "evaluation":
-            evals[r["key"]] = Evaluation(r["key"], r["trial"], r.get("run_id"), r["roles"], r["spec"])
-        elif event == "dispatch":
-            batches[r["batch"]] = list(r["keys"])
-            for key in r["keys"]:
-                e = evals[key]
-                e.batch, e.job_id, e.attempt = r["batch"], None, r.get("attempts", {}).get(key, e.attempt)
-        elif event == "submitted":
-            for key, job_id in (r.get("jobs") or {r["key"]: r["job_id"]}).items():
-                evals[key].job_id, evals[key].batch = job_id, None
-        elif event == "result":
-            e = evals[r["key"]]
-            e.status, e.reason, e.scores = r["status"], r.get("reason"), r.get("scores") or {}
-        elif event == "retry":
-            e = evals[r["key"]]
-            if r.get("fresh"):  # --retry-failed: a new evaluation of the same adapter
-                e.status, e.reason, e.job_id, e.logged, e.retries = None, None, None, False, 0
-            else:
-                e.retries += 0 if r.get("follow") else 1
-        elif event == "logged":
-            evals[r["key"]].logged = True
-    return kind, evals, batches
+def load_evaluations(journal: Journal) -> tuple[str | None, dict[str, Item], dict[str, list]]:
+    """(executor kind, {key: Item}, {batch: keys}) folded from evaluate.jsonl; an item's data holds its trial,
+    run id, roles and evaluation spec."""
+    return fold(journal, item_event="evaluation")
 
 
 def evaluate_study(args, log=print) -> dict:

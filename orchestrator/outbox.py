@@ -232,7 +232,7 @@ class Outbox:
         kind, c = op["op"], self.client
         if kind == "create_run":
             return self._create_run(op)
-        run_id = self._run(op["key"])
+        run_id = op.get("run_id") or self._run(op["key"])  # a run another outbox made is named by its id
         if kind == "log_batch":
             c.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in op.get("metrics", [])],
                         params=[Param(k, v) for k, v in op.get("params", {}).items()],
@@ -269,6 +269,8 @@ class Outbox:
             tags = {**op.get("tags", {}), "lora_hpo.run_key": tag}
             if op.get("parent"):
                 tags["mlflow.parentRunId"] = self._run(op["parent"])
+            elif op.get("parent_id"):
+                tags["mlflow.parentRunId"] = op["parent_id"]
             run_id = self.client.create_run(self.experiment_id(), run_name=op.get("name"), tags=tags,
                                             start_time=op.get("start_time")).info.run_id
         self._run_ids[key] = run_id
@@ -281,6 +283,8 @@ class Outbox:
         existing = [v for v in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")]
         if existing:
             version = min(existing, key=lambda v: int(v.version)).version  # this run's version, not a new one
+            for k, v in op.get("tags", {}).items():  # what was learned since (a confirmation's spread)
+                c.set_model_version_tag(name, version, k, v)
         else:
             source = c.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + op.get("artifact_path", "adapter")
             version = c.create_model_version(name, source=source, run_id=run_id, tags=op.get("tags", {})).version

@@ -115,7 +115,7 @@ def test_a_failed_evaluation_is_recorded_not_fatal(study, capsys):
     cfg, state, _ = study
     assert main(evaluate_args(cfg, "--top", "1", "--tasks", "bbh", "--data-dir", "/nonexistent")) == 0
     _, evals, _ = load_evaluations(Journal(Path(cfg.workdir) / cfg.study / "evaluate.jsonl"))
-    (failed,) = [e for e in evals.values() if e.spec["tasks"] == "bbh"]
+    (failed,) = [e for e in evals.values() if e.data["spec"]["tasks"] == "bbh"]
     assert failed.status == "failed" and "/nonexistent" in failed.reason
     assert "evaluation FAILED" in capsys.readouterr().out
     best = min(state.finished, key=lambda t: t.value)
