@@ -1,0 +1,232 @@
+"""What a trial is judged by beyond one loss: its metrics, constraints on them, several objectives at once.
+
+    constraints = parse_constraints([{"metric": "peak_memory_gb", "max": 40, "kind": "pb"}])
+    metrics = trial_metrics(summary, value)            # {"val_loss", "peak_memory_gb", "train_hours", ...}
+    c = [k.value(metrics) for k in constraints]        # NOMAD's convention: c <= 0 is feasible
+    prior = a_priori_metrics(point, trial_settings)   # known before training: trainable_params, adapter_mb
+    front = pareto_front({trial: (f1, f2)}); hypervolume(front, reference); knee(front)
+
+Metrics a trial reports (the names constraints, `objectives:` and `champion_rule:` use):
+
+    val_loss          the validation loss (the objective of the paper)
+    train_loss        the last epoch's mean training loss
+    peak_memory_gb    peak accelerator memory (CPU: peak resident memory) of rank 0, GiB
+    trainable_params  LoRA parameters (known before training: from r, the target modules and the model's shapes)
+    adapter_mb        the saved adapter's size, MB (fp32: 4 bytes per trainable parameter; known before training)
+    train_hours       training time of the successful attempt, hours
+    total_hours       the whole job (setup, training, validation), hours
+    tokens_per_s      training throughput
+    heldout           the held-out objective (1 - weighted dev accuracy, with weight_val_loss x val_loss)
+    dev.<task>        a task's dev-subset accuracy (mmlu, bbh, drop, humaneval), with the held-out objective
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+A_PRIORI = ("trainable_params", "adapter_mb")
+METRICS = ("val_loss", "train_loss", "peak_memory_gb", "trainable_params", "adapter_mb", "train_hours",
+           "total_hours", "tokens_per_s", "heldout")
+TASKS = ("mmlu", "bbh", "drop", "humaneval")
+KINDS = ("pb", "eb")  # NOMAD's progressive and extreme barriers
+
+
+class CriteriaError(ValueError):
+    """A bad constraint, objective or champion rule; the message names it and the fix."""
+
+
+def known_metric(name: str) -> bool:
+    return name in METRICS or (name.startswith("dev.") and name[4:] in TASKS)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    metric: str
+    bound: float
+    sense: str  # "max": metric <= bound; "min": metric >= bound
+    kind: str   # "pb" (progressive barrier: a violation is penalized) or "eb" (extreme: never accepted)
+
+    def value(self, metrics: dict) -> float | None:
+        """NOMAD's constraint value: <= 0 feasible; None when the trial did not report the metric."""
+        v = metrics.get(self.metric)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return None
+        return float(v) - self.bound if self.sense == "max" else self.bound - float(v)
+
+    @property
+    def label(self) -> str:
+        return f"{self.metric} {'<=' if self.sense == 'max' else '>='} {self.bound:g} ({self.kind})"
+
+
+def parse_constraints(items) -> tuple[Constraint, ...]:
+    """The study YAML's `constraints:` list; CriteriaError names the bad entry and the fix."""
+    if items in (None, []):
+        return ()
+    if not isinstance(items, list):
+        raise CriteriaError(f"constraints: must be a list such as [{{metric: peak_memory_gb, max: 40, kind: pb}}], "
+                            f"got {items!r}")
+    out = []
+    for k, item in enumerate(items):
+        where = f"constraints[{k}]"
+        if not isinstance(item, dict) or set(item) - {"metric", "max", "min", "kind"}:
+            raise CriteriaError(f"{where}: {item!r} must be a mapping of metric, max or min, and kind (pb or eb)")
+        metric = item.get("metric")
+        if not isinstance(metric, str) or not known_metric(metric):
+            raise CriteriaError(f"{where}: metric {metric!r} is not one a trial reports; use one of "
+                                f"{', '.join(METRICS)} or dev.<task> ({', '.join(TASKS)})")
+        senses = [s for s in ("max", "min") if s in item]
+        if len(senses) != 1:
+            raise CriteriaError(f"{where}: give exactly one of max or min (the bound on {metric})")
+        bound = item[senses[0]]
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
+            raise CriteriaError(f"{where}: {senses[0]}={bound!r} must be a number (write 2.0e7, not a string)")
+        kind = item.get("kind", "pb")
+        if kind not in KINDS:
+            raise CriteriaError(f"{where}: kind={kind!r} is invalid: pb (progressive barrier) or eb (extreme barrier)")
+        out.append(Constraint(metric, float(bound), senses[0], kind))
+    return tuple(out)
+
+
+def parse_objectives(items) -> tuple[str, ...]:
+    """The study YAML's `objectives:` list (two metrics, minimized); () for the single objective."""
+    if items in (None, []):
+        return ()
+    if not isinstance(items, list) or len(items) != 2 or not all(isinstance(m, str) for m in items):
+        raise CriteriaError(f"objectives: {items!r} must list two metrics to minimize, e.g. [val_loss, train_hours]")
+    for m in items:
+        if not known_metric(m):
+            raise CriteriaError(f"objectives: {m!r} is not a metric a trial reports; use {', '.join(METRICS)} "
+                                f"or dev.<task>")
+    if items[0] == items[1]:
+        raise CriteriaError(f"objectives: {items!r} names one metric twice: give two different ones")
+    return tuple(items)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def trial_metrics(summary: dict, value: float | None) -> dict:
+    """The metrics of a finished trial, by the names above, from its journaled summary."""
+    s = summary or {}
+    num = lambda k: s.get(k) if isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool) else None  # noqa: E731
+    m = {"val_loss": num("val_loss") if num("val_loss") is not None else value, "train_loss": num("train_loss"),
+         "trainable_params": num("trainable_params"), "tokens_per_s": num("tokens_per_s"),
+         "peak_memory_gb": num("peak_memory_bytes") / 2**30 if num("peak_memory_bytes") is not None else None,
+         "train_hours": num("train_s") / 3600 if num("train_s") is not None else None,
+         "total_hours": num("total_s") / 3600 if num("total_s") is not None else None,
+         "heldout": num("heldout")}
+    if m["trainable_params"] is not None:
+        m["adapter_mb"] = m["trainable_params"] * 4 / 1e6
+    m.update({k: num(k) for k in s if k.startswith("dev.")})
+    return {k: v for k, v in m.items() if v is not None}
+
+
+KNOWN_SHAPES = {  # hub models whose config.json cannot be read here: (hidden, layers, heads, kv heads)
+    "meta-llama/Llama-2-7b-hf": (4096, 32, 32, 32), "meta-llama/Llama-2-13b-hf": (5120, 40, 40, 40),
+    "meta-llama/Meta-Llama-3-8B": (4096, 32, 32, 8),
+}
+
+
+def model_shapes(base_model: str) -> dict | None:
+    """hidden size, layers, heads and KV heads of a base model, read without torch (None when unknown)."""
+    if base_model == "tiny":
+        from jobs.tiny import RECIPE
+        return {"hidden": RECIPE["hidden_size"], "layers": RECIPE["num_hidden_layers"],
+                "heads": RECIPE["num_attention_heads"], "kv_heads": RECIPE["num_key_value_heads"]}
+    candidates = [Path(base_model).expanduser() / "config.json"]
+    hub = Path.home() / ".cache" / "huggingface" / "hub" / f"models--{base_model.replace('/', '--')}" / "snapshots"
+    if hub.is_dir():
+        candidates += sorted(hub.glob("*/config.json"))
+    for path in candidates:
+        try:
+            c = json.loads(path.read_text())
+            return {"hidden": c["hidden_size"], "layers": c["num_hidden_layers"], "heads": c["num_attention_heads"],
+                    "kv_heads": c.get("num_key_value_heads", c["num_attention_heads"])}
+        except (OSError, ValueError, KeyError):
+            continue
+    if base_model in KNOWN_SHAPES:
+        h, n, a, kv = KNOWN_SHAPES[base_model]
+        return {"hidden": h, "layers": n, "heads": a, "kv_heads": kv}
+    return None
+
+
+def a_priori_metrics(r: int, target_modules, shapes: dict | None) -> dict:
+    """trainable_params and adapter_mb of LoRA rank r on a Llama-shaped model (q/k/v/o/up/down/gate)."""
+    if shapes is None:
+        return {}
+    h, head = shapes["hidden"], shapes["hidden"] // shapes["heads"]
+    kv = shapes["kv_heads"] * head
+    sizes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h)}
+    if any(m not in sizes for m in target_modules):
+        return {}  # an MLP module: its size needs intermediate_size; checked after training instead
+    params = shapes["layers"] * sum(r * (sizes[m][0] + sizes[m][1]) for m in target_modules)
+    return {"trainable_params": params, "adapter_mb": params * 4 / 1e6}
+
+
+# ------------------------------------------------------------------------------------------- two objectives
+def dominates(a, b) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def pareto_front(points: dict) -> dict:
+    """{key: vector} of the non-dominated points of {key: vector} (minimization)."""
+    return {k: v for k, v in points.items() if not any(dominates(w, v) for j, w in points.items() if j != k)}
+
+
+def hypervolume(front: dict, reference) -> float:
+    """The area dominated by a 2-objective front and bounded by `reference` (minimization)."""
+    pts = sorted(v for v in front.values() if v[0] < reference[0] and v[1] < reference[1])
+    area, best_y = 0.0, reference[1]
+    for x, y in pts:
+        if y < best_y:
+            area += (reference[0] - x) * (best_y - y)
+            best_y = y
+    return area
+
+
+def knee(front: dict):
+    """The front's knee: the point farthest from the line through its two extremes (objectives normalized)."""
+    if len(front) <= 2:
+        return min(front, key=lambda k: front[k]) if front else None
+    keys = list(front)
+    lo = [min(front[k][i] for k in keys) for i in (0, 1)]
+    span = [max(front[k][i] for k in keys) - lo[i] or 1.0 for i in (0, 1)]
+    norm = {k: ((front[k][0] - lo[0]) / span[0], (front[k][1] - lo[1]) / span[1]) for k in keys}
+    a, b = min(norm.values()), max(norm.values())
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    length = math.hypot(dx, dy) or 1.0
+    return max(keys, key=lambda k: abs(dy * (norm[k][0] - a[0]) - dx * (norm[k][1] - a[1])) / length)
+
+
+RULE = re.compile(r"^\s*min\s+([\w.]+)(?:\s+s\.t\.\s+(.+))?\s*$")
+CONDITION = re.compile(r"^\s*([\w.]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+
+
+def parse_rule(text: str | None):
+    """`champion_rule:` "knee" (default) or "min METRIC [s.t. METRIC <= NUMBER [and ...]]"."""
+    if text in (None, "knee"):
+        return "knee"
+    match = RULE.match(str(text))
+    if not match or not known_metric(match.group(1)):
+        raise CriteriaError(f"champion_rule: {text!r} is invalid: write knee, or e.g. "
+                            "'min val_loss s.t. train_hours <= 1.5'")
+    conditions = []
+    for part in (match.group(2) or "").split(" and ") if match.group(2) else []:
+        c = CONDITION.match(part)
+        if not c or not known_metric(c.group(1)):
+            raise CriteriaError(f"champion_rule: condition {part.strip()!r} is invalid: write METRIC <= NUMBER")
+        conditions.append((c.group(1), c.group(2), float(c.group(3))))
+    return (match.group(1), tuple(conditions))
+
+
+def pick(rule, candidates: dict, metrics: dict):
+    """The champion among `candidates` ({key: objective vector}) by `rule` (parse_rule), given each key's
+    metrics; None when no candidate satisfies it."""
+    if rule == "knee":
+        return knee(pareto_front(candidates))
+    objective, conditions = rule
+    ok = [k for k in candidates if objective in metrics[k] and all(
+        c[0] in metrics[k] and (metrics[k][c[0]] <= c[2] if c[1] == "<=" else metrics[k][c[0]] >= c[2])
+        for c in conditions)]
+    return min(ok, key=lambda k: metrics[k][objective]) if ok else None
