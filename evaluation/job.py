@@ -78,3 +78,54 @@ def _run(spec: EvaluationSpec) -> dict:
                                 protocol=spec.protocol())
     from evaluation import runner
     return runner.evaluate(spec)
+
+
+class HeldoutTrial:
+    """A trial of a held-out study: the fine-tune (jobs.entry.FinetuneTrial), then its adapter scored on the dev
+    subsets of the benchmarks; the objective is 1 - the dev accuracy (weighted by the subsets' sizes), plus
+    `weight_val_loss` x the validation loss.
+
+        HeldoutTrial()(finetune_spec_dict, {"tasks": {"mmlu": 300, "drop": 150}, "weight_val_loss": 0.0,
+                                            "seed": 0, "evaluation": {...the study's protocol settings...}})
+
+    The dev items are a seeded draw (evaluation.tasks.common.split_dev) that `orchestrator evaluate` leaves
+    out of the study's test scores. The result is the fine-tune's with `dev.<task>` scores, `heldout` and
+    `value` (the objective) added; a failed fine-tune or evaluation is the trial's failure."""
+
+    def __call__(self, spec: dict, heldout: dict) -> dict:
+        from jobs.contract import write_result
+        from jobs.entry import FinetuneTrial, stop_on_signals
+
+        result = FinetuneTrial()(spec)
+        if result.get("status") != "ok":
+            return result
+        out = Path(spec["out"])
+        with stop_on_signals(str(out)):
+            try:
+                scores = self._dev_scores(spec, heldout, out)
+            except Exception as e:  # the evaluation's failure is this trial's failure
+                result.update(status="failed", reason=f"dev evaluation failed: {type(e).__name__}: {e}"[:300])
+                write_result(out, result)
+                return result
+        sizes = heldout["tasks"]
+        accuracy = sum(scores[t] * n for t, n in sizes.items()) / sum(sizes.values())
+        objective = (1.0 - accuracy) + float(heldout.get("weight_val_loss", 0.0)) * result["val_loss"]
+        result.update({f"dev.{t}": scores[t] for t in sizes}, heldout=objective, value=objective,
+                      dev_accuracy=accuracy)
+        write_result(out, result)
+        return result
+
+    @staticmethod
+    def _dev_scores(spec: dict, heldout: dict, out: Path) -> dict:
+        from evaluation import runner
+
+        settings = {k: v for k, v in (heldout.get("evaluation") or {}).items() if k not in ("tasks", "limit")}
+        eval_spec = EvaluationSpec.from_dict({
+            **settings, "base": spec.get("base_model"), "adapter": str(out / "adapter"),
+            "tasks": ",".join(heldout["tasks"]), "split": "dev", "dev_sizes": dict(heldout["tasks"]),
+            "split_seed": int(heldout.get("seed", 0)), "out": str(out / "dev-evaluation")})
+        scores = runner.evaluate(eval_spec)["scores"]
+        missing = [t for t in heldout["tasks"] if scores.get(t) is None]
+        if missing:
+            raise ValueError(f"no dev score for {missing}")
+        return scores

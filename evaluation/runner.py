@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from evaluation.spec import EvaluationSpec
+from evaluation.tasks.common import split_dev
 from evaluation.tasks import EvalError, get_tasks
 from evaluation.tasks import humaneval as H
 
@@ -52,6 +53,9 @@ def evaluate(spec: EvaluationSpec | dict | None = None, *, log=None, **fields) -
     for task in task_list:
         decoding = resolve_decoding(spec, task, checkpoint)
         examples = task.build(raw[task.name], count, spec.limit, spec.seed)
+        if spec.split != "all":  # a held-out study's dev items, or the test items it never saw
+            dev, test = split_dev(examples, (spec.dev_sizes or {}).get(task.name, 0), spec.split_seed, task.name)
+            examples = dev if spec.split == "dev" else test
         summary = run_task(task, examples, model, tokenizer, decoding, batch_size=spec.batch_size,
                            seeds=spec.sampling_seeds(), workers=spec.workers, log=log)
         result["decoding"][task.name] = decoding

@@ -32,7 +32,7 @@ CUTS = ("blank-line", "top-level")
 DECODINGS = ("reference", "greedy", "sampling")
 DTYPES = ("fp32", "bf16", "fp16", "auto")
 PROTOCOL = ("harness", "humaneval_cut", "decoding", "temperature", "top_p", "seeds", "dtype", "merge", "limit",
-            "seed")  # what changes a score: logged with it, compared before rows are put side by side
+            "seed", "split", "dev_sizes", "split_seed")  # what changes a score: logged with it, compared before rows are put side by side
 INSTRUCTEVAL_ONLY = ("humaneval_cut", "decoding", "temperature", "top_p", "seeds", "merge")
 NOT_SETTINGS = ("base", "adapter", "out", "tracking_uri")  # per evaluation, not per study
 PROTOCOL_PREFIX = "eval.protocol."
@@ -77,6 +77,10 @@ class EvaluationSpec:
     dtype: str = _help("fp32 (InstructEval), bf16, fp16, or auto (bf16 on a GPU, fp32 on a CPU)", "fp32")
     merge: bool = _help("False (InstructEval: the adapter unmerged) or True (merged into the weights in fp32, "
                         "then cast to dtype)", False)
+    split: str = _help("all (the benchmark), dev (a held-out study's dev items: dev_sizes of each task, drawn with "
+                       "split_seed) or test (the rest: items a held-out study never saw)", "all")
+    dev_sizes: dict | None = _help("items per task in the dev subset, e.g. {mmlu: 300, drop: 150}")
+    split_seed: int = _help("the seed of the dev draw (a study's and its test evaluation's must agree)", 0)
 
     def __post_init__(self):
         if isinstance(self.tasks, (list, tuple)):
@@ -85,6 +89,7 @@ class EvaluationSpec:
             self.seeds = list(self.seeds)
         _check_choices(self)
         _check_numbers(self)
+        _check_split(self)
         _check_decoding(self)
         _check_harness(self)
 
@@ -209,6 +214,23 @@ def _check_numbers(s: EvaluationSpec) -> None:
             raise _bad("seeds", s.seeds, "a non-empty list of integers >= 0, e.g. [0, 1, 2]")
         if len(set(s.seeds)) != len(s.seeds):
             raise _bad("seeds", s.seeds, "each seed once (a repeated seed repeats the same samples)")
+
+
+SPLITS = ("all", "dev", "test")
+
+
+def _check_split(s: EvaluationSpec) -> None:
+    if s.split not in SPLITS:
+        raise _bad("split", s.split, f"use one of {', '.join(SPLITS)}")
+    if s.split != "all" and not s.dev_sizes:
+        raise _bad("dev_sizes", s.dev_sizes, "a dev or test split needs the dev subset's size per task, "
+                   "e.g. {mmlu: 300}")
+    if s.dev_sizes is not None:
+        if not isinstance(s.dev_sizes, dict) or not all(k in NAMES and _int(v) and v >= 1
+                                                         for k, v in s.dev_sizes.items()):
+            raise _bad("dev_sizes", s.dev_sizes, f"a mapping of task ({', '.join(NAMES)}) to a number of items >= 1")
+    if not _int(s.split_seed):
+        raise _bad("split_seed", s.split_seed, "an integer")
 
 
 def _check_decoding(s: EvaluationSpec) -> None:

@@ -75,9 +75,9 @@ class TrialResult:
         if not isinstance(data, dict):
             return cls.failed(f"job returned {type(data).__name__}, expected a result dict")
         status = data.get("status") if data.get("status") in STATUSES else "failed"
-        value = data.get("val_loss", data.get("value"))
-        metrics = {k: v for k, v in data.items() if k not in ("status", "val_loss", "value", "reason")
-                   and _scalar(v)}
+        value = data["value"] if "value" in data else data.get("val_loss")  # "value": an objective other than val_loss
+        metrics = {k: v for k, v in data.items() if k not in ("status", "value", "reason") and _scalar(v)
+                   and not (k == "val_loss" and "value" not in data)}
         return cls(status, float(value) if _finite(value) else None, data.get("reason"), metrics)
 
     def to_dict(self) -> dict:

@@ -94,7 +94,7 @@ def _live_text(t, job) -> str:
 def register(args) -> int:
     """Register the best adapter (idempotent: the same trial gets the same version), under the study's lock."""
     from orchestrator.lock import LockError, StudyLock
-    from orchestrator.study import registry_tags
+    from orchestrator.study_end import registry_tags
     from orchestrator.tracking import Tracker, trial_key
 
     folder = Path(args.workdir) / args.study
@@ -105,7 +105,7 @@ def register(args) -> int:
     saved = {k: v for k, v in state.config.items() if k != "executor_resolved"}
     config = load_config(None, **{**saved, "register_as": args.register_as or saved.get("register_as"),
                                   "tracking_uri": args.tracking_uri or saved.get("tracking_uri")})
-    if config.objective:
+    if config.function:
         raise ConfigError(f"study {args.study!r} tuned an objective function: it has no adapter to register")
     name = config.register_as or f"{config.study}-adapter"
     try:

@@ -14,7 +14,13 @@ A study YAML (every key optional; `preset` picks the base, `tiny` by default):
     workdir: runs             # the study's folder is workdir/study
     tracking_uri: null        # default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
     register_as: null         # registered model name; default "<study>-adapter"
-    objective: null           # "pkg.module:function": tune any Python blackbox instead of the fine-tune
+    objective: null           # "pkg.module:function": tune any Python blackbox instead of the fine-tune; or
+                              # {metric: heldout, tasks: {mmlu: 300, bbh: 150, drop: 150, humaneval: 40},
+                              #  weight_val_loss: 0.0, seed: 0}: the fine-tune scored on dev subsets
+    constraints: []           # [{metric: peak_memory_gb, max: 40, kind: pb}, ...] (orchestrator/criteria.py)
+    objectives: null          # two metrics at once, e.g. [val_loss, train_hours]: a Pareto front
+    champion_rule: null       # with two objectives: knee (default) or "min val_loss s.t. train_hours <= 1.5"
+    pareto_reference: null    # the hypervolume's reference point, e.g. [6.0, 0.5] (default: the worst values x 1.1)
     poll_s: 5                 # seconds between job-state polls (one sacct + one squeue call for all jobs)
     space: {...}              # the search space (orchestrator/space.py); the paper's by default
     searcher_options: {}      # NOMAD parameters (e.g. {DIRECTION_TYPE: ORTHO 2N}) or TPE options
@@ -80,7 +86,7 @@ class StudyConfig:
     workdir: str = "runs"
     tracking_uri: str | None = None
     register_as: str | None = None
-    objective: str | None = None
+    objective: str | dict | None = None
     poll_s: float = 5.0
     preset: str = "tiny"
     space: SearchSpace = field(default_factory=paper_space)
@@ -90,6 +96,10 @@ class StudyConfig:
     retries: RetryPolicy = field(default_factory=RetryPolicy)
     evaluation: dict = field(default_factory=dict)
     pruner: dict | None = None
+    constraints: list = field(default_factory=list)
+    objectives: list | None = None
+    champion_rule: str | None = None
+    pareto_reference: list | None = None
 
     def __post_init__(self):
         self.space = _typed("space", self.space, SearchSpace, lambda d: SearchSpace.from_dict(d) if d else paper_space(),
@@ -102,6 +112,16 @@ class StudyConfig:
     @property
     def folder(self) -> Path:
         return Path(self.workdir) / self.study
+
+    @property
+    def function(self) -> str | None:
+        """The Python objective ("pkg.module:function") when the study tunes one instead of fine-tunes."""
+        return self.objective if isinstance(self.objective, str) else None
+
+    @property
+    def heldout(self) -> dict | None:
+        """The held-out objective's settings (tasks, weight_val_loss, seed) when the study has one."""
+        return self.objective if isinstance(self.objective, dict) else None
 
     def search_space(self) -> SearchSpace:
         return self.space
@@ -209,9 +229,9 @@ def validate(c: StudyConfig) -> None:
     _check(c.executor in EXECUTORS, "executor", c.executor, f"use one of {', '.join(EXECUTORS)}")
     _check(isinstance(c.poll_s, (int, float)) and not isinstance(c.poll_s, bool) and 0.05 <= c.poll_s <= 3600,
            "poll_s", c.poll_s, "seconds between polls, in [0.05, 3600]")
-    _check(c.objective is None or (isinstance(c.objective, str) and re.fullmatch(
+    _check(c.objective is None or isinstance(c.objective, dict) or (isinstance(c.objective, str) and re.fullmatch(
         r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", c.objective) is not None), "objective", c.objective,
-        "write package.module:function")
+        "write package.module:function, or a held-out objective {metric: heldout, tasks: {mmlu: 300}}")
     _check(isinstance(c.workdir, str) and bool(c.workdir), "workdir", c.workdir, "a folder path")
     _check(c.tracking_uri is None or (isinstance(c.tracking_uri, str) and bool(c.tracking_uri.strip())),
            "tracking_uri", c.tracking_uri, "an MLflow tracking URI (sqlite:///path.db, http://host:port) or null")
@@ -222,8 +242,11 @@ def validate(c: StudyConfig) -> None:
         _check(isinstance(getattr(c, key), dict), key, getattr(c, key), "must be a mapping")
     _validate_evaluation(c)
     _validate_pruner(c)
-    if c.objective is None:
+    if c.function is None:
         _validate_trial(c)
+    if c.heldout is not None:
+        c.objective = _validate_heldout(c)
+    _validate_criteria(c)
     _validate_searcher(c)
 
 
@@ -259,7 +282,7 @@ def _validate_pruner(c: StudyConfig) -> None:
         raise ConfigError(f"config key 'pruner': {str(e).removeprefix('pruner: ')}") from None
     if pruner is None:
         return
-    if c.objective is not None:
+    if c.function is not None:
         raise ConfigError("config key 'pruner': an --objective study cannot be pruned (only fine-tunes report "
                           "intermediate validation losses): drop pruner or the objective")
     reports = c.trial.get("eval_fractions") or list(getattr(pruner, "rungs", None) or
@@ -269,6 +292,56 @@ def _validate_pruner(c: StudyConfig) -> None:
     except PrunerError as e:
         raise ConfigError(f"config key 'pruner': {str(e).removeprefix('pruner: ')}") from None
     c.trial = {**c.trial, "eval_fractions": sorted(reports)}
+
+
+def _validate_heldout(c: StudyConfig) -> dict:
+    """The held-out objective: dev subsets of the benchmarks (their sizes checked against the benchmarks)."""
+    from evaluation.tasks import NAMES, benchmark_size
+
+    h = dict(c.heldout)
+    unknown = sorted(set(h) - {"metric", "tasks", "weight_val_loss", "seed"})
+    _check(not unknown, "objective", unknown, "a held-out objective takes metric, tasks, weight_val_loss and seed")
+    _check(h.get("metric", "heldout") == "heldout", "objective.metric", h.get("metric"), "use heldout")
+    tasks = h.get("tasks")
+    _check(isinstance(tasks, dict) and bool(tasks) and all(k in NAMES and _is_int(v) and v >= 1
+                                                         for k, v in tasks.items()),
+           "objective.tasks", tasks, f"a mapping of task ({', '.join(NAMES)}) to a dev subset size >= 1")
+    weight = h.get("weight_val_loss", 0.0)
+    _check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
+           "objective.weight_val_loss", weight, "a number >= 0 (the share of validation loss in the objective)")
+    _check(_is_int(h.get("seed", 0)), "objective.seed", h.get("seed"), "an integer (the dev draw's seed)")
+    data_dir = (c.evaluation or {}).get("data_dir")
+    for task, n in tasks.items():
+        size = benchmark_size(task, data_dir)
+        _check(n < size, f"objective.tasks.{task}", n, f"the {task} dev subset must leave test items: the "
+               f"benchmark has {size}{' here (' + data_dir + ')' if data_dir else ''}; lower it")
+    return {"metric": "heldout", "tasks": dict(tasks), "weight_val_loss": float(weight), "seed": h.get("seed", 0)}
+
+
+def _validate_criteria(c: StudyConfig) -> None:
+    """Constraints, two objectives and the champion rule (orchestrator/criteria.py), checked together."""
+    from orchestrator.criteria import CriteriaError, parse_constraints, parse_objectives, parse_rule
+
+    try:
+        parse_constraints(c.constraints)
+        objectives = parse_objectives(c.objectives)
+        parse_rule(c.champion_rule)
+    except CriteriaError as e:
+        raise ConfigError(f"config key {str(e).split(':', 1)[0].split('[')[0]!r}: {str(e).split(': ', 1)[1]}") \
+            from None
+    if objectives and c.algo not in ("nomad", "tpe", "random"):
+        raise ConfigError(f"config key 'objectives': algo {c.algo} cannot search two objectives: use nomad "
+                          "(DMultiMADS), tpe (Optuna's multi-objective TPE) or random")
+    if c.champion_rule and not objectives:
+        raise ConfigError("config key 'champion_rule': it picks among a Pareto front: give objectives too")
+    if c.pareto_reference is not None:
+        _check(isinstance(c.pareto_reference, list) and len(c.pareto_reference) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in c.pareto_reference),
+            "pareto_reference", c.pareto_reference, "two numbers, one per objective, e.g. [6.0, 0.5]")
+    if c.function is not None and (c.constraints or objectives):
+        names = [k["metric"] for k in c.constraints] + list(objectives)
+        _check(False, "constraints" if c.constraints else "objectives", names,
+               "an --objective study reports only its value: constraints and objectives need fine-tunes")
 
 
 def _validate_evaluation(c: StudyConfig) -> None:

@@ -59,7 +59,7 @@ class Confirmer:
         self.study = load_study(self.folder)
         saved = {k: v for k, v in self.study.config.items() if k != "executor_resolved"}
         self.config = load_config(None, **saved)
-        if self.config.objective is not None:
+        if self.config.function is not None:
             raise ConfigError(f"study {args.study!r} tuned an objective function: confirm retrains fine-tunes only")
         self.journal = Journal(self.folder / "confirm.jsonl")
         recorded, self.items, self.batches = fold(self.journal, item_event="retrain")

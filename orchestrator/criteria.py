@@ -230,3 +230,58 @@ def pick(rule, candidates: dict, metrics: dict):
         c[0] in metrics[k] and (metrics[k][c[0]] <= c[2] if c[1] == "<=" else metrics[k][c[0]] >= c[2])
         for c in conditions)]
     return min(ok, key=lambda k: metrics[k][objective]) if ok else None
+
+
+# ------------------------------------------------------------------------------------------- the study's judge
+@dataclass
+class Verdict:
+    """How a finished trial reads under the study's criteria."""
+    told: object                  # what the searcher is told: a float, a pair of floats, or None (a failure)
+    constraints: list | None      # c_j per constraint (<= 0 feasible), None when the trial failed
+    feasible: bool
+    metrics: dict
+
+
+class Judge:
+    """The study's constraints and objectives applied to trials (before training where possible)."""
+
+    def __init__(self, config):
+        self.constraints = parse_constraints(config.constraints)
+        self.objectives = parse_objectives(config.objectives)
+        self.rule = parse_rule(config.champion_rule) if self.objectives else None
+        self.objective = "heldout" if config.heldout else "val_loss"
+        base = (config.trial or {}).get("base_model", "tiny")
+        self.shapes = model_shapes(base) if config.function is None else None
+        self.targets = (config.trial or {}).get("target_modules", ["q_proj", "v_proj"])
+
+    @property
+    def active(self) -> bool:
+        return bool(self.constraints or self.objectives)
+
+    def before(self, point: dict) -> tuple[dict, str | None]:
+        """(metrics known before training, why the point is infeasible already, or None)."""
+        prior = a_priori_metrics(int(point["r"]), point.get("target_modules", self.targets), self.shapes) \
+            if "r" in point and self.constraints else {}
+        for k in self.constraints:
+            c = k.value(prior) if k.metric in A_PRIORI else None
+            if c is not None and c > 0:
+                return prior, f"infeasible before training: {k.metric} {prior[k.metric]:.4g} violates {k.label}"
+        return prior, None
+
+    def after(self, status: str, value: float | None, summary: dict) -> Verdict:
+        """The verdict on a finished trial (status ok with its value and summary, or not ok)."""
+        metrics = trial_metrics(summary, value) if status == "ok" else {}
+        if status == "ok":
+            metrics[self.objective] = value
+        c = [k.value(metrics) for k in self.constraints] if status == "ok" else None
+        if c is not None and any(v is None for v in c):
+            c = None  # a constrained metric the trial did not report: it cannot be judged, so it fails
+        feasible = status == "ok" and c is not None and all(v <= 0 for v in c)
+        if status != "ok" or c is None:
+            told = None
+        elif self.objectives:
+            vector = [metrics.get(o) for o in self.objectives]
+            told = tuple(vector) if all(v is not None for v in vector) else None
+        else:
+            told = value
+        return Verdict(told, c, feasible, metrics)

@@ -29,8 +29,8 @@ def dry_run(config: StudyConfig, out=None) -> dict:
         searcher.close()
     first = suggestions[0] if suggestions else None
     trial_out = str(config.folder / "trials" / "0000")
-    spec = (config.trial_spec(first.point, trial_out).to_dict() if first and config.objective is None
-            else {"objective": config.objective, "point": first.point if first else None, "out": trial_out})
+    spec = (config.trial_spec(first.point, trial_out).to_dict() if first and config.function is None
+            else {"objective": config.function, "point": first.point if first else None, "out": trial_out})
     script = sbatch_preview(config.resources, config.folder / "submitit", f"{config.study}.<batch>",
                             code_dir=config.folder / "code")
     print("# resolved configuration", file=out)
@@ -38,7 +38,7 @@ def dry_run(config: StudyConfig, out=None) -> dict:
     print(f"\n# first suggestions ({config.algo}, {len(suggestions)} of {config.parallel} slots)", file=out)
     for s in suggestions:
         print(f"trial {s.trial_id}: {json.dumps(s.point)}", file=out)
-    print("\n# the first trial's spec (jobs/finetune.py)" if config.objective is None else
+    print("\n# the first trial's spec (jobs/finetune.py)" if config.function is None else
           "\n# the first trial (objective)", file=out)
     print(json.dumps(spec, indent=2, default=str), file=out)
     print("\n# its batch script on SLURM (resources:)", file=out)

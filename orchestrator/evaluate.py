@@ -53,6 +53,9 @@ def settings_of(args, study_config: dict | None = None) -> dict:
             raise ConfigError(f"--seeds {args.seeds!r} is invalid: write comma-separated integers, e.g. 0,1,2") \
                 from None
     merged = {**((study_config or {}).get("evaluation") or {}), **given}
+    heldout = (study_config or {}).get("objective")
+    if isinstance(heldout, dict):  # a held-out study: its test scores leave out the dev items its trials saw
+        merged.update(split="test", dev_sizes=dict(heldout["tasks"]), split_seed=int(heldout.get("seed", 0)))
     if merged.get("harness") == "lm-eval" and not merged.get("tasks"):
         raise ConfigError("--harness lm-eval needs --tasks: lm-eval task names, comma-separated")
     merged.setdefault("tasks", ",".join(INSTRUCTEVAL))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -27,26 +26,28 @@ from pathlib import Path
 
 from jobs.contract import METRICS_FILE, RESULT_FILE, TrialResult
 from jobs.tracking_store import ensure_local_store, network_store_warning
+from evaluation.job import HeldoutTrial
 from jobs.entry import FinetuneTrial, ObjectiveTrial
+from orchestrator.checks import check_objective
 from orchestrator.config import StudyConfig, space_to_dict
 from orchestrator.curves import Follower
 from orchestrator.journal import Journal, StudyState, TrialState
 from orchestrator.lock import StudyLock
 from orchestrator.progress import Progress
+from orchestrator.criteria import Judge
 from orchestrator.pruning import Pruning
+from orchestrator.study_end import already_ended, finish
 from orchestrator.searchers import Observation, Pending, make_searcher
 from orchestrator.tracking import PARENT, Tracker, trial_key
 from slurm.dispatch import Attempt, Dispatcher, Outcome, Task
-from slurm.executors import pinned_path, snapshot_code
+from slurm.executors import snapshot_code
 
 PLOT_EVERY_S = 60.0  # refresh the parent run's plots at most this often while the study runs
-# At the end, wait for MLflow while its queued writes make progress, up to this long without any (an outage of
-# the tracking server); then exit with the writes kept for `--resume`. $LORA_HPO_MLFLOW_WAIT_S changes it.
-DRAIN_IDLE_S = float(os.environ.get("LORA_HPO_MLFLOW_WAIT_S") or 600)
 
 
 class StudyError(RuntimeError):
     """The study cannot go on (not an evaluation failure): the message says why and what to do."""
+
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Study:
         self.searcher = make_searcher(config.algo, self.space, budget=config.budget, parallel=config.parallel,
                                       seed=config.seed, options=config.searcher_options)
         self.pruning = Pruning(config, self.state)
+        self.judge = Judge(config)
         self.live: dict[int, Live] = {}
         self.progress = Progress(config, self.out)
         self.best: TrialState | None = None
@@ -100,7 +102,7 @@ class Study:
     # ------------------------------------------------------------------------------------------- lifecycle
     def run(self) -> StudyState:
         if self.state.ended:
-            return self._already_ended()
+            return already_ended(self)
         try:
             self._start()
             self._loop()
@@ -109,7 +111,7 @@ class Study:
             self.tracker.close()
             raise  # jobs keep running; --resume re-attaches them
         self.searcher.close()
-        self._finish()
+        finish(self)
         return self.state
 
     def _start(self) -> None:
@@ -117,8 +119,11 @@ class Study:
         if self.kind in ("slurm", "local"):  # a resumed study keeps the snapshot it started with
             snapshot_code(self.code)
         if not resumed:
-            if self.config.objective:
-                check_objective(self.config.objective, self.code if self.kind != "debug" else None)
+            if self.config.function:
+                try:
+                    check_objective(self.config.function, self.code if self.kind != "debug" else None)
+                except ValueError as e:
+                    raise StudyError(str(e)) from None
             else:
                 from jobs.data import DataError, prepare_splits  # torch-free: the splits are made once, here
                 try:
@@ -207,14 +212,21 @@ class Study:
             self.journal.append("trial", trial=t.trial, point=t.point, encoded=t.encoded, out=t.out)
             self.state.trials[t.trial] = t
             self.tracker.start_child(t.trial, t.point, t.encoded, self.config.algo)
+            prior, infeasible = self.judge.before(t.point)
+            if infeasible:  # known before training: no job, no GPU time; recorded and told like a failure
+                self._record(t, TrialResult("infeasible", None, infeasible, prior))
+                continue
             fresh.append(t)
         self._dispatch(fresh)
         return bool(fresh)
 
     # ------------------------------------------------------------------------------------------- jobs
     def _task(self, t: TrialState) -> Task:
-        if self.config.objective:
-            fn, args = ObjectiveTrial(), (self.config.objective, t.point, t.out)
+        if self.config.function:
+            fn, args = ObjectiveTrial(), (self.config.function, t.point, t.out)
+        elif self.config.heldout:
+            fn, args = HeldoutTrial(), (self.config.trial_spec(t.point, t.out).to_dict(),
+                                        {**self.config.heldout, "evaluation": self.config.evaluation})
         else:
             fn, args = FinetuneTrial(), (self.config.trial_spec(t.point, t.out).to_dict(),)
         return Task(str(t.trial), fn, args, attempt=t.attempt, folder=t.out, result_file=str(Path(t.out) / RESULT_FILE))
@@ -264,17 +276,33 @@ class Study:
                          slurm_node=a.node or None, attempts=len(history),
                          attempt_history=json.dumps([{"job_id": h.get("job_id"), "states": h.get("states"),
                                                       "reason": h.get("reason")} for h in history]))
-        self.journal.append("result", trial=t.trial, status=result.status, value=result.value, reason=result.reason,
-                            summary=result.summary())
-        t.status, t.value, t.reason, t.summary = result.status, result.value, result.reason, result.summary()
-        t.finished_at = time.time()
         del self.live[t.trial]
+        self._record(t, result)
+
+    def _record(self, t: TrialState, result: TrialResult) -> None:
+        """A finished trial: judged (constraints, objectives), journaled, told, queued for MLflow."""
+        summary = result.summary()
+        if self.judge.active:
+            verdict = self.judge.after(result.status, result.value, summary)
+            summary.update({f"c.{k.metric}": v for k, v in zip(self.judge.constraints, verdict.constraints or [])},
+                           feasible=verdict.feasible)
+        self.journal.append("result", trial=t.trial, status=result.status, value=result.value, reason=result.reason,
+                            summary=summary)
+        t.status, t.value, t.reason, t.summary = result.status, result.value, result.reason, summary
+        t.finished_at = time.time()
         if t.status == "ok":
             self.pruning.completed(t.trial, t.value)
-        self.searcher.tell(t.trial, self._told(t))
+        self._tell(t)
         self._update_best(t)
         self.untracked.append((t, len(self.state.finished), self.best))  # MLflow after the slot is refilled
         self.progress.event(t)
+
+    def _tell(self, t: TrialState) -> None:
+        if self.judge.active:  # the searcher takes the objectives (one or two) and the constraint values
+            verdict = self.judge.after(t.status, t.value, t.summary)
+            self.searcher.tell(t.trial, verdict.told, constraints=verdict.constraints)
+        else:
+            self.searcher.tell(t.trial, self._told(t))
 
     def _retry(self, lv: Live, outcome: Outcome, reason: str) -> None:
         """A fresh attempt of the same trial, in the same folder: it resumes from the last checkpoint."""
@@ -329,101 +357,16 @@ class Study:
         return t.value if t.status == "ok" else None
 
     def _update_best(self, t: TrialState) -> None:
-        if t.status == "ok" and (self.best is None or t.value < self.best.value):
+        """The best feasible trial (with two objectives: of the first one; the champion is picked at the end)."""
+        feasible = t.summary.get("feasible", True) if self.judge.active else True
+        if t.status == "ok" and feasible and (self.best is None or t.value < self.best.value):
             self.best = t
-
-    # ------------------------------------------------------------------------------------------- the end
-    def _already_ended(self) -> StudyState:
-        """`--resume` of a finished study changes nothing: it only replays MLflow writes an outage left queued
-        (a registration among them)."""
-        self.searcher.close()
-        for t in self.state.finished:
-            self._update_best(t)
-        pending = self.tracker.outbox.pending
-        seq = self._queue_registration() if not self.state.registered else None
-        drained = self.tracker.close(wait_s=24 * 3600, idle_s=DRAIN_IDLE_S)
-        if seq is not None and drained:
-            self._journal_registration(seq)
-        said = f"study {self.config.study!r} has finished already ({len(self.state.finished)} evaluations" + \
-            (f", best {self.best.value:.4f} at trial {self.best.trial})" if self.best else ")")
-        if pending:
-            said += f"; {pending} queued MLflow writes " + ("replayed" if drained else "still wait (MLflow unreachable)")
-        self._warn(said + ": nothing else to do")
-        self._note_run_ids()
-        return self.state
-
-    def _note_run_ids(self) -> None:
-        self.state.parent_run_id = self.tracker.run_id(PARENT)
-        for t in self.state.trials.values():
-            t.run_id = self.tracker.run_id(trial_key(t.trial))
-
-    def _queue_registration(self) -> int | None:
-        if self.best is None or self.config.objective is not None or self.config.register_as == "":
-            return None
-        name = self.config.register_as or f"{self.config.study}-adapter"
-        return self.tracker.register(name, self.best.trial, registry_tags(self.config, self.best))
-
-    def _journal_registration(self, seq: int) -> dict:
-        name = self.config.register_as or f"{self.config.study}-adapter"
-        registered = {"name": name, "version": self.tracker.outbox.result(seq), "trial": self.best.trial,
-                      "run_id": self.tracker.run_id(trial_key(self.best.trial)), "uri": f"models:/{name}@champion"}
-        self.journal.append("registered", **registered)
-        self.state.registered.append(registered)
-        return registered
-
-    def _finish(self) -> None:
-        self._track(final=True)
-        seq = self._queue_registration()
-        self.tracker.end_parent("FINISHED")
-        pending = self.tracker.outbox.pending
-        if pending > 20:
-            self._warn(f"waiting for MLflow to take {pending} queued writes...")
-        drained = self.tracker.close(wait_s=24 * 3600, idle_s=DRAIN_IDLE_S)
-        registered = self._journal_registration(seq) if seq is not None and drained else None
-        self.journal.append("end", mlflow_pending=0 if drained else self.tracker.outbox.pending)
-        self.state.ended = True
-        self._note_run_ids()
-        self.progress.summary(self.state, self.best, self.space.default_point(), registered, where(self))
-        if not drained:
-            raise StudyError(f"the study finished but MLflow took no write for {DRAIN_IDLE_S:.0f} s "
-                             f"({self.tracker.outbox.status()}): the writes wait in {self.folder}/mlflow-outbox.jsonl; "
-                             f"replay them with: python -m orchestrator --study {self.config.study} --resume")
-
-
-def where(study: Study) -> dict:
-    """Every place a person looks at after a study (for the final summary)."""
-    uri = study.config.tracking()
-    ui = (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite:")
-          else uri)
-    return {"folder": str(study.folder), "tracking_uri": uri, "ui": ui,
-            "plots": str(study.folder / "plots"), "journal": str(study.journal.path)}
-
 
 def pruned_result(t: TrialState, hours: float) -> TrialResult:
     """A pruned trial's record: no objective (it did not finish), the decision and the time it cost."""
     d = t.pruned
     return TrialResult("pruned", None, f"pruned at {d['fraction']:.0%} of training: {d['reason']}",
                        {"pruned_fraction": d["fraction"], "pruned_val_loss": d["value"], "total_s": hours * 3600})
-
-
-def registry_tags(config: StudyConfig, best: TrialState) -> dict:
-    return {"study": config.study, "algo": config.algo, "val_loss": best.value, "trial": best.trial,
-            "base_model": config.trial.get("base_model", ""), **{f"hp.{k}": v for k, v in best.point.items()}}
-
-
-def check_objective(target: str, code_dir: Path | None) -> None:
-    """Import the objective the way jobs will (in a subprocess: it may import anything) before any submission."""
-    script = "import sys\nfrom jobs.entry import load_objective\nload_objective(sys.argv[1])\n"
-    env = dict(os.environ)
-    cmd = [sys.executable, "-c", script, target]
-    if code_dir is not None and sys.version_info >= (3, 11):
-        env["PYTHONPATH"] = pinned_path(code_dir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd.insert(1, "-P")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        said = lines[-1] if lines else f"objective {target!r} cannot be loaded"
-        raise StudyError(said.removeprefix("ValueError: ") + " (nothing was submitted)")
 
 
 def _plain(x):

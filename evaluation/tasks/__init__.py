@@ -17,4 +17,19 @@ def get_tasks(names, humaneval_cut: str = "blank-line") -> list[Task]:
     return [table[n] for n in dict.fromkeys(names)]
 
 
-__all__ = ["NAMES", "EvalError", "Example", "Task", "get_tasks"]
+# Items each benchmark scores, in its full form (what a held-out dev subset is drawn from): MMLU's test split,
+# BBH's 27 subsets less their 3 demonstrations, DROP's validation questions with agreeing answers outside the
+# demonstrations' passages (an upper bound: the filter is applied to the data), HumanEval's problems.
+FULL_SIZES = {"mmlu": 14042, "bbh": 6430, "drop": 9536, "humaneval": 164}
+
+
+def benchmark_size(name: str, data_dir: str | None = None) -> int:
+    """How many items `name` scores: counted from local files (data_dir, prompts built without a tokenizer),
+    else the full benchmark's size (the hub cannot be read from a login node without network)."""
+    if data_dir is None:
+        return FULL_SIZES[name]
+    task = get_tasks([name])[0]
+    return len(task.build(task.load(data_dir), lambda prompts: [0] * len(prompts)))
+
+
+__all__ = ["NAMES", "EvalError", "Example", "Task", "get_tasks", "benchmark_size", "FULL_SIZES"]

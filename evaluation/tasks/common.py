@@ -68,6 +68,30 @@ def fit_shots(items: list[tuple[str, list[str], str]], count_tokens, max_tokens:
     return out
 
 
+def split_dev(examples: list, dev_size: int, seed: int, task: str) -> tuple[list, list]:
+    """(dev, test): a seeded draw of `dev_size` examples, the rest. Examples that share a unit (a DROP
+    passage: `extra["unit"]`) fall on one side together, so no passage is in both; dev may then hold a few
+    more than dev_size. The draw depends only on the task, the items and the seed: a study's trials and its
+    later test evaluation cut the same way."""
+    import random
+    units: dict[str, list] = {}
+    for ex in examples:
+        units.setdefault(str(ex.extra.get("unit", ex.id)), []).append(ex)
+    if dev_size > len(examples):
+        raise EvalError(f"a dev subset of {dev_size} {task} items is larger than the benchmark ({len(examples)}): "
+                        "lower it in the study's objective")
+    order = sorted(units)
+    random.Random(f"{task}:{seed}").shuffle(order)
+    dev_units, taken = set(), 0
+    for unit in order:
+        if taken >= dev_size:
+            break
+        dev_units.add(unit)
+        taken += len(units[unit])
+    dev = [ex for ex in examples if str(ex.extra.get("unit", ex.id)) in dev_units]
+    return dev, [ex for ex in examples if str(ex.extra.get("unit", ex.id)) not in dev_units]
+
+
 def limited(rows: list, limit: int | None) -> list:
     return rows if limit is None else rows[:limit]
 

@@ -54,8 +54,14 @@ def build(raw: list[dict], count_tokens, limit=None, seed=0) -> list[Example]:
     test = limited(test, limit)
     shots = [format_row(row, True) for row in demos]
     fitted = fit_shots([("", shots, format_row(row, False)) for row in test], count_tokens)
-    return [Example(id=str(row.get("query_id", i)), group="drop", prompt=prompt, target=answers(row)[0], n_shots=k)
+    return [Example(id=str(row.get("query_id", i)), group="drop", prompt=prompt, target=answers(row)[0], n_shots=k,
+                    extra={"unit": _passage_key(row)})  # questions on one passage go to one side of a dev split
             for i, (row, (prompt, k)) in enumerate(zip(test, fitted))]
+
+
+def _passage_key(row: dict) -> str:
+    import hashlib
+    return str(row.get("section_id") or hashlib.sha256(row["passage"].strip().encode()).hexdigest()[:16])
 
 
 TASK = Task(name="drop", source=HUB_ID, shots=SHOTS, max_new_tokens=8, load=load, build=build,
