@@ -27,7 +27,7 @@ FINAL_KEYS = {"val_loss": "val_loss", "val_loss_before": "val_loss_before", "tra
               "tokens_per_s": "train_tokens_per_s", "train_s": "train_s", "eval_s": "eval_s", "setup_s": "setup_s",
               "total_s": "total_s", "trainable_params": "trainable_params", "steps": "steps", "n_train": "n_train",
               "n_val": "n_val", "pruned_fraction": "pruned_at_fraction", "pruned_val_loss": "val_loss_when_pruned"}
-RUN_STATUS = {"ok": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}
+RUN_STATUS = {"ok": "FINISHED", "failed": "FAILED", "pruned": "KILLED", "infeasible": "KILLED"}
 PARENT = "parent"
 
 
@@ -161,11 +161,17 @@ class Tracker:
             return
         metrics = [[name, float(summary[k]), now, 0] for k, name in FINAL_KEYS.items()
                    if isinstance(summary.get(k), (int, float)) and not isinstance(summary.get(k), bool)]
+        tags = {"status": status, **({"failure_reason": reason[:5000]} if reason else {})}
         if status == "ok" and value is not None and not any(m[0] == "val_loss" for m in metrics):
             metrics.append(["val_loss", float(value), now, 0])
         if isinstance(summary.get("peak_memory_bytes"), (int, float)):
             metrics.append(["peak_memory_gb", summary["peak_memory_bytes"] / 2**30, now, 0])
-        tags = {"status": status, **({"failure_reason": reason[:5000]} if reason else {})}
+        # the held-out objective and its dev scores; constraint values (c <= 0: satisfied)
+        metrics += [[k.replace("c.", "constraint.", 1) if k.startswith("c.") else k, float(v), now, 0]
+                    for k, v in summary.items() if (k.startswith(("dev.", "c.")) or k in ("heldout", "dev_accuracy"))
+                    and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if "feasible" in summary:
+            tags["feasible"] = str(bool(summary["feasible"])).lower()
         self.outbox.put("log_batch", key=key, metrics=metrics, tags=tags)
         folder = Path(out) if out else None
         if folder and folder.is_dir():
