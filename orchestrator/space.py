@@ -4,8 +4,8 @@ The study YAML declares one entry per hyperparameter; each entry has exactly one
 
     space:
       r:       {choice: [4, 8, 16, 32, 64, 128, 256, 512], default: 8}
-      alpha:   {int: [1, 64], default: 32}
       dropout: {choice: [0, 1.0e-4, 1.0e-3, 1.0e-2, 1.0e-1, 1], default: 0.1}
+      alpha:   {int: [1, 64], default: 32}
       lr:      {log: [1.0e-6, 1.0e-3], default: 1.0e-5}
       epochs:  {fixed: 2}
       target_modules: {fixed: [q_proj, v_proj]}
@@ -20,12 +20,14 @@ The study YAML declares one entry per hyperparameter; each entry has exactly one
 - ``fixed``: a value held constant (any YAML value); never searched, passed through decoded points.
 
 Every searched entry needs a ``default``: together they make the starting point (NOMAD's X0, the
-``default`` searcher's only point). Numbers may be given as strings ("1e-6"), because PyYAML reads
+``default`` searcher's only point). NOMAD's variables follow the declaration order, and MADS's path
+depends on it (same seed, other order: other points): the paper's NOMAD declares (r index, dropout
+index, alpha, log10 lr) with X0 (2 5 32 -5), so ``paper_space()`` and the example above use that order. Numbers may be given as strings ("1e-6"), because PyYAML reads
 ``1e-6`` without a dot as a string. An invalid space raises :class:`SpaceError` naming the key, the bad
 value and the fix.
 
 A decoded point is a plain dict of python ints/floats (plus the fixed values), for example
-``{"r": 8, "alpha": 32, "dropout": 0.1, "lr": 1e-05, "epochs": 2}``.
+``{"r": 8, "dropout": 0.1, "alpha": 32, "lr": 1e-05, "epochs": 2}``.
 
 Try it: ``python -c "from orchestrator.space import paper_space; print(paper_space().default_point())"``
 """
@@ -364,10 +366,15 @@ def _parse_log(name: str, where: str, raw: Any, default: Any) -> Log:
 
 
 def paper_space() -> SearchSpace:
-    """The search space of Tribes et al. (arXiv 2312.00949), Table 1, defaults = X0."""
+    """The search space of Tribes et al. (arXiv 2312.00949), Table 1, defaults = X0.
+
+    Declared in the order of the authors' NOMAD parameter file, (r, dropout, alpha, lr), so that
+    NOMAD's X0 is theirs, (2 5 32 -5), and a seed walks their MADS path. One order everywhere (the
+    journal's encoded points, keys, plots) rather than a permutation applied for NOMAD alone.
+    """
     return SearchSpace.from_dict({
         "r": {"choice": [4, 8, 16, 32, 64, 128, 256, 512], "default": 8},
-        "alpha": {"int": [1, 64], "default": 32},
         "dropout": {"choice": [0, 1e-4, 1e-3, 1e-2, 1e-1, 1], "default": 0.1},
+        "alpha": {"int": [1, 64], "default": 32},
         "lr": {"log": [1e-6, 1e-3], "default": 1e-5},
     })

@@ -175,8 +175,8 @@ def make_searcher(algo: str, space: SearchSpace, *, budget: int, parallel: int, 
         raise ValueError(f"seed={seed!r} must be an integer in [0, 2**31)")
     options = dict(options or {})
     if algo == "nomad":
-        from orchestrator.searchers.nomad import NomadSearcher
-        return NomadSearcher(space, budget=budget, parallel=parallel, seed=seed, options=options)
+        from orchestrator.searchers.nomad import make_nomad
+        return make_nomad(space, budget=budget, parallel=parallel, seed=seed, options=options)
     if algo == "tpe":
         from orchestrator.searchers.tpe import TpeSearcher
         return TpeSearcher(space, budget=budget, parallel=parallel, seed=seed, options=options)

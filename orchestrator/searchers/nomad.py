@@ -99,6 +99,8 @@ PAPER_DEFAULTS = {
     "EVAL_OPPORTUNISTIC": True,
     "DISPLAY_DEGREE": 0,
 }
+PROFILES = ("paper", "async")
+ASYNC_OPTIONS = ("lh_points",)
 RESERVED = ("DIMENSION", "BB_INPUT_TYPE", "BB_OUTPUT_TYPE", "LOWER_BOUND", "UPPER_BOUND", "X0",
             "MAX_BB_EVAL", "BB_MAX_BLOCK_SIZE", "SEED")
 
@@ -124,7 +126,7 @@ def nomad_parameters(space: SearchSpace, *, budget: int, parallel: int, seed: in
     for name in options:
         if not isinstance(name, str) or not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
             raise ValueError(f"nomad option {name!r} is not a NOMAD parameter name (upper case, "
-                             "e.g. DIRECTION_TYPE); see PyNomad.help()")
+                             "e.g. DIRECTION_TYPE; see PyNomad.help()) nor 'profile'")
         if name == "DISPLAY_DEGREE" and options[name] not in (0, 1, 2, 3):
             raise ValueError(f"nomad option DISPLAY_DEGREE={options[name]!r}; use 0, 1, 2 or 3")
         if name in RESERVED:
@@ -175,6 +177,27 @@ def _check_in_subprocess(problem_json: str) -> None:
         said = " | ".join(lines)
         raise ValueError(f"NOMAD rejects the nomad options (exit code {proc.returncode}): {said[:500]}; "
                          "fix them (PyNomad.help('NAME') documents a parameter)")
+
+
+def make_nomad(space: SearchSpace, *, budget: int, parallel: int, seed: int, options: dict):
+    """The NOMAD searcher of the profile named by ``options["profile"]`` (default: see PROFILES)."""
+    options = dict(options)
+    profile = options.pop("profile", "paper" if parallel == 1 else "async")
+    if profile not in PROFILES:
+        raise ValueError(f"nomad option profile={profile!r} is unknown; valid: {list(PROFILES)}")
+    if profile == "paper":
+        return NomadSearcher(space, budget=budget, parallel=parallel, seed=seed, options=options)
+    from orchestrator.searchers.async_mads import AsyncMadsSearcher
+    unknown = sorted(set(options) - set(ASYNC_OPTIONS))
+    if unknown:
+        raise ValueError(f"nomad options {unknown} do not apply to profile 'async' (its own asynchronous "
+                         f"MADS; NOMAD parameters need profile: paper); valid: {['profile', *ASYNC_OPTIONS]}")
+    lh_points = options.get("lh_points")
+    if lh_points is not None and (isinstance(lh_points, bool) or not isinstance(lh_points, int)
+                                  or not 0 <= lh_points < budget):
+        raise ValueError(f"nomad option lh_points={lh_points!r} must be an integer in [0, budget={budget}); "
+                         "it is the size of the Latin-hypercube start")
+    return AsyncMadsSearcher(space, budget=budget, parallel=parallel, seed=seed, lh_points=lh_points)
 
 
 class NomadSearcher:
