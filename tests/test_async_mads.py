@@ -3,6 +3,8 @@
 The protocol contract (slots, budget, replay, adoption, determinism) is in test_searchers.py; these
 tests pin what makes it MADS: the start, the poll geometry, the refinement around an incumbent.
 """
+import math
+
 import numpy as np
 import pytest
 
@@ -66,18 +68,21 @@ def test_latin_hypercube_hits_every_stratum_once():
     assert sorted(np.floor(box.scale(points)[:, 1] * 10)) == list(range(10))
 
 
-def test_the_poll_closes_in_on_an_incumbent_nothing_beats():
-    """Everything but X0 is worse: failed polls refine the frame, points gather around X0."""
-    space, x0 = paper_space(), np.array(paper_space().nomad_x0())
-    box = Box.from_space(space)
-
-    def bowl(point):   # minimum at X0, no other structure
-        return float(np.sum((box.scale(space.to_nomad(point)) - box.scale(x0)) ** 2))
-
-    handed = run(build(budget=60), bowl)
-    lr_steps = [abs(s.encoded[3] - x0[3]) for s in handed[8:]]   # the real coordinate: a finer frame
-    assert max(lr_steps[-15:]) < max(lr_steps[:15]) / 4
-    assert all(bowl(s.point) > 0 for s in handed[1:])   # X0 is never proposed again
+def test_failed_polls_halve_the_frame_around_an_incumbent_nothing_beats():
+    """One real variable, best at X0: every poll fails, so MADS polls X0 +- frame with the frame
+    halving at each level, down to the finest (then it restarts elsewhere)."""
+    space = SearchSpace.from_dict({"lr": {"log": [1e-6, 1e-3], "default": 1e-5}})
+    handed = run(build(budget=30, space=space), lambda p: abs(math.log10(p["lr"]) + 5))
+    offsets = [round(s.encoded[0] + 5, 6) for s in handed]
+    assert offsets[0] == 0   # X0
+    first_seen = []
+    for level in range(8):   # frame = range / 8 / 2^level
+        step = round(3 / 8 / 2 ** level, 6)
+        assert step in offsets and -step in offsets, f"level {level}: X0 +- {step} not polled"
+        first_seen.append(min(offsets.index(step), offsets.index(-step)))
+    assert first_seen == sorted(first_seen)
+    assert offsets.count(0) == 1   # X0 is never proposed again
+    assert max(abs(o) for o in offsets[first_seen[-1] + 2:]) > 0.5   # converged: a restart elsewhere
 
 
 def test_quadratic_model_finds_the_minimum_of_a_quadratic():

@@ -27,6 +27,7 @@ import numpy as np
 from orchestrator.space import SearchSpace
 
 INITIAL_FRAME = 1 / 8       # of each variable's range, at level 0
+MESH_RATIO = 4.0            # frame / mesh of the reals at level 0
 MAX_CANDIDATES = 20000      # model minimization: points scored per search
 MODEL_WIDTH = 0.5           # squared distance (unit box) at which a point's weight in the model is 1/e
 TRUST = 8.0                 # the model is minimized within TRUST frames of the incumbent
@@ -68,7 +69,7 @@ def frame(box: Box, level: int) -> tuple[np.ndarray, np.ndarray]:
     """(frame size, mesh size) per coordinate at ``level`` (negative levels are coarser than the start)."""
     size = box.span * INITIAL_FRAME * 2.0 ** (-level)
     frame_size = np.where(box.integer, np.maximum(1.0, np.round(size)), size)
-    mesh_size = np.where(box.integer, 1.0, size * 2.0 ** (-max(level, 0)))
+    mesh_size = np.where(box.integer, 1.0, size * 2.0 ** (-max(level, 0)) / MESH_RATIO)
     return frame_size, mesh_size
 
 
@@ -88,8 +89,10 @@ def poll_steps(box: Box, level: int, rng: np.random.Generator) -> list[np.ndarra
     return steps
 
 
-def latin_hypercube(box: Box, n: int, rng: np.random.Generator, tries: int = 20) -> list[np.ndarray]:
-    """``n`` points, one per stratum of every coordinate; the most spread of ``tries`` designs.
+def latin_hypercube(box: Box, n: int, rng: np.random.Generator, tries: int = 20,
+                    avoid: np.ndarray | None = None) -> list[np.ndarray]:
+    """``n`` points, one per stratum of every coordinate; the most spread of ``tries`` designs (the
+    farthest from each other and from the points ``avoid``).
 
     An integer coordinate with L values gives stratum s the values [sL/n, (s+1)L/n): n <= L points
     take n distinct values, more points share them evenly.
@@ -104,7 +107,9 @@ def latin_hypercube(box: Box, n: int, rng: np.random.Generator, tries: int = 20)
         points = np.where(box.integer, np.minimum(ints, box.hi), box.lo + (strata + jitter) / n * box.span)
         scaled = box.scale(points)
         gaps = np.linalg.norm(scaled[:, None] - scaled[None], axis=2) + np.eye(n) * 9.0
-        gap = float(gaps.min()) if n > 1 else 0.0
+        gap = float(gaps.min()) if n > 1 else 9.0
+        if avoid is not None and len(avoid):
+            gap = min(gap, float(np.linalg.norm(scaled[:, None] - box.scale(avoid)[None], axis=2).min()))
         if gap > best_gap:
             best, best_gap = points, gap
     return list(best)

@@ -1,7 +1,26 @@
 """NOMAD 4 (MADS, PyNomadBBO) behind the ask/tell protocol: the only module that imports PyNomad.
 
-Why ``PyNomad.optimize`` in a background thread rather than ``suggest``/``observe``
------------------------------------------------------------------------------------
+Profiles: which NOMAD to use when
+---------------------------------
+Chosen by ``searcher_options: {profile: paper|async}`` in the study YAML; the default is ``paper``
+with ``--parallel 1`` and ``async`` with ``--parallel`` > 1.
+
+- ``paper``: NOMAD 4's MADS exactly as the paper ran it: its options (below), X0 = the default
+  point, in the paper's variable order (r index, dropout index, alpha, log10 lr) = (2 5 32 -5),
+  one evaluation at a time, the same points for the same seed. Use it to reproduce the paper or
+  to compare with it, i.e. with ``--parallel 1``. Upper-case options pass to NOMAD. With
+  ``--parallel K`` it evaluates NOMAD's blocks (``BB_MAX_BLOCK_SIZE K``): the slots wait for a
+  block's slowest trial and search steps run alone, so K GPUs work at about 1.4x the speed of one
+  (bench/parallel_efficiency.py: slot utilization FIGURE_PAPER_UTIL).
+- ``async`` (recommended for ``--parallel`` > 1, and for the fewest evaluations at ``--parallel 1``
+  when reproducing the paper's path does not matter): asynchronous MADS
+  (``orchestrator/searchers/async_mads.py``): X0, a short Latin-hypercube start, then polls around
+  the incumbent with quadratic-model and speculative search steps; every freed slot gets a point
+  at once. Option ``lh_points`` (the start's size). It runs its own MADS, not NOMAD's code: NOMAD
+  4.6 has no asynchronous mode (see async_mads.py for what was tried and why). FIGURES_ASYNC
+
+Profile paper: why ``PyNomad.optimize`` in a background thread, not ``suggest``/``observe``
+------------------------------------------------------------------------------------------
 ``suggest``/``observe`` restart NOMAD from a cache file for every call: each suggestion is one fresh
 mega-iteration rebuilt from the file, so the run is not the MADS of the paper (no opportunistic
 poll/search sequence, models rebuilt from scratch, mesh state carried by hand). ``optimize`` is
