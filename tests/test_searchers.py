@@ -287,7 +287,7 @@ def test_nomad_resume_counts_the_failed_starting_point_retries():
 
 def test_tpe_adopted_trials_are_running_for_nni():
     told, pending = crash(build("tpe", budget=20, parallel=3, n_startup_jobs=4), 3, after=6)
-    resumed = build("tpe", budget=20, parallel=3, n_startup_jobs=4)
+    resumed = build("tpe", budget=20, parallel=3, n_startup_jobs=4, constant_liar_type="best")
     adopted = resume(resumed, told, pending)
     tuner = resumed._tuner
     assert len(tuner._running_params) == len(pending)   # the constant liar lies for each of them
@@ -422,6 +422,12 @@ def test_make_searcher_validates_its_arguments():
         build("random", n_startup_jobs=5)
     with pytest.raises(ValueError, match="n_startup_job.*valid"):
         build("tpe", n_startup_job=5)
+
+
+def test_tpe_liar_is_the_papers_at_parallel_1_and_mean_above():
+    assert build("tpe", parallel=1)._tuner.args.constant_liar_type == "best"
+    assert build("tpe", parallel=4)._tuner.args.constant_liar_type == "mean"
+    assert build("tpe", parallel=4, constant_liar_type="worst")._tuner.args.constant_liar_type == "worst"
 
 
 def test_tpe_options_reach_nni():
