@@ -206,11 +206,13 @@ def run_cell(algo: str, landscape: str, k: int, budget: int, seeds: list[int]) -
 
 
 def print_row(landscape: str, k: int, row: dict, base: dict | None) -> None:
-    speed = base["t"] / row["t"] if base and not math.isinf(row["t"]) and not math.isinf(base["t"]) else math.nan
+    finite = base and not math.isinf(row["t"]) and not math.isinf(base["t"])
+    speed = base["t"] / row["t"] if finite else math.nan
     spread = f"[{_fmt(row['t25'])}-{_fmt(row['t75'])}]"
     print(f"{landscape:<10} {row['name']:<18} {k:>3} {_fmt(row['t']):>6} {spread:>13} "
           f"{row['hits']:>2}/{row['n']:<2} {_fmt(row['evals'], 0):>5} {speed:>6.2f} {row['best']:>8.4f} "
-          f"{row['util']:>5.2f} ({row['util_min']:.2f}) {row['util_all']:>8.2f} {row['secs']:>7.1f}", flush=True)
+          f"{row['util']:>5.2f} ({row['util_min']:.2f}) {row['util_all']:>8.2f} {row['secs']:>7.1f}",
+          flush=True)
 
 
 def check_targets(table: dict, landscape: str, ks: list[int]) -> None:

@@ -86,7 +86,8 @@ def test_failed_polls_halve_the_frame_around_an_incumbent_nothing_beats():
 
 
 def test_quadratic_model_finds_the_minimum_of_a_quadratic():
-    space = SearchSpace.from_dict({"n": {"int": [0, 20], "default": 0}, "x": {"log": [1e-3, 1.0], "default": 1e-2}})
+    space = SearchSpace.from_dict({"n": {"int": [0, 20], "default": 0},
+                                   "x": {"log": [1e-3, 1.0], "default": 1e-2}})
     box = Box.from_space(space)
     xs = np.array(latin_hypercube(box, 12, np.random.default_rng(1)))
     fs = (xs[:, 0] - 13) ** 2 + 40 * (xs[:, 1] + 1.2) ** 2
@@ -110,7 +111,8 @@ def test_failures_do_not_stop_the_search():
 
 def test_a_small_discrete_space_is_exhausted_without_repeats():
     space = SearchSpace.from_dict({"r": {"choice": [4, 8, 16], "default": 8},
-                                   "dropout": {"choice": [0.0, 0.1], "default": 0.1}})
+                                   "dropout": {"choice": [0.0, 0.1], "default": 0.1},
+                                   "alpha": {"choice": [16], "default": 16}})   # one value: a span of 0
     searcher = build(budget=20, parallel=2, space=space)
     handed = run(searcher, lambda p: p["r"] / 16 + p["dropout"], k=2)
     assert len(handed) == 6 and len({space.key(s.point) for s in handed}) == 6

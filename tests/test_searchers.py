@@ -512,7 +512,7 @@ def test_nomad_profiles_default_by_parallel_and_are_validated():
     assert isinstance(build("nomad", parallel=1, profile="async", lh_points=3), AsyncMadsSearcher)
     with pytest.raises(ValueError, match=r"profile='fast' is unknown; valid: \['paper', 'async'\]"):
         build("nomad", profile="fast")
-    with pytest.raises(ValueError, match=r"\['DIRECTION_TYPE'\] do not apply to profile 'async'.*profile: paper"):
+    with pytest.raises(ValueError, match=r"\['DIRECTION_TYPE'\] do not apply to profile 'async'"):
         build("nomad", parallel=4, DIRECTION_TYPE="ORTHO 2N")
     with pytest.raises(ValueError, match="lh_points=-1 must be an integer"):
         build("nomad", profile="async", lh_points=-1)

@@ -135,7 +135,9 @@ class AsyncMadsSearcher:
         self._results[key] = (x, value, episode)
         if episode == self._episode:
             self._told_in_episode += 1
-        if value is None or episode != self._episode or (self._center is not None and value >= self._center[2]):
+        if value is None or episode != self._episode:
+            return
+        if self._center is not None and value >= self._center[2]:
             return
         if any(np.linalg.norm(self._box.scale(x) - self._box.scale(old)) < TABU for old in self._converged):
             return   # the basin of an earlier episode: not a centre for this one
@@ -166,7 +168,8 @@ class AsyncMadsSearcher:
                         return x, level, step
         return self._explore()
 
-    def _extra_model_point(self):
+    def _extra_model_point(self) -> tuple[np.ndarray, int, str] | None:
+        """With K > 1: a model point whenever results changed the model, up to K / MODEL_SHARE running."""
         if self._ledger.parallel == 1 or self._fit() is None or self._model_used == self._model[0]:
             return None
         running = sum(1 for _, _, _, step, _ in self._running.values() if step == "model")
@@ -198,7 +201,9 @@ class AsyncMadsSearcher:
         if self._center is not None and self._told_in_episode - self._last_gain >= STALL:
             self._restart()
         for _ in range(LEVEL_MAX - LEVEL_MIN + 2):
-            if self._center is None or any(self._key(x) not in self._results for x in self._poll(self._level)):
+            if self._center is None:
+                return
+            if any(self._key(x) not in self._results for x in self._poll(self._level)):
                 return
             self._level += 1
             if self._level > LEVEL_MAX:
@@ -220,7 +225,8 @@ class AsyncMadsSearcher:
         The search steps give one point per iteration (NOMAD's): once one is out, the step is done.
         """
         key, center, _ = self._center
-        done = {step for (k, lvl, episode, step) in self._searched if (k, lvl, episode) == (key, level, self._episode)}
+        iteration = (key, level, self._episode)
+        done = {step for (*it, step) in self._searched if tuple(it) == iteration}
         out = []
         if depth == 0 and self._move is not None and "speculative" not in done:
             out.append((self._box.snap(center + self._move), "speculative"))
@@ -239,8 +245,9 @@ class AsyncMadsSearcher:
     def _fit(self) -> QuadModel | None:
         # after a restart the model learns from the new episode only: the old basin's points
         # would pull its search steps back there
-        done = [(x, f) for x, f, episode in self._results.values() if f is not None and episode == self._episode]
-        state = (len(self._results), self._center[0])
+        done = [(x, f) for x, f, episode in self._results.values()
+                if f is not None and episode == self._episode]
+        state = (len(self._results), self._center[0], self._episode)
         if self._model[0] != state:
             model = None
             if len(done) >= len(self._box.lo) + 2:
@@ -249,7 +256,8 @@ class AsyncMadsSearcher:
             self._model = (state, model)
         return self._model[1]
 
-    def _explore(self) -> tuple[np.ndarray, None] | None:
+    def _explore(self) -> tuple[np.ndarray, None, str] | None:
+        """A point far from every point tried or running (nothing else to propose)."""
         taken = np.array([x for x, *_ in self._results.values()] + [x for _, x, *_ in self._running.values()])
         for _ in range(50):
             self._explored += 1

@@ -6,8 +6,9 @@ Coordinates are NOMAD's (``SearchSpace.to_nomad``): integers for choice indices 
 - ``Box``: bounds, which coordinates are integers, snapping (clip to the bounds, round integers;
   NOMAD 4 snaps to bounds too, so a poll step towards a bound lands on it).
 - ``frame``: NOMAD-style frame and mesh sizes at a level (0 = the initial frame, 1/8 of each range;
-  each level halves the frame; for reals the mesh shrinks faster than the frame, as in MADS, so that
-  the poll directions grow dense; integers keep a mesh of 1 and a frame of at least 1).
+  each level halves the frame; for reals the mesh is a quarter of the frame at level 0 and shrinks
+  faster than the frame, as in MADS, so that the poll directions grow dense; integers keep a mesh of
+  1 and a frame of at least 1).
 - ``poll_steps``: NOMAD's ORTHO 2N directions: a random Householder basis, each column scaled to the
   frame and rounded to the mesh, with its opposite.
 - ``latin_hypercube``: a space-filling start (best of several Latin hypercubes by maximin distance).
@@ -55,8 +56,8 @@ class Box:
         return np.where(self.integer, np.round(x), x)
 
     def scale(self, x: np.ndarray) -> np.ndarray:
-        """To [0, 1] per coordinate (the model's and the distances' units)."""
-        return (np.asarray(x, float) - self.lo) / self.span
+        """To [0, 1] per coordinate (the model's and the distances' units); a fixed one maps to 0."""
+        return (np.asarray(x, float) - self.lo) / np.where(self.span > 0, self.span, 1.0)
 
     def from_unit(self, u: np.ndarray) -> np.ndarray:
         """From [0, 1]; integers get equal shares of the unit interval per value."""
