@@ -508,6 +508,7 @@ def test_nomad_profiles_default_by_parallel_and_are_validated():
     from orchestrator.searchers.nomad import NomadSearcher
     assert isinstance(build("nomad", parallel=1), NomadSearcher)           # the paper's MADS
     assert isinstance(build("nomad", parallel=2), AsyncMadsSearcher)       # the recommended one
+    assert (build("nomad", parallel=1).profile, build("nomad", parallel=2).profile) == ("paper", "async")
     assert isinstance(build("nomad", parallel=4, profile="paper"), NomadSearcher)
     assert isinstance(build("nomad", parallel=1, profile="async", lh_points=3), AsyncMadsSearcher)
     with pytest.raises(ValueError, match=r"profile='fast' is unknown; valid: \['paper', 'async'\]"):

@@ -64,6 +64,7 @@ TABU = 0.25                    # (unit box) around earlier episodes' incumbents:
 
 class AsyncMadsSearcher:
     name = "nomad"
+    profile = "async"   # which NOMAD profile (nomad.py's docstring): for logging by the study
 
     def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int, lh_points: int | None):
         self._space, self._box, self._seed = space, Box.from_space(space), seed

@@ -226,6 +226,7 @@ def make_nomad(space: SearchSpace, *, budget: int, parallel: int, seed: int, opt
 
 class NomadSearcher:
     name = "nomad"
+    profile = "paper"   # which NOMAD profile (nomad.py's docstring): for logging by the study
 
     def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int, options: dict):
         self._space = space
