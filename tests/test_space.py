@@ -8,8 +8,8 @@ from orchestrator.space import SearchSpace, SpaceError, paper_space
 
 PAPER = {
     "r": {"choice": [4, 8, 16, 32, 64, 128, 256, 512], "default": 8},
-    "dropout": {"choice": [0, 1e-4, 1e-3, 1e-2, 1e-1, 1], "default": 0.1},
     "alpha": {"int": [1, 64], "default": 32},
+    "dropout": {"choice": [0, 1e-4, 1e-3, 1e-2, 1e-1, 1], "default": 0.1},
     "lr": {"log": [1e-6, 1e-3], "default": 1e-5},
 }
 
@@ -17,8 +17,8 @@ PAPER = {
 def test_paper_space_defaults_and_nomad_problem():
     space = paper_space()
     assert space.default_point() == {"r": 8, "alpha": 32, "dropout": 0.1, "lr": 1e-5}
-    assert space.names == ["r", "dropout", "alpha", "lr"]   # the authors' NOMAD order...
-    assert space.nomad_x0() == [2, 5, 32, -5.0]             # ...and their X0 (2 5 32 -5)
+    assert space.names == ["r", "alpha", "dropout", "lr"]   # the paper's table and figures...
+    assert space.nomad_x0() == [2, 5, 32, -5.0]             # ...NOMAD: the authors' order and X0
     assert space.nomad_input_types() == ["I", "I", "I", "R"]
     assert space.nomad_bounds() == ([1, 1, 1, -6.0], [8, 6, 64, -3.0])
 
@@ -35,9 +35,9 @@ def test_paper_space_tpe_search_space():
 def test_from_dict_with_fixed_values_passes_them_through():
     space = SearchSpace.from_dict({**PAPER, "epochs": {"fixed": 2},
                                    "target_modules": {"fixed": ["q_proj", "v_proj"]}})
-    point = space.from_nomad([8, 1, 64, -3.3])
+    point = space.from_nomad([8, 64, 1, -3.3])
     assert point["epochs"] == 2 and point["target_modules"] == ["q_proj", "v_proj"]
-    assert space.names == ["r", "dropout", "alpha", "lr"]
+    assert space.names == ["r", "alpha", "dropout", "lr"]
     assert space.contains(point) and space.contains(space.default_point())
     assert not space.contains({**point, "epochs": 3})
     assert space.from_tpe(space.to_tpe(point)) == point
@@ -56,8 +56,9 @@ def test_nomad_round_trip_and_python_types():
 
 
 def test_from_nomad_rounds_and_clips():
-    space = paper_space()
+    space = paper_space()   # NOMAD vectors: (r index, dropout index, alpha, log10 lr)
     assert space.from_nomad([8.4, 0.2, 0.6, -2.5]) == {"r": 512, "alpha": 1, "dropout": 0.0, "lr": 1e-3}
+    assert list(space.from_nomad([8.4, 0.2, 0.6, -2.5])) == ["r", "alpha", "dropout", "lr"]
     assert space.from_nomad([1.0, 6.0, 64.0, -6.0])["lr"] == pytest.approx(1e-6)
 
 
@@ -76,7 +77,14 @@ def test_key_is_stable_and_tolerates_float_jitter():
     b = space.from_nomad([3, 2, 10, -4.2 + 1e-12])
     c = space.from_nomad([3, 2, 10, -4.2 + 1e-6])
     assert space.key(a) == space.key(b) != space.key(c)
-    assert space.key(space.default_point()) == "r=8,dropout=0.1,alpha=32,lr=10^-5.000000000"
+    assert space.key(space.default_point()) == "r=8,alpha=32,dropout=0.1,lr=10^-5.000000000"
+
+
+def test_a_space_declared_like_the_paper_keeps_its_declaration_order_for_nomad():
+    space = SearchSpace.from_dict(PAPER)
+    assert space.nomad_x0() == [2, 32, 5, -5.0] and space.from_nomad([2, 32, 5, -5.0]) == space.default_point()
+    with pytest.raises(SpaceError, match="must list each of"):
+        SearchSpace(space.dims, nomad_order=("r", "alpha", "lr"))
 
 
 def test_contains_rejects_points_outside():
