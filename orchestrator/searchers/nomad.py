@@ -17,12 +17,13 @@ with ``--parallel 1`` and ``async`` with ``--parallel`` > 1. An unknown profile 
   (``orchestrator/searchers/async_mads.py``): X0, a short Latin-hypercube start (option
   ``lh_points``), then polls around the incumbent with quadratic-model and speculative search
   steps; a freed slot gets a point at once (slots busy 100% until the budget is handed out). Same
-  bench: within 1% after a median 9 evaluations at K=1 (paper profile: 14), and in 9.6 / 3.1 / 2.3
-  / 1.9 mean trial lengths at K = 1 / 4 / 8 / 16. Also the better choice at ``--parallel 1`` when
-  the paper's exact path does not matter. It is NOMAD's algorithm run by this project, not NOMAD's
+  bench: within 1% after a median 9 evaluations at K=1 (paper profile: 14, Optuna's GP: 14), and
+  in 9.6 / 3.1 / 2.6 / 1.9 mean trial lengths at K = 1 / 4 / 8 / 16 (Optuna's GP: 14.0 / 4.6 / 2.8
+  / 2.3; TPE with constant liar slower). Also the better choice at ``--parallel 1`` when the
+  paper's exact path does not matter. It is NOMAD's algorithm run by this project, not NOMAD's
   code: NOMAD 4.6 has no asynchronous mode (async_mads.py says what was tried). Like NOMAD it is
-  a local search: on a landscape with a deeper second basin (``two_basins``) it finds that basin in
-  1 to 4 studies of 10, TPE and Optuna's samplers in 5 to 7.
+  a local search: on a landscape with a deeper, narrower second basin (``two_basins``) it finds
+  that basin in 1 to 5 studies of 10 (paper profile: 2 to 3), Optuna's GP in 7 to 9.
 
 Profile paper: why ``PyNomad.optimize`` in a background thread, not ``suggest``/``observe``
 ------------------------------------------------------------------------------------------
