@@ -21,8 +21,8 @@ Defaults are the paper's (NNI's): 20 random start-up trials, 24 EI candidates, c
 with parallel = 1 (the paper ran one trial at a time; the liar acts only while trials are pending).
 With parallel > 1 the default liar is 'mean': NNI's 'best' tells TPE that every running trial is as
 good as the best result, so it keeps sampling around the running points and stalls in one region
-(bench/parallel_efficiency.py, paper landscape, 10 seeds: within 1% of the optimum in 4/10 studies at
-K=4 and 3/10 at K=8 with 'best', 9/10 and 8/10 with 'mean'; 'worst' is about as good as 'mean').
+(bench/parallel_efficiency.py, paper landscape, 10 seeds: within 1% of the optimum in 3/10 studies at
+K = 4, 8 and 2/10 at K=16 with 'best', 7, 8 and 8/10 with 'mean'; 'worst' is about as good as 'mean').
 ``options`` may override any field of ``nni.algorithms.hpo.tpe_tuner.TpeArguments``:
 ``constant_liar_type`` ('best' | 'worst' | 'mean' | None), ``n_startup_jobs``, ``n_ei_candidates``,
 ``linear_forgetting``, ``prior_weight``, ``gamma``.
