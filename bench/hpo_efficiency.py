@@ -1,7 +1,8 @@
 """HPO efficiency on a synthetic landscape: best value found vs evaluations, per searcher.
 
-Runs our searchers (nomad, tpe, random, default) and Optuna's TPESampler (the outside peer, driven
-through its ask/tell API, default settings) on ``orchestrator.objectives.paper_landscape`` with
+Runs our searchers (nomad with its default profile for ``--parallel``, i.e. ``paper`` at 1;
+``nomad-async``: profile ``async``; tpe, random, default) and Optuna's TPESampler (the outside peer,
+driven through its ask/tell API, default settings) on ``orchestrator.objectives.paper_landscape`` with
 Gaussian evaluation noise, over several seeds and budgets. With ``--parallel K`` up to K
 evaluations are pending at once and results come back oldest first.
 
@@ -28,7 +29,7 @@ from orchestrator.objectives import OPTIMUM, paper_landscape  # noqa: E402
 from orchestrator.searchers import make_searcher  # noqa: E402
 from orchestrator.space import Choice, Int, Log, SearchSpace, paper_space  # noqa: E402
 
-ALGOS = ("nomad", "tpe", "optuna-tpe", "random", "default")
+ALGOS = ("nomad", "nomad-async", "tpe", "optuna-tpe", "random", "default")
 
 
 class OptunaTpe:
@@ -65,6 +66,9 @@ class OptunaTpe:
 def _searcher(algo: str, space: SearchSpace, budget: int, parallel: int, seed: int):
     if algo == "optuna-tpe":
         return OptunaTpe(space, seed)
+    if algo == "nomad-async":
+        return make_searcher("nomad", space, budget=budget, parallel=parallel, seed=seed,
+                             options={"profile": "async"})
     return make_searcher(algo, space, budget=budget, parallel=parallel, seed=seed, options={})
 
 
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"paper_landscape, optimum {OPTIMUM}, noise sd {args.noise}, parallel {args.parallel}, "
           f"seeds 0..{args.seeds - 1}; best found = true loss of the incumbent, mean +- sd")
-    header = f"{'algo':<11}" + "".join(f"{'budget ' + str(b):>18}" for b in budgets)
+    header = f"{'algo':<12}" + "".join(f"{'budget ' + str(b):>18}" for b in budgets)
     print(header + f"{'evals to 1% (hits)':>22}{'time s':>9}")
     for algo in args.algos:
         start = time.perf_counter()
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         hits = [n for n in (_evals_to_target(c, target) for c in last) if n is not None]
         reach = f"{statistics.median(hits):.0f}" if hits else f">{budgets[-1]}"
         reach += f" ({len(hits)}/{len(last)})"
-        print(f"{algo:<11}" + "".join(f"{cell:>18}" for cell in row)
+        print(f"{algo:<12}" + "".join(f"{cell:>18}" for cell in row)
               + f"{reach:>22}{time.perf_counter() - start:>9.1f}")
 
 

@@ -20,9 +20,12 @@ The study YAML declares one entry per hyperparameter; each entry has exactly one
 - ``fixed``: a value held constant (any YAML value); never searched, passed through decoded points.
 
 Every searched entry needs a ``default``: together they make the starting point (NOMAD's X0, the
-``default`` searcher's only point). Numbers may be given as strings ("1e-6"), because PyYAML reads
-``1e-6`` without a dot as a string. An invalid space raises :class:`SpaceError` naming the key, the bad
-value and the fix.
+``default`` searcher's only point). NOMAD's variables follow the declaration order (MADS's path
+depends on it: same seed, other order, other points), except in ``paper_space()``: there NOMAD sees
+the authors' NOMAD order (r index, dropout index, alpha, log10 lr), X0 (2 5 32 -5), while points,
+keys, TPE and plots keep the order of the paper's table and figures (r, alpha, dropout, lr).
+Numbers may be given as strings ("1e-6"), because PyYAML reads ``1e-6`` without a dot as a string.
+An invalid space raises :class:`SpaceError` naming the key, the bad value and the fix.
 
 A decoded point is a plain dict of python ints/floats (plus the fixed values), for example
 ``{"r": 8, "alpha": 32, "dropout": 0.1, "lr": 1e-05, "epochs": 2}``.
@@ -31,6 +34,7 @@ Try it: ``python -c "from orchestrator.space import paper_space; print(paper_spa
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -208,9 +212,18 @@ def _same(a: Any, b: Any) -> bool:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Searched dimensions (in declaration order) plus fixed values."""
+    """Searched dimensions (in declaration order) plus fixed values.
+
+    ``nomad_order``: the searched names in the order NOMAD's vectors use (X0, bounds, points);
+    empty = the declaration order.
+    """
     dims: tuple
     fixed: tuple = ()
+    nomad_order: tuple = ()
+
+    def __post_init__(self):
+        if self.nomad_order and sorted(self.nomad_order) != sorted(self.names):
+            raise SpaceError(f"nomad_order {list(self.nomad_order)} must list each of {self.names} once")
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -261,23 +274,30 @@ class SearchSpace:
         """One point drawn uniformly per dimension (log-uniformly for ``log``)."""
         return self._with_fixed({dim.name: dim.sample(rng) for dim in self.dims})
 
-    # -- NOMAD -------------------------------------------------------------------------------
+    # -- NOMAD (vectors in nomad_order) --------------------------------------------------------
+    @property
+    def _nomad_dims(self) -> tuple:
+        by_name = {dim.name: dim for dim in self.dims}
+        return tuple(by_name[name] for name in self.nomad_order) if self.nomad_order else self.dims
+
     def nomad_input_types(self) -> list[str]:
-        return [dim.nomad()[0] for dim in self.dims]
+        return [dim.nomad()[0] for dim in self._nomad_dims]
 
     def nomad_bounds(self) -> tuple[list[float], list[float]]:
-        return [dim.nomad()[1] for dim in self.dims], [dim.nomad()[2] for dim in self.dims]
+        dims = self._nomad_dims
+        return [dim.nomad()[1] for dim in dims], [dim.nomad()[2] for dim in dims]
 
     def nomad_x0(self) -> list[float]:
         return self.to_nomad(self.default_point())
 
     def to_nomad(self, point: dict) -> list[float]:
-        return [dim.to_nomad(point[dim.name]) for dim in self.dims]
+        return [dim.to_nomad(point[dim.name]) for dim in self._nomad_dims]
 
     def from_nomad(self, x: list[float]) -> dict:
         if len(x) != len(self.dims):
             raise ValueError(f"NOMAD point {x!r} has {len(x)} coordinates, the space has {len(self.dims)}")
-        return self._with_fixed({dim.name: dim.from_nomad(float(v)) for dim, v in zip(self.dims, x)})
+        values = {dim.name: dim.from_nomad(float(v)) for dim, v in zip(self._nomad_dims, x)}
+        return self._with_fixed({name: values[name] for name in self.names})   # declaration order
 
     # -- TPE (NNI search-space format) -------------------------------------------------------
     def tpe_search_space(self) -> dict:
@@ -364,10 +384,17 @@ def _parse_log(name: str, where: str, raw: Any, default: Any) -> Log:
 
 
 def paper_space() -> SearchSpace:
-    """The search space of Tribes et al. (arXiv 2312.00949), Table 1, defaults = X0."""
-    return SearchSpace.from_dict({
+    """The search space of Tribes et al. (arXiv 2312.00949), Table 1, defaults = X0.
+
+    Declared in the order of the paper's table and figures; NOMAD gets the order of the authors'
+    NOMAD parameter file, (r, dropout, alpha, lr), so that its X0 is theirs, (2 5 32 -5), and a seed
+    walks their MADS path. A permutation for NOMAD alone, because the paper itself uses both orders,
+    and the rest (TPE's and random search's draws, keys, journals, plots) stays as it was.
+    """
+    space = SearchSpace.from_dict({
         "r": {"choice": [4, 8, 16, 32, 64, 128, 256, 512], "default": 8},
         "alpha": {"int": [1, 64], "default": 32},
         "dropout": {"choice": [0, 1e-4, 1e-3, 1e-2, 1e-1, 1], "default": 0.1},
         "lr": {"log": [1e-6, 1e-3], "default": 1e-5},
     })
+    return dataclasses.replace(space, nomad_order=("r", "dropout", "alpha", "lr"))

@@ -1,7 +1,13 @@
-"""One contract suite for every searcher, driven like the study loop drives them, on a cheap objective."""
+"""One contract suite for every searcher, driven like the study loop drives them, on a cheap objective.
+
+``nomad-paper`` and ``nomad-async`` are NOMAD with its profile forced; plain ``nomad`` gets the
+default profile for its ``parallel`` (paper at 1, async above).
+"""
+import heapq
 import math
 import time
 
+import numpy as np
 import pytest
 
 from orchestrator.objectives import paper_landscape
@@ -10,13 +16,17 @@ from orchestrator.space import paper_space
 
 pytestmark = pytest.mark.timeout(60)   # a NOMAD thread that deadlocks fails the test, not the suite
 
-LEARNING = ("nomad", "tpe", "random")
+PROFILES = {"nomad-paper": ("nomad", {"profile": "paper"}), "nomad-async": ("nomad", {"profile": "async"})}
+LEARNING = ("nomad-paper", "nomad-async", "tpe", "random")
 ALL = LEARNING + ("default",)
+REFILLING = ("nomad", "nomad-async", "tpe", "random")   # a freed slot gets a point at once, at any K
 DEFAULT_LOSS = paper_landscape(paper_space().default_point())
 
 
 def build(algo, budget=30, parallel=1, seed=0, **options):
-    return make_searcher(algo, paper_space(), budget=budget, parallel=parallel, seed=seed, options=options)
+    algo, profile = PROFILES.get(algo, (algo, {}))
+    return make_searcher(algo, paper_space(), budget=budget, parallel=parallel, seed=seed,
+                         options={**profile, **options})
 
 
 def drive(searcher, parallel=1, objective=paper_landscape, stop_after=None, running=()):
@@ -108,7 +118,7 @@ def test_up_to_k_distinct_points_pending_at_once(algo):
         told += 1
     searcher.close()
     assert told == 40
-    assert widest == 4   # NOMAD's poll blocks fill all 4 slots
+    assert widest == 4   # paper profile: NOMAD's poll blocks fill all 4 slots
 
 
 @pytest.mark.parametrize("algo", LEARNING)
@@ -177,13 +187,14 @@ def test_replay_counts_against_the_budget_and_is_not_proposed_again(algo):
 
 @pytest.mark.parametrize("parallel", [1, 3])
 def test_nomad_resume_continues_exactly_where_it_stopped(parallel):
-    whole = build("nomad", budget=30, parallel=parallel)
+    whole = build("nomad-paper", budget=30, parallel=parallel)
     reference = points(drive(whole, parallel=parallel)[0])
     whole.close()
 
-    told, pending = crash(build("nomad", budget=30, parallel=parallel), parallel, after=2, hold=parallel - 1)
+    told, pending = crash(build("nomad-paper", budget=30, parallel=parallel), parallel, after=2,
+                          hold=parallel - 1)
     assert len(pending) == parallel - 1   # parallel 3: mid-block; 1: between a tell and the next ask
-    resumed = build("nomad", budget=30, parallel=parallel)
+    resumed = build("nomad-paper", budget=30, parallel=parallel)
     resumed.replay([Observation(s.point, v, s.trial_id) for s, v in told])   # running ones: not adopted
     more = points(drive(resumed, parallel=parallel)[0])
     resumed.close()
@@ -193,14 +204,14 @@ def test_nomad_resume_continues_exactly_where_it_stopped(parallel):
 
 @pytest.mark.parametrize("parallel, after, hold", [(1, 13, 1), (3, 2, 2), (3, 13, 2)])
 def test_nomad_resume_with_running_trials_continues_exactly_where_it_stopped(parallel, after, hold):
-    whole = build("nomad", budget=30, parallel=parallel)
+    whole = build("nomad-paper", budget=30, parallel=parallel)
     reference = points(drive(whole, parallel=parallel)[0])
     whole.close()
 
     # (3, 2, 2): mid-block, one point of the first poll told; (3, 13, 2): a whole block running
-    told, pending = crash(build("nomad", budget=30, parallel=parallel), parallel, after, hold)
+    told, pending = crash(build("nomad-paper", budget=30, parallel=parallel), parallel, after, hold)
     assert len(pending) >= hold
-    resumed = build("nomad", budget=30, parallel=parallel)
+    resumed = build("nomad-paper", budget=30, parallel=parallel)
     adopted = resume(resumed, told, pending)
     more, left = drive(resumed, parallel=parallel, running=adopted)   # the adopted trials are told first
     resumed.close()
@@ -209,12 +220,12 @@ def test_nomad_resume_with_running_trials_continues_exactly_where_it_stopped(par
     assert [s.trial_id for s, _ in more[:len(pending)]] == [s.trial_id for s in pending]
 
 
-@pytest.mark.parametrize("algo", LEARNING)
-def test_resume_adopts_the_trials_still_running(algo):
-    k, budget = 4, 24
+@pytest.mark.parametrize("algo, k", [(algo, 4) for algo in LEARNING] + [("nomad-async", 8)])
+def test_resume_adopts_the_trials_still_running(algo, k):
+    budget = 24
     told, pending = crash(build(algo, budget=budget, parallel=k), k, after=9)
     p = len(pending)
-    assert p == (1 if algo == "nomad" else k - 1)   # NOMAD: a search step's 1-point block
+    assert p == (1 if algo == "nomad-paper" else k - 1)   # paper NOMAD: a search step's 1-point block
 
     resumed = build(algo, budget=budget, parallel=k)
     adopted = resume(resumed, told, pending)
@@ -223,7 +234,7 @@ def test_resume_adopts_the_trials_still_running(algo):
     while (s := resumed.ask()) is not None:   # the adopted trials hold p of the k slots
         fresh.append(s)
     assert len(fresh) <= k - p
-    if algo != "nomad":   # NOMAD's block is the adopted trial alone
+    if algo != "nomad-paper":   # paper NOMAD's block is the adopted trial alone
         assert len(fresh) == k - p
     old_ids = [s.trial_id for s, _ in told] + [s.trial_id for s in pending]
     assert all(s.trial_id > max(old_ids) for s in fresh)
@@ -238,9 +249,9 @@ def test_resume_adopts_the_trials_still_running(algo):
 
 
 def test_nomad_adopted_trials_it_does_not_propose_are_told_without_deadlock():
-    told, pending = crash(build("nomad", budget=24, parallel=4), 4, after=2)   # 3 of the first poll
+    told, pending = crash(build("nomad-paper", budget=24, parallel=4), 4, after=2)   # 3 of the first poll
     assert len(pending) == 3
-    resumed = build("nomad", budget=24, parallel=4, seed=5)   # another seed: other poll directions
+    resumed = build("nomad-paper", budget=24, parallel=4, seed=5)   # another seed: other poll directions
     adopted = resume(resumed, told, pending)
     proposed, evaluate = [], resumed._evaluate
     resumed._evaluate = lambda coords: proposed.extend(coords) or evaluate(coords)
@@ -256,14 +267,14 @@ def test_nomad_adopted_trials_it_does_not_propose_are_told_without_deadlock():
 
 def test_nomad_resume_counts_the_failed_starting_point_retries():
     x0 = paper_space().default_point()
-    first = build("nomad", budget=10)
+    first = build("nomad-paper", budget=10)
     failed = first.ask()
     first.tell(failed.trial_id, None)
     retry = first.ask()   # the first retry is running at the crash
     first.close()
     assert retry.point == x0
 
-    resumed = build("nomad", budget=10)
+    resumed = build("nomad-paper", budget=10)
     [adopted] = resumed.replay([Observation(x0, None, failed.trial_id)], [Pending(x0, retry.trial_id)])
     assert resumed.ask() is None   # the adopted X0 holds the one slot, and NOMAD waits for it
     resumed.tell(adopted.trial_id, None)
@@ -276,7 +287,7 @@ def test_nomad_resume_counts_the_failed_starting_point_retries():
 
 def test_tpe_adopted_trials_are_running_for_nni():
     told, pending = crash(build("tpe", budget=20, parallel=3, n_startup_jobs=4), 3, after=6)
-    resumed = build("tpe", budget=20, parallel=3, n_startup_jobs=4)
+    resumed = build("tpe", budget=20, parallel=3, n_startup_jobs=4, constant_liar_type="best")
     adopted = resume(resumed, told, pending)
     tuner = resumed._tuner
     assert len(tuner._running_params) == len(pending)   # the constant liar lies for each of them
@@ -306,10 +317,10 @@ def test_replay_rejects_clashing_trial_ids():
         build("random").replay([], [Pending({"r": 3, "alpha": 1, "dropout": 0.0, "lr": 1e-4}, 0)])
 
 
-@pytest.mark.parametrize("algo", ["nomad", "tpe"])
-def test_beats_the_default_point_within_40_evaluations(algo):
-    searcher = build(algo, budget=40)
-    told, _ = drive(searcher)
+@pytest.mark.parametrize("algo, k", [("nomad-paper", 1), ("nomad-async", 1), ("nomad-async", 4), ("tpe", 1)])
+def test_beats_the_default_point_within_40_evaluations(algo, k):
+    searcher = build(algo, budget=40, parallel=k)
+    told, _ = drive(searcher, parallel=k)
     searcher.close()
     assert min(v for _, v in told) < DEFAULT_LOSS - 0.15
 
@@ -354,7 +365,7 @@ def test_replay_rejects_points_outside_the_space():
 
 
 def test_nomad_retries_a_failed_starting_point_then_gives_up():
-    searcher = build("nomad", budget=10)
+    searcher = build("nomad-paper", budget=10)
     x0 = paper_space().default_point()
     for _ in range(3):   # the first try and two retries
         s = searcher.ask()
@@ -363,7 +374,7 @@ def test_nomad_retries_a_failed_starting_point_then_gives_up():
     assert searcher.ask() is None and searcher.finished
     searcher.close()
 
-    searcher = build("nomad", budget=10)
+    searcher = build("nomad-paper", budget=10)
     s = searcher.ask()
     searcher.tell(s.trial_id, None)
     s = searcher.ask()
@@ -373,20 +384,20 @@ def test_nomad_retries_a_failed_starting_point_then_gives_up():
 
 
 def test_nomad_close_mid_block_is_quick_and_frees_nomad_for_the_next_searcher():
-    first = build("nomad", budget=100, parallel=4)
+    first = build("nomad-paper", budget=100, parallel=4)
     drive(first, parallel=4, stop_after=6)
     with pytest.raises(RuntimeError, match="another NomadSearcher"):
-        build("nomad").ask()
+        build("nomad-paper").ask()
     start = time.monotonic()
     first.close()
     assert time.monotonic() - start < 5 and first.finished and first.ask() is None
-    second = build("nomad", budget=5)
+    second = build("nomad-paper", budget=5)
     assert second.ask() is not None
     second.close()
 
 
 def test_nomad_options_pass_through_and_are_checked():
-    searcher = build("nomad", budget=12, parallel=4, MEGA_SEARCH_POLL=True, NM_SEARCH=False)
+    searcher = build("nomad-paper", budget=12, parallel=4, MEGA_SEARCH_POLL=True, NM_SEARCH=False)
     told, _ = drive(searcher, parallel=4)
     searcher.close()
     assert len(told) == 12
@@ -413,9 +424,107 @@ def test_make_searcher_validates_its_arguments():
         build("tpe", n_startup_job=5)
 
 
+def test_tpe_liar_is_the_papers_at_parallel_1_and_mean_above():
+    assert build("tpe", parallel=1)._tuner.args.constant_liar_type == "best"
+    assert build("tpe", parallel=4)._tuner.args.constant_liar_type == "mean"
+    assert build("tpe", parallel=4, constant_liar_type="worst")._tuner.args.constant_liar_type == "worst"
+
+
 def test_tpe_options_reach_nni():
     searcher = build("tpe", budget=8, n_startup_jobs=2, constant_liar_type="none")
     told, _ = drive(searcher)
     searcher.close()
     assert len(told) == 8
     assert searcher._tuner.args.n_startup_jobs == 2 and searcher._tuner.liar is None
+
+
+def simulate(searcher, k, budget, seed=0, objective=paper_landscape):
+    """Trials of unequal, seeded lengths on k slots; results told as trials end (out of order).
+
+    Checks at every step that at most k trials run and at most `budget` are handed out; returns the
+    suggestions in the order they were handed out and the number of times ask() left a slot idle.
+    """
+    rng, running, handed, idle, now = np.random.default_rng(seed), [], [], 0, 0.0
+    while not searcher.finished:
+        while len(running) < k and len(handed) < budget:
+            s = searcher.ask()
+            if s is None:
+                idle += 1
+                break
+            handed.append(s)
+            heapq.heappush(running, (now + rng.lognormal(0.0, 0.5), s.trial_id, s))
+        assert len(running) <= k and len(handed) <= budget
+        if not running:
+            break
+        now, _, s = heapq.heappop(running)
+        searcher.tell(s.trial_id, objective(s.point))
+    searcher.close()
+    return handed, idle
+
+
+@pytest.mark.parametrize("algo", REFILLING)
+@pytest.mark.parametrize("k", [4, 8])
+def test_a_freed_slot_is_refilled_at_once(algo, k):
+    """The oldest trial keeps running while the others end one by one: every end frees a slot that
+    ask() fills at once, with a point never handed out before."""
+    budget = 40
+    searcher = build(algo, budget=budget, parallel=k)
+    running = [searcher.ask() for _ in range(k)]
+    assert None not in running
+    straggler, running, handed = running[0], running[1:], k
+    while handed < budget:
+        s = running.pop(0)
+        searcher.tell(s.trial_id, paper_landscape(s.point))   # k - 1 told since the straggler started...
+        fresh = searcher.ask()                                 # ...and the freed slot is filled at once
+        assert fresh is not None, f"slot left idle after {handed} hand-outs"
+        running.append(fresh)
+        handed += 1
+        assert searcher.ask() is None   # all k slots taken: nothing more
+    for s in [straggler] + running:
+        searcher.tell(s.trial_id, paper_landscape(s.point))
+    assert searcher.finished and searcher.ask() is None
+    searcher.close()
+
+
+@pytest.mark.parametrize("algo", LEARNING)
+@pytest.mark.parametrize("k", [1, 4, 8, 16])
+def test_unequal_trials_respect_slots_and_budget_and_never_repeat(algo, k):
+    handed, idle = simulate(build(algo, budget=48, parallel=k), k, budget=48)
+    assert len(handed) == 48
+    assert len(set(keys(handed))) == 48, "a point was handed out twice"
+    if algo != "nomad-paper":   # paper NOMAD waits for its blocks; the others never leave a slot idle
+        assert idle == 0
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_nomad_async_same_seed_and_out_of_order_answers_give_the_same_points(k):
+    runs = [keys(simulate(build("nomad-async", budget=40, parallel=k, seed=seed), k, 40, seed=1)[0])
+            for seed in (3, 3, 4)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_nomad_profiles_default_by_parallel_and_are_validated():
+    from orchestrator.searchers.async_mads import AsyncMadsSearcher
+    from orchestrator.searchers.nomad import NomadSearcher
+    assert isinstance(build("nomad", parallel=1), NomadSearcher)           # the paper's MADS
+    assert isinstance(build("nomad", parallel=2), AsyncMadsSearcher)       # the recommended one
+    assert (build("nomad", parallel=1).profile, build("nomad", parallel=2).profile) == ("paper", "async")
+    assert isinstance(build("nomad", parallel=4, profile="paper"), NomadSearcher)
+    assert isinstance(build("nomad", parallel=1, profile="async", lh_points=3), AsyncMadsSearcher)
+    with pytest.raises(ValueError, match=r"profile='fast' is unknown; valid: \['paper', 'async'\]"):
+        build("nomad", profile="fast")
+    with pytest.raises(ValueError, match=r"\['DIRECTION_TYPE'\] do not apply to profile 'async'"):
+        build("nomad", parallel=4, DIRECTION_TYPE="ORTHO 2N")
+    with pytest.raises(ValueError, match="lh_points=-1 must be an integer"):
+        build("nomad", profile="async", lh_points=-1)
+    with pytest.raises(ValueError, match="not a NOMAD parameter name"):
+        build("nomad", profile="paper", lh_points=3)
+
+
+@pytest.mark.parametrize("algo", ["nomad-paper", "nomad-async"])
+def test_nomad_starts_from_the_papers_x0_in_the_papers_variable_order(algo):
+    searcher = build(algo, budget=5)
+    first = searcher.ask()
+    searcher.close()
+    assert first.point == paper_space().default_point()
+    assert first.encoded == [2, 5, 32, -5.0]   # (r index, dropout index, alpha, log10 lr), as the paper

@@ -17,9 +17,10 @@ PAPER = {
 def test_paper_space_defaults_and_nomad_problem():
     space = paper_space()
     assert space.default_point() == {"r": 8, "alpha": 32, "dropout": 0.1, "lr": 1e-5}
-    assert space.nomad_x0() == [2, 32, 5, -5.0]
+    assert space.names == ["r", "alpha", "dropout", "lr"]   # the paper's table and figures...
+    assert space.nomad_x0() == [2, 5, 32, -5.0]             # ...NOMAD: the authors' order and X0
     assert space.nomad_input_types() == ["I", "I", "I", "R"]
-    assert space.nomad_bounds() == ([1, 1, 1, -6.0], [8, 64, 6, -3.0])
+    assert space.nomad_bounds() == ([1, 1, 1, -6.0], [8, 6, 64, -3.0])
 
 
 def test_paper_space_tpe_search_space():
@@ -55,9 +56,10 @@ def test_nomad_round_trip_and_python_types():
 
 
 def test_from_nomad_rounds_and_clips():
-    space = paper_space()
-    assert space.from_nomad([8.4, 0.6, 0.2, -2.5]) == {"r": 512, "alpha": 1, "dropout": 0.0, "lr": 1e-3}
-    assert space.from_nomad([1.0, 64.0, 6.0, -6.0])["lr"] == pytest.approx(1e-6)
+    space = paper_space()   # NOMAD vectors: (r index, dropout index, alpha, log10 lr)
+    assert space.from_nomad([8.4, 0.2, 0.6, -2.5]) == {"r": 512, "alpha": 1, "dropout": 0.0, "lr": 1e-3}
+    assert list(space.from_nomad([8.4, 0.2, 0.6, -2.5])) == ["r", "alpha", "dropout", "lr"]
+    assert space.from_nomad([1.0, 6.0, 64.0, -6.0])["lr"] == pytest.approx(1e-6)
 
 
 def test_tpe_round_trip_truncates_alpha_and_clips():
@@ -71,11 +73,18 @@ def test_tpe_round_trip_truncates_alpha_and_clips():
 
 def test_key_is_stable_and_tolerates_float_jitter():
     space = paper_space()
-    a = space.from_nomad([3, 10, 2, -4.2])
-    b = space.from_nomad([3, 10, 2, -4.2 + 1e-12])
-    c = space.from_nomad([3, 10, 2, -4.2 + 1e-6])
+    a = space.from_nomad([3, 2, 10, -4.2])
+    b = space.from_nomad([3, 2, 10, -4.2 + 1e-12])
+    c = space.from_nomad([3, 2, 10, -4.2 + 1e-6])
     assert space.key(a) == space.key(b) != space.key(c)
     assert space.key(space.default_point()) == "r=8,alpha=32,dropout=0.1,lr=10^-5.000000000"
+
+
+def test_a_space_declared_like_the_paper_keeps_its_declaration_order_for_nomad():
+    space = SearchSpace.from_dict(PAPER)
+    assert space.nomad_x0() == [2, 32, 5, -5.0] and space.from_nomad([2, 32, 5, -5.0]) == space.default_point()
+    with pytest.raises(SpaceError, match="must list each of"):
+        SearchSpace(space.dims, nomad_order=("r", "alpha", "lr"))
 
 
 def test_contains_rejects_points_outside():

@@ -10,8 +10,9 @@ The study loop owns the loop; a searcher only proposes and listens::
         searcher.tell(s.trial_id, loss)      # loss None = failed evaluation
     searcher.close()
 
-``ask()`` returns None when it has nothing to propose *right now* (NOMAD waits for its block's
-results, the budget or every slot is taken by pending trials) or ever again (then ``finished`` is True).
+``ask()`` returns None when it has nothing to propose *right now* (NOMAD's ``paper`` profile waits
+for its block's results, the budget or every slot is taken by pending trials) or ever again (then
+``finished`` is True). NOMAD's ``async`` profile, TPE and random fill a freed slot at once.
 Every searcher counts replayed and told results against ``budget`` and never hands out more than
 ``budget`` suggestions in total, nor one while ``parallel`` trials are pending.
 A non-finite value is told as a failure.
@@ -28,7 +29,8 @@ already; nothing new is proposed until they are told.
 Each algorithm lives in its own module, imported only when built, so that ``PyNomad`` and ``nni``
 stay behind one module each.
 
-Try it: ``python bench/hpo_efficiency.py --seeds 2 --budgets 25`` runs them on a synthetic landscape.
+Try it: ``python bench/hpo_efficiency.py --seeds 2 --budgets 25`` runs them on a synthetic landscape;
+``python bench/parallel_efficiency.py --seeds 2 --k 1 4 --algos nomad tpe random`` simulates K slots.
 """
 from __future__ import annotations
 
@@ -175,8 +177,8 @@ def make_searcher(algo: str, space: SearchSpace, *, budget: int, parallel: int, 
         raise ValueError(f"seed={seed!r} must be an integer in [0, 2**31)")
     options = dict(options or {})
     if algo == "nomad":
-        from orchestrator.searchers.nomad import NomadSearcher
-        return NomadSearcher(space, budget=budget, parallel=parallel, seed=seed, options=options)
+        from orchestrator.searchers.nomad import make_nomad
+        return make_nomad(space, budget=budget, parallel=parallel, seed=seed, options=options)
     if algo == "tpe":
         from orchestrator.searchers.tpe import TpeSearcher
         return TpeSearcher(space, budget=budget, parallel=parallel, seed=seed, options=options)

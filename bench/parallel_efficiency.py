@@ -1,0 +1,277 @@
+"""Wall time to a good adapter with K GPU slots: a discrete-event simulation of parallel studies.
+
+    python bench/parallel_efficiency.py                      # 10 seeds, K = 1 4 8 16, budget 100 (long)
+    python bench/parallel_efficiency.py --seeds 3 --k 1 4 --algos nomad tpe random --landscapes paper
+
+No sleeping: simulated time jumps from one trial end to the next. The real searchers are driven through
+``make_searcher(...).ask()/tell()`` exactly as the study loop drives them: whenever a slot is free,
+``ask()`` (None = nothing to propose now: the slot idles until the next result); each result is told
+when its trial ends. Trial durations (in units of a mean trial length): a rank-dependent mean (0.6 at
+r = 4 up to 1.4 at r = 512, like a LoRA fine-tune whose cost grows with the rank) times lognormal
+noise (sigma 0.3); 5% of the trials fail after 5-50% of their duration (told as failures). Landscapes:
+``paper`` (``orchestrator.objectives.paper_landscape``, noise-free) and ``two_basins`` (a decoy basin and
+a deeper, narrower one; evaluation noise sd 0.005). Each seed fixes the durations, failures and noise.
+
+Per (landscape, algo, K), over the seeds:
+- t1%: simulated wall time until the incumbent (the point with the best *observed* value) is truly
+  within 1% of the optimum, median [25%-75%] (inf when not reached within the budget), and hits;
+- evals: evaluations told until then (median); x1: the K=1 median time over this K's (the speed-up);
+- best@T: true loss of the incumbent at T = budget/K trial lengths (equal wall time), median;
+- util: busy slot-time / (K x time until the budget was handed out), median and min: how well the
+  searcher keeps slots busy (the tail after the last hand-out is nobody's choice); util_all: the
+  same over the whole study, to the last result.
+
+Anchors in the same run: Optuna's TPESampler with constant_liar=True (univariate ``optuna-tpe`` and
+multivariate ``optuna-tpe-mv``) and GPSampler (``optuna-gp``, which accounts for running trials), each
+with r and dropout encoded as categories and as ordered integer indices: the better encoding (by
+median t1%, then best@T) is reported, named in the row. ``nomad-paper`` is NOMAD with profile
+``paper`` at every K; ``nomad`` is the searcher's default profile for that K (``paper`` at K=1).
+``nomad-async`` forces the recommended profile at every K (the targets compare it with itself).
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")   # GPSampler's torch: one thread per simulation
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
+
+from orchestrator.objectives import (OPTIMUM, TWO_BASINS_OPTIMUM, paper_landscape,  # noqa: E402
+                                     two_basins)
+from orchestrator.searchers import make_searcher  # noqa: E402
+from orchestrator.space import Choice, Int, Log, SearchSpace, paper_space  # noqa: E402
+
+OURS = {"nomad": {}, "nomad-async": {"profile": "async"}, "nomad-paper": {"profile": "paper"},
+        "tpe": {}, "random": {}}
+ANCHORS = ("optuna-tpe", "optuna-tpe-mv", "optuna-gp")
+ALGOS = tuple(OURS) + ANCHORS
+LANDSCAPES = {"paper": (paper_landscape, OPTIMUM, 0.0), "two_basins": (two_basins, TWO_BASINS_OPTIMUM, 0.005)}
+FAIL_P, SIGMA = 0.05, 0.3
+
+
+def duration(point: dict, rng: np.random.Generator) -> tuple[float, bool]:
+    """(simulated duration, failed?) of one trial: mean grows with log2(rank), lognormal noise."""
+    mean = 0.6 + 0.8 * math.log2(point["r"] / 4.0) / 7.0
+    length = mean * float(rng.lognormal(-SIGMA ** 2 / 2, SIGMA))
+    if rng.random() < FAIL_P:
+        return length * float(rng.uniform(0.05, 0.5)), True
+    return length, False
+
+
+class OptunaAnchor:
+    """An Optuna sampler behind our ask/tell shape (bench only); ``ordered`` encodes choices as indices."""
+
+    def __init__(self, kind: str, space: SearchSpace, seed: int, ordered: bool):
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        if kind == "optuna-gp":
+            sampler = optuna.samplers.GPSampler(seed=seed)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True,
+                                                 multivariate=kind == "optuna-tpe-mv")
+        self.study = optuna.create_study(sampler=sampler)
+        self.space, self.ordered, self.trials, self.finished = space, ordered, {}, False
+        self._state = optuna.trial.TrialState
+
+    def ask(self):
+        trial = self.study.ask()
+        point = {}
+        for dim in self.space.dims:
+            if isinstance(dim, Choice) and self.ordered:
+                point[dim.name] = dim.values[trial.suggest_int(dim.name, 0, len(dim.values) - 1)]
+            elif isinstance(dim, Choice):
+                point[dim.name] = trial.suggest_categorical(dim.name, list(dim.values))
+            elif isinstance(dim, Int):
+                point[dim.name] = trial.suggest_int(dim.name, dim.low, dim.high)
+            elif isinstance(dim, Log):
+                point[dim.name] = trial.suggest_float(dim.name, dim.low, dim.high, log=True)
+        self.trials[trial.number] = trial
+        return _Asked(trial.number, point)
+
+    def tell(self, trial_id: int, value: float | None) -> None:
+        trial = self.trials.pop(trial_id)
+        if value is None:
+            self.study.tell(trial, state=self._state.FAIL)
+        else:
+            self.study.tell(trial, value)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Asked:
+    trial_id: int
+    point: dict
+
+
+@dataclass
+class Outcome:
+    t_hit: float          # simulated time to within 1% (inf: never)
+    evals_hit: float      # evaluations told until then (inf: never)
+    best_at: float        # true loss of the incumbent at the equal-wall-time mark
+    util: float           # busy / (K x time to the last hand-out)
+    util_all: float       # busy / (K x time to the last result)
+
+
+def simulate(algo: str, landscape: str, k: int, budget: int, seed: int, ordered: bool = False) -> Outcome:
+    """One study: K slots, ``budget`` evaluations; returns its figures."""
+    objective, optimum, noise = LANDSCAPES[landscape]
+    space = paper_space()
+    if algo in OURS:
+        searcher = make_searcher(algo.split("-")[0], space, budget=budget, parallel=k, seed=seed,
+                                 options=dict(OURS[algo]))
+    else:
+        searcher = OptunaAnchor(algo, space, seed, ordered)
+    rng = np.random.default_rng([seed, 20231201])
+    running: list = []        # heap of (end, trial_id, true value, observed value or None)
+    spans: list = []          # (start, end) of every trial
+    now, told = 0.0, 0
+    best_seen, best_true, best_at = math.inf, math.inf, None
+    t_hit = evals_hit = math.inf
+    try:
+        while True:
+            while len(running) < k and len(spans) < budget and not searcher.finished:
+                asked = searcher.ask()
+                if asked is None:
+                    break
+                true = objective(asked.point)
+                seen = true + float(rng.normal(0.0, noise)) if noise else true
+                length, failed = duration(asked.point, rng)
+                heapq.heappush(running, (now + length, asked.trial_id, true, None if failed else seen))
+                spans.append((now, now + length))
+            if not running:
+                break
+            end, trial_id, true, seen = heapq.heappop(running)
+            if best_at is None and end > budget / k:
+                best_at = best_true        # the incumbent at the equal-wall-time mark
+            now = end
+            searcher.tell(trial_id, seen)
+            told += 1
+            if seen is not None and seen < best_seen:
+                best_seen, best_true = seen, true
+                if true <= optimum * 1.01 and math.isinf(t_hit):
+                    t_hit, evals_hit = now, told
+    finally:
+        searcher.close()
+    if len(spans) < budget and not searcher.finished:
+        raise RuntimeError(f"{algo} K={k} seed={seed}: stalled after {len(spans)} trials")
+    last = max(start for start, _ in spans)
+    busy_until_last = sum(min(end, last) - start for start, end in spans)
+    util = busy_until_last / (k * last) if last > 0 else 1.0
+    return Outcome(t_hit, evals_hit, best_true if best_at is None else best_at, util,
+                   sum(end - start for start, end in spans) / (k * now))
+
+
+def _q(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q, method="lower" if q < 50 else "higher"))
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+    return "inf" if math.isinf(x) else f"{x:.{digits}f}"
+
+
+def summarize(outcomes: list[Outcome]) -> dict:
+    hits = [o.t_hit for o in outcomes]
+    return {"t": statistics.median(hits), "t25": _q(hits, 25), "t75": _q(hits, 75),
+            "hits": sum(not math.isinf(h) for h in hits), "n": len(hits),
+            "evals": statistics.median(o.evals_hit for o in outcomes),
+            "best": statistics.median(o.best_at for o in outcomes),
+            "util": statistics.median(o.util for o in outcomes), "util_min": min(o.util for o in outcomes),
+            "util_all": statistics.median(o.util_all for o in outcomes)}
+
+
+def run_cell(algo: str, landscape: str, k: int, budget: int, seeds: list[int]) -> dict:
+    """Summary over the seeds; an Optuna anchor runs both encodings and keeps the better."""
+    start = time.perf_counter()
+    variants = [False, True] if algo in ANCHORS else [False]
+    best = None
+    for ordered in variants:
+        row = summarize([simulate(algo, landscape, k, budget, seed, ordered) for seed in seeds])
+        row["name"] = algo + ("/ord" if ordered else "/cat") * (algo in ANCHORS)
+        if best is None or (row["t"], row["best"]) < (best["t"], best["best"]):
+            best = row
+    best["secs"] = time.perf_counter() - start
+    return best
+
+
+def print_row(landscape: str, k: int, row: dict, base: dict | None) -> None:
+    finite = base and not math.isinf(row["t"]) and not math.isinf(base["t"])
+    speed = base["t"] / row["t"] if finite else math.nan
+    spread = f"[{_fmt(row['t25'])}-{_fmt(row['t75'])}]"
+    print(f"{landscape:<10} {row['name']:<18} {k:>3} {_fmt(row['t']):>6} {spread:>13} "
+          f"{row['hits']:>2}/{row['n']:<2} {_fmt(row['evals'], 0):>5} {speed:>6.2f} {row['best']:>8.4f} "
+          f"{row['util']:>5.2f} ({row['util_min']:.2f}) {row['util_all']:>8.2f} {row['secs']:>7.1f}",
+          flush=True)
+
+
+def check_targets(table: dict, landscape: str, ks: list[int]) -> None:
+    """Print every target of issue 9 that this run's cells allow, met or MISSED."""
+    def cell(algo, k):
+        return table.get((landscape, algo, k))
+
+    def say(ok: bool, text: str) -> None:
+        print(f"  [{'met' if ok else 'MISSED'}] {text}")
+
+    print(f"targets on {landscape}:")
+    for algo in ("nomad", "tpe", "random"):
+        for k in (k for k in ks if k in (4, 8, 16)):
+            if cell(algo, k):
+                say(cell(algo, k)["util"] >= 0.95, f"util {algo} K={k}: {cell(algo, k)['util']:.3f} >= 0.95")
+    base = cell("nomad-async", 1)
+    for k, limit in ((4, 0.30), (8, 0.18)):
+        if base and cell("nomad-async", k):
+            ratio = cell("nomad-async", k)["t"] / base["t"]
+            say(ratio <= limit, f"nomad-async t1% K={k} / K=1 = {_fmt(cell('nomad-async', k)['t'], 2)} / "
+                                f"{_fmt(base['t'], 2)} = {ratio:.3f} <= {limit}")
+    for k in ks:
+        anchors = [cell(a, k) for a in ANCHORS if cell(a, k)]
+        if anchors and cell("nomad-async", k):
+            top = min(anchors, key=lambda row: (row["t"], row["best"]))
+            mine = cell("nomad-async", k)["t"]
+            say(mine <= top["t"], f"nomad-async t1% K={k} {_fmt(mine, 2)} <= best anchor {top['name']} "
+                                  f"{_fmt(top['t'], 2)}")
+    anchors = [cell(a, 1) for a in ANCHORS if cell(a, 1)]
+    if anchors and cell("nomad-async", 1):
+        top = min(anchors, key=lambda row: row["evals"])
+        mine = cell("nomad-async", 1)["evals"]
+        say(mine <= top["evals"], f"nomad-async evals to 1% at K=1 {_fmt(mine, 0)} <= best anchor "
+                                  f"{top['name']} {_fmt(top['evals'], 0)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=10, help="number of seeds (0..N-1)")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 8, 16], help="slot counts")
+    parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
+    parser.add_argument("--landscapes", nargs="+", default=list(LANDSCAPES), choices=list(LANDSCAPES))
+    parser.add_argument("--budget", type=int, default=100, help="evaluations per study")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    seeds = list(range(args.seeds))
+    print(f"budget {args.budget}, seeds 0..{args.seeds - 1}, times in mean trial lengths; equal wall time "
+          f"mark = budget/K; t1% = time to within 1% of the optimum, median [25%-75%]")
+    print(f"{'landscape':<10} {'algo':<18} {'K':>3} {'t1%':>6} {'spread':>13} {'hits':>5} {'evals':>5} "
+          f"{'x1':>6} {'best@T':>8} {'util (min)':>12} {'util_all':>8} {'secs':>7}")
+    table = {}
+    for landscape in args.landscapes:
+        for algo in args.algos:
+            for k in args.k:
+                table[landscape, algo, k] = run_cell(algo, landscape, k, args.budget, seeds)
+                print_row(landscape, k, table[landscape, algo, k], table.get((landscape, algo, 1)))
+    for landscape in args.landscapes:
+        check_targets(table, landscape, args.k)
+
+
+if __name__ == "__main__":
+    main()
