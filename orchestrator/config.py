@@ -23,7 +23,8 @@ A study YAML (every key optional; `preset` picks the base, `tiny` by default):
     pareto_reference: null    # the hypervolume's reference point, e.g. [6.0, 0.5] (default: the worst values x 1.1)
     poll_s: 5                 # seconds between job-state polls (one sacct + one squeue call for all jobs)
     space: {...}              # the search space (orchestrator/space.py); the paper's by default
-    searcher_options: {}      # NOMAD parameters (e.g. {DIRECTION_TYPE: ORTHO 2N}) or TPE options
+    searcher_options: {}      # nomad: {profile: paper|async} (default: paper at parallel 1, async above), and
+                              # with profile paper NOMAD parameters (e.g. {DIRECTION_TYPE: ORTHO 2N}); tpe: NNI options
     trial: {...}              # fine-tune settings (jobs/spec.py FinetuneSpec fields) for every evaluation
     resources: {...}          # SLURM resources per evaluation (slurm/executors.py Resources fields)
     retries: {max_retries: 2, on: [submission, node_fail, preempted], max_attempts: 10, max_hours: null}
@@ -137,8 +138,9 @@ class StudyConfig:
 
     def to_dict(self) -> dict:
         d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
-        d["space"], d["resources"], d["retries"] = space_to_dict(self.space), self.resources.to_dict(), \
-            self.retries.to_dict()
+        # the paper's space is written {} so that a resume rebuilds paper_space() with its NOMAD order
+        d["space"] = {} if self.space == paper_space() else space_to_dict(self.space)
+        d["resources"], d["retries"] = self.resources.to_dict(), self.retries.to_dict()
         return d
 
 

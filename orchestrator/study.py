@@ -140,6 +140,7 @@ class Study:
         self.tracker.start_parent(self.state.config, space_to_dict(self.space))
         if self.kind in ("slurm", "local"):
             self.tracker.tag(PARENT, code_snapshot=str(self.code.resolve()))
+        self.tracker.tag(PARENT, searcher_profile=getattr(self.searcher, "profile", None))
         if resumed:
             self._adopt()
         self.tracker.flush()
