@@ -27,7 +27,7 @@ from slurm.executors import KINDS
 
 SUBCOMMANDS = ("run", "status", "register", "compare", "evaluate", "confirm", "server")
 RUN_FIELDS = ("algo", "preset", "budget", "parallel", "executor", "study", "workdir", "tracking_uri", "seed",
-              "register_as", "objective", "poll_s")
+              "register_as", "objective", "poll_s", "warm_start")
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -49,6 +49,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--register-as", dest="register_as", help="registered model name for the best adapter")
     p.add_argument("--objective", help="tune a Python blackbox instead: package.module:function")
     p.add_argument("--poll", dest="poll_s", type=float, help="seconds between job-state polls")
+    p.add_argument("--warm-start", dest="warm_start", nargs="+", metavar="STUDY",
+                   help="earlier studies (same space and settings) whose results the searcher learns first")
     p.add_argument("--resume", action="store_true",
                    help=f"continue the study from its journal (may change only: {', '.join(RESUMABLE)})")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",

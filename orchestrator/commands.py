@@ -129,6 +129,22 @@ def register(args) -> int:
     return 0
 
 
+def _hypervolumes(rows: list[dict]) -> None:
+    """Studies with two objectives: each front's hypervolume against one reference point for all of them (the
+    studies' `pareto_reference` when they agree, else each objective's worst feasible value x 1.1)."""
+    from orchestrator.criteria import hypervolume, pareto_front
+    from orchestrator.pareto import reference_of
+    two = [r for r in rows if r.get("pareto")]
+    if not two:
+        return
+    given = {json.dumps(r["pareto"]["reference"]) for r in two}
+    reference = reference_of({(r["study"], k): tuple(v) for r in two for k, v in r["pareto"]["points"].items()},
+                             json.loads(given.pop()) if len(given) == 1 and "null" not in given else None)
+    for r in two:
+        front = pareto_front({k: tuple(v) for k, v in r["pareto"]["points"].items()})
+        r["pareto"].update(hypervolume=hypervolume(front, reference), reference=list(reference), front=sorted(front))
+
+
 def _score_columns(rows: list[dict]) -> list[str]:
     """The downstream score metrics present in any row: InstructEval's tasks first, then lm-eval's, by name."""
     from evaluation.tracking import INSTRUCTEVAL
@@ -142,12 +158,13 @@ def compare(args) -> int:
     from evaluation.tracking import protocol_mismatch
 
     rows = [_compare_row(name, _load(args.workdir, name), args.tracking_uri) for name in args.studies]
+    _hypervolumes(rows)
     table = _compare_table(rows)
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     mismatch = protocol_mismatch([r["protocol"] for r in rows if r["downstream"]])
-    markdown = _markdown(table, widths)
+    markdown = _markdown(table, widths, rows)
     if mismatch:  # scores measured under different protocols must not be read as comparable
         said = (f"the downstream scores were measured under different protocols ({', '.join(mismatch)}): do not "
                 "compare them; re-evaluate with one protocol (orchestrator evaluate)")
@@ -198,7 +215,19 @@ def _compare_row(name: str, state: StudyState, tracking_uri: str | None) -> dict
             "failed": sum(t.status == "failed" for t in done), "job_hours": job_hours, "gpus_per_job": gpus,
             "gpu_hours": job_hours * gpus if gpus else None,
             **_downstream(uri, best.run_id if best else None),
-            "parent_run_id": state.parent_run_id, "tracking_uri": uri}
+            "parent_run_id": state.parent_run_id, "tracking_uri": uri, "pareto": _pareto_points(state)}
+
+
+def _pareto_points(state: StudyState) -> dict | None:
+    cfg = {k: v for k, v in (state.config or {}).items() if k != "executor_resolved"}
+    if not cfg.get("objectives"):
+        return None
+    from orchestrator.criteria import Judge
+    from orchestrator.pareto import points_of
+    judge = Judge(load_config(None, **cfg))
+    vectors, _ = points_of(state, judge)
+    return {"objectives": list(judge.objectives), "points": {str(k): list(v) for k, v in vectors.items()},
+            "reference": cfg.get("pareto_reference")}
 
 
 def _tracking_uri(uri: str | None) -> str | None:
@@ -231,8 +260,9 @@ def _downstream(uri: str | None, run_id: str | None) -> dict:
 def _compare_table(rows: list[dict]) -> list[list[str]]:
     """Header and one line per study; a downstream column only where some study has that score."""
     scores = _score_columns(rows)
+    pareto = any(r.get("pareto") for r in rows)
     header = ["study", "algo", "used", "best", "to 1%", "h to 1%", "failed", "job-hours", "GPU-hours"] + scores + \
-        ["best point"]
+        (["hypervolume"] if pareto else []) + ["best point"]
     lines = [header]
     for r in rows:
         best = r["best_point"]
@@ -242,17 +272,20 @@ def _compare_table(rows: list[dict]) -> list[list[str]]:
                       str(r["failed"]),
                       f"{r['job_hours']:.2f}", f"{r['gpu_hours']:.2f}" if r["gpu_hours"] is not None else "-"]
                      + [f"{100 * r['downstream'][k]:.2f}" if k in r["downstream"] else "-" for k in scores]
+                     + ([f"{r['pareto']['hypervolume']:.4g}" if r.get("pareto") else "-"] if pareto else [])
                      + [point_text(best, list(best)) if best else "-"])
     return lines
 
 
-def _markdown(table: list[list[str]], widths: list[int]) -> str:
+def _markdown(table: list[list[str]], widths: list[int], rows: list[dict]) -> str:
     cells = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     lines = [cells(table[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [cells(r) for r in table[1:]]
+    refs = {json.dumps(r["pareto"]["reference"]) for r in rows if r.get("pareto")}
+    hv = f"; hypervolume: the area the Pareto front dominates up to the reference point {refs.pop()}" if refs else ""
     note = ("best: lowest validation loss; to 1%: evaluations (in the order their results came) until within 1% of "
             "it; h to 1%: wall-clock hours from the study's start to that result; GPU-hours: job-hours x GPUs "
             "per job (resources.gpus_per_node x nodes; '-' for CPU jobs); downstream scores (percent) are the best "
-            "trial's, where logged.")
+            f"trial's, where logged{hv}.")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 

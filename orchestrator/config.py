@@ -21,6 +21,8 @@ A study YAML (every key optional; `preset` picks the base, `tiny` by default):
     objectives: null          # two metrics at once, e.g. [val_loss, train_hours]: a Pareto front
     champion_rule: null       # with two objectives: knee (default) or "min val_loss s.t. train_hours <= 1.5"
     pareto_reference: null    # the hypervolume's reference point, e.g. [6.0, 0.5] (default: the worst values x 1.1)
+    warm_start: []            # earlier studies (same space, trial settings, objective) whose results the searcher
+                              # learns first, counted against no budget (orchestrator/warm.py)
     poll_s: 5                 # seconds between job-state polls (one sacct + one squeue call for all jobs)
     space: {...}              # the search space (orchestrator/space.py); the paper's by default
     searcher_options: {}      # nomad: {profile: paper|async} (default: paper at parallel 1, async above), and
@@ -101,6 +103,7 @@ class StudyConfig:
     objectives: list | None = None
     champion_rule: str | None = None
     pareto_reference: list | None = None
+    warm_start: list = field(default_factory=list)
 
     def __post_init__(self):
         self.space = _typed("space", self.space, SearchSpace, lambda d: SearchSpace.from_dict(d) if d else paper_space(),
@@ -244,6 +247,8 @@ def validate(c: StudyConfig) -> None:
         _check(isinstance(getattr(c, key), dict), key, getattr(c, key), "must be a mapping")
     _validate_evaluation(c)
     _validate_pruner(c)
+    _check(isinstance(c.warm_start, list) and all(isinstance(n, str) and n for n in c.warm_start), "warm_start",
+           c.warm_start, "a list of earlier study names")
     if c.function is None:
         _validate_trial(c)
     if c.heldout is not None:

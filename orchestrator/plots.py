@@ -70,11 +70,18 @@ class View:
 
     started: float | None = None  # the study's start (journal), for the wall-time history
     pruned: list = field(default_factory=list)  # stopped by the pruner: drawn at their last intermediate loss
+    infeasible: list = field(default_factory=list)  # finished, but violating a constraint: drawn hollow
     by: str = "trial"             # what the history's x axis is: "trial" or "hours" (since the start)
 
     @property
     def names(self) -> list[str]:
         return [a.name for a in self.axes]
+
+    @property
+    def best(self) -> TrialState | None:
+        """The best feasible successful trial."""
+        feasible = [t for t in self.ok if t not in self.infeasible]
+        return min(feasible, key=lambda t: t.value) if feasible else None
 
     def x(self, t: TrialState) -> float:
         """Where a finished trial sits on the history's x axis."""
@@ -174,9 +181,13 @@ def view_of(state: StudyState) -> View:
     title += f", {len(failed) - len(pruned)} failed" + (f", {len(pruned)} pruned" if pruned else "") + \
         (f", {len(state.running)} running" if state.running else "")
     if ok:
-        best = min(ok, key=lambda t: t.value)
+        best = min((t for t in ok if t.summary.get("feasible") is not False), key=lambda t: t.value, default=ok[0])
         title += f"; best {best.value:.4f} (trial {best.trial})"
-    return View(title, axes_of(state), ok, failed, len(state.running), default, state.started_at, pruned=pruned)
+    infeasible = [t for t in ok if t.summary.get("feasible") is False]
+    if infeasible:
+        title += f", {len(infeasible)} infeasible"
+    return View(title, axes_of(state), ok, failed, len(state.running), default, state.started_at, pruned=pruned,
+                infeasible=infeasible)
 
 
 def _safe_key(space: SearchSpace, point: dict) -> str | None:
@@ -215,7 +226,7 @@ def _grid(k: int) -> tuple[int, int]:
 
 def _best_so_far(v: View) -> tuple[list[float], list[float]]:
     xs, ys, best = [], [], math.inf
-    for t in sorted(v.ok, key=v.x):
+    for t in sorted((t for t in v.ok if t not in v.infeasible), key=v.x):
         if t.value < best:
             best = t.value
             xs.append(v.x(t))

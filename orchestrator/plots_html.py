@@ -24,6 +24,10 @@ def history_html(v: View, path: Path) -> None:
         fig.add_scatter(x=[v.x(t) for t in failed], y=[top] * len(failed), mode="markers",
                         name=f"failed ({len(failed)})", hovertext=[v.hover(t) for t in failed],
                         hoverinfo="text", marker=dict(symbol="x", color=FAILED, size=9))
+    if v.infeasible:
+        fig.add_scatter(x=[v.x(t) for t in v.infeasible], y=[t.value for t in v.infeasible], mode="markers",
+                        name=f"infeasible ({len(v.infeasible)})", hovertext=[v.hover(t) for t in v.infeasible],
+                        hoverinfo="text", marker=dict(symbol="circle-open", color=FAILED, size=12))
     if v.pruned:
         fig.add_scatter(x=[v.x(t) for t in v.pruned], y=[min(pruned_value(t), top) for t in v.pruned],
                         mode="markers", name=f"pruned ({len(v.pruned)})", hovertext=[v.hover(t) for t in v.pruned],
@@ -69,7 +73,7 @@ def params_html(v: View, path: Path) -> None:
                         vertical_spacing=0.18)
     lo, hi, top = _loss_range(v)
     trials = [t.trial for t in v.ok + v.failed] or [0]
-    best = min(v.ok, key=lambda t: t.value) if v.ok else None
+    best = v.best
     for i, a in enumerate(v.axes):
         row, col = i // cols + 1, i % cols + 1
         fig.add_trace(go.Scatter(

@@ -37,13 +37,17 @@ def history_png(v: View, path: Path) -> None:
     if v.ok:
         ax.scatter([v.x(t) for t in v.ok], [t.value for t in v.ok], s=22, alpha=0.6, label="evaluation")
         ax.step(*_best_so_far(v), where="post", color=BEST, lw=2, label="best so far")
-        best = min(v.ok, key=lambda t: t.value)
-        ax.scatter([v.x(best)], [best.value], marker="*", s=160, color=BEST, edgecolor="black", zorder=3,
-                   label=f"best (trial {best.trial})")
+        best = v.best
+        if best is not None:
+            ax.scatter([v.x(best)], [best.value], marker="*", s=160, color=BEST, edgecolor="black", zorder=3,
+                       label=f"best (trial {best.trial})")
     failed = [t for t in v.failed if t not in v.pruned]
     if failed:
         ax.scatter([v.x(t) for t in failed], [top] * len(failed), marker="x", s=40, color=FAILED,
                    label=f"failed ({len(failed)})")
+    if v.infeasible:
+        ax.scatter([v.x(t) for t in v.infeasible], [t.value for t in v.infeasible], s=60, facecolors="none",
+                   edgecolors=FAILED, label=f"infeasible ({len(v.infeasible)})")
     if v.pruned:
         ax.scatter([v.x(t) for t in v.pruned], [min(pruned_value(t), top) for t in v.pruned], marker="v", s=34,
                    color="gray", label=f"pruned ({len(v.pruned)})")
@@ -72,7 +76,7 @@ def parallel_png(v: View, path: Path) -> None:
     for t in v.failed:
         ys = [_normalized(a, a.at(t.point)) for a in v.axes] + [1.08]
         ax.plot(range(n), ys, color="gray", ls="--", lw=0.9, alpha=0.6)
-    best = min(v.ok, key=lambda t: t.value) if v.ok else None
+    best = v.best
     for t in sorted(v.ok, key=lambda t: -t.value):  # the best drawn last, on top
         ys = [_normalized(a, a.at(t.point)) for a in v.axes] + [(t.value - lo) / (hi - lo)]
         ax.plot(range(n), ys, color=cmap(norm(t.value)), lw=2.8 if t is best else 1.2, alpha=0.85)
@@ -109,7 +113,7 @@ def params_png(v: View, path: Path) -> None:
     lo, hi, top = _loss_range(v)
     trials = [t.trial for t in v.ok + v.failed] or [0]
     norm = Normalize(min(trials), max(max(trials), min(trials) + 1))
-    best = min(v.ok, key=lambda t: t.value) if v.ok else None
+    best = v.best
     if not v.axes:
         grid[0][0].text(0.5, 0.65, "no numeric hyperparameter", transform=grid[0][0].transAxes, ha="center",
                         color="gray")

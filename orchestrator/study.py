@@ -29,7 +29,7 @@ from jobs.tracking_store import ensure_local_store, network_store_warning
 from evaluation.job import HeldoutTrial
 from jobs.entry import FinetuneTrial, ObjectiveTrial
 from orchestrator.checks import check_objective
-from orchestrator.config import StudyConfig, space_to_dict
+from orchestrator.config import ConfigError, StudyConfig, space_to_dict
 from orchestrator.curves import Follower
 from orchestrator.journal import Journal, StudyState, TrialState
 from orchestrator.lock import StudyLock
@@ -37,6 +37,7 @@ from orchestrator.progress import Progress
 from orchestrator.criteria import Judge
 from orchestrator.pruning import Pruning
 from orchestrator.study_end import already_ended, finish
+from orchestrator.warm import finished_trials, warm_sources
 from orchestrator.searchers import Observation, Pending, make_searcher
 from orchestrator.tracking import PARENT, Tracker, trial_key
 from slurm.dispatch import Attempt, Dispatcher, Outcome, Task
@@ -80,6 +81,10 @@ class Study:
                                       seed=config.seed, options=config.searcher_options)
         self.pruning = Pruning(config, self.state)
         self.judge = Judge(config)
+        try:
+            self.warm = warm_sources(config)
+        except ConfigError as e:
+            raise StudyError(str(e)) from None
         self.live: dict[int, Live] = {}
         self.progress = Progress(config, self.out)
         self.best: TrialState | None = None
@@ -141,6 +146,11 @@ class Study:
         if self.kind in ("slurm", "local"):
             self.tracker.tag(PARENT, code_snapshot=str(self.code.resolve()))
         self.tracker.tag(PARENT, searcher_profile=getattr(self.searcher, "profile", None))
+        if self.warm:  # before the first ask (and before a resume's replay): told, never run, no budget
+            self.searcher.warm_start([self._observation(t, trial_id=None) for t in finished_trials(self.warm)])
+            self.tracker.tag(PARENT, warm_start_from=json.dumps(
+                [{"study": name, "parent_run_id": state.parent_run_id, "trials": len(state.finished)}
+                 for name, state in self.warm]))
         if resumed:
             self._adopt()
         self.tracker.flush()
@@ -149,7 +159,7 @@ class Study:
         """After a restart: replay finished trials into the searcher, re-attach (or find) the running ones."""
         finished = sorted(self.state.finished, key=lambda t: t.trial)
         running = sorted(self.state.running, key=lambda t: t.trial)
-        history = [Observation(t.point, self._told(t), t.trial) for t in finished]
+        history = [self._observation(t) for t in finished]
         self.searcher.replay(history, [Pending(t.point, t.trial) for t in running])
         for t in sorted(self.state.trials.values(), key=lambda t: t.trial):
             self.tracker.start_child(t.trial, t.point, t.encoded, self.config.algo)  # queued once, ever
@@ -349,6 +359,14 @@ class Study:
         busy = self.busy_s + sum(now - max(lv.attempt.submitted, lv.started) for lv in self.live.values()
                                  if not lv.attempt.pending)
         return busy / max(1e-9, self.config.parallel * (now - self.t0))
+
+    def _observation(self, t: TrialState, trial_id="same") -> Observation:
+        """A finished trial as the searcher learns it (replay, warm start): its told value(s) and constraints."""
+        trial_id = t.trial if trial_id == "same" else trial_id
+        if self.judge.active and t.status != "pruned":
+            verdict = self.judge.after(t.status, t.value, t.summary)
+            return Observation(t.point, verdict.told, trial_id, constraints=verdict.constraints)
+        return Observation(t.point, self._told(t), trial_id)
 
     def _told(self, t: TrialState) -> float | None:
         """What the searcher hears of a finished trial: its loss, a failure (None), or for a pruned one what

@@ -54,6 +54,11 @@ def journal_registration(study, seq: int) -> dict:
 
 def finish(study) -> None:
     study._track(final=True)
+    if study.judge.objectives:  # two objectives: the front on the parent run, the champion by the rule
+        from orchestrator.pareto import champion_of, write_pareto
+        write_pareto(study.state, study.judge, study.folder / "pareto", study.config.pareto_reference)
+        study.tracker.log_artifacts_of(study.folder / "pareto", "pareto")
+        study.best = champion_of(study.state, study.judge)
     seq = queue_registration(study)
     study.tracker.end_parent("FINISHED")
     pending = study.tracker.outbox.pending

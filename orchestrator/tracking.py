@@ -117,7 +117,11 @@ class Tracker:
             self.outbox.put("log_batch", key=key, tags=tags)
 
     def log_plots(self, folder: str | Path) -> None:
-        self.outbox.put("log_artifacts", key=PARENT, path=str(folder), artifact_path="plots")
+        self.log_artifacts_of(folder, "plots")
+
+    def log_artifacts_of(self, folder: str | Path, artifact_path: str) -> None:
+        """The files of `folder` under `artifact_path` of the parent run (overwritten by a later call)."""
+        self.outbox.put("log_artifacts", key=PARENT, path=str(folder), artifact_path=artifact_path)
 
     def end_parent(self, status: str = "FINISHED") -> None:
         self.outbox.put("set_status", key=PARENT, status=status, end_time=_ms())

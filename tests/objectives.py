@@ -81,3 +81,10 @@ def eats_memory(point: dict) -> float:
         block[::4096] = b"x" * len(block[::4096])  # touch every page: resident, not just reserved
     time.sleep(30)
     return paper_landscape(point) + len(blocks) * 0
+
+
+def uneven(point: dict) -> float:
+    """Sleeps 0.2-1.2 s depending on the point (trials of unequal length), then the landscape."""
+    _mark(point)
+    time.sleep(0.2 + (int(point["alpha"]) % 5) * 0.25)
+    return paper_landscape(point)

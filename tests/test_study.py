@@ -173,3 +173,23 @@ def test_default_study_names_do_not_collide(tmp_path):
     assert (tmp_path / "runs" / "tiny-random" / "journal.jsonl").exists()
     assert (tmp_path / "runs" / "tiny-random-2" / "journal.jsonl").exists()
     assert main(common + ["--study", "tiny-random"]) == 2, "an explicit name must not be silently changed"
+
+
+@pytest.mark.parametrize("algo", ["nomad", "tpe"])
+def test_k_trials_stay_in_flight_while_the_search_runs(tmp_path, algo):
+    """Asynchronous NOMAD (and TPE) refill a freed slot at once: after every dispatch, K trials run until the
+    budget has been handed out (trials of unequal length, on the local executor)."""
+    k, budget = 3, 12
+    cfg = config(tmp_path, algo=algo, study=f"inflight-{algo}", budget=budget, parallel=k, executor="local",
+                 objective="tests.objectives:uneven", poll_s=0.1)
+    run_study(cfg, out=open(os.devnull, "w"))
+    inflight, handed, seen = 0, 0, []
+    for r in Journal(cfg.folder / "journal.jsonl").records():
+        if r["event"] == "dispatch":
+            inflight += len(r["keys"])
+            handed += len(r["keys"])
+            seen.append(inflight)
+            assert inflight == k, f"only {inflight} of {k} slots busy after a dispatch"
+        elif r["event"] == "result":
+            inflight -= 1
+    assert handed == budget and len(seen) > 1 and set(seen) == {k}
