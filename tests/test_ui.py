@@ -4,7 +4,7 @@ driven by headless Chromium (Playwright), with screenshots of every page checked
     .venv/bin/python -m pytest -q -m ui tests/test_ui.py        # prints where the screenshots are
 
 A synthetic study (debug executor, some failures), its plots logged by `orchestrator.plots.log_plots`, and a
-champion registered by the project's own `register_best` on the best trial, whose `adapter/` artifact is a
+champion registered through the project's own registration path (the study's outbox, as `register` does) on the best trial, whose `adapter/` artifact is a
 real PEFT adapter (adapter_config.json + adapter_model.safetensors) of a randomly initialised tiny Llama
 (no fine-tune: the registry is what is under test here; tests/test_e2e.py registers a trained one).
 
@@ -29,7 +29,9 @@ import pytest
 
 from orchestrator.config import load_config
 from orchestrator.plots import log_plots
-from orchestrator.study import register_best, run_study
+from orchestrator.study import run_study
+from orchestrator.study_end import registry_tags
+from orchestrator.tracking import Tracker
 
 pytestmark = pytest.mark.ui
 
@@ -79,13 +81,25 @@ def recorded(tmp_path_factory):
     failed = [t for t in state.finished if t.status == "failed"]
     assert ok and failed, "seed 3 of the flaky objective gives both successes and failures"
     client = MlflowClient(cfg.tracking())
-    assert len(log_plots(client, state.parent_run_id, state, tmp / "plots-tmp")) == 6
+    logged = log_plots(client, state.parent_run_id, state, tmp / "plots-tmp")
+    assert {f"plots/{n}.{e}" for n in ("history", "history_time", "parallel", "params") for e in ("png", "html")} \
+        == set(logged), logged
     best = min(ok, key=lambda t: t.value)
     client.log_artifacts(best.run_id, str(_tiny_peft_adapter(tmp / "adapter")), "adapter")
-    champion = register_best(client, cfg, best)
+    champion = _register(cfg, state, best)
     experiment = client.get_experiment_by_name(cfg.study).experiment_id
     return dict(tmp=tmp, uri=cfg.tracking(), study=cfg.study, experiment=experiment, state=state, best=best,
                 failed=failed[0], champion=champion)
+
+
+def _register(cfg, state, best) -> dict:
+    """What `python -m orchestrator register` does, for a study whose objective was a function (which the command
+    refuses: such a study has no adapter; this one got one logged above)."""
+    tracker = Tracker(cfg.tracking(), cfg.study, Path(cfg.workdir) / cfg.study, state.study_uid or "", log=print)
+    name = f"{cfg.study}-adapter"
+    seq = tracker.register(name, best.trial, registry_tags(cfg, best))
+    assert tracker.close(wait_s=300, idle_s=120), tracker.outbox.status()
+    return {"name": name, "version": tracker.outbox.result(seq)}
 
 
 def _free_port() -> int:
