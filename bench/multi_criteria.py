@@ -9,6 +9,8 @@ grow with the rank, dropout adding a little (it keeps a mask per activation):
 
     peak_memory_gb = 14 + 14 r / 128 + 3 [dropout > 0]          train_hours = 0.5 + 0.5 r / 128 + 0.15 [dropout > 0]
 
+(``--dropout-gb 0``: the 3 GB of dropout dropped, a sensitivity check of the constrained part.)
+
 - constrained: minimize val_loss s.t. peak_memory_gb <= 30 (pb) and train_hours <= 1.2 (eb). Ranks 256
   and 512 are out (eb), rank 128 only without dropout (pb): the feasible optimum is r = 128, alpha
   64, dropout 0, lr at the bottom of the valley (loss 0.95429; the unconstrained one, 0.92, is
@@ -23,7 +25,8 @@ grow with the rank, dropout adding a little (it keeps a mask per activation):
   evaluated points after 50/100, as a fraction of HV*. ``nomad`` is NOMAD's DMultiMADS (profile
   paper), ``nomad-2n`` the same with DIRECTION_TYPE ORTHO 2N; ``tpe`` is our two-objective tpe
   (Optuna's multivariate TPESampler); anchors: Optuna's NSGA-II (population 20) and MOTPE (TPESampler
-  defaults), and random.
+  defaults), and random. ``nomad`` runs our DMultiMADS defaults (ORTHO N+1 NEG, middle-point search);
+  ``nomad-nomid`` without the middle-point search (NOMAD's own default), ``nomad-2n`` with ORTHO 2N.
 
 Every searcher runs one evaluation at a time (parallel 1), the budget's results told in order; the
 figures after 25 and 50 evaluations are read from the 100-evaluation run (the searchers' paths do not
@@ -54,21 +57,22 @@ MEMORY_MAX, HOURS_MAX = 30.0, 1.2
 REFERENCE = (1.10, 2.60)
 RANKS = (4, 8, 16, 32, 64, 128, 256, 512)
 CONSTRAINED = ("nomad-paper", "nomad-async", "optuna-tpe", "tpe", "tpe-fail", "random")
-BI_OBJECTIVE = ("nomad", "nomad-2n", "tpe", "optuna-nsga2", "optuna-motpe", "random")
+BI_OBJECTIVE = ("nomad", "nomad-nomid", "nomad-2n", "tpe", "optuna-nsga2", "optuna-motpe", "random")
+DROPOUT_GB = 3.0    # memory a dropout mask adds (--dropout-gb): 0 removes the pb region next to the optimum
 
 
 # ------------------------------------------------------------------------------------------- landscape
-def peak_memory_gb(p: dict) -> float:
-    return 14.0 + 14.0 * p["r"] / 128 + 3.0 * (p["dropout"] > 0)
+def peak_memory_gb(p: dict, dropout_gb: float = DROPOUT_GB) -> float:
+    return 14.0 + 14.0 * p["r"] / 128 + dropout_gb * (p["dropout"] > 0)
 
 
 def train_hours(p: dict) -> float:
     return 0.5 + 0.5 * p["r"] / 128 + 0.15 * (p["dropout"] > 0)
 
 
-def constraint_values(p: dict) -> list[float]:
+def constraint_values(p: dict, dropout_gb: float = DROPOUT_GB) -> list[float]:
     """NOMAD's convention, c <= 0 satisfied, in the order (pb memory, eb hours)."""
-    return [peak_memory_gb(p) - MEMORY_MAX, train_hours(p) - HOURS_MAX]
+    return [peak_memory_gb(p, dropout_gb) - MEMORY_MAX, train_hours(p) - HOURS_MAX]
 
 
 def best_at(r: int, dropout: float = 0.0, alpha: int = 64) -> dict:
@@ -78,11 +82,11 @@ def best_at(r: int, dropout: float = 0.0, alpha: int = 64) -> dict:
     return {"r": r, "alpha": alpha, "dropout": dropout, "lr": 10 ** min(-3.0, max(-6.0, log_lr))}
 
 
-def feasible_optimum() -> tuple[float, dict]:
+def feasible_optimum(dropout_gb: float = DROPOUT_GB) -> tuple[float, dict]:
     """The best feasible loss, by enumeration (alpha 64 is best at every rank; lr from best_at)."""
     space = paper_space()
     candidates = [best_at(r, d, a) for r in RANKS for d in space.dims[2].values for a in (1, 32, 64)]
-    ok = [p for p in candidates if all(c <= 0 for c in constraint_values(p))]
+    ok = [p for p in candidates if all(c <= 0 for c in constraint_values(p, dropout_gb))]
     best = min(ok, key=paper_landscape)
     return paper_landscape(best), best
 
@@ -145,6 +149,7 @@ def build(algo: str, seed: int, budget: int, n_objectives: int, kinds: tuple):
         return OptunaAnchor(optuna.samplers.TPESampler(seed=seed), 2)
     name, options = {"nomad-paper": ("nomad", {"profile": "paper"}), "nomad-async": ("nomad", {"profile": "async"}),
                      "nomad-2n": ("nomad", {"DIRECTION_TYPE": "ORTHO 2N"}),
+                     "nomad-nomid": ("nomad", {"DMULTIMADS_MIDDLEPOINT_SEARCH": False}),
                      "tpe-fail": ("tpe", {"infeasible": "failure"})}.get(algo, (algo, {}))
     return Ours(make_searcher(name, paper_space(), budget=budget, parallel=1, seed=seed, options=options,
                               n_objectives=n_objectives, constraints=kinds))
@@ -168,10 +173,10 @@ def drive(searcher, budget: int, evaluate) -> list:
 
 
 # ------------------------------------------------------------------------------------------- the two parts
-def constrained_run(algo: str, seed: int, budget: int, marks: list[int]) -> dict:
+def constrained_run(algo: str, seed: int, budget: int, marks: list[int], dropout_gb: float) -> dict:
     kinds = ("pb", "eb")
     runs = drive(build(algo, seed, budget, 1, kinds), budget,
-                 lambda p: (paper_landscape(p), constraint_values(p)))
+                 lambda p: (paper_landscape(p), constraint_values(p, dropout_gb)))
     best, curve = math.inf, []
     for _, value, cs in runs:
         if all(c <= 0 for c in cs):
@@ -200,9 +205,9 @@ def verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
 
-def constrained_part(algos, seeds: int, budget: int) -> None:
+def constrained_part(algos, seeds: int, budget: int, dropout_gb: float) -> None:
     marks = [m for m in (25, 50, 100) if m <= budget]
-    optimum, where = feasible_optimum()
+    optimum, where = feasible_optimum(dropout_gb)
     print(f"\n== constrained: min val_loss s.t. peak_memory_gb <= {MEMORY_MAX} (pb), train_hours <= {HOURS_MAX} (eb); "
           f"feasible optimum {optimum:.5f} at {where}")
     print(f"{'searcher':<13}" + "".join(f"{'best@' + str(m):>26}" for m in marks) + f"{'infeasible evals':>22}"
@@ -210,7 +215,7 @@ def constrained_part(algos, seeds: int, budget: int) -> None:
     results = {}
     for algo in algos:
         start = time.perf_counter()
-        runs = [constrained_run(algo, seed, budget, marks) for seed in range(seeds)]
+        runs = [constrained_run(algo, seed, budget, marks, dropout_gb) for seed in range(seeds)]
         results[algo] = runs
         cells = [summary([r["best"][i] for r in runs]) for i in range(len(marks))]
         print(f"{algo:<13}" + "".join(f"{c:>26}" for c in cells)
@@ -258,11 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", nargs="+", default=["constrained", "bi-objective"],
                         choices=["constrained", "bi-objective"])
     parser.add_argument("--algos", nargs="+", default=None, help="a subset of the part's searchers")
+    parser.add_argument("--dropout-gb", type=float, default=DROPOUT_GB,
+                        help="memory a dropout > 0 adds (0: no infeasible region beside the constrained optimum)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    print(f"seeds 0..{args.seeds - 1}, budget {args.budget}, parallel 1; cells: median [min-max] over seeds")
+    print(f"seeds 0..{args.seeds - 1}, budget {args.budget}, parallel 1, dropout adds {args.dropout_gb} GB; "
+          "cells: median [min-max] over seeds")
     if "constrained" in args.parts:
-        constrained_part([a for a in CONSTRAINED if not args.algos or a in args.algos], args.seeds, args.budget)
+        constrained_part([a for a in CONSTRAINED if not args.algos or a in args.algos], args.seeds, args.budget,
+                         args.dropout_gb)
     if "bi-objective" in args.parts:
         biobjective_part([a for a in BI_OBJECTIVE if not args.algos or a in args.algos], args.seeds, args.budget)
 

@@ -342,3 +342,26 @@ def test_make_searcher_validates_the_criteria():
         build("tpe", n_objectives=2, kinds=(), constant_liar_type="best")
     with pytest.raises(ValueError, match="DMULTIMADS_OPTIMIZATION is set by the searcher"):
         build("nomad-paper", DMULTIMADS_OPTIMIZATION=True)
+
+
+@pytest.mark.parametrize("algo", MULTI)
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_two_objective_searchers_are_seeded_and_respect_slots(algo, parallel):
+    runs = []
+    for seed in (7, 7, 8):
+        searcher = build(algo, budget=24, parallel=parallel, seed=seed, n_objectives=2, kinds=("pb",))
+        pending, told = [], []
+        while not searcher.finished:
+            while len(pending) < parallel and (s := searcher.ask()) is not None:
+                pending.append(s)
+            assert len(pending) <= parallel and len({SPACE.key(s.point) for s in pending}) == len(pending)
+            if not pending:
+                break
+            s = pending.pop(0)
+            value, cs = evaluate(2, ("pb",))(s.point)
+            searcher.tell(s.trial_id, value, constraints=cs)
+            told.append(s.point)
+        searcher.close()
+        assert len(told) == 24 and len(set(keys(told))) == 24
+        runs.append(told)
+    assert runs[0] == runs[1] and runs[0] != runs[2]
