@@ -15,6 +15,9 @@ Coordinates are NOMAD's (``SearchSpace.to_nomad``): integers for choice indices 
 - ``QuadModel``: a quadratic model of the loss (least squares, ridge-regularised when points are
   few, weighted towards the incumbent), minimized over a trust region on the mesh, as NOMAD's
   quadratic-model search does; it also orders the poll (NOMAD's default ``EVAL_QUEUE_SORT``).
+- ``Surrogate``: the loss's model with one (uncapped) model per constraint: candidates predicted
+  feasible come first, then by predicted loss, as NOMAD's model search and model-ordered poll
+  treat constraints (they minimize the model of f subject to the models of c <= 0).
 
 Tested through the searcher: ``python -m pytest tests/test_async_mads.py``.
 """
@@ -134,15 +137,17 @@ def _features(u: np.ndarray) -> np.ndarray:
 
 class QuadModel:
     """A quadratic model of the loss, from the successful evaluations ``xs``, ``fs``, weighted
-    towards ``center`` (the incumbent): f(u) = c + g.u + u.Q.u on the unit box."""
+    towards ``center`` (the incumbent): f(u) = c + g.u + u.Q.u on the unit box. ``cap=False`` for a
+    constraint's model, whose large values matter (they say where it is violated)."""
 
-    def __init__(self, box: Box, xs: np.ndarray, fs: np.ndarray, center: np.ndarray):
+    def __init__(self, box: Box, xs: np.ndarray, fs: np.ndarray, center: np.ndarray, cap: bool = True):
         self.box = box
         u, uc = box.scale(xs), box.scale(center)
         # Outliers (e.g. dropout 1: the loss of an untrained model) would bend a quadratic away from
         # the good region, which is the one that matters: the values are capped at the 3rd quartile
         # (a flat model where the loss is bad; measured better than capping at Tukey's fence).
-        fs = np.minimum(fs, np.quantile(fs, CAP_QUANTILE))
+        if cap:
+            fs = np.minimum(fs, np.quantile(fs, CAP_QUANTILE))
         weights = np.exp(-np.sum((u - uc) ** 2, axis=1) / MODEL_WIDTH)
         a = _features(u)
         ridge = np.full(a.shape[1], 1e-4 * len(fs))   # few points: the least-norm-like model
@@ -200,3 +205,26 @@ class QuadModel:
                     u[:, j] = ends[(self.q[j, j] * ends[1] ** 2 + b * ends[1]
                                     < self.q[j, j] * ends[0] ** 2 + b * ends[0]).astype(int)]
         return self.box.lo + u * self.box.span
+
+
+class Surrogate:
+    """The objective's QuadModel and one per constraint: points predicted feasible first, then by
+    predicted objective. Without constraints, exactly the objective's model."""
+
+    def __init__(self, objective: QuadModel, constraints: list):
+        self.objective, self.constraints = objective, constraints
+
+    def predict(self, xs: np.ndarray) -> np.ndarray:
+        return self.objective.predict(xs)
+
+    def order(self, xs: np.ndarray) -> np.ndarray:
+        xs = np.atleast_2d(xs)
+        f = self.objective.predict(xs)
+        if not self.constraints:
+            return xs[np.argsort(f, kind="stable")]
+        infeasible = np.any([model.predict(xs) > 0 for model in self.constraints], axis=0)
+        return xs[np.lexsort((f, infeasible))]
+
+    def minimizers(self, center: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
+        best = self.objective.minimizers(center, level, rng)
+        return self.order(best) if self.constraints else best

@@ -3,7 +3,9 @@
 Both are pure Python and deterministic given the seed. On resume, ``replay(history, pending)``
 books the still-running trials in the Ledger as pending: they hold budget and slots, and their points,
 like the finished ones, are never proposed again (for ``default``, a pending default point counts as
-proposed). Built through
+proposed). They ignore values: constraints and two objectives (random only) are accepted and checked
+for shape, nothing more; ``warm_start`` marks the earlier points seen (random never draws them; a warm
+default point is not proposed again, so ``default`` then has nothing to do). Built through
 ``orchestrator.searchers.make_searcher("random", space, budget=..., parallel=..., seed=...)``.
 """
 from __future__ import annotations
@@ -20,8 +22,9 @@ class DefaultSearcher:
     """Proposes the space's default point once (budget permitting), then is finished."""
     name = "default"
 
-    def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int):
-        self._ledger = Ledger(space, budget, parallel)
+    def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int, n_objectives: int = 1,
+                 kinds: tuple = ()):
+        self._ledger = Ledger(space, budget, parallel, n_objectives, kinds)
         self._space = space
         self._proposed = False
 
@@ -36,8 +39,12 @@ class DefaultSearcher:
         point = self._space.default_point()
         return self._ledger.issue(point, encoded=dict(point))
 
-    def tell(self, trial_id: int, value: float | None) -> None:
-        self._ledger.settle(trial_id, value)
+    def tell(self, trial_id: int, value, constraints=None) -> None:
+        self._ledger.settle(trial_id, value, constraints)
+
+    def warm_start(self, observations: list[Observation]) -> None:
+        self._ledger.warm(observations)
+        self._proposed = self._space.key(self._space.default_point()) in self._ledger.seen
 
     def replay(self, history: list[Observation], pending: list[Pending] = ()) -> list[Suggestion]:
         _, adopted = self._ledger.replay(history, pending)
@@ -52,8 +59,9 @@ class RandomSearcher:
     """Uniform sampling per dimension (log-uniform for ``log``), never repeating a seen point."""
     name = "random"
 
-    def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int):
-        self._ledger = Ledger(space, budget, parallel)
+    def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int, n_objectives: int = 1,
+                 kinds: tuple = ()):
+        self._ledger = Ledger(space, budget, parallel, n_objectives, kinds)
         self._space = space
         self._rng = np.random.default_rng(seed)
         self._exhausted_space = False
@@ -72,8 +80,11 @@ class RandomSearcher:
         self._exhausted_space = True
         return None
 
-    def tell(self, trial_id: int, value: float | None) -> None:
-        self._ledger.settle(trial_id, value)
+    def tell(self, trial_id: int, value, constraints=None) -> None:
+        self._ledger.settle(trial_id, value, constraints)
+
+    def warm_start(self, observations: list[Observation]) -> None:
+        self._ledger.warm(observations)
 
     def replay(self, history: list[Observation], pending: list[Pending] = ()) -> list[Suggestion]:
         return self._ledger.replay(history, pending)[1]   # adopted: pending and seen, never drawn again
