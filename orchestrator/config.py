@@ -345,10 +345,6 @@ def _validate_criteria(c: StudyConfig) -> None:
         _check(isinstance(c.pareto_reference, list) and len(c.pareto_reference) == 2 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in c.pareto_reference),
             "pareto_reference", c.pareto_reference, "two numbers, one per objective, e.g. [6.0, 0.5]")
-    if c.function is not None and (c.constraints or objectives):
-        names = [k["metric"] for k in c.constraints] + list(objectives)
-        _check(False, "constraints" if c.constraints else "objectives", names,
-               "an --objective study reports only its value: constraints and objectives need fine-tunes")
 
 
 def _validate_evaluation(c: StudyConfig) -> None:
@@ -362,11 +358,12 @@ def _validate_evaluation(c: StudyConfig) -> None:
 
 def _validate_searcher(c: StudyConfig) -> None:
     """The searcher options are the algorithm's own: build the searcher (nothing runs) to check them."""
+    from orchestrator.criteria import searcher_criteria
     from orchestrator.searchers import make_searcher
 
     try:
         make_searcher(c.algo, c.space, budget=c.budget, parallel=c.parallel, seed=c.seed,
-                      options=c.searcher_options).close()
+                      options=c.searcher_options, **searcher_criteria(c)).close()
     except ValueError as e:
         raise ConfigError(f"config key 'searcher_options': {str(e).splitlines()[0]}") from None
 

@@ -119,6 +119,8 @@ def trial_metrics(summary: dict, value: float | None) -> dict:
     if m["trainable_params"] is not None:
         m["adapter_mb"] = m["trainable_params"] * 4 / 1e6
     m.update({k: num(k) for k in s if k.startswith("dev.")})
+    # an --objective function reports its metrics by these names (or as the fine-tune's raw keys above)
+    m.update({k: num(k) for k in METRICS if k != "val_loss" and m.get(k) is None and num(k) is not None})
     return {k: v for k, v in m.items() if v is not None}
 
 
@@ -240,6 +242,13 @@ class Verdict:
     constraints: list | None      # c_j per constraint (<= 0 feasible), None when the trial failed
     feasible: bool
     metrics: dict
+    missing: tuple = ()           # constrained or objective metrics the (successful) trial did not report
+
+
+def searcher_criteria(config) -> dict:
+    """What make_searcher needs to know of the study's criteria: n_objectives and the constraints' kinds."""
+    return {"n_objectives": 2 if parse_objectives(config.objectives) else 1,
+            "constraints": tuple(k.kind for k in parse_constraints(config.constraints))}
 
 
 class Judge:
@@ -274,6 +283,8 @@ class Judge:
         if status == "ok":
             metrics[self.objective] = value
         c = [k.value(metrics) for k in self.constraints] if status == "ok" else None
+        missing = tuple(m for m in [k.metric for k in self.constraints] + list(self.objectives)
+                        if status == "ok" and m not in metrics)
         if c is not None and any(v is None for v in c):
             c = None  # a constrained metric the trial did not report: it cannot be judged, so it fails
         feasible = status == "ok" and c is not None and all(v <= 0 for v in c)
@@ -284,4 +295,4 @@ class Judge:
             told = tuple(vector) if all(v is not None for v in vector) else None
         else:
             told = value
-        return Verdict(told, c, feasible, metrics)
+        return Verdict(told, c, feasible, metrics, missing)

@@ -13,6 +13,7 @@ import sys
 import yaml
 
 from orchestrator.config import StudyConfig
+from orchestrator.criteria import searcher_criteria
 from orchestrator.searchers import make_searcher
 from slurm.executors import sbatch_preview
 
@@ -20,7 +21,7 @@ from slurm.executors import sbatch_preview
 def dry_run(config: StudyConfig, out=None) -> dict:
     out = out or sys.stdout
     searcher = make_searcher(config.algo, config.space, budget=config.budget, parallel=config.parallel,
-                             seed=config.seed, options=config.searcher_options)
+                             seed=config.seed, options=config.searcher_options, **searcher_criteria(config))
     try:
         suggestions = []
         while len(suggestions) < config.parallel and (s := searcher.ask()) is not None:

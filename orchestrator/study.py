@@ -34,7 +34,7 @@ from orchestrator.curves import Follower
 from orchestrator.journal import Journal, StudyState, TrialState
 from orchestrator.lock import StudyLock
 from orchestrator.progress import Progress
-from orchestrator.criteria import Judge
+from orchestrator.criteria import Judge, searcher_criteria
 from orchestrator.pruning import Pruning
 from orchestrator.study_end import already_ended, finish
 from orchestrator.warm import finished_trials, warm_sources
@@ -78,7 +78,8 @@ class Study:
         self.uid = self.state.study_uid or uuid.uuid4().hex
         self.tracker = Tracker(config.tracking(), config.study, self.folder, self.uid, log=self._warn)
         self.searcher = make_searcher(config.algo, self.space, budget=config.budget, parallel=config.parallel,
-                                      seed=config.seed, options=config.searcher_options)
+                                      seed=config.seed, options=config.searcher_options,
+                                      **searcher_criteria(config))
         self.pruning = Pruning(config, self.state)
         self.judge = Judge(config)
         try:
@@ -297,6 +298,8 @@ class Study:
             verdict = self.judge.after(result.status, result.value, summary)
             summary.update({f"c.{k.metric}": v for k, v in zip(self.judge.constraints, verdict.constraints or [])},
                            feasible=verdict.feasible)
+            if verdict.missing:  # told as a failure: say why, where a person looks
+                summary["unjudged"] = f"the trial did not report {', '.join(verdict.missing)}"
         self.journal.append("result", trial=t.trial, status=result.status, value=result.value, reason=result.reason,
                             summary=summary)
         t.status, t.value, t.reason, t.summary = result.status, result.value, result.reason, summary
