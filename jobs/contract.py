@@ -35,7 +35,8 @@ CHECKPOINT_DIR = "checkpoints"
 ATTEMPTS_FILE = "attempts.jsonl"
 LOCK_FILE = ".lock"
 
-STATUSES = ("ok", "failed", "pruned")  # a job reports ok or failed; the orchestrator records pruned trials
+STATUSES = ("ok", "failed", "pruned", "infeasible")  # a job reports ok or failed; the orchestrator records
+# pruned trials, and infeasible ones (a constraint known before training: never submitted)
 SUMMARY_MAX_CHARS = 2000   # a text value kept in the journal's summary (the full result stays in the folder)
 SUMMARY_MAX_KEYS = 200
 

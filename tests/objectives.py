@@ -93,8 +93,9 @@ def uneven(point: dict) -> float:
 def costly(point: dict) -> dict:
     """The landscape with a fine-tune's costs that grow with the rank (as bench/multi_criteria.py models them):
     peak_memory_bytes (14 GiB + 14 GiB x r/128) and train_s (0.5 h + 0.5 h x r/128), the metrics constraints
-    and a second objective read (peak_memory_gb, train_hours)."""
+    and a second objective read (peak_memory_gb, train_hours). Sleeps $LORA_HPO_TEST_SLEEP s (default 0)."""
     _mark(point)
+    time.sleep(float(os.environ.get("LORA_HPO_TEST_SLEEP", "0")))
     r = int(point["r"])
     return {"objective": paper_landscape(point), "peak_memory_bytes": int((14 + 14 * r / 128) * 2**30),
             "train_s": 3600 * (0.5 + 0.5 * r / 128)}

@@ -183,13 +183,17 @@ def test_k_trials_stay_in_flight_while_the_search_runs(tmp_path, algo):
     cfg = config(tmp_path, algo=algo, study=f"inflight-{algo}", budget=budget, parallel=k, executor="local",
                  objective="tests.objectives:uneven", poll_s=0.1)
     run_study(cfg, out=open(os.devnull, "w"))
-    inflight, handed, seen = 0, 0, []
+    inflight, handed, seen, refills = 0, 0, [], []
     for r in Journal(cfg.folder / "journal.jsonl").records():
         if r["event"] == "dispatch":
             inflight += len(r["keys"])
             handed += len(r["keys"])
             seen.append(inflight)
-            assert inflight == k, f"only {inflight} of {k} slots busy after a dispatch"
+            refills.append(len(r["keys"]))
+            # the last dispatch may find more free slots than trials left in the budget
+            assert inflight == k or handed == budget, f"only {inflight} of {k} slots busy after a dispatch"
         elif r["event"] == "result":
             inflight -= 1
-    assert handed == budget and len(seen) > 1 and set(seen) == {k}
+    assert handed == budget and len(seen) > 2 and set(seen[:-1]) == {k}
+    # a freed slot was refilled while the others still ran (a synchronous searcher refills K at a time)
+    assert any(n < k for n in refills[1:]), refills
