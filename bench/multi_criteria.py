@@ -228,8 +228,8 @@ def constrained_part(algos, seeds: int, budget: int, dropout_gb: float) -> None:
             print(f"target: {nomad} median best feasible at {marks[at50]} ({med[nomad]:.5f}) <= Optuna TPE's "
                   f"({med['optuna-tpe']:.5f}): {verdict(med[nomad] <= med['optuna-tpe'])}")
         if "random" in results:
-            print(f"target: {nomad} median infeasible evaluations ({infeasible[nomad]:.0f}) < random's "
-                  f"({infeasible['random']:.0f}): {verdict(infeasible[nomad] < infeasible['random'])}")
+            print(f"target: {nomad} median infeasible evaluations ({infeasible[nomad]:g}) < random's "
+                  f"({infeasible['random']:g}): {verdict(infeasible[nomad] < infeasible['random'])}")
 
 
 def biobjective_part(algos, seeds: int, budget: int) -> None:
