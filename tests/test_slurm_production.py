@@ -81,7 +81,8 @@ def test_a_preempted_trial_goes_on_from_its_checkpoint(slurm_production, tiny_mo
     proc, journal = reference_and_interrupted(tmp_path, f"preempt-{mode.lower()}",
                                               {**WHOLE_NODE, "partition": partition})
     t, first = running_trial(journal, 0, 5, proc)
-    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--gres=gpu:4", "-t", "5", "--wrap", "sleep 8"],
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--gres=gpu:4", "-t", "5",
+                             "-o", str(tmp_path / "urgent-%j.out"), "--wrap", "sleep 8"],
                             capture_output=True, text=True, check=True).stdout.strip()
     stop = wait_until(lambda: stop_record(t.out, first), 60, "the preempted job's stop record", proc)
     finish(proc, 400)
@@ -180,8 +181,9 @@ def test_a_job_over_its_memory_is_a_failed_trial_that_says_so(slurm_production, 
 
 
 def test_pending_trials_show_why_they_wait_and_status_asks_slurm(slurm_production, tmp_path):
-    blocker = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--gres=gpu:4", "-t", "5", "--wrap",
-                              "sleep 300"], capture_output=True, text=True, check=True).stdout.strip()
+    blocker = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--gres=gpu:4", "-t", "5", "-o",
+                              str(tmp_path / "blocker-%j.out"), "--wrap", "sleep 300"],
+                             capture_output=True, text=True, check=True).stdout.strip()
     try:
         wait_until(lambda: [["RUNNING"]] == sacct("-X", "-j", blocker, "-o", "State")[-1:], 60, "the blocker running")
         proc = orchestrator(tmp_path, "--study", "waits", "--algo", "random", "--budget", "1", "--executor", "slurm",
