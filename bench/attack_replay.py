@@ -12,7 +12,6 @@ Exit status 1 if any case fails.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import submitit
-from submitit.slurm.slurm import SlurmJob
 
 KINDS = ("auto", "slurm", "local", "debug")
 LOCAL_PARAMETERS = ("name", "timeout_min", "gpus_per_node", "tasks_per_node")

@@ -5,9 +5,7 @@
 SLURM states are covered on the dev cluster (tests/test_slurm_*.py); here the same Dispatcher drives local
 processes, so that a job's death is real (os._exit, SIGKILL, sys.exit) and its cause must be read back.
 """
-import json
 import time
-from pathlib import Path
 
 import pytest
 

@@ -8,23 +8,20 @@ gate file), never by sleeping and hoping.
 """
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs.tracking_store import StoreError, ensure_local_store
 from orchestrator.__main__ import main
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import load_config
 from orchestrator.journal import Journal
 from orchestrator.lock import LockError, StudyLock
 from orchestrator.study import run_study
-from orchestrator.tracking import load_study
 
 from .conftest import REPO
 
