@@ -52,6 +52,9 @@ from slurm.executors import Resources, make_executor
 from slurm.states import (FINAL, LIVE, OOM_MARKS, REQUEUE_STATES, RETRY_KINDS, WAITING, DispatchError,  # noqa: F401
                           SlurmInfo, exit_text, last_stderr_line, run, slurm_exit_text, slurm_snapshot)
 
+REQUEUE_CAUSE_WAIT_S = 20.0  # how long a requeued attempt waits for sacct to record why (then: REQUEUED)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Which failures a trial is retried after, and the bounds of a trial's life.
@@ -132,6 +135,7 @@ class Attempt:
     final_since: float | None = None  # first poll that saw it final without a result (grace for NFS)
     history: list = field(default_factory=list)  # sacct -D records: one state per requeue
     exit_code: str = ""          # sacct's ExitCode (code:signal)
+    requeued_since: float | None = None  # first poll that saw SLURM requeue it (its cause may lag in sacct)
 
     @property
     def pending(self) -> bool:
@@ -285,12 +289,21 @@ class Dispatcher:
         return self._ended(a, "FINISHED")  # debug: runs now, in this process
 
     def _settle_slurm(self, a: Attempt) -> Outcome | None:
-        requeued = a.state in REQUEUE_STATES or (a.state in WAITING and (a.ran or len(a.history) > 1))
+        requeued = a.requeued_since is not None or a.state in REQUEUE_STATES or \
+            (a.state in WAITING and (a.ran or len(a.history) > 1))
         if requeued:  # SLURM will run it again: go on in a fresh job instead (see the module docstring)
-            self.cancel(a)
-            # what ended the attempt: the last final state sacct recorded (it may lag squeue's PENDING by a poll)
-            before = next((s for s in reversed(a.history) if s in FINAL), None) or \
-                next((s for s in reversed(a.history) if s in REQUEUE_STATES), "REQUEUED")
+            if a.requeued_since is None:
+                a.requeued_since = time.time()
+                self.cancel(a)  # at once: SLURM's copy must never run
+            # what ended the attempt: the state sacct recorded for the run before the requeue. Accounting may
+            # lag squeue's PENDING by a poll or more (a NODE_FAIL not recorded yet): wait for it, a bounded time
+            earlier = a.history[:-1]
+            before = next((s for s in reversed(earlier) if s in FINAL), None) or \
+                next((s for s in reversed(earlier) if s in REQUEUE_STATES), None)
+            if before is None:
+                if time.time() - a.requeued_since < REQUEUE_CAUSE_WAIT_S:
+                    return None
+                before = "REQUEUED"
             kind = FINAL.get(before) or "requeued"
             # a node failure counts against the retry policy; a preemption or a requeue asked for is followed
             return Outcome("failed", reason=f"job {a.job_id} was requeued by SLURM (after {before}): continued in "

@@ -44,12 +44,15 @@ class SlurmInfo:
 
 def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
     """{job_id: SlurmInfo} from one `sacct -D` and one `squeue` call. A job sacct does not know yet (accounting
-    lags 1-2 s) is PENDING. squeue wins for live jobs (it is the controller's current view)."""
+    lags 1-2 s) is PENDING. squeue wins for live jobs (it is the controller's current view). A job that neither
+    command that answered names is left out when a command did not answer (timed out, or failed on a busy
+    controller): its state is unknown this poll, not PENDING (a running job read as PENDING looks requeued)."""
     info: dict[str, SlurmInfo] = {}
     if not job_ids:
         return info
     ids = ",".join(job_ids)
     out = run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", "JobID,State,ExitCode,NodeList"])
+    answered = out is not None
     for line in (out or "").splitlines():
         parts = line.split("|")
         if len(parts) < 4:
@@ -59,6 +62,7 @@ def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
         entry.history.append(state)
         entry.state, entry.exit_code, entry.node = state, parts[2], parts[3]
     out = run(["squeue", "-h", "-r", "--states=all", "-j", ids, "-o", "%i|%T|%r|%N"])
+    answered = answered and out is not None
     for line in (out or "").splitlines():
         parts = line.split("|")
         if len(parts) < 4:
@@ -69,8 +73,9 @@ def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
             entry.state, entry.live = state, True
             entry.reason = "" if reason in ("None", "(null)") else reason
             entry.node = node or entry.node
-    for job_id in job_ids:
-        info.setdefault(job_id, SlurmInfo("PENDING", [], reason="not in accounting yet"))
+    if answered:
+        for job_id in job_ids:
+            info.setdefault(job_id, SlurmInfo("PENDING", [], reason="not in accounting yet"))
     return info
 
 

@@ -179,3 +179,42 @@ def test_pending_and_running_slurm_jobs_are_not_settled_and_say_why_they_wait(tm
     # sacct is 1-2 s late: the job ended, squeue no longer holds it live, sacct still says RUNNING
     fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|COMPLETED|None|vm")
     assert d.poll([a]) == []
+
+
+def test_a_requeue_waits_for_accounting_to_say_why(tmp_path, monkeypatch):
+    """squeue shows the job requeued (PENDING after it ran) before sacct records the NODE_FAIL: the copy is
+    cancelled at once, the outcome waits for the cause (a node failure counts against the policy)."""
+    fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
+    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
+    a = d.reattach(Task("0", print, ()), "77")
+    assert d.poll([a]) == [] and a.ran
+    fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|PENDING|BeginTime|")  # sacct lags
+    assert d.poll([a]) == [], "settled before accounting said why"
+    assert "77" in (tmp_path / "scancelled").read_text(), "SLURM's requeued copy was not cancelled at once"
+    fake_slurm(tmp_path, monkeypatch, [("NODE_FAIL", "0:0"), ("CANCELLED", "0:0")], "77|CANCELLED|None|")
+    [(_, outcome)] = d.poll([a])
+    assert outcome.retry == "node_fail" and not outcome.follow and "after NODE_FAIL" in outcome.reason
+
+
+def test_a_requeue_whose_cause_never_shows_is_settled_as_requeued(tmp_path, monkeypatch):
+    monkeypatch.setattr("slurm.dispatch.REQUEUE_CAUSE_WAIT_S", 0.0)
+    fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
+    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
+    a = d.reattach(Task("0", print, ()), "77")
+    d.poll([a])
+    fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|PENDING|BeginTime|")
+    [(_, outcome)] = d.poll([a])
+    assert outcome.retry == "requeued" and outcome.follow and "after REQUEUED" in outcome.reason
+
+
+def test_a_controller_that_does_not_answer_changes_no_state(tmp_path, monkeypatch):
+    """sacct and squeue fail (a busy controller): a running job stays RUNNING; it is neither read as PENDING
+    (which would look like a requeue and cancel it) nor settled."""
+    fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
+    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
+    a = d.reattach(Task("0", print, ()), "77")
+    d.poll([a])
+    for name in ("sacct", "squeue"):
+        (tmp_path / "fakebin" / name).write_text("#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out' >&2\nexit 1\n")
+    assert d.poll([a]) == [] and a.state == "RUNNING"
+    assert not (tmp_path / "scancelled").exists(), "a running job was cancelled on a poll that learnt nothing"

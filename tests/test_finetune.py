@@ -174,7 +174,8 @@ def test_missing_and_malformed_data_are_failed_results(tmp_path):
 
 
 def test_diverging_loss_is_a_failed_result(tmp_path):
-    result = F.run(small(tmp_path, lr=1e9, max_grad_norm=1e30, max_steps=10, warmup_ratio=0.0))
+    # the largest learning rate the spec accepts, no clipping, and a LoRA scale (alpha / r) of 1.25e8
+    result = F.run(small(tmp_path, lr=1.0, alpha=1e9, max_grad_norm=1e30, max_steps=10, warmup_ratio=0.0))
     assert result["status"] == "failed"
     assert "diverged" in result["reason"] and not (tmp_path / "run" / "adapter").exists()
 

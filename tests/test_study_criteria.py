@@ -84,7 +84,7 @@ def test_a_constrained_study_judges_every_trial_and_its_best_is_feasible(tmp_pat
         run = runs[t.trial]
         assert run.data.tags["feasible"] == str(t.summary["feasible"]).lower()
         assert run.data.metrics["constraint.peak_memory_gb"] == pytest.approx(t.summary["c.peak_memory_gb"])
-    if algo != "random":  # the searchers learn the barrier: most of their trials are feasible
+    if algo == "nomad":  # MADS learns the barrier (TPE draws its first 20 points at random)
         assert len(feasible) >= len(state.finished) // 2, [t.point["r"] for t in state.finished]
 
 
