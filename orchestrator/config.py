@@ -13,7 +13,7 @@ A study YAML (every key optional; `preset` picks the base, `tiny` by default):
     executor: auto            # auto | slurm | local | debug
     workdir: runs             # the study's folder is workdir/study
     tracking_uri: null        # default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
-    register_as: null         # registered model name; default "<study>-adapter"
+    register_as: null         # registered model name; default "<study>-adapter"; "" registers nothing
     objective: null           # "pkg.module:function": tune any Python blackbox instead of the fine-tune; or
                               # {metric: heldout, tasks: {mmlu: 300, bbh: 150, drop: 150, humaneval: 40},
                               #  weight_val_loss: 0.0, seed: 0}: the fine-tune scored on dev subsets
@@ -240,9 +240,9 @@ def validate(c: StudyConfig) -> None:
     _check(isinstance(c.workdir, str) and bool(c.workdir), "workdir", c.workdir, "a folder path")
     _check(c.tracking_uri is None or (isinstance(c.tracking_uri, str) and bool(c.tracking_uri.strip())),
            "tracking_uri", c.tracking_uri, "an MLflow tracking URI (sqlite:///path.db, http://host:port) or null")
-    _check(c.register_as is None or (isinstance(c.register_as, str) and bool(re.fullmatch(
+    _check(c.register_as in (None, "") or (isinstance(c.register_as, str) and bool(re.fullmatch(
         r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", c.register_as))), "register_as", c.register_as,
-        "a registered model name of letters, digits, '.', '_' or '-', or null")
+        "a registered model name of letters, digits, '.', '_' or '-', '' (register nothing) or null")
     for key in ("searcher_options", "trial", "evaluation"):
         _check(isinstance(getattr(c, key), dict), key, getattr(c, key), "must be a mapping")
     _validate_evaluation(c)

@@ -197,3 +197,15 @@ def test_k_trials_stay_in_flight_while_the_search_runs(tmp_path, algo):
     assert handed == budget and len(seen) > 2 and set(seen[:-1]) == {k}
     # a freed slot was refilled while the others still ran (a synchronous searcher refills K at a time)
     assert any(n < k for n in refills[1:]), refills
+
+
+def test_register_as_empty_means_register_nothing_and_a_bad_name_is_refused(tmp_path):
+    from orchestrator.config import ConfigError
+    from orchestrator.study_end import queue_registration
+
+    class Study:  # what queue_registration reads of a finished fine-tune study
+        config = load_config(None, register_as="")
+        best = object()
+    assert queue_registration(Study) is None
+    with pytest.raises(ConfigError, match="register_as"):
+        load_config(None, register_as="bad name!")
