@@ -18,6 +18,10 @@ Metrics a trial reports (the names constraints, `objectives:` and `champion_rule
     tokens_per_s      training throughput
     heldout           the held-out objective (1 - weighted dev accuracy, with weight_val_loss x val_loss)
     dev.<task>        a task's dev-subset accuracy (mmlu, bbh, drop, humaneval), with the held-out objective
+
+An `--objective` function reports metrics as keys of the dict it returns, by these names (or as a fine-tune's
+raw peak_memory_bytes, train_s, total_s). A trial that does not report a judged metric is not feasible, and
+its summary says which metric it lacked (`unjudged`).
 """
 from __future__ import annotations
 
