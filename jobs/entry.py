@@ -97,8 +97,14 @@ def stop_on_signals(folder: str | None, save=None):
         Path(folder).mkdir(parents=True, exist_ok=True)
         record_attempt(folder, job_id=me, event="start", host=socket.gethostname(), pid=os.getpid(), time=time.time())
 
+    stopping = []  # the first signal's name once a stop is under way
+
     def stop(signum, frame):
         name = signal.Signals(signum).name
+        if stopping:  # a second signal (SLURM signals the batch step and the job step; scancel then preemption)
+            print(f"jobs.entry: {name} while stopping on {stopping[0]}: the save goes on", file=sys.stderr, flush=True)
+            return  # raising here would abort the first signal's checkpoint half-way
+        stopping.append(name)
         step = save() if save else None  # the step saved, or None (not rank 0, nothing consistent, no training)
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
         note = f"checkpoint of step {step} saved" if step is not None else "nothing new to save"

@@ -218,3 +218,32 @@ def test_a_controller_that_does_not_answer_changes_no_state(tmp_path, monkeypatc
         (tmp_path / "fakebin" / name).write_text("#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out' >&2\nexit 1\n")
     assert d.poll([a]) == [] and a.state == "RUNNING"
     assert not (tmp_path / "scancelled").exists(), "a running job was cancelled on a poll that learnt nothing"
+
+
+def test_a_second_signal_during_the_save_does_not_abort_it(tmp_path):
+    """SLURM may signal a job twice (batch and job step; a cancellation, then the preemption): the second
+    SIGTERM arrives while the first one's checkpoint is being written. The save completes and one stop is
+    recorded, saved (deterministic: the save itself sends the second signal half-way)."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+    script = (
+        "import os, signal, sys, time\n"
+        "from jobs.entry import stop_on_signals\n"
+        "def save():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # the second signal, half-way through the save\n"
+        "    time.sleep(0.2)\n"
+        f"    open(r'{tmp_path}/saved', 'w').write('7')\n"
+        "    return 7\n"
+        f"with stop_on_signals(r'{tmp_path}/trial', save=save):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "SUBMITIT_DEBUG_JOB_ID"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 128 + 15, done.stderr
+    assert (tmp_path / "saved").read_text() == "7", "the checkpoint was aborted"
+    stops = [r for r in read_attempts(tmp_path / "trial") if r["event"] == "stop"]
+    assert len(stops) == 1 and stops[0]["saved"] and stops[0]["step"] == 7, stops
+    assert "while stopping on SIGTERM: the save goes on" in done.stderr
