@@ -370,6 +370,8 @@ class Dispatcher:
 
 
 def _apply(a: Attempt, info: SlurmInfo) -> None:
+    if not info.history and not info.live and a.ran:
+        return  # neither sacct (lagging) nor squeue names a job that ran: unknown this poll, not PENDING again
     a.state, a.reason, a.history = info.state, info.reason, info.history or a.history
     a.node = info.node or a.node
     a.exit_code = info.exit_code

@@ -247,3 +247,15 @@ def test_a_second_signal_during_the_save_does_not_abort_it(tmp_path):
     stops = [r for r in read_attempts(tmp_path / "trial") if r["event"] == "stop"]
     assert len(stops) == 1 and stops[0]["saved"] and stops[0]["step"] == 7, stops
     assert "while stopping on SIGTERM: the save goes on" in done.stderr
+
+
+def test_a_job_that_ran_and_that_no_command_names_yet_is_not_read_as_requeued(tmp_path, monkeypatch):
+    """It ran, then ended before accounting recorded it, and squeue no longer names it: a lag, not a requeue
+    (it was read as PENDING after RUNNING, i.e. requeued, and its finished job cancelled)."""
+    fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
+    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
+    a = d.reattach(Task("0", print, ()), "77")
+    assert d.poll([a]) == [] and a.ran
+    fake_slurm(tmp_path, monkeypatch, [], "")
+    assert d.poll([a]) == [] and a.state == "RUNNING"
+    assert not (tmp_path / "scancelled").exists(), "a job that ran was cancelled as if requeued"
