@@ -29,9 +29,8 @@ from pathlib import Path
 from jobs.contract import RESULT_FILE, TrialResult
 from jobs.entry import FinetuneTrial
 from orchestrator.config import ConfigError, load_config
-from orchestrator.jobset import Item, JobSet, fold
+from orchestrator.jobset import Item, JobSet, fold, locked_run
 from orchestrator.journal import Journal
-from orchestrator.lock import LockError, StudyLock
 from orchestrator.outbox import Outbox
 from orchestrator.progress import point_text
 from orchestrator.tracking import artifact_location
@@ -198,14 +197,8 @@ def confirm_study(args, log=print) -> dict:
         value = getattr(args, name)
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"--{name} {value!r} is invalid: give an integer >= {low}")
-    folder = Path(args.workdir) / args.study
-    if not (folder / "journal.jsonl").exists():
-        raise ConfigError(f"no study {args.study!r} under {args.workdir}: check the name and --workdir")
-    try:
-        with StudyLock(folder / "confirm.lock", what=f"the confirmation of study {args.study!r}"):
-            return Confirmer(args, log).run()
-    except LockError as e:
-        raise ConfigError(str(e)) from None
+    return locked_run(args.workdir, args.study, "confirm.lock", "the confirmation",
+                      lambda: Confirmer(args, log).run())
 
 
 def main(args) -> int:

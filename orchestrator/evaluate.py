@@ -27,7 +27,7 @@ from evaluation.job import EvaluationJob
 from evaluation.tracking import INSTRUCTEVAL
 from jobs import tracking_store
 from orchestrator.config import ConfigError, load_config
-from orchestrator.jobset import Item, JobSet, fold
+from orchestrator.jobset import Item, JobSet, fold, locked_run
 from orchestrator.journal import Journal, StudyState
 from slurm.dispatch import Dispatcher, Outcome, RetryPolicy, Task
 from slurm.executors import Resources, snapshot_code
@@ -230,16 +230,8 @@ def load_evaluations(journal: Journal) -> tuple[str | None, dict[str, Item], dic
 def evaluate_study(args, log=print) -> dict:
     if not isinstance(args.top, int) or args.top < 1:
         raise ConfigError(f"--top {args.top!r} is invalid: give the number of best trials to evaluate (>= 1)")
-    from orchestrator.lock import LockError, StudyLock
-
-    folder = Path(args.workdir) / args.study
-    if not (folder / "journal.jsonl").exists():
-        raise ConfigError(f"no study {args.study!r} under {args.workdir}: check the name and --workdir")
-    try:
-        with StudyLock(folder / "evaluate.lock", what=f"the evaluation of study {args.study!r}"):
-            return Evaluator(args, log).run()
-    except LockError as e:
-        raise ConfigError(str(e)) from None
+    return locked_run(args.workdir, args.study, "evaluate.lock", "the evaluation",
+                      lambda: Evaluator(args, log).run())
 
 
 def main(args) -> int:

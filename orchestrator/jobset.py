@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from orchestrator.journal import Journal
@@ -120,3 +121,19 @@ class JobSet:
 
 def _ok(result) -> bool:
     return isinstance(result, dict) and result.get("status") == "ok"
+
+
+def locked_run(workdir: str, study: str, lock: str, what: str, run: Callable[[], object]):
+    """`run()` on an existing study under the lock `<workdir>/<study>/<lock>` (evaluate and confirm: one
+    process per study and subcommand); a missing study or a held lock is a one-line ConfigError."""
+    from orchestrator.config import ConfigError
+    from orchestrator.lock import LockError, StudyLock
+
+    folder = Path(workdir) / study
+    if not (folder / "journal.jsonl").exists():
+        raise ConfigError(f"no study {study!r} under {workdir}: check the name and --workdir")
+    try:
+        with StudyLock(folder / lock, what=f"{what} of study {study!r}"):
+            return run()
+    except LockError as e:
+        raise ConfigError(str(e)) from None

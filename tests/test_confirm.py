@@ -94,3 +94,19 @@ def test_confirm_needs_a_study_with_finished_trials(tmp_path, capsys):
     assert main(["confirm", "--study", "empty", "--workdir", cfg.workdir]) == 2
     assert "no successful trial to confirm" in capsys.readouterr().err
     assert main(["confirm", "--study", "nope", "--workdir", cfg.workdir]) == 2
+
+
+def test_evaluate_and_confirm_refuse_a_missing_study_and_a_second_run_in_one_line(tmp_path):
+    from orchestrator.config import ConfigError
+    from orchestrator.jobset import locked_run
+
+    with pytest.raises(ConfigError, match="no study 'nope' under .*: check the name and --workdir"):
+        locked_run(str(tmp_path), "nope", "confirm.lock", "the confirmation", lambda: 0)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "journal.jsonl").write_text("")
+
+    def second():
+        with pytest.raises(ConfigError, match="the evaluation of study 's' is already run by pid"):
+            locked_run(str(tmp_path), "s", "evaluate.lock", "the evaluation", lambda: 0)
+        return "ran"
+    assert locked_run(str(tmp_path), "s", "evaluate.lock", "the evaluation", second) == "ran"
