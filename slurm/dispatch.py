@@ -370,8 +370,12 @@ class Dispatcher:
 
 
 def _apply(a: Attempt, info: SlurmInfo) -> None:
-    if not info.history and not info.live and a.ran:
-        return  # neither sacct (lagging) nor squeue names a job that ran: unknown this poll, not PENDING again
+    if a.ran and not info.live and (not info.history or info.history == ["PENDING"]):
+        # a job that ran, that squeue does not hold (any more), and that accounting names not at all or as its
+        # one PENDING record: sacct lags the start (slurmdbd is behind on a busy controller). Unknown this poll,
+        # not PENDING again, which would look like a requeue (a requeued job is live in squeue, and sacct -D
+        # keeps the record of the run it ended)
+        return
     a.state, a.reason, a.history = info.state, info.reason, info.history or a.history
     a.node = info.node or a.node
     a.exit_code = info.exit_code

@@ -259,3 +259,32 @@ def test_a_job_that_ran_and_that_no_command_names_yet_is_not_read_as_requeued(tm
     fake_slurm(tmp_path, monkeypatch, [], "")
     assert d.poll([a]) == [] and a.state == "RUNNING"
     assert not (tmp_path / "scancelled").exists(), "a job that ran was cancelled as if requeued"
+
+
+def test_a_cancelled_job_whose_start_accounting_has_not_recorded_is_not_read_as_requeued(tmp_path, monkeypatch):
+    """It ran (squeue said RUNNING) and was cancelled; squeue now names it CANCELLED, and slurmdbd, behind on a
+    busy controller, still holds its submission record only (PENDING). That is a lag: the attempt settles as
+    CANCELLED once accounting catches up, never as 'requeued by SLURM' (the CI flake of stop 17)."""
+    fake_slurm(tmp_path, monkeypatch, [("PENDING", "0:0")], "77|RUNNING|None|vm")
+    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
+    a = d.reattach(Task("0", print, ()), "77")
+    assert d.poll([a]) == [] and a.ran
+    d.cancel(a)
+    fake_slurm(tmp_path, monkeypatch, [("PENDING", "0:0")], "77|CANCELLED|None|vm")
+    assert d.poll([a]) == [] and a.state == "RUNNING" and a.requeued_since is None
+    fake_slurm(tmp_path, monkeypatch, [("CANCELLED", "0:15")], "77|CANCELLED|None|vm")
+    [(_, outcome)] = d.poll([a])
+    assert outcome.state == "CANCELLED" and outcome.retry is None and not outcome.follow
+    assert "CANCELLED" in outcome.reason and "requeued" not in outcome.reason, outcome.reason
+
+
+def test_a_requeue_that_squeue_does_not_show_is_still_seen_in_accounting(tmp_path, monkeypatch):
+    """squeue does not answer; sacct -D holds the run's record and the requeued one: a requeue, followed."""
+    monkeypatch.setattr("slurm.dispatch.REQUEUE_CAUSE_WAIT_S", 0.0)
+    fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
+    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
+    a = d.reattach(Task("0", print, ()), "77")
+    assert d.poll([a]) == [] and a.ran
+    fake_slurm(tmp_path, monkeypatch, [("PREEMPTED", "0:15"), ("PENDING", "0:0")], "")
+    [(_, outcome)] = d.poll([a])
+    assert outcome.retry == "preempted" and outcome.follow and "after PREEMPTED" in outcome.reason
