@@ -83,10 +83,28 @@ def eats_memory(point: dict) -> float:
     return paper_landscape(point) + len(blocks) * 0
 
 
-def uneven(point: dict) -> float:
-    """Sleeps 0.2-1.2 s depending on the point (trials of unequal length), then the landscape."""
-    _mark(point)
-    time.sleep(0.2 + (int(point["alpha"]) % 5) * 0.25)
+def in_turn(point: dict) -> float:
+    """Trials end one at a time, each only once the slot the previous one freed was refilled (deterministic on a
+    loaded machine, where trials of unequal length may still end within one poll). $LORA_HPO_TEST_TURNS is a
+    folder; $LORA_HPO_TEST_SLOTS and $LORA_HPO_TEST_BUDGET are the study's K and budget. The trial that started
+    n-th ends after trial n-1 ended and once min(n + K, budget) trials have started; after 60 s it ends anyway
+    (the test's assertions then say which slot was left empty)."""
+    folder = Path(os.environ["LORA_HPO_TEST_TURNS"])
+    k, budget = int(os.environ["LORA_HPO_TEST_SLOTS"]), int(os.environ["LORA_HPO_TEST_BUDGET"])
+    n = 0
+    while True:  # claim the next start number (O_EXCL: one process wins each)
+        try:
+            os.close(os.open(folder / f"start-{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            n += 1
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        previous_done = n == 0 or (folder / f"done-{n - 1}").exists()
+        if previous_done and len(list(folder.glob("start-*"))) >= min(n + k, budget):
+            break
+        time.sleep(0.02)
+    (folder / f"done-{n}").touch()
     return paper_landscape(point)
 
 

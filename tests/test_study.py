@@ -176,12 +176,18 @@ def test_default_study_names_do_not_collide(tmp_path):
 
 
 @pytest.mark.parametrize("algo", ["nomad", "tpe"])
-def test_k_trials_stay_in_flight_while_the_search_runs(tmp_path, algo):
+def test_k_trials_stay_in_flight_while_the_search_runs(tmp_path, algo, monkeypatch):
     """Asynchronous NOMAD (and TPE) refill a freed slot at once: after every dispatch, K trials run until the
-    budget has been handed out (trials of unequal length, on the local executor)."""
+    budget has been handed out (on the local executor; the trials end one at a time, tests.objectives:in_turn,
+    so that a slot refilled alone is an event the test controls, not a matter of timing)."""
     k, budget = 3, 12
+    turns = tmp_path / "turns"
+    turns.mkdir()
+    monkeypatch.setenv("LORA_HPO_TEST_TURNS", str(turns))
+    monkeypatch.setenv("LORA_HPO_TEST_SLOTS", str(k))
+    monkeypatch.setenv("LORA_HPO_TEST_BUDGET", str(budget))
     cfg = config(tmp_path, algo=algo, study=f"inflight-{algo}", budget=budget, parallel=k, executor="local",
-                 objective="tests.objectives:uneven", poll_s=0.1)
+                 objective="tests.objectives:in_turn", poll_s=0.1)
     run_study(cfg, out=open(os.devnull, "w"))
     inflight, handed, seen, refills = 0, 0, [], []
     for r in Journal(cfg.folder / "journal.jsonl").records():
@@ -195,8 +201,8 @@ def test_k_trials_stay_in_flight_while_the_search_runs(tmp_path, algo):
         elif r["event"] == "result":
             inflight -= 1
     assert handed == budget and len(seen) > 2 and set(seen[:-1]) == {k}
-    # a freed slot was refilled while the others still ran (a synchronous searcher refills K at a time)
-    assert any(n < k for n in refills[1:]), refills
+    # each freed slot was refilled alone while the others still ran (a synchronous searcher refills K at a time)
+    assert refills == [k] + [1] * (budget - k), refills
 
 
 def test_register_as_empty_means_register_nothing_and_a_bad_name_is_refused(tmp_path):
