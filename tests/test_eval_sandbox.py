@@ -82,9 +82,10 @@ def test_control_without_layers_the_connection_happens():
 
 
 def test_a_fork_bomb_fails_at_once():
-    t0 = time.monotonic()
     out = run_program("import os\nwhile True:\n    os.fork()\n", FAST)
-    assert not out.passed and out.status in ("blocked", "failed") and time.monotonic() - t0 < 1.0
+    # stopped by the sandbox, not by the time limit (which would say "timeout"): no wall-clock bound, the
+    # interpreter's start-up alone can take a second on a loaded machine
+    assert not out.passed and out.status in ("blocked", "failed"), out
 
 
 @pytest.mark.parametrize("layers", [pytest.param([n], id=n) for n in ("nobody", "guard") if n in LAYERS])
@@ -108,7 +109,7 @@ def test_infinite_loops_time_out():
                  "    except BaseException:\n        pass"):
         t0 = time.monotonic()
         out = run_program(code, FAST)
-        assert (out.passed, out.status) == (False, "timeout") and time.monotonic() - t0 < 1.0 + GRACE_S + 1
+        assert (out.passed, out.status) == (False, "timeout") and time.monotonic() - t0 < 1.0 + GRACE_S + 10
 
 
 def test_a_program_ignoring_the_alarm_is_killed_with_its_children(tmp_path):
@@ -119,7 +120,7 @@ def test_a_program_ignoring_the_alarm_is_killed_with_its_children(tmp_path):
             "time.sleep(60)\n")
     t0 = time.monotonic()
     out = run_program(code, Limits(timeout_s=0.5), layers=[])
-    assert out.status == "timeout" and time.monotonic() - t0 < 0.5 + GRACE_S + 1
+    assert out.status == "timeout" and time.monotonic() - t0 < 0.5 + GRACE_S + 10
     stat = Path(f"/proc/{pid_file.read_text()}/stat")
     time.sleep(0.2)
     assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z"  # gone (or a reaped-later zombie)
