@@ -201,13 +201,24 @@ class Ledger:
     seen: set = field(default_factory=set)          # keys of pending, told, replayed and warm points
     replayed: bool = False
     warmed: bool = False
+    ended: bool = False                             # no more proposals: closed, or the searcher ran out
 
     def can_issue(self) -> bool:
-        return self.used + len(self.pending) < self.budget and len(self.pending) < self.parallel
+        return not self.ended and self.used + len(self.pending) < self.budget and len(self.pending) < self.parallel
 
     @property
     def exhausted(self) -> bool:
         return self.used >= self.budget
+
+    @property
+    def done(self) -> bool:
+        """What a searcher's `finished` says: the budget is used, or it ended and nothing is pending."""
+        return self.exhausted or (self.ended and not self.pending)
+
+    def end(self) -> None:
+        """No more proposals (close(), or a searcher that has nothing left to propose); pending trials are
+        still told."""
+        self.ended = True
 
     def issue(self, point: dict, encoded: Any = None) -> Suggestion:
         suggestion = Suggestion(self.next_id, point, encoded)
@@ -283,6 +294,19 @@ class Ledger:
         # new trial ids never collide with old ones (observations without an id included)
         self.next_id = max([len(out) + len(adopted)] + [i + 1 for i in finished_ids | set(pending_ids)])
         return out, adopted
+
+
+class LedgerSearcher:
+    """What the searchers built on a Ledger share of the protocol: `finished` and `close` (nomad-paper keeps its
+    own: PyNomad runs in a thread and must be stopped)."""
+    _ledger: Ledger
+
+    @property
+    def finished(self) -> bool:
+        return self._ledger.done
+
+    def close(self) -> None:
+        self._ledger.end()
 
 
 def make_searcher(algo: str, space: SearchSpace, *, budget: int, parallel: int, seed: int,

@@ -64,7 +64,7 @@ import zlib
 
 import numpy as np
 
-from orchestrator.searchers import Ledger, Observation, Pending, Suggestion, violation
+from orchestrator.searchers import Ledger, LedgerSearcher, Observation, Pending, Suggestion, violation
 from orchestrator.searchers.mads_steps import (Box, QuadModel, Surrogate, farthest_point, frame, latin_hypercube,
                                                poll_steps)
 from orchestrator.space import SearchSpace
@@ -76,7 +76,7 @@ GAIN, STALL = 0.001, 24        # no gain > 0.1% in 24 results of an episode: res
 TABU = 0.25                    # (unit box) around earlier episodes' incumbents: no centre there
 
 
-class AsyncMadsSearcher:
+class AsyncMadsSearcher(LedgerSearcher):
     name = "nomad"
     profile = "async"   # which NOMAD profile (nomad.py's docstring): for logging by the study
 
@@ -100,19 +100,14 @@ class AsyncMadsSearcher:
         self._model: tuple[tuple, QuadModel | None] = ((), None)
         self._explored = 0
         self._model_used: tuple = ()
-        self._closed = self._exhausted = False
 
     # -- protocol ------------------------------------------------------------------------------
-    @property
-    def finished(self) -> bool:
-        return self._ledger.exhausted or ((self._closed or self._exhausted) and not self._ledger.pending)
-
     def ask(self) -> Suggestion | None:
-        if self._closed or self._exhausted or not self._ledger.can_issue():
+        if not self._ledger.can_issue():
             return None
         proposal = self._propose()
         if proposal is None:
-            self._exhausted = True   # a small discrete space, every point tried
+            self._ledger.end()   # a small discrete space, every point tried
             return None
         x, level, step = proposal
         point = self._space.from_nomad(list(x))
@@ -147,9 +142,6 @@ class AsyncMadsSearcher:
             x = np.array(suggestion.encoded, float)
             self._running[suggestion.trial_id] = (self._space.key(suggestion.point), x, None, "adopted", 0)
         return adopted
-
-    def close(self) -> None:
-        self._closed = True
 
     # -- MADS ----------------------------------------------------------------------------------
     def _rng(self, *tags) -> np.random.Generator:

@@ -29,7 +29,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from orchestrator.searchers import Ledger, Observation, Pending, Suggestion
+from orchestrator.searchers import Ledger, LedgerSearcher, Observation, Pending, Suggestion
 from orchestrator.space import Choice, Int, Log, SearchSpace
 
 OPTIONS = ("n_startup_trials", "n_ei_candidates", "multivariate", "constant_liar")
@@ -65,7 +65,7 @@ def sampler_arguments(options: dict, parallel: int) -> dict:
     return {"multivariate": True, "constant_liar": parallel > 1, **options}
 
 
-class OptunaTpeSearcher:
+class OptunaTpeSearcher(LedgerSearcher):
     name = "tpe"
     profile = "optuna"   # which library runs behind the name, for the study's logs
 
@@ -80,14 +80,9 @@ class OptunaTpeSearcher:
             sampler = optuna.samplers.TPESampler(seed=seed, **sampler_arguments(options, parallel))
         self._study = optuna.create_study(directions=["minimize"] * n_objectives, sampler=sampler)
         self._running: dict[int, optuna.trial.Trial] = {}
-        self._closed = False
-
-    @property
-    def finished(self) -> bool:
-        return self._ledger.exhausted or (self._closed and not self._ledger.pending)
 
     def ask(self) -> Suggestion | None:
-        if self._closed or not self._ledger.can_issue():
+        if not self._ledger.can_issue():
             return None
         for _ in range(_MAX_DRAWS):
             trial = self._ask()
@@ -136,7 +131,4 @@ class OptunaTpeSearcher:
                 trial = create_trial(values=list(value), params=self._params(point), distributions=self._dists,
                                      constraints={str(j): c for j, c in enumerate(constraints)} or None)
             self._study.add_trial(trial)
-
-    def close(self) -> None:
-        self._closed = True
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestrator.searchers import Ledger, Observation, Pending, Suggestion
+from orchestrator.searchers import Ledger, LedgerSearcher, Observation, Pending, Suggestion
 from orchestrator.space import SearchSpace
 
 _MAX_DRAWS = 1000  # draws to find an unseen point before calling a (small, discrete) space exhausted
 
 
-class DefaultSearcher:
+class DefaultSearcher(LedgerSearcher):
     """Proposes the space's default point once (budget permitting), then is finished."""
     name = "default"
 
@@ -26,16 +26,11 @@ class DefaultSearcher:
                  kinds: tuple = ()):
         self._ledger = Ledger(space, budget, parallel, n_objectives, kinds)
         self._space = space
-        self._proposed = False
-
-    @property
-    def finished(self) -> bool:
-        return self._ledger.exhausted or (self._proposed and not self._ledger.pending)
 
     def ask(self) -> Suggestion | None:
-        if self._proposed or not self._ledger.can_issue():
+        if not self._ledger.can_issue():
             return None
-        self._proposed = True
+        self._ledger.end()   # the one point it has
         point = self._space.default_point()
         return self._ledger.issue(point, encoded=dict(point))
 
@@ -44,18 +39,19 @@ class DefaultSearcher:
 
     def warm_start(self, observations: list[Observation]) -> None:
         self._ledger.warm(observations)
-        self._proposed = self._space.key(self._space.default_point()) in self._ledger.seen
+        self._end_if_seen()
 
     def replay(self, history: list[Observation], pending: list[Pending] = ()) -> list[Suggestion]:
         _, adopted = self._ledger.replay(history, pending)
-        self._proposed = self._space.key(self._space.default_point()) in self._ledger.seen  # pending too
+        self._end_if_seen()   # pending too
         return adopted
 
-    def close(self) -> None:
-        self._proposed = True
+    def _end_if_seen(self) -> None:
+        if self._space.key(self._space.default_point()) in self._ledger.seen:
+            self._ledger.end()
 
 
-class RandomSearcher:
+class RandomSearcher(LedgerSearcher):
     """Uniform sampling per dimension (log-uniform for ``log``), never repeating a seen point."""
     name = "random"
 
@@ -64,20 +60,15 @@ class RandomSearcher:
         self._ledger = Ledger(space, budget, parallel, n_objectives, kinds)
         self._space = space
         self._rng = np.random.default_rng(seed)
-        self._exhausted_space = False
-
-    @property
-    def finished(self) -> bool:
-        return self._ledger.exhausted or (self._exhausted_space and not self._ledger.pending)
 
     def ask(self) -> Suggestion | None:
-        if self._exhausted_space or not self._ledger.can_issue():
+        if not self._ledger.can_issue():
             return None
         for _ in range(_MAX_DRAWS):
             point = self._space.sample(self._rng)
             if self._space.key(point) not in self._ledger.seen:
                 return self._ledger.issue(point, encoded=dict(point))
-        self._exhausted_space = True
+        self._ledger.end()
         return None
 
     def tell(self, trial_id: int, value, constraints=None) -> None:
@@ -89,5 +80,3 @@ class RandomSearcher:
     def replay(self, history: list[Observation], pending: list[Pending] = ()) -> list[Suggestion]:
         return self._ledger.replay(history, pending)[1]   # adopted: pending and seen, never drawn again
 
-    def close(self) -> None:
-        self._exhausted_space = True

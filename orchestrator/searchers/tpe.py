@@ -52,7 +52,7 @@ import logging
 from nni.algorithms.hpo.tpe_tuner import TpeArguments, TpeTuner
 from nni.common.hpo_utils import format_parameters
 
-from orchestrator.searchers import Ledger, Observation, Pending, Suggestion
+from orchestrator.searchers import Ledger, LedgerSearcher, Observation, Pending, Suggestion
 from orchestrator.space import SearchSpace
 
 _MAX_DRAWS = 50
@@ -73,7 +73,7 @@ def tpe_arguments(options: dict, parallel: int = 1) -> dict:
     return args
 
 
-class TpeSearcher:
+class TpeSearcher(LedgerSearcher):
     name = "tpe"
 
     def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int, options: dict,
@@ -91,14 +91,9 @@ class TpeSearcher:
         self._tuner.update_search_space(space.tpe_search_space())
         self._running: dict[int, tuple] = {}  # trial_id -> (NNI parameter id, NNI parameters)
         self._nni_ids = 0                     # NNI's own ids: dropped duplicates use one too
-        self._closed = False
-
-    @property
-    def finished(self) -> bool:
-        return self._ledger.exhausted or (self._closed and not self._ledger.pending)
 
     def ask(self) -> Suggestion | None:
-        if self._closed or not self._ledger.can_issue():
+        if not self._ledger.can_issue():
             return None
         for _ in range(_MAX_DRAWS):
             nni_id = self._nni_ids
@@ -163,5 +158,3 @@ class TpeSearcher:
         self._tuner.dedup.add_history(internal)
         self._running[suggestion.trial_id] = (nni_id, dict(suggestion.encoded))
 
-    def close(self) -> None:
-        self._closed = True
