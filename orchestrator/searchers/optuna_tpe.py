@@ -131,4 +131,3 @@ class OptunaTpeSearcher(LedgerSearcher):
                 trial = create_trial(values=list(value), params=self._params(point), distributions=self._dists,
                                      constraints={str(j): c for j, c in enumerate(constraints)} or None)
             self._study.add_trial(trial)
-

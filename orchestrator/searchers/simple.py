@@ -79,4 +79,3 @@ class RandomSearcher(LedgerSearcher):
 
     def replay(self, history: list[Observation], pending: list[Pending] = ()) -> list[Suggestion]:
         return self._ledger.replay(history, pending)[1]   # adopted: pending and seen, never drawn again
-

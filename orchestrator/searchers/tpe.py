@@ -157,4 +157,3 @@ class TpeSearcher(LedgerSearcher):
         self._tuner._running_params[nni_id] = internal
         self._tuner.dedup.add_history(internal)
         self._running[suggestion.trial_id] = (nni_id, dict(suggestion.encoded))
-
