@@ -52,7 +52,8 @@ from slurm.executors import Resources, make_executor
 from slurm.states import (FINAL, LIVE, OOM_MARKS, REQUEUE_STATES, RETRY_KINDS, WAITING, DispatchError,  # noqa: F401
                           SlurmInfo, exit_text, last_stderr_line, run, slurm_exit_text, slurm_snapshot)
 
-REQUEUE_CAUSE_WAIT_S = 20.0  # how long a requeued attempt waits for sacct to record why (then: REQUEUED)
+REQUEUE_CAUSE_WAIT_S = 60.0  # how long a requeued attempt waits for sacct to record why (then: REQUEUED); only
+# a lagging slurmdbd makes it wait: the copy is cancelled at once, the next attempt starts at most this much later
 
 
 @dataclass(frozen=True)
