@@ -141,6 +141,13 @@ def fake_slurm(tmp_path, monkeypatch, records, squeue=""):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
+def watched_job(tmp_path, monkeypatch, records, squeue=""):
+    """A Dispatcher following SLURM job 77 as the fake sacct/squeue describe it: (dispatcher, attempt)."""
+    fake_slurm(tmp_path, monkeypatch, records, squeue)
+    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
+    return d, d.reattach(Task("0", print, ()), "77")
+
+
 @pytest.mark.parametrize("records, squeue, retry, follow, says", [
     ([("BOOT_FAIL", "0:0")], "", "node_fail", False, "state BOOT_FAIL"),
     ([("NODE_FAIL", "0:0")], "", "node_fail", False, "state NODE_FAIL"),
@@ -157,9 +164,7 @@ def fake_slurm(tmp_path, monkeypatch, records, squeue=""):
 ])
 def test_every_final_and_requeued_slurm_state_settles(tmp_path, monkeypatch, records, squeue, retry, follow, says):
     import submitit
-    fake_slurm(tmp_path, monkeypatch, records, squeue)
-    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
-    a = d.reattach(Task("0", print, ()), "77")
+    d, a = watched_job(tmp_path, monkeypatch, records, squeue)
     [(attempt, outcome)] = d.poll([a])
     assert outcome.status == "failed" and outcome.retry == retry and outcome.follow == follow
     assert says in outcome.reason, outcome.reason
@@ -170,9 +175,7 @@ def test_every_final_and_requeued_slurm_state_settles(tmp_path, monkeypatch, rec
 
 
 def test_pending_and_running_slurm_jobs_are_not_settled_and_say_why_they_wait(tmp_path, monkeypatch):
-    fake_slurm(tmp_path, monkeypatch, [("PENDING", "0:0")], "77|PENDING|Resources|")
-    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
-    a = d.reattach(Task("0", print, ()), "77")
+    d, a = watched_job(tmp_path, monkeypatch, [("PENDING", "0:0")], "77|PENDING|Resources|")
     assert d.poll([a]) == [] and a.pending and a.reason == "Resources"
     fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
     assert d.poll([a]) == [] and not a.pending and a.ran and a.node == "vm"
@@ -184,9 +187,7 @@ def test_pending_and_running_slurm_jobs_are_not_settled_and_say_why_they_wait(tm
 def test_a_requeue_waits_for_accounting_to_say_why(tmp_path, monkeypatch):
     """squeue shows the job requeued (PENDING after it ran) before sacct records the NODE_FAIL: the copy is
     cancelled at once, the outcome waits for the cause (a node failure counts against the policy)."""
-    fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
-    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
-    a = d.reattach(Task("0", print, ()), "77")
+    d, a = watched_job(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
     assert d.poll([a]) == [] and a.ran
     fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|PENDING|BeginTime|")  # sacct lags
     assert d.poll([a]) == [], "settled before accounting said why"
@@ -198,9 +199,7 @@ def test_a_requeue_waits_for_accounting_to_say_why(tmp_path, monkeypatch):
 
 def test_a_requeue_whose_cause_never_shows_is_settled_as_requeued(tmp_path, monkeypatch):
     monkeypatch.setattr("slurm.dispatch.REQUEUE_CAUSE_WAIT_S", 0.0)
-    fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
-    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
-    a = d.reattach(Task("0", print, ()), "77")
+    d, a = watched_job(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
     d.poll([a])
     fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|PENDING|BeginTime|")
     [(_, outcome)] = d.poll([a])
@@ -210,9 +209,7 @@ def test_a_requeue_whose_cause_never_shows_is_settled_as_requeued(tmp_path, monk
 def test_a_controller_that_does_not_answer_changes_no_state(tmp_path, monkeypatch):
     """sacct and squeue fail (a busy controller): a running job stays RUNNING; it is neither read as PENDING
     (which would look like a requeue and cancel it) nor settled."""
-    fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
-    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
-    a = d.reattach(Task("0", print, ()), "77")
+    d, a = watched_job(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
     d.poll([a])
     for name in ("sacct", "squeue"):
         (tmp_path / "fakebin" / name).write_text("#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out' >&2\nexit 1\n")
@@ -252,9 +249,7 @@ def test_a_second_signal_during_the_save_does_not_abort_it(tmp_path):
 def test_a_job_that_ran_and_that_no_command_names_yet_is_not_read_as_requeued(tmp_path, monkeypatch):
     """It ran, then ended before accounting recorded it, and squeue no longer names it: a lag, not a requeue
     (it was read as PENDING after RUNNING, i.e. requeued, and its finished job cancelled)."""
-    fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
-    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
-    a = d.reattach(Task("0", print, ()), "77")
+    d, a = watched_job(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
     assert d.poll([a]) == [] and a.ran
     fake_slurm(tmp_path, monkeypatch, [], "")
     assert d.poll([a]) == [] and a.state == "RUNNING"
@@ -265,9 +260,7 @@ def test_a_cancelled_job_whose_start_accounting_has_not_recorded_is_not_read_as_
     """It ran (squeue said RUNNING) and was cancelled; squeue now names it CANCELLED, and slurmdbd, behind on a
     busy controller, still holds its submission record only (PENDING). That is a lag: the attempt settles as
     CANCELLED once accounting catches up, never as 'requeued by SLURM' (the CI flake of stop 17)."""
-    fake_slurm(tmp_path, monkeypatch, [("PENDING", "0:0")], "77|RUNNING|None|vm")
-    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
-    a = d.reattach(Task("0", print, ()), "77")
+    d, a = watched_job(tmp_path, monkeypatch, [("PENDING", "0:0")], "77|RUNNING|None|vm")
     assert d.poll([a]) == [] and a.ran
     d.cancel(a)
     fake_slurm(tmp_path, monkeypatch, [("PENDING", "0:0")], "77|CANCELLED|None|vm")
@@ -281,9 +274,7 @@ def test_a_cancelled_job_whose_start_accounting_has_not_recorded_is_not_read_as_
 def test_a_requeue_that_squeue_does_not_show_is_still_seen_in_accounting(tmp_path, monkeypatch):
     """squeue does not answer; sacct -D holds the run's record and the requeued one: a requeue, followed."""
     monkeypatch.setattr("slurm.dispatch.REQUEUE_CAUSE_WAIT_S", 0.0)
-    fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
-    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
-    a = d.reattach(Task("0", print, ()), "77")
+    d, a = watched_job(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
     assert d.poll([a]) == [] and a.ran
     fake_slurm(tmp_path, monkeypatch, [("PREEMPTED", "0:15"), ("PENDING", "0:0")], "")
     [(_, outcome)] = d.poll([a])
