@@ -27,6 +27,22 @@ def tiny_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+def uri(tmp_path) -> str:
+    """The test's own SQLite MLflow store."""
+    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+
+
+def orchestrator_process(tmp_path, *args, env=None, cwd=REPO):
+    """`python -m orchestrator ARGS` as a real process on the test's workdir and store (output in .stdout)."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "--workdir", str(tmp_path / "runs"), "--tracking-uri", uri(tmp_path),
+         *args], cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+
+
 def kill_when(proc, condition, timeout_s: float, what: str) -> None:
     """SIGKILL a process at a moment the condition holds: it is frozen (SIGSTOP) while the condition is
     checked, so it cannot move on between the check and the kill (e.g. journal a trial but not its job)."""

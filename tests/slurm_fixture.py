@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import pytest
 import yaml
 
 from orchestrator.journal import Journal
+
+from .conftest import orchestrator_process as orchestrator, uri  # noqa: F401  (the SLURM tests import both here)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "dev-cluster.sh"
@@ -82,16 +83,6 @@ def sacct_history(job_id: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- studies on the cluster
-def uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-
-
-def orchestrator(tmp_path, *args, env=None, cwd=REPO):
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "--workdir", str(tmp_path / "runs"), "--tracking-uri", uri(tmp_path),
-         *args], cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
-
 
 def study_yaml(tmp_path, **settings) -> str:
     path = tmp_path / f"{settings['study']}.yaml"

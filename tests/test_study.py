@@ -12,7 +12,7 @@ from orchestrator.journal import Journal
 from orchestrator.study import run_study
 from orchestrator.tracking import load_study
 
-from .conftest import REPO, kill_when
+from .conftest import REPO, kill_when, orchestrator_process
 
 
 def config(tmp_path, **kw):
@@ -77,12 +77,6 @@ def test_an_existing_study_is_not_overwritten_and_resume_needs_a_journal(tmp_pat
         run_study(config(tmp_path, study="other"), resume=True, out=open(os.devnull, "w"))
 
 
-def _orchestrator(tmp_path, *args, env=None):
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "--workdir", str(tmp_path / "runs"),
-         "--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db", *args],
-        cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
 
 @pytest.mark.parametrize("algo", ["nomad", "tpe"])
 def test_kill_9_then_resume_loses_nothing_and_runs_nothing_twice(tmp_path, algo):
@@ -92,7 +86,7 @@ def test_kill_9_then_resume_loses_nothing_and_runs_nothing_twice(tmp_path, algo)
     env = {"LORA_HPO_TEST_MARKS": str(marks), "LORA_HPO_TEST_SLEEP": "1.5"}
     args = ["--algo", algo, "--study", "crashy", "--budget", "8", "--parallel", "2", "--executor", "local",
             "--objective", "tests.objectives:slow_landscape", "--poll", "0.2"]
-    proc = _orchestrator(tmp_path, *args, env=env)
+    proc = orchestrator_process(tmp_path, *args, env=env)
     journal = Journal(tmp_path / "runs" / "crashy" / "journal.jsonl")
     # kill once some trials are done and others are running
     kill_when(proc, lambda: len((s := journal.load()).finished) >= 3 and any(t.job_id for t in s.running), 120,
@@ -101,7 +95,7 @@ def test_kill_9_then_resume_loses_nothing_and_runs_nothing_twice(tmp_path, algo)
     running_jobs = {t.trial: t.job_id for t in before.running if t.job_id}
     assert running_jobs and not before.ended
 
-    resumed = _orchestrator(tmp_path, "--study", "crashy", "--resume", env=env)
+    resumed = orchestrator_process(tmp_path, "--study", "crashy", "--resume", env=env)
     output, _ = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, output
     after = load_study(journal.path.parent)
@@ -142,7 +136,7 @@ def test_bad_configuration_is_one_line_exit_2_and_writes_nothing(tmp_path, args,
     cfg = tmp_path / "study.yaml"
     cfg.write_text("space:\n  r: {choice: [8, 4], default: 8}\n")
     args = [a.format(cfg=cfg, missing=tmp_path / "nope.yaml") for a in args]
-    proc = _orchestrator(tmp_path, *args)
+    proc = orchestrator_process(tmp_path, *args)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, output
     lines = output.strip().splitlines()

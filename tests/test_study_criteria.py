@@ -9,8 +9,6 @@ and hours that grow with the rank (peak_memory_gb = 14 + 14 r/128, train_hours =
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -23,16 +21,12 @@ from orchestrator.journal import Journal
 from orchestrator.study import run_study
 from orchestrator.tracking import load_study
 
-from .conftest import REPO, kill_when
+from .conftest import kill_when, orchestrator_process, uri
 
 pytestmark = pytest.mark.timeout(600)
 
 MEMORY = {"metric": "peak_memory_gb", "max": 30, "kind": "pb"}      # r <= 128 is feasible
 HOURS = {"metric": "train_hours", "max": 1.2, "kind": "eb"}         # r <= 179 is feasible
-
-
-def uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
 
 
 def synthetic(tmp_path, **kw):
@@ -171,12 +165,6 @@ def test_a_champion_rule_picks_the_best_loss_within_the_bound(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- kill -9 + resume
-def _orchestrator(tmp_path, *args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "orchestrator", "--workdir", str(tmp_path / "runs"),
-                             "--tracking-uri", uri(tmp_path), *args], cwd=REPO, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 @pytest.mark.parametrize("criteria", [{"constraints": [MEMORY, HOURS]},
                                       {"objectives": ["val_loss", "train_hours"]}], ids=["constrained", "two"])
 def test_kill_9_then_resume_of_a_criteria_study_loses_and_repeats_nothing(tmp_path, criteria):
@@ -187,11 +175,11 @@ def test_kill_9_then_resume_of_a_criteria_study_loses_and_repeats_nothing(tmp_pa
     config.write_text(yaml.safe_dump({"study": "crit", "algo": "nomad", "budget": 8, "parallel": 2,
                                       "executor": "local", "poll_s": 0.2, "objective": "tests.objectives:costly",
                                       **criteria}))
-    proc = _orchestrator(tmp_path, "--config", str(config), env=env)
+    proc = orchestrator_process(tmp_path, "--config", str(config), env=env)
     journal = Journal(tmp_path / "runs" / "crit" / "journal.jsonl")
     kill_when(proc, lambda: len((s := journal.load()).finished) >= 3 and any(t.job_id for t in s.running), 180,
               "three results and a running job")
-    resumed = _orchestrator(tmp_path, "--study", "crit", "--resume", env=env)
+    resumed = orchestrator_process(tmp_path, "--study", "crit", "--resume", env=env)
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output
     after = load_study(journal.path.parent)
