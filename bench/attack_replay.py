@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 # Runs the orchestrator's CLI, SIGKILLing itself at one journal window: KILL_AT = "<event>:<n>:<before|after>".
 WRAPPER = """
 import os, signal, sys
-from orchestrator.journal import Journal
+from orchestrator.study.journal import Journal
 event, n, when = os.environ["KILL_AT"].split(":")
 seen = {"n": 0}
 real = Journal.append
@@ -70,7 +70,7 @@ class Case:
                                 text=True)
 
     def journal(self, study: str):
-        from orchestrator.tracking import load_study
+        from orchestrator.tracking.tracker import load_study
         return load_study(self.root / "runs" / study)
 
     def evaluations(self) -> int:

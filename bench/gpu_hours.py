@@ -5,7 +5,7 @@
     python bench/gpu_hours.py --told fail --algos nomad         # NOMAD told a failure for pruned trials
 
 Each trial is a LoRA fine-tune whose intermediate validation losses come from a learning-curve model
-(`LearningCurves`): the final loss is orchestrator.objectives.paper_landscape (the paper's landscape), the
+(`LearningCurves`): the final loss is orchestrator.search.landscapes.paper_landscape (the paper's landscape), the
 curve falls from the untrained loss along the cosine schedule at a speed set by the effective learning
 rate (alpha / r scaling included), so a bad lr is visibly bad early, fast but mediocre points can lead
 early and slow good ones catch up late; reports carry the noise of a validation subset, a persistent
@@ -14,7 +14,7 @@ paper's 4 GPUs per trial, 1 h of training at r = 4 growing to 2 h at r = 512, pl
 intermediate validation passes, the final one and the cancellation latency of a pruned job.
 
 The real searchers (`make_searcher("nomad"|"tpe", paper_space(), ...)`, ask/tell) drive `simulate`: K slots,
-every report is handed to the pruner (`orchestrator.pruners`, or Optuna's MedianPruner /
+every report is handed to the pruner (`orchestrator.search.pruners`, or Optuna's MedianPruner /
 SuccessiveHalvingPruner through `OptunaPruner`, the anchor), a pruned trial stops at once (its GPU time
 so far plus the cancellation is charged) and the searcher is told `told_value` (--told overrides).
 
@@ -57,10 +57,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 
-from orchestrator.objectives import UNTRAINED, paper_landscape  # noqa: E402
-from orchestrator.pruners import Decision, make_pruner, told_value  # noqa: E402
-from orchestrator.searchers import Suggestion, make_searcher  # noqa: E402
-from orchestrator.space import paper_space  # noqa: E402
+from orchestrator.search.landscapes import UNTRAINED, paper_landscape  # noqa: E402
+from orchestrator.search.pruners import Decision, make_pruner, told_value  # noqa: E402
+from orchestrator.search.searchers import Suggestion, make_searcher  # noqa: E402
+from orchestrator.search.space import paper_space  # noqa: E402
 
 PRUNERS = {  # name -> (kind, config); "optuna-*" are Optuna's own pruners on the same reports
     "none": ("ours", None),
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="second target: within this of the unpruned best (default: the model's noise sd of "
                              "the objective, sqrt(run_sd^2 + final_sd^2))")
     parser.add_argument("--told", choices=["last", "fail"],
-                        help="what the searcher hears for a pruned trial (default: orchestrator.pruners.TOLD)")
+                        help="what the searcher hears for a pruned trial (default: orchestrator.search.pruners.TOLD)")
     args = parser.parse_args(argv)
     if min(args.seeds, args.budget, args.budget_factor, args.parallel) < 1:
         parser.error("--seeds, --budget, --budget-factor and --parallel must be >= 1")
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"learning-curve model: {source.n_reports} reports per trial, subset noise sd {source.subset_sd}, "
           f"run sd {source.run_sd}, final sd {source.final_sd}; cost: {source.cost}")
     print("pruners: " + "; ".join(f"{n} = {PRUNERS[n][1]}" + (" (Optuna's)" if PRUNERS[n][0] == "optuna" else "")
-                                  for n in names[1:]) + f"; told: {args.told or 'orchestrator.pruners.TOLD'}")
+                                  for n in names[1:]) + f"; told: {args.told or 'orchestrator.search.pruners.TOLD'}")
     met = {}
     for algo in args.algos:
         start = time.perf_counter()

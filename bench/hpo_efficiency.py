@@ -2,7 +2,7 @@
 
 Runs our searchers (nomad with its default profile for ``--parallel``, i.e. ``paper`` at 1;
 ``nomad-async``: profile ``async``; tpe, random, default) and Optuna's TPESampler (the outside peer,
-driven through its ask/tell API, default settings) on ``orchestrator.objectives.paper_landscape`` with
+driven through its ask/tell API, default settings) on ``orchestrator.search.landscapes.paper_landscape`` with
 Gaussian evaluation noise, over several seeds and budgets. With ``--parallel K`` up to K
 evaluations are pending at once and results come back oldest first.
 
@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 
-from orchestrator.objectives import OPTIMUM, paper_landscape  # noqa: E402
-from orchestrator.searchers import make_searcher  # noqa: E402
-from orchestrator.space import Choice, Int, Log, SearchSpace, paper_space  # noqa: E402
+from orchestrator.search.landscapes import OPTIMUM, paper_landscape  # noqa: E402
+from orchestrator.search.searchers import make_searcher  # noqa: E402
+from orchestrator.search.space import Choice, Int, Log, SearchSpace, paper_space  # noqa: E402
 
 ALGOS = ("nomad", "nomad-async", "tpe", "optuna-tpe", "random", "default")
 

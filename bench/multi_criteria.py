@@ -3,7 +3,7 @@
     python bench/multi_criteria.py                     # 10 seeds, budget 100 (a few minutes)
     python bench/multi_criteria.py --seeds 2 --parts constrained
 
-The landscape is the paper's (``orchestrator.objectives.paper_landscape``: loss falls with rank and
+The landscape is the paper's (``orchestrator.search.landscapes.paper_landscape``: loss falls with rank and
 alpha, a diagonal valley in lr, dropout 1 untrained; noise-free), with a LoRA fine-tune's costs that
 grow with the rank, dropout adding a little (it keeps a mask per activation):
 
@@ -21,7 +21,7 @@ grow with the rank, dropout adding a little (it keeps a mask per activation):
   ``tpe`` is NNI's TPE telling an infeasible trial as a penalty (its default), ``tpe-fail`` as a failure.
 - bi-objective: minimize (val_loss, train_hours), no constraint. The Pareto front is one point per rank
   (dropout 0, alpha 64, the valley's lr): 8 points, hypervolume HV* against the reference point
-  ``REFERENCE`` = (1.10, 2.60) (``orchestrator.criteria.hypervolume``). Per searcher: HV of the
+  ``REFERENCE`` = (1.10, 2.60) (``orchestrator.search.criteria.hypervolume``). Per searcher: HV of the
   evaluated points after 50/100, as a fraction of HV*. ``nomad`` is NOMAD's DMultiMADS (profile
   paper), ``nomad-2n`` the same with DIRECTION_TYPE ORTHO 2N; ``tpe`` is our two-objective tpe
   (Optuna's multivariate TPESampler); anchors: Optuna's NSGA-II (population 20) and MOTPE (TPESampler
@@ -47,11 +47,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 
-from orchestrator.criteria import hypervolume, pareto_front  # noqa: E402
-from orchestrator.objectives import paper_landscape  # noqa: E402
-from orchestrator.searchers import make_searcher  # noqa: E402
-from orchestrator.searchers.optuna_tpe import optuna_distributions  # noqa: E402
-from orchestrator.space import paper_space  # noqa: E402
+from orchestrator.search.criteria import hypervolume, pareto_front  # noqa: E402
+from orchestrator.search.landscapes import paper_landscape  # noqa: E402
+from orchestrator.search.searchers import make_searcher  # noqa: E402
+from orchestrator.search.searchers.optuna_tpe import optuna_distributions  # noqa: E402
+from orchestrator.search.space import paper_space  # noqa: E402
 
 MEMORY_MAX, HOURS_MAX = 30.0, 1.2
 REFERENCE = (1.10, 2.60)

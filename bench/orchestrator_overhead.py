@@ -4,7 +4,7 @@
     eval "$(slurm/dev-cluster.sh env)"
     .venv/bin/python bench/orchestrator_overhead.py --executor slurm --seconds 5 --jobs 12
 
-The same blackbox (`orchestrator.objectives:sleeper`: a Python process that imports the objectives module,
+The same blackbox (`orchestrator.search.landscapes:sleeper`: a Python process that imports the objectives module,
 sleeps a fixed time and reports when it was busy) runs `--jobs` times, `--slots` at a time, three ways:
 - orchestrator: a real study (random search; journal, MLflow, batched polling, code snapshot);
 - submitit: a plain loop keeping K submitit jobs in flight, polling `job.done()` every `--poll` seconds;
@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.journal import Journal  # noqa: E402
-from orchestrator.study import run_study  # noqa: E402
+from orchestrator.study.journal import Journal  # noqa: E402
+from orchestrator.study.loop import run_study  # noqa: E402
 from slurm.executors import Resources, make_executor  # noqa: E402
 
 POINT = {"r": 8, "alpha": 32, "dropout": 0.1, "lr": 1e-4}
@@ -42,7 +42,7 @@ RESOURCES = {"cpus_per_task": 1, "timeout_min": 10}
 
 def orchestrator(args, work: Path) -> list[dict]:
     cfg = load_config(None, study="overhead", algo="random", budget=args.jobs, parallel=args.slots,
-                      executor=args.executor, poll_s=args.poll, objective="orchestrator.objectives:sleeper",
+                      executor=args.executor, poll_s=args.poll, objective="orchestrator.search.landscapes:sleeper",
                       workdir=str(work / "runs"), tracking_uri=f"sqlite:///{work}/mlflow.db", resources=RESOURCES)
     run_study(cfg, out=open(os.devnull, "w"))
     events = [json.loads(line) for line in Journal(cfg.folder / "journal.jsonl").path.read_text().splitlines()]
@@ -52,7 +52,7 @@ def orchestrator(args, work: Path) -> list[dict]:
 
 
 def submitit_loop(args, work: Path) -> list[dict]:
-    from orchestrator.objectives import sleeper
+    from orchestrator.search.landscapes import sleeper
     executor = make_executor(args.executor, work / "submitit", Resources.from_dict(RESOURCES), job_name="plain")
     records, live, left = [], [], args.jobs
     while left or live:
@@ -69,7 +69,7 @@ def submitit_loop(args, work: Path) -> list[dict]:
 
 
 def sbatch_loop(args, work: Path) -> list[dict]:
-    code = f"import json; from orchestrator.objectives import sleeper; print(json.dumps(sleeper({POINT!r})))"
+    code = f"import json; from orchestrator.search.landscapes import sleeper; print(json.dumps(sleeper({POINT!r})))"
     queue, records, lock = list(range(args.jobs)), [], threading.Lock()
 
     def slot():
@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--ways", default="orchestrator,submitit,sbatch", help="comma-separated subset to run")
     args = p.parse_args()
     os.environ["LORA_HPO_SLEEP_S"] = str(args.seconds)
-    os.chdir(REPO)  # submitit and sbatch jobs import orchestrator.objectives from their working directory
+    os.chdir(REPO)  # submitit and sbatch jobs import orchestrator.search.landscapes from their working directory
     ways = {"orchestrator": orchestrator, "submitit": submitit_loop, "sbatch": sbatch_loop}
     chosen = [w for w in args.ways.split(",") if w != "sbatch" or args.executor == "slurm"]
     print(f"executor {args.executor}: {args.jobs} jobs of {args.seconds:g} s on {args.slots} slots, "

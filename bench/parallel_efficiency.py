@@ -9,7 +9,7 @@ No sleeping: simulated time jumps from one trial end to the next. The real searc
 when its trial ends. Trial durations (in units of a mean trial length): a rank-dependent mean (0.6 at
 r = 4 up to 1.4 at r = 512, like a LoRA fine-tune whose cost grows with the rank) times lognormal
 noise (sigma 0.3); 5% of the trials fail after 5-50% of their duration (told as failures). Landscapes:
-``paper`` (``orchestrator.objectives.paper_landscape``, noise-free) and ``two_basins`` (a decoy basin and
+``paper`` (``orchestrator.search.landscapes.paper_landscape``, noise-free) and ``two_basins`` (a decoy basin and
 a deeper, narrower one; evaluation noise sd 0.005). Each seed fixes the durations, failures and noise.
 
 Per (landscape, algo, K), over the seeds:
@@ -46,10 +46,10 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 
-from orchestrator.objectives import (OPTIMUM, TWO_BASINS_OPTIMUM, paper_landscape,  # noqa: E402
+from orchestrator.search.landscapes import (OPTIMUM, TWO_BASINS_OPTIMUM, paper_landscape,  # noqa: E402
                                      two_basins)
-from orchestrator.searchers import make_searcher  # noqa: E402
-from orchestrator.space import Choice, Int, Log, SearchSpace, paper_space  # noqa: E402
+from orchestrator.search.searchers import make_searcher  # noqa: E402
+from orchestrator.search.space import Choice, Int, Log, SearchSpace, paper_space  # noqa: E402
 
 OURS = {"nomad": {}, "nomad-async": {"profile": "async"}, "nomad-paper": {"profile": "paper"},
         "tpe": {}, "random": {}}

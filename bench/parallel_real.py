@@ -4,7 +4,7 @@
     .venv/bin/python bench/parallel_real.py --executor slurm         # on the dev cluster (eval "$(slurm/dev-cluster.sh env)")
     .venv/bin/python bench/parallel_real.py --algos nomad random --sleep 2 --budget 16
 
-Each study runs `python -m orchestrator --objective orchestrator.objectives:sleeper` (a blackbox that sleeps
+Each study runs `python -m orchestrator --objective orchestrator.search.landscapes:sleeper` (a blackbox that sleeps
 --sleep seconds and reports when it ran); utilization = the busy slot-seconds (sum of the objectives' own run
 times) over K x the wall time from the first evaluation's start to the last one's end. What a slot loses is
 the orchestrator's and the scheduler's (SLURM) latency between a result and the next start. Target (issue 9):
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             study = f"{algo}-k{args.k}-{round_}"
             done = subprocess.run([sys.executable, "-m", "orchestrator", "--study", study, "--algo", algo,
                                    "--budget", str(args.budget), "--parallel", str(args.k), "--executor",
-                                   args.executor, "--objective", "orchestrator.objectives:sleeper", "--poll",
+                                   args.executor, "--objective", "orchestrator.search.landscapes:sleeper", "--poll",
                                    str(args.poll), "--workdir", str(root / "runs"), "--tracking-uri",
                                    f"sqlite:///{root}/mlruns/mlflow.db"], cwd=REPO, capture_output=True, text=True,
                                   env={**os.environ, "LORA_HPO_SLEEP_S": str(args.sleep)})

@@ -69,7 +69,7 @@ def run_study(root: Path, name: str, uri: str, parallel: int, budget: int, on_st
               env=None) -> dict:
     cmd = [sys.executable, "-m", "orchestrator", "--study", name, "--workdir", str(root / "runs"),
            "--tracking-uri", uri, "--algo", "random", "--budget", str(budget), "--parallel", str(parallel),
-           "--executor", "debug", "--objective", "orchestrator.objectives:paper_landscape", "--poll", "0.05"]
+           "--executor", "debug", "--objective", "orchestrator.search.landscapes:paper_landscape", "--poll", "0.05"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     journal = root / "runs" / name / "journal.jsonl"
@@ -105,7 +105,7 @@ class Server:
         return done.stdout.splitlines()[0]
 
     def kill(self) -> None:
-        from orchestrator.server import Layout, mlflow_pid
+        from orchestrator.tracking.server import Layout, mlflow_pid
         os.killpg(mlflow_pid(Layout(self.folder)), signal.SIGKILL)
 
     def stop(self) -> None:

@@ -17,21 +17,21 @@ A study YAML (every key optional; `preset` picks the base, `tiny` by default):
     objective: null           # "pkg.module:function": tune any Python blackbox instead of the fine-tune; or
                               # {metric: heldout, tasks: {mmlu: 300, bbh: 150, drop: 150, humaneval: 40},
                               #  weight_val_loss: 0.0, seed: 0}: the fine-tune scored on dev subsets
-    constraints: []           # [{metric: peak_memory_gb, max: 40, kind: pb}, ...] (orchestrator/criteria.py)
+    constraints: []           # [{metric: peak_memory_gb, max: 40, kind: pb}, ...] (orchestrator/search/criteria.py)
     objectives: null          # two metrics at once, e.g. [val_loss, train_hours]: a Pareto front
     champion_rule: null       # with two objectives: knee (default) or "min val_loss s.t. train_hours <= 1.5"
     pareto_reference: null    # the hypervolume's reference point, e.g. [6.0, 0.5] (default: the worst values x 1.1)
     warm_start: []            # earlier studies (same space, trial settings, objective) whose results the searcher
-                              # learns first, counted against no budget (orchestrator/warm.py)
+                              # learns first, counted against no budget (orchestrator/study/warm.py)
     poll_s: 5                 # seconds between job-state polls (one sacct + one squeue call for all jobs)
-    space: {...}              # the search space (orchestrator/space.py); the paper's by default
+    space: {...}              # the search space (orchestrator/search/space.py); the paper's by default
     searcher_options: {}      # nomad: {profile: paper|async} (default: paper at parallel 1, async above), and
                               # with profile paper NOMAD parameters (e.g. {DIRECTION_TYPE: ORTHO 2N}); tpe: NNI options
     trial: {...}              # fine-tune settings (jobs/spec.py FinetuneSpec fields) for every evaluation
     resources: {...}          # SLURM resources per evaluation (slurm/executors.py Resources fields)
     retries: {max_retries: 2, on: [submission, node_fail, preempted], max_attempts: 10, max_hours: null}
     pruner: null              # stop hopeless trials early: {kind: asha, min_fraction: 0.125} or {kind: median, ...}
-                              # (orchestrator/pruners.py); trials then report validation at fractions of training
+                              # (orchestrator/search/pruners.py); trials then report validation at fractions of training
     evaluation: {...}         # the downstream protocol of `orchestrator evaluate` (evaluation/spec.py fields:
                               # tasks, limit, humaneval_cut, decoding, dtype, merge, seed...); InstructEval's by default
 
@@ -52,8 +52,8 @@ import yaml
 from jobs import tracking_store
 from jobs.spec import PRESETS as TRIAL_PRESETS
 from jobs.spec import FinetuneSpec, SpecError
-from orchestrator.searchers import ALGOS
-from orchestrator.space import Choice, Fixed, Int, Log, SearchSpace, SpaceError, paper_space
+from orchestrator.search.searchers import ALGOS
+from orchestrator.search.space import Choice, Fixed, Int, Log, SearchSpace, SpaceError, paper_space
 from slurm.dispatch import RetryPolicy
 from slurm.executors import KINDS as EXECUTORS
 from slurm.executors import Resources, ResourcesError
@@ -281,7 +281,7 @@ DEFAULT_REPORTS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # median stoppi
 def _validate_pruner(c: StudyConfig) -> None:
     """A pruner needs trials that report intermediate validation: its rungs become the trials' report points
     (trial.eval_fractions) unless the trial settings name them."""
-    from orchestrator.pruners import PrunerError, make_pruner
+    from orchestrator.search.pruners import PrunerError, make_pruner
 
     try:
         pruner = make_pruner(c.pruner)
@@ -326,8 +326,8 @@ def _validate_heldout(c: StudyConfig) -> dict:
 
 
 def _validate_criteria(c: StudyConfig) -> None:
-    """Constraints, two objectives and the champion rule (orchestrator/criteria.py), checked together."""
-    from orchestrator.criteria import CriteriaError, parse_constraints, parse_objectives, parse_rule
+    """Constraints, two objectives and the champion rule (orchestrator/search/criteria.py), checked together."""
+    from orchestrator.search.criteria import CriteriaError, parse_constraints, parse_objectives, parse_rule
 
     try:
         parse_constraints(c.constraints)
@@ -358,8 +358,8 @@ def _validate_evaluation(c: StudyConfig) -> None:
 
 def _validate_searcher(c: StudyConfig) -> None:
     """The searcher options are the algorithm's own: build the searcher (nothing runs) to check them."""
-    from orchestrator.criteria import searcher_criteria
-    from orchestrator.searchers import make_searcher
+    from orchestrator.search.criteria import searcher_criteria
+    from orchestrator.search.searchers import make_searcher
 
     try:
         make_searcher(c.algo, c.space, budget=c.budget, parallel=c.parallel, seed=c.seed,

@@ -4,7 +4,7 @@ import os
 import time
 from pathlib import Path
 
-from orchestrator.objectives import paper_landscape
+from orchestrator.search.landscapes import paper_landscape
 
 
 def _mark(point: dict) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.postgres import binaries
+from orchestrator.tracking.postgres import binaries
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.journal import Journal
+from orchestrator.study.journal import Journal
 
 from .conftest import orchestrator_process as orchestrator, uri  # noqa: F401  (the SLURM tests import both here)
 

@@ -1,4 +1,4 @@
-"""NOMAD's asynchronous profile (orchestrator/searchers/async_mads.py) and its MADS steps.
+"""NOMAD's asynchronous profile (orchestrator/search/searchers/async_mads.py) and its MADS steps.
 
 The protocol contract (slots, budget, replay, adoption, determinism) is in test_searchers.py; these
 tests pin what makes it MADS: the start, the poll geometry, the refinement around an incumbent.
@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.objectives import paper_landscape
-from orchestrator.searchers import Observation, Pending, make_searcher
-from orchestrator.searchers.mads_steps import Box, QuadModel, frame, latin_hypercube, poll_steps
-from orchestrator.space import SearchSpace, paper_space
+from orchestrator.search.landscapes import paper_landscape
+from orchestrator.search.searchers import Observation, Pending, make_searcher
+from orchestrator.search.searchers.mads_steps import Box, QuadModel, frame, latin_hypercube, poll_steps
+from orchestrator.search.space import SearchSpace, paper_space
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,9 +11,9 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.__main__ import main
 from orchestrator.config import load_config
-from orchestrator.jobset import fold
-from orchestrator.journal import Journal
-from orchestrator.study import run_study
+from orchestrator.study.runner import fold
+from orchestrator.study.journal import Journal
+from orchestrator.study.loop import run_study
 
 from .conftest import REPO, kill_when
 
@@ -98,7 +98,7 @@ def test_confirm_needs_a_study_with_finished_trials(tmp_path, capsys):
 
 def test_evaluate_and_confirm_refuse_a_missing_study_and_a_second_run_in_one_line(tmp_path):
     from orchestrator.config import ConfigError
-    from orchestrator.jobset import locked_run
+    from orchestrator.study.runner import locked_run
 
     with pytest.raises(ConfigError, match="no study 'nope' under .*: check the name and --workdir"):
         locked_run(str(tmp_path), "nope", "confirm.lock", "the confirmation", lambda: 0)

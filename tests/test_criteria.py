@@ -1,9 +1,9 @@
-"""Constraints, metrics, Pareto fronts and champion rules (orchestrator/criteria.py): pure logic."""
+"""Constraints, metrics, Pareto fronts and champion rules (orchestrator/search/criteria.py): pure logic."""
 import re
 
 import pytest
 
-from orchestrator.criteria import (Constraint, CriteriaError, a_priori_metrics, hypervolume, knee, model_shapes,
+from orchestrator.search.criteria import (Constraint, CriteriaError, a_priori_metrics, hypervolume, knee, model_shapes,
                                    parse_constraints, parse_objectives, parse_rule, pareto_front, pick, trial_metrics)
 
 

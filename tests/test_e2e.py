@@ -6,7 +6,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
-from orchestrator.study import run_study
+from orchestrator.study.loop import run_study
 
 
 @pytest.fixture(scope="module")

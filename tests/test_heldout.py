@@ -17,7 +17,7 @@ from evaluation.tasks import get_tasks
 from evaluation.tasks.common import EvalError, split_dev
 from orchestrator.__main__ import main
 from orchestrator.config import ConfigError, load_config
-from orchestrator.study import run_study
+from orchestrator.study.loop import run_study
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 

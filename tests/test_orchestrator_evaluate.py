@@ -15,9 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.__main__ import main
 from orchestrator.config import load_config
-from orchestrator.evaluate import load_evaluations
-from orchestrator.journal import Journal
-from orchestrator.study import run_study
+from orchestrator.study.evaluate import load_evaluations
+from orchestrator.study.journal import Journal
+from orchestrator.study.loop import run_study
 
 from .conftest import REPO
 

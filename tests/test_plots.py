@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from orchestrator.journal import StudyState, TrialState
-from orchestrator.plots import axes_of, log_plots, view_of, write_plots
+from orchestrator.study.journal import StudyState, TrialState
+from orchestrator.reports.plots import axes_of, log_plots, view_of, write_plots
 
 from .conftest import REPO
 
@@ -62,7 +62,7 @@ def test_view_counts_best_so_far_and_default():
     assert [t.trial for t in v.ok] == [0, 1, 3] and [t.trial for t in v.failed] == [2] and v.running == 1
     assert v.default.trial == 0  # r=8 alpha=32 dropout=0.1 lr=1e-5 is the paper's default point
     assert "4 evaluations, 1 failed, 1 running" in v.title and "best 0.9607 (trial 1)" in v.title
-    from orchestrator.plots import _best_so_far
+    from orchestrator.reports.plots import _best_so_far
     assert _best_so_far(v) == ([0, 1, 3], [1.1672, 0.9607, 0.9607])
 
 
@@ -131,7 +131,7 @@ def test_log_plots_warns_instead_of_stopping_the_study(tmp_path):
 
 def test_drawing_needs_no_torch_and_no_pyplot(tmp_path):
     script = ("import sys\n"
-              "from orchestrator.plots import write_plots\n"
+              "from orchestrator.reports.plots import write_plots\n"
               "from tests.test_plots import state, paper_trials\n"
               f"write_plots(state(*paper_trials()), r'{tmp_path}')\n"
               "print('LOADED', [m for m in ('torch', 'transformers', 'matplotlib.pyplot') if m in sys.modules])\n")
@@ -140,12 +140,12 @@ def test_drawing_needs_no_torch_and_no_pyplot(tmp_path):
 
 
 def test_command_line_writes_the_plots_of_a_study_folder(tmp_path):
-    from orchestrator.journal import Journal
+    from orchestrator.study.journal import Journal
     journal = Journal(tmp_path / "study" / "journal.jsonl")
     journal.append("start", config={"study": "cli", "algo": "random", "space": {}}, parent_run_id="p")
     journal.append("trial", trial=0, point={"r": 8, "alpha": 32, "dropout": 0.1, "lr": 1e-5})
     journal.append("result", trial=0, status="ok", value=1.2, summary={})
-    out = subprocess.run([sys.executable, "-m", "orchestrator.plots", str(tmp_path / "study")], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "orchestrator.reports.plots", str(tmp_path / "study")], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert {p.split("/")[-1] for p in out.stdout.split()} == FILES
@@ -153,7 +153,7 @@ def test_command_line_writes_the_plots_of_a_study_folder(tmp_path):
 
 
 def test_the_wall_time_history_places_each_result_at_its_hour():
-    from orchestrator.plots import view_of
+    from orchestrator.reports.plots import view_of
     trials = paper_trials()
     s = state(*trials)
     s.started_at = 1000.0
@@ -162,5 +162,5 @@ def test_the_wall_time_history_places_each_result_at_its_hour():
     v = view_of(s).by_hours()
     assert v.x_label == "hours since the study started"
     assert [v.x(t) for t in v.ok] == [2.5, 2.0, 1.0]
-    xs, ys = __import__("orchestrator.plots", fromlist=["_best_so_far"])._best_so_far(v)
+    xs, ys = __import__("orchestrator.reports.plots", fromlist=["_best_so_far"])._best_so_far(v)
     assert xs == sorted(xs) and ys == sorted(ys, reverse=True)  # best-so-far in the order results came

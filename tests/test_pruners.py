@@ -1,4 +1,4 @@
-"""Pruning decisions (orchestrator.pruners) on hand-made curves, their config, and the same decisions as
+"""Pruning decisions (orchestrator.search.pruners) on hand-made curves, their config, and the same decisions as
 Optuna's MedianPruner / SuccessiveHalvingPruner on random curves fed in time order.
 
     .venv/bin/python -m pytest -q tests/test_pruners.py
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.pruners import (AshaPruner, Decision, MedianPruner, PrunerError, config, describe, make_pruner,
+from orchestrator.search.pruners import (AshaPruner, Decision, MedianPruner, PrunerError, config, describe, make_pruner,
                                   told_value)
 
 N = 8  # reports at 1/8, 2/8, ..., 1
@@ -200,7 +200,7 @@ def test_what_the_searcher_is_told():
 
 def test_the_pruners_import_nothing_heavy():
     """The orchestrator (login node) decides; its pruners must not pull torch, numpy or optuna in."""
-    script = ("import sys, orchestrator.pruners\n"
+    script = ("import sys, orchestrator.search.pruners\n"
               "print([m for m in ('torch', 'transformers', 'numpy', 'optuna', 'mlflow') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=120)

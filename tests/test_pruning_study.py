@@ -14,8 +14,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.journal import Journal
-from orchestrator.tracking import load_study
+from orchestrator.study.journal import Journal
+from orchestrator.tracking.tracker import load_study
 
 from .conftest import REPO, kill_when
 

@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from jobs.tracking_store import StoreError, ensure_local_store
 from orchestrator.__main__ import main
 from orchestrator.config import load_config
-from orchestrator.journal import Journal
-from orchestrator.lock import LockError, StudyLock
-from orchestrator.study import run_study
+from orchestrator.study.journal import Journal
+from orchestrator.study.lock import LockError, StudyLock
+from orchestrator.study.loop import run_study
 
 from .conftest import REPO
 

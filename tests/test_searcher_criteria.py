@@ -1,4 +1,4 @@
-"""The searchers with constraints, two objectives and a warm start (orchestrator/searchers/__init__.py).
+"""The searchers with constraints, two objectives and a warm start (orchestrator/search/searchers/__init__.py).
 
 A synthetic landscape shaped like a LoRA fine-tune (the paper's loss; memory and time grow with the rank)
 with two constraints: memory <= 30 GB (pb; rank 128 only without dropout) and hours <= 1.2 (eb; ranks
@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.criteria import hypervolume, pareto_front
-from orchestrator.objectives import paper_landscape
-from orchestrator.searchers import Observation, Pending, make_searcher
-from orchestrator.space import paper_space
+from orchestrator.search.criteria import hypervolume, pareto_front
+from orchestrator.search.landscapes import paper_landscape
+from orchestrator.search.searchers import Observation, Pending, make_searcher
+from orchestrator.search.space import paper_space
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -150,7 +150,7 @@ def test_two_objectives_give_a_front():
 
 
 def test_nomad_two_objectives_is_dmultimads_and_the_default_profile_at_any_parallel():
-    from orchestrator.searchers.nomad import NomadSearcher
+    from orchestrator.search.searchers.nomad import NomadSearcher
     searcher = build("nomad", parallel=4, n_objectives=2, kinds=("pb",))
     assert isinstance(searcher, NomadSearcher)
     assert "BB_OUTPUT_TYPE OBJ OBJ PB" in searcher._params and "DMULTIMADS_OPTIMIZATION yes" in searcher._params

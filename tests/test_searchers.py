@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from orchestrator.objectives import paper_landscape
-from orchestrator.searchers import Observation, Pending, make_searcher
-from orchestrator.space import paper_space
+from orchestrator.search.landscapes import paper_landscape
+from orchestrator.search.searchers import Observation, Pending, make_searcher
+from orchestrator.search.space import paper_space
 
 pytestmark = pytest.mark.timeout(60)   # a NOMAD thread that deadlocks fails the test, not the suite
 
@@ -504,8 +504,8 @@ def test_nomad_async_same_seed_and_out_of_order_answers_give_the_same_points(k):
 
 
 def test_nomad_profiles_default_by_parallel_and_are_validated():
-    from orchestrator.searchers.async_mads import AsyncMadsSearcher
-    from orchestrator.searchers.nomad import NomadSearcher
+    from orchestrator.search.searchers.async_mads import AsyncMadsSearcher
+    from orchestrator.search.searchers.nomad import NomadSearcher
     assert isinstance(build("nomad", parallel=1), NomadSearcher)           # the paper's MADS
     assert isinstance(build("nomad", parallel=2), AsyncMadsSearcher)       # the recommended one
     assert (build("nomad", parallel=1).profile, build("nomad", parallel=2).profile) == ("paper", "async")

@@ -19,8 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs.contract import read_attempts
-from orchestrator.journal import Journal
-from orchestrator.tracking import load_study
+from orchestrator.study.journal import Journal
+from orchestrator.tracking.tracker import load_study
 
 from .slurm_fixture import (events, finish, orchestrator, sacct, sacct_history, slurm_cluster,  # noqa: F401
                             slurm_production, steps_done, study_yaml, uri, wait_until)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.space import SearchSpace, SpaceError, paper_space
+from orchestrator.search.space import SearchSpace, SpaceError, paper_space
 
 PAPER = {
     "r": {"choice": [4, 8, 16, 32, 64, 128, 256, 512], "default": 8},

@@ -8,9 +8,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
-from orchestrator.journal import Journal
-from orchestrator.study import run_study
-from orchestrator.tracking import load_study
+from orchestrator.study.journal import Journal
+from orchestrator.study.loop import run_study
+from orchestrator.tracking.tracker import load_study
 
 from .conftest import REPO, kill_when, orchestrator_process
 
@@ -68,7 +68,7 @@ def test_failed_evaluations_are_recorded_and_the_study_goes_on(tmp_path):
 
 
 def test_an_existing_study_is_not_overwritten_and_resume_needs_a_journal(tmp_path):
-    from orchestrator.study import StudyError
+    from orchestrator.study.loop import StudyError
     cfg = config(tmp_path, budget=2)
     run_study(cfg, out=open(os.devnull, "w"))
     with pytest.raises(StudyError, match="already exists.*--resume"):
@@ -201,7 +201,7 @@ def test_k_trials_stay_in_flight_while_the_search_runs(tmp_path, algo, monkeypat
 
 def test_register_as_empty_means_register_nothing_and_a_bad_name_is_refused(tmp_path):
     from orchestrator.config import ConfigError
-    from orchestrator.study_end import queue_registration
+    from orchestrator.study.end import queue_registration
 
     class Study:  # what queue_registration reads of a finished fine-tune study
         config = load_config(None, register_as="")

@@ -16,10 +16,10 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.__main__ import main
 from orchestrator.config import load_config
-from orchestrator.criteria import a_priori_metrics, knee, model_shapes, pareto_front
-from orchestrator.journal import Journal
-from orchestrator.study import run_study
-from orchestrator.tracking import load_study
+from orchestrator.search.criteria import a_priori_metrics, knee, model_shapes, pareto_front
+from orchestrator.study.journal import Journal
+from orchestrator.study.loop import run_study
+from orchestrator.tracking.tracker import load_study
 
 from .conftest import kill_when, orchestrator_process, uri
 

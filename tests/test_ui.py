@@ -3,7 +3,7 @@ driven by headless Chromium (Playwright), with screenshots of every page checked
 
     .venv/bin/python -m pytest -q -m ui tests/test_ui.py        # prints where the screenshots are
 
-A synthetic study (debug executor, some failures), its plots logged by `orchestrator.plots.log_plots`, and a
+A synthetic study (debug executor, some failures), its plots logged by `orchestrator.reports.plots.log_plots`, and a
 champion registered through the project's own registration path (the study's outbox, as `register` does) on the best trial, whose `adapter/` artifact is a
 real PEFT adapter (adapter_config.json + adapter_model.safetensors) of a randomly initialised tiny Llama
 (no fine-tune: the registry is what is under test here; tests/test_e2e.py registers a trained one).
@@ -28,10 +28,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.plots import log_plots
-from orchestrator.study import run_study
-from orchestrator.study_end import registry_tags
-from orchestrator.tracking import Tracker
+from orchestrator.reports.plots import log_plots
+from orchestrator.study.loop import run_study
+from orchestrator.study.end import registry_tags
+from orchestrator.tracking.tracker import Tracker
 
 pytestmark = pytest.mark.ui
 

@@ -1,0 +1,306 @@
+"""Asynchronous MADS: NOMAD's ``async`` profile, a free slot gets a point the moment it frees.
+
+Why this design (NOMAD 4.6's own parallel modes, read in its source and tried with PyNomadBBO 4.6):
+- ``BB_MAX_BLOCK_SIZE`` K: NOMAD hands out a block and decides nothing until the whole block is back;
+  search steps give blocks of one point. ``NB_THREADS_PARALLEL_EVAL`` (the wheel has OpenMP) is an
+  ``omp parallel for`` over the blocks of one step with a barrier at its end: the same wait for the
+  slowest trial. ``MEGA_SEARCH_POLL`` fills blocks with search and poll points but keeps the barrier.
+- COOP-MADS (runs in this wheel): several MADS in OpenMP threads, each synchronous; which thread
+  proposes what depends on thread timing, so a seed no longer fixes the points, and independent
+  polls split the slots instead of sharing one incumbent. PSD-MADS: "no parallelism" (its help).
+- ``suggest``/``observe``: one cold mega-iteration per call, rebuilt from a cache file; ``observe``
+  updates the mesh once per call, so results told one by one shrink the mesh after every failed
+  point, and points still running are unknown to it.
+So asynchrony needs the control outside NOMAD, and this module runs MADS itself, the way NOMAD 4
+runs it with the paper's options plus an initial Latin hypercube (``LH_SEARCH``), made asynchronous
+as in APPS (Hough, Kolda, Torczon: asynchronous parallel pattern search). An iteration is a poll
+centre (the incumbent) and a frame level (mads_steps.py: mesh, ORTHO 2N poll, quadratic model);
+its trial points are a speculative step (after a success, the same move again), one quadratic-model
+search point, then the 2n poll points ordered by the model. They are handed out one per free slot.
+- Opportunism: a result better than the incumbent becomes the centre at once (its frame one level
+  coarser than the one it was polled at); the rest of the old poll is never handed out.
+- An iteration fails when every poll point of (centre, level) is evaluated and none is better: the
+  level goes up, the frame halves. Points evaluated earlier count (NOMAD's cache).
+- Free slots while the current poll is all running (K > 1): more model points as results change
+  the model (at most K/2 running, none within a frame of a running point), then the polls of the
+  next ``LOOKAHEAD`` levels, assuming this one fails (APPS's speculative refinement), then a point
+  far from every point tried. So ``ask()`` never leaves a slot idle while budget remains. At K = 1
+  the sequence is NOMAD's: search steps, then the opportunistic poll.
+- Restarts: when the frame is at its finest, or no result of the episode has beaten the incumbent
+  by more than ``GAIN`` in ``STALL`` results (noise keeps a mesh from converging), a new episode
+  starts from a Latin hypercube far from every point tried; its model learns from its own points,
+  and points near an earlier episode's incumbent (``TABU``) cannot be its centre. The budget left
+  then explores another basin instead of polling a converged one (NOMAD would stop).
+- Start: the default point (the paper's X0), then a Latin hypercube of ``lh_points`` points
+  (default ``max(2n, K) - 1``: the first K slots are filled with the start alone).
+- Failures (value None) count as evaluated, never become the incumbent, stay out of the model.
+- Determinism: directions, hypercubes and sampled model candidates come from generators seeded by
+  (seed, centre, level, episode); given the seed and the same answers in the same order, the same
+  points come out. No process-global state: any number of these may run in one process.
+- Resume: ``replay`` tells the history in trial order (the order of the results is not journaled),
+  then adopts the running trials as pending; no point is proposed twice (the Ledger's seen set),
+  and the continuation may differ from the uninterrupted run where results came back out of order.
+- Constraints (``constraints=("pb", "eb", ...)``), the treatment this MADS can honestly give, not
+  NOMAD's progressive barrier: an extreme-barrier violation is never the incumbent and stays out of
+  the objective's model (as a failure would); for pb, feasibility first: the incumbent is the result
+  with the least violation h (sum of squared pb violations), then the lowest value, so before any
+  feasible point it is the least infeasible one, and once one is feasible no infeasible result can
+  displace it (NOMAD's barrier would keep polling around an infeasible incumbent too). pb-violating
+  results still teach the objective's model. Each constraint gets its own quadratic model (every
+  success of the episode, uncapped): the model search takes the best point predicted feasible, and
+  the poll is ordered predicted-feasible first (mads_steps.Surrogate). bench/multi_criteria.py, 10
+  seeds: 30 infeasible evaluations of 100 where random spends 35 and NOMAD's barrier 35; best feasible
+  after 50 evaluations 0.9545 (the feasible optimum 0.9543). Two objectives are refused (profile paper).
+- Warm start (``warm_start``, before ``replay``): the earlier results are recorded like replayed ones
+  (incumbent, model), count against no budget and are never proposed again; the start drops X0 and
+  its Latin hypercube shrinks by the number of warm successes (the incumbent is already there).
+
+Built by ``make_searcher("nomad", space, budget=100, parallel=4, seed=0, options={"profile": "async"})``;
+tested by ``python -m pytest tests/test_async_mads.py tests/test_searchers.py -k async``.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from orchestrator.search.searchers import Ledger, LedgerSearcher, Observation, Pending, Suggestion, violation
+from orchestrator.search.searchers.mads_steps import (Box, QuadModel, Surrogate, farthest_point, frame, latin_hypercube,
+                                               poll_steps)
+from orchestrator.search.space import SearchSpace
+
+LEVEL_MIN, LEVEL_MAX = -2, 7   # frame = range/2 .. range/1024 (reals; integers stop at 1)
+MODEL_SHARE = 2                # with K slots, up to K / MODEL_SHARE model points run at once
+LOOKAHEAD = 2                  # finer levels polled ahead while the current poll is running
+GAIN, STALL = 0.001, 24        # no gain > 0.1% in 24 results of an episode: restart
+TABU = 0.25                    # (unit box) around earlier episodes' incumbents: no centre there
+
+
+class AsyncMadsSearcher(LedgerSearcher):
+    name = "nomad"
+    profile = "async"   # which NOMAD profile (nomad.py's docstring): for logging by the study
+
+    def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int, lh_points: int | None,
+                 kinds: tuple = ()):
+        self._space, self._box, self._seed = space, Box.from_space(space), seed
+        self._ledger = Ledger(space, budget, parallel, 1, kinds)
+        n = len(space.dims)
+        self._lh = lh = max(2 * n, parallel) - 1 if lh_points is None else lh_points
+        start = latin_hypercube(self._box, lh, self._rng("lh")) if lh else []
+        self._start = [np.array(space.nomad_x0(), float)] + start
+        self._results: dict[str, tuple] = {}   # key -> (x, value, episode, constraint values)
+        self._running: dict[int, tuple] = {}   # trial -> (key, x, level, step, episode)
+        self._episode = 0                      # a restart begins a new one
+        self._told_in_episode = self._last_gain = 0
+        self._converged: list = []             # the incumbents of earlier episodes
+        self._center: tuple[str, np.ndarray, tuple] | None = None        # incumbent (key, x, (h, value))
+        self._move: np.ndarray | None = None   # the step that made the incumbent, for the speculative step
+        self._level = 0
+        self._searched: set = set()            # (centre, level, episode, step): search steps done
+        self._model: tuple[tuple, QuadModel | None] = ((), None)
+        self._explored = 0
+        self._model_used: tuple = ()
+
+    # -- protocol ------------------------------------------------------------------------------
+    def ask(self) -> Suggestion | None:
+        if not self._ledger.can_issue():
+            return None
+        proposal = self._propose()
+        if proposal is None:
+            self._ledger.end()   # a small discrete space, every point tried
+            return None
+        x, level, step = proposal
+        point = self._space.from_nomad(list(x))
+        suggestion = self._ledger.issue(point, encoded=[float(v) for v in x])
+        self._running[suggestion.trial_id] = (self._space.key(point), x, level, step, self._episode)
+        return suggestion
+
+    def tell(self, trial_id: int, value, constraints=None) -> None:
+        _, value, constraints = self._ledger.settle(trial_id, value, constraints)
+        key, x, level, _, episode = self._running.pop(trial_id)
+        self._record(key, x, value, level, episode, constraints)
+
+    def warm_start(self, observations: list[Observation]) -> None:
+        """Earlier results seed the incumbent and the model; the start shrinks by the warm successes
+        (no X0: the best warm point is the incumbent)."""
+        results = self._ledger.warm(observations)
+        for point, value, constraints in results:
+            x = np.array(self._space.to_nomad(point), float)
+            self._record(self._space.key(point), x, value, None, 0, constraints)
+        successes = sum(value is not None for _, value, _ in results)
+        if successes:
+            lh = max(0, self._lh - successes)
+            taken = np.array([x for x, *_ in self._results.values()])
+            self._start = latin_hypercube(self._box, lh, self._rng("lh"), avoid=taken) if lh else []
+
+    def replay(self, history: list[Observation], pending: list[Pending] = ()) -> list[Suggestion]:
+        results, adopted = self._ledger.replay(history, pending, encode=self._space.to_nomad)
+        for point, value, constraints in results:
+            self._record(self._space.key(point), np.array(self._space.to_nomad(point), float), value, None, 0,
+                         constraints)
+        for suggestion in adopted:
+            x = np.array(suggestion.encoded, float)
+            self._running[suggestion.trial_id] = (self._space.key(suggestion.point), x, None, "adopted", 0)
+        return adopted
+
+    # -- MADS ----------------------------------------------------------------------------------
+    def _rng(self, *tags) -> np.random.Generator:
+        words = [zlib.crc32(str(tag).encode()) for tag in tags]
+        return np.random.default_rng([self._seed, *words])
+
+    def _key(self, x: np.ndarray) -> str:
+        return self._space.key(self._space.from_nomad(list(x)))
+
+    def _record(self, key: str, x: np.ndarray, value: float | None, level: int | None, episode: int,
+                constraints: tuple | None = None) -> None:
+        if key in self._results and self._results[key][1] is not None and value is None:
+            return   # a replayed failed attempt of a point that also succeeded
+        self._results[key] = (x, value, episode, constraints)
+        if episode == self._episode:
+            self._told_in_episode += 1
+        if value is None or episode != self._episode:
+            return
+        eb, h = violation(constraints, self._ledger.kinds)
+        if eb:
+            return   # extreme barrier: never the incumbent
+        merit = (h, value)   # feasibility first: the least violation, then the value
+        if self._center is not None and merit >= self._center[2]:
+            return
+        if any(np.linalg.norm(self._box.scale(x) - self._box.scale(old)) < TABU for old in self._converged):
+            return   # the basin of an earlier episode: not a centre for this one
+        old = self._center[2] if self._center is not None else None
+        if old is None or h < old[0] or old[1] - value > GAIN * abs(old[1]):
+            self._last_gain = self._told_in_episode
+        if self._center is not None and level is not None:   # a MADS point: opportunistic success
+            self._move = x - self._center[1]
+            self._level = max(LEVEL_MIN, level - 1)
+        else:
+            self._move = None
+        self._center = (key, x, merit)
+
+    def _propose(self) -> tuple[np.ndarray, int | None, str] | None:
+        for x in self._start:
+            if self._key(x) not in self._ledger.seen:
+                return x, None, "start"
+        self._advance()
+        if self._center is not None:
+            extra = self._extra_model_point()
+            if extra is not None:
+                return extra
+            for depth in range(LOOKAHEAD + 1):
+                level = self._level + depth
+                for x, step in self._candidates(level, depth):
+                    if self._key(x) not in self._ledger.seen:
+                        if step != "poll":
+                            self._searched.add((self._center[0], level, self._episode, step))
+                        return x, level, step
+        return self._explore()
+
+    def _extra_model_point(self) -> tuple[np.ndarray, int, str] | None:
+        """With K > 1: a model point whenever results changed the model, up to K / MODEL_SHARE running."""
+        if self._ledger.parallel == 1 or self._fit() is None or self._model_used == self._model[0]:
+            return None
+        running = sum(1 for _, _, _, step, _ in self._running.values() if step == "model")
+        if running >= max(1, self._ledger.parallel // MODEL_SHARE):
+            return None
+        self._model_used = self._model[0]
+        key, center, _ = self._center
+        rng = self._rng("model", key, self._level, self._episode, len(self._results))
+        # not inside the frame of a running point or of the incumbent: a batch of model points
+        # that differ by one mesh step would teach little more than one of them
+        frame_size = frame(self._box, self._level)[0]
+        busy = np.array([center] + [x for _, x, *_ in self._running.values()])
+        for x in self._model[1].minimizers(center, self._level, rng):
+            near = np.all(np.abs(busy - x) < frame_size, axis=1).any()
+            if not near and self._key(x) not in self._ledger.seen:
+                return x, self._level, "model"
+        return None
+
+    def _poll(self, level: int) -> list[np.ndarray]:
+        key, center, _ = self._center
+        rng = self._rng("poll", key, level, self._episode)
+        points = [self._box.snap(center + step) for step in poll_steps(self._box, level, rng)]
+        unique = {self._key(x): x for x in points}
+        unique.pop(key, None)
+        return list(unique.values())
+
+    def _advance(self) -> None:
+        """Apply the outcome of finished iterations: all poll points evaluated, none better -> refine."""
+        if self._center is not None and self._told_in_episode - self._last_gain >= STALL:
+            self._restart()
+        for _ in range(LEVEL_MAX - LEVEL_MIN + 2):
+            if self._center is None:
+                return
+            if any(self._key(x) not in self._results for x in self._poll(self._level)):
+                return
+            self._level += 1
+            if self._level > LEVEL_MAX:
+                self._restart()
+
+    def _restart(self) -> None:
+        """The episode has converged or stalled: a new one from a Latin hypercube far from all points."""
+        self._episode += 1
+        self._converged.append(self._center[1])
+        self._level, self._center, self._move = 0, None, None
+        self._told_in_episode = self._last_gain = 0
+        taken = np.array([x for x, *_ in self._results.values()] + [x for _, x, *_ in self._running.values()])
+        self._start = latin_hypercube(self._box, 2 * len(self._box.lo), self._rng("lh", self._episode),
+                                      avoid=taken)
+
+    def _candidates(self, level: int, depth: int) -> list[tuple[np.ndarray, str]]:
+        """The iteration's points in order: speculative step, model point, poll by predicted value.
+
+        The search steps give one point per iteration (NOMAD's): once one is out, the step is done.
+        """
+        key, center, _ = self._center
+        iteration = (key, level, self._episode)
+        done = {step for (*it, step) in self._searched if tuple(it) == iteration}
+        out = []
+        if depth == 0 and self._move is not None and "speculative" not in done:
+            out.append((self._box.snap(center + self._move), "speculative"))
+        poll = self._poll(level)
+        model = self._fit()
+        if model is not None:
+            if depth == 0 and "model" not in done:
+                rng = self._rng("model", key, level, self._episode)
+                for x in model.minimizers(center, level, rng):
+                    if self._key(x) not in self._ledger.seen:
+                        out.append((x, "model"))
+                        break
+            if model.constraints:
+                poll = list(model.order(np.array(poll))) if poll else poll
+            else:
+                poll.sort(key=lambda x: float(model.predict(x)[0]))
+        return out + [(x, "poll") for x in poll]
+
+    def _fit(self) -> Surrogate | None:
+        # after a restart the model learns from the new episode only: the old basin's points
+        # would pull its search steps back there. The objective's model leaves out extreme-barrier
+        # points (no value, as in NOMAD); each constraint's model learns from every success.
+        kinds = self._ledger.kinds
+        done = [(x, f, cs) for x, f, episode, cs in self._results.values()
+                if f is not None and episode == self._episode]
+        state = (len(self._results), self._center[0], self._episode)
+        if self._model[0] != state:
+            model, enough = None, len(self._box.lo) + 2
+            objective = [(x, f) for x, f, cs in done if not violation(cs, kinds)[0]]
+            if len(objective) >= enough:
+                xs, fs = np.array([x for x, _ in objective]), np.array([f for _, f in objective])
+                constraints = []
+                if kinds and len(done) >= enough:
+                    xc = np.array([x for x, _, _ in done])
+                    constraints = [QuadModel(self._box, xc, np.array([cs[j] for _, _, cs in done]),
+                                             self._center[1], cap=False) for j in range(len(kinds))]
+                model = Surrogate(QuadModel(self._box, xs, fs, self._center[1]), constraints)
+            self._model = (state, model)
+        return self._model[1]
+
+    def _explore(self) -> tuple[np.ndarray, None, str] | None:
+        """A point far from every point tried or running (nothing else to propose)."""
+        taken = np.array([x for x, *_ in self._results.values()] + [x for _, x, *_ in self._running.values()])
+        for _ in range(50):
+            self._explored += 1
+            x = farthest_point(self._box, taken, self._rng("explore", self._explored))
+            if self._key(x) not in self._ledger.seen:
+                return x, None, "explore"
+        return None
