@@ -70,7 +70,7 @@ class Case:
                                 text=True)
 
     def journal(self, study: str):
-        from orchestrator.tracking.tracker import load_study
+        from orchestrator.study.journal import load_study
         return load_study(self.root / "runs" / study)
 
     def evaluations(self) -> int:

@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.tracking.tracker import load_study  # noqa: E402
+from orchestrator.study.journal import load_study  # noqa: E402
 
 PRUNER = {"kind": "asha", "min_fraction": 0.125, "reduction_factor": 3, "margin": 0.05}
 

@@ -12,19 +12,20 @@ validated before anything runs) is written to OUT/spec.json first, so any evalua
 
     python -m evaluation --config OUT/spec.json
 
-The job writes OUT/scores.json (and OUT/records/) and returns a small dict: status "ok" | "failed", reason,
-scores, protocol. A failure inside the evaluation is returned as data, not raised. On a time-out SLURM signals
+The job writes OUT/scores.json (and OUT/records/) and OUT/job_result.json, and returns the same small result
+(jobs.contract.EvaluationResult: status "ok" | "failed", reason, scores, protocol, total_s) as a plain dict. A
+failure inside the evaluation is returned as data, not raised. On a time-out SLURM signals
 USR2 and submitit requeues the same call (an evaluation restarts from the beginning: it has no checkpoint).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
 from pathlib import Path
 
 from evaluation.spec import EvaluationSpec
+from jobs.contract import FAILED, OK, EvaluationResult, TrialResult, failure_reason, write_result
 
 try:  # keep this module importable without submitit (it is on the login node and in every job anyway)
     from submitit.helpers import Checkpointable
@@ -53,16 +54,14 @@ class EvaluationJob(Checkpointable):
         spec.to_json(out / "spec.json")
         t0 = time.time()
         try:
-            result = _run(spec)
+            scores = _run(spec)["scores"]
         except Exception as e:  # the evaluation's failure is this job's result
-            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            outcome = {"status": "failed", "reason": reason, "scores": {}, "traceback": traceback.format_exc()}
+            outcome = EvaluationResult(FAILED, failure_reason(e), details={"traceback": traceback.format_exc()})
         else:
-            outcome = {"status": "ok", "reason": None, "scores": result["scores"]}
-        outcome["protocol"] = spec.protocol()
-        outcome["total_s"] = time.time() - t0
-        (out / "job_result.json").write_text(json.dumps(outcome, indent=2, default=str) + "\n")
-        return outcome
+            outcome = EvaluationResult.from_dict({"status": OK, "scores": scores})
+        outcome.protocol, outcome.total_s = spec.protocol(), time.time() - t0
+        write_result(out, outcome, name="job_result.json")
+        return outcome.to_dict()
 
 
 def _run(spec: EvaluationSpec) -> dict:
@@ -93,27 +92,28 @@ class HeldoutTrial:
     `value` (the objective) added; a failed fine-tune or evaluation is the trial's failure."""
 
     def __call__(self, spec: dict, heldout: dict) -> dict:
-        from jobs.contract import write_result
         from jobs.entry import FinetuneTrial, stop_on_signals
 
-        result = FinetuneTrial()(spec)
-        if result.get("status") != "ok":
-            return result
+        result = TrialResult.from_dict(FinetuneTrial()(spec))
+        if not result.ok:
+            return result.to_dict()
         out = Path(spec["out"])
         with stop_on_signals(str(out)):
             try:
                 scores = self._dev_scores(spec, heldout, out)
             except Exception as e:  # the evaluation's failure is this trial's failure
-                result.update(status="failed", reason=f"dev evaluation failed: {type(e).__name__}: {e}"[:300])
-                write_result(out, result)
-                return result
+                failed = TrialResult(FAILED, None, f"dev evaluation failed: {failure_reason(e)}", result.metrics,
+                                     result.details)
+                write_result(out, failed)
+                return failed.to_dict()
         sizes = heldout["tasks"]
         accuracy = sum(scores[t] * n for t, n in sizes.items()) / sum(sizes.values())
-        objective = (1.0 - accuracy) + float(heldout.get("weight_val_loss", 0.0)) * result["val_loss"]
-        result.update({f"dev.{t}": scores[t] for t in sizes}, heldout=objective, value=objective,
-                      dev_accuracy=accuracy)
-        write_result(out, result)
-        return result
+        objective = (1.0 - accuracy) + float(heldout.get("weight_val_loss", 0.0)) * result.value
+        scored = TrialResult(OK, objective, None, {**result.metrics, "val_loss": result.value,
+                                                   **{f"dev.{t}": scores[t] for t in sizes}, "heldout": objective,
+                                                   "dev_accuracy": accuracy}, result.details)
+        write_result(out, scored)
+        return scored.to_dict()
 
     @staticmethod
     def _dev_scores(spec: dict, heldout: dict, out: Path) -> dict:

@@ -1,14 +1,14 @@
-"""Downstream scores into MLflow: one trial's scores into its child run, the poster's table into the study's run.
+"""Downstream scores for MLflow: what one trial's scores write into its child run, the poster's table, reads.
 
-    from evaluation.tracking import log_scores, collect, poster_table, log_poster, protocol_mismatch
-    log_scores(client, child_run_id, result)            # result: evaluation.evaluate(...) or scores.json
+    from evaluation.tracking import score_writes, collect, poster_table, poster_metrics, protocol_mismatch
+    metrics, tags, files = score_writes(result, tags)   # result: evaluation.evaluate(...) or scores.json
     rows = collect(client, [parent_run_id])             # every evaluated child run of the study (or studies)
     protocol_mismatch(rows)                             # [] when every row was scored under one protocol
     table = poster_table(rows, top=10)                  # per algo: min / max / mean / sd over the 10 best
-    log_poster(client, parent_run_id, table)            # eval/poster_table.md + .json, top10_mean_mmlu, ...
 
-Login-node code: MLflow only, never torch. Only the orchestrator process calls it (jobs write scores.json
-into their output folder and never touch the tracking store).
+Login-node code: MLflow only, never torch. The writes themselves are the orchestrator's Tracker's
+(orchestrator/tracking/tracker.py log_scores, log_poster): jobs write scores.json into their output folder and
+never touch the tracking store.
 
 Metric names: the InstructEval-protocol scores keep their task names (`mmlu`, `bbh`, `drop`, `humaneval`);
 lm-evaluation-harness scores are prefixed `lm_eval.` because its protocols differ (an lm-eval `mmlu` is
@@ -27,9 +27,6 @@ import json
 import math
 import re
 import statistics
-import time
-
-from mlflow.entities import Metric, RunTag
 
 INSTRUCTEVAL = ("mmlu", "bbh", "drop", "humaneval")
 LM_EVAL_PREFIX = "lm_eval."
@@ -50,24 +47,23 @@ def is_score_metric(name: str) -> bool:
     return name in INSTRUCTEVAL or name.startswith(LM_EVAL_PREFIX)
 
 
-def log_scores(client, run_id: str, result: dict, tags: dict | None = None) -> dict:
-    """Log `result["scores"]` as metrics of `run_id`, the scores JSON and per-task breakdowns as artifacts
-    under eval/, and `tags`; returns {metric name: value}. Scores of None (no example scored) are left out."""
+def score_writes(result: dict, tags: dict | None = None) -> tuple[dict, dict, dict]:
+    """What an evaluation's result writes into its run: ({metric: value} of `result["scores"]` (None scores
+    left out), {tag: value} (harness, protocol, decoding, and `tags`), {artifact file: JSON data} (the scores
+    without per-example records, and per-task breakdowns under eval/))."""
     harness = result.get("harness", "instructeval")
-    now = int(time.time() * 1000)
     metrics = {metric_name(task, harness): float(v) for task, v in result.get("scores", {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-    all_tags = {"eval_harness": harness, **protocol_tags(result), **(tags or {})}
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
-                     tags=[RunTag(k, str(v)[:5000]) for k, v in all_tags.items() if v is not None])
+    all_tags = {k: str(v)[:5000] for k, v in {"eval_harness": harness, **protocol_tags(result), **(tags or {})}.items()
+                if v is not None}
     slim = {**result, "tasks": {n: {k: v for k, v in t.items() if k != "records"}
                                 for n, t in result.get("tasks", {}).items()}}
-    client.log_dict(run_id, slim, "eval/scores.json")
+    files = {"eval/scores.json": json.loads(json.dumps(slim, default=str))}
     for task, summary in slim["tasks"].items():
         breakdown = summary.get("groups") or summary.get("breakdown")
         if breakdown:
-            client.log_dict(run_id, breakdown, f"eval/breakdown/{metric_name(task, harness)}.json")
-    return metrics
+            files[f"eval/breakdown/{metric_name(task, harness)}.json"] = breakdown
+    return metrics, all_tags, files
 
 
 def protocol_tags(result: dict) -> dict[str, str]:
@@ -193,13 +189,3 @@ def poster_metrics(table: dict) -> dict:
             prefix = f"{row['method']}." if len(methods) > 1 else ""
             out.update({f"{prefix}top{table['top']}_{stat}_{k}": s[stat] for stat in STATS if s[stat] is not None})
     return out
-
-
-def log_poster(client, parent_run_id: str, table: dict) -> dict:
-    """eval/poster_table.md and .json artifacts and the flat metrics into the study's parent run."""
-    metrics = poster_metrics(table)
-    now = int(time.time() * 1000)
-    client.log_batch(parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
-    client.log_text(parent_run_id, markdown(table), "eval/poster_table.md")
-    client.log_dict(parent_run_id, json.loads(json.dumps(table)), "eval/poster_table.json")
-    return metrics

@@ -33,7 +33,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from jobs.contract import LOCK_FILE, TrialResult, record_attempt, write_result
+from jobs.contract import FAILED, LOCK_FILE, OK, TrialResult, failure_reason, record_attempt, write_result
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -63,18 +63,22 @@ def run_objective(target: str, point: dict, out: str | None = None) -> dict:
         value = load_objective(target)(dict(point))
         value = value if isinstance(value, dict) else {"objective": value}
         objective = value.get("objective", value.get("val_loss"))
-        if objective is None or not math.isfinite(float(objective)):
+        if isinstance(objective, bool) or not isinstance(objective, (int, float)) or not math.isfinite(objective):
             raise ValueError(f"objective returned {objective!r}: expected a finite number")
         extra = {k: v for k, v in value.items() if k not in ("objective", "val_loss", "status", "reason")}
-        result = TrialResult("ok", float(objective), None, extra).to_dict()
+        result = TrialResult(OK, float(objective), None, {k: v for k, v in extra.items() if _plain(v)},
+                             {k: v for k, v in extra.items() if not _plain(v)})
     except Exception as e:  # the objective's failure is this trial's result
-        result = TrialResult.failed(f"{type(e).__name__}: {e}".splitlines()[0][:300]).to_dict()
-        result["traceback"] = traceback.format_exc()
-    result["total_s"] = time.time() - t0
+        result = TrialResult(FAILED, None, failure_reason(e), details={"traceback": traceback.format_exc()})
+    result.metrics["total_s"] = time.time() - t0
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         write_result(out, result)
-    return result
+    return result.to_dict()
+
+
+def _plain(v) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
 
 
 def job_id() -> str:

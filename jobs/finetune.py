@@ -292,15 +292,16 @@ def run(spec: FinetuneSpec | dict) -> dict:
     except torch.OutOfMemoryError as e:
         result["reason"] = f"out of memory ({str(e).splitlines()[0][:120]}): lower per_device_batch or max_seq_len"
     except Exception as e:  # any other failure is still this evaluation's result, with its traceback kept
-        result["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        result["reason"] = C.failure_reason(e)
         result["traceback"] = traceback.format_exc()
     result["total_s"] = time.time() - t0
     result["versions"] = _versions()
+    typed = C.TrialResult.from_dict(result)  # the contract's one vocabulary (jobs/contract.py)
     if rank == 0 and out.is_dir():
-        if result["status"] != "ok":
+        if not typed.ok:
             shutil.rmtree(out / ADAPTER, ignore_errors=True)
-        C.write_result(out, result)
-    return result
+        C.write_result(out, typed)
+    return typed.to_dict()
 
 
 def main(argv=None) -> int:

@@ -94,27 +94,63 @@ class StoreError(RuntimeError):
     """The tracking store cannot be used as given; the message (one line) names the fix."""
 
 
+DATABASES = ("postgresql", "postgres", "mysql", "mssql", "oracle")
+
+
 def check_store(uri: str | None = None, timeout_s: float = STORE_TIMEOUT_S, *, username: str | None = None,
-                password: str | None = None) -> str:
+                password: str | None = None, experiment: str | None = None) -> str:
     """Raise StoreError within about `timeout_s` if the store cannot be used; return the resolved URI.
 
     Credentials are MLflow's (environment, else ~/.mlflow/credentials) unless `username`/`password` are given.
-    Nothing is written (a sqlite check creates and removes a probe file at most; the store itself is made by
-    ensure_local_store when a study starts)."""
+    With `experiment`, a server must also let this login write that experiment (one that another user created
+    under the same name is refused before any job runs). Nothing is written (a sqlite check creates and removes
+    a probe file at most; the store itself is made by ensure_local_store when a study starts)."""
     uri = resolve(uri)
     scheme = urlparse(uri).scheme.lower()
     if scheme in ("http", "https"):
         _check_server(uri, timeout_s, username, password)
+        if experiment:
+            _check_experiment(uri, experiment, timeout_s, username, password)
     elif scheme == "sqlite":
+        if not uri.startswith("sqlite:///"):
+            raise StoreError(f"tracking URI {uri!r} is not a SQLite URI MLflow reads: write sqlite:///RELATIVE/PATH.db "
+                             "or sqlite:////ABSOLUTE/PATH.db (three or four slashes)")
         _check_sqlite(uri)
     elif scheme == "file":
         _check_writable(Path(urlparse(uri).path), uri, "a folder")
-    elif scheme == "":
-        raise StoreError(f"tracking URI {uri!r} is not one MLflow can use here: write sqlite:///PATH/mlflow.db or "
-                         "http://HOST:PORT")
-    elif scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql", "oracle"):
+    elif scheme.split("+")[0] in DATABASES:
         check_database(uri, timeout_s)
+    else:
+        raise StoreError(f"tracking URI {uri!r} is not one MLflow can use here (scheme {scheme or 'missing'!r}): "
+                         "write sqlite:///PATH/mlflow.db, http(s)://HOST:PORT or a database URI "
+                         "(postgresql://...)")
     return uri
+
+
+def _check_experiment(uri: str, name: str, timeout_s: float, username: str | None, password: str | None) -> None:
+    """An experiment of this name that exists must be writable by this login (else its every write fails)."""
+    import time
+    from urllib.parse import quote
+
+    deadline = time.monotonic() + timeout_s
+    got = _get(uri, f"/api/2.0/mlflow/experiments/get-by-name?experiment_name={quote(name)}", deadline, timeout_s,
+               username, password)
+    if got.status_code == 404 or _json(got).get("error_code") == "RESOURCE_DOES_NOT_EXIST":
+        return  # the study creates it
+    user = username or _mlflow_username()
+    if got.status_code in (401, 403):
+        raise StoreError(f"the experiment {name!r} on {uri} belongs to someone else: user {user!r} may not read it "
+                         f"(HTTP {got.status_code}): pick another --study name, or ask its owner to grant you "
+                         "EDIT (python -m orchestrator server grant)")
+    exp_id = (_json(got).get("experiment") or {}).get("experiment_id")
+    if not exp_id:
+        return
+    probe = _request(uri, "/api/2.0/mlflow/experiments/set-experiment-tag", "POST", deadline, timeout_s, username,
+                     password, json={"experiment_id": exp_id, "key": "lora_hpo.writable", "value": "true"})
+    if probe.status_code in (401, 403):
+        raise StoreError(f"the experiment {name!r} on {uri} belongs to someone else: user {user!r} may not write it "
+                         f"(HTTP {probe.status_code}): pick another --study name, or ask its owner to grant you "
+                         "EDIT (python -m orchestrator server grant)")
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -174,6 +210,11 @@ def _message(response) -> str:
 
 def _get(uri: str, endpoint: str, deadline: float, budget: float, username: str | None, password: str | None):
     """One GET with MLflow's client (its TLS and credential rules), no retries, bounded by the deadline."""
+    return _request(uri, endpoint, "GET", deadline, budget, username, password)
+
+
+def _request(uri: str, endpoint: str, method: str, deadline: float, budget: float, username: str | None,
+             password: str | None, **kwargs):
     import time
 
     import requests
@@ -186,8 +227,8 @@ def _get(uri: str, endpoint: str, deadline: float, budget: float, username: str 
         creds.username, creds.password, creds.token = username, password, None
     left = max(deadline - time.monotonic(), 0.1)
     try:
-        return http_request(creds, endpoint, "GET", max_retries=0, backoff_factor=0, backoff_jitter=0,
-                            retry_codes=(), timeout=left, raise_on_status=False)
+        return http_request(creds, endpoint, method, max_retries=0, backoff_factor=0, backoff_jitter=0,
+                            retry_codes=(), timeout=left, raise_on_status=False, **kwargs)
     except MlflowException as e:
         cause = e.__cause__ or e.__context__
         while cause is not None and not isinstance(cause, requests.RequestException):

@@ -29,19 +29,29 @@ A study YAML (every key optional; `preset` picks the base, `tiny` by default):
                               # with profile paper NOMAD parameters (e.g. {DIRECTION_TYPE: ORTHO 2N}); tpe: NNI options
     trial: {...}              # fine-tune settings (jobs/spec.py FinetuneSpec fields) for every evaluation
     resources: {...}          # SLURM resources per evaluation (slurm/executors.py Resources fields)
-    retries: {max_retries: 2, on: [submission, node_fail, preempted], max_attempts: 10, max_hours: null}
+    retries: {max_retries: 2, on: [submission, node_fail, preempted], max_attempts: 10, max_hours: null,
+              outage_hours: 6}      # how long submissions wait for an unreachable scheduler (then: stop, resumable)
     pruner: null              # stop hopeless trials early: {kind: asha, min_fraction: 0.125} or {kind: median, ...}
                               # (orchestrator/search/pruners.py); trials then report validation at fractions of training
     evaluation: {...}         # the downstream protocol of `orchestrator evaluate` (evaluation/spec.py fields:
                               # tasks, limit, humaneval_cut, decoding, dtype, merge, seed...); InstructEval's by default
 
-`StudyConfig` holds typed values (`space` a SearchSpace, `resources` a Resources, `retries` a RetryPolicy) and
-validates itself on construction, however it is built; `to_dict()` gives the plain form the journal keeps.
-A bad value raises ConfigError naming the key, the value and the fix; the CLI prints it and exits 2.
+`StudyConfig` is typed data, validated once, on construction, however it is built (from the YAML's plain
+values or from typed ones), without side effects: nothing is mutated, nothing is started. Each section is the
+typed object its consumer uses: `space` a SearchSpace, `trial` a jobs.spec.FinetuneSpec (the trial settings; each
+trial's spec is it with the point applied), `evaluation` an evaluation.spec.EvaluationSpec (the protocol),
+`resources` a Resources, `retries` a RetryPolicy, `pruner` a pruner (orchestrator/search/pruners.py),
+`constraints` Constraints, `objectives` a tuple of metric names, `champion_rule` a ChampionRule, `objective` a
+"pkg.module:function" string or a HeldoutObjective. The searcher options are the algorithm's own mapping,
+checked when the searcher is built (NOMAD's parameters can only be checked by NOMAD itself).
+`to_dict()` gives the plain form the journal keeps and `StudyConfig.from_journal(record)` reads it back: the one
+way every command reads a study's configuration. A bad value raises ConfigError naming the key, the value and
+the fix; the CLI prints it and exits 2.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -49,17 +59,22 @@ from typing import Any
 
 import yaml
 
+from evaluation.spec import EvaluationSpec, ProtocolError, settings_keys
 from jobs import tracking_store
 from jobs.spec import PRESETS as TRIAL_PRESETS
 from jobs.spec import FinetuneSpec, SpecError
-from orchestrator.search.searchers import ALGOS
+from orchestrator.search import pruners
+from orchestrator.search.criteria import ChampionRule, Constraint, CriteriaError, parse_constraints, parse_objectives
+from orchestrator.search.searchers import ALGOS, MULTI_OBJECTIVE
 from orchestrator.search.space import Choice, Fixed, Int, Log, SearchSpace, SpaceError, paper_space
+from slurm.backend import KINDS as EXECUTORS
 from slurm.dispatch import RetryPolicy
-from slurm.executors import KINDS as EXECUTORS
 from slurm.executors import Resources, ResourcesError
 
 DEFAULT_TRACKING_URI = tracking_store.DEFAULT_TRACKING_URI
 RESUMABLE = ("budget", "poll_s")  # what `--resume` may change; any other differing flag is refused
+DEFAULT_REPORTS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # median stopping's default report points
+JOURNAL_ONLY = ("executor_resolved",)  # what journals before StudyConfig.from_journal added to the config
 
 
 class ConfigError(ValueError):
@@ -78,6 +93,41 @@ STUDY_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class HeldoutObjective:
+    """`objective: {metric: heldout, tasks: {mmlu: 300, ...}, weight_val_loss: 0.0, seed: 0}`: each trial's
+    adapter scored on fixed seeded dev subsets of the benchmarks (evaluation/job.py HeldoutTrial)."""
+    tasks: dict
+    weight_val_loss: float = 0.0
+    seed: int = 0
+    metric: str = "heldout"
+
+    @classmethod
+    def from_dict(cls, h: dict, data_dir: str | None) -> "HeldoutObjective":
+        from evaluation.tasks import NAMES, benchmark_size
+
+        unknown = sorted(set(h) - {"metric", "tasks", "weight_val_loss", "seed"})
+        _check(not unknown, "objective", unknown, "a held-out objective takes metric, tasks, weight_val_loss and seed")
+        _check(h.get("metric", "heldout") == "heldout", "objective.metric", h.get("metric"), "use heldout")
+        tasks = h.get("tasks")
+        _check(isinstance(tasks, dict) and bool(tasks) and all(k in NAMES and _is_int(v) and v >= 1
+                                                             for k, v in tasks.items()),
+               "objective.tasks", tasks, f"a mapping of task ({', '.join(NAMES)}) to a dev subset size >= 1")
+        weight = h.get("weight_val_loss", 0.0)
+        _check(_is_number(weight) and weight >= 0, "objective.weight_val_loss", weight,
+               "a number >= 0 (the share of validation loss in the objective)")
+        _check(_is_int(h.get("seed", 0)), "objective.seed", h.get("seed"), "an integer (the dev draw's seed)")
+        for task, n in tasks.items():
+            size = benchmark_size(task, data_dir)
+            _check(n < size, f"objective.tasks.{task}", n, f"the {task} dev subset must leave test items: the "
+                   f"benchmark has {size}{' here (' + data_dir + ')' if data_dir else ''}; lower it")
+        return cls(dict(tasks), float(weight), h.get("seed", 0))
+
+    def to_dict(self) -> dict:
+        return {"metric": "heldout", "tasks": dict(self.tasks), "weight_val_loss": self.weight_val_loss,
+                "seed": self.seed}
+
+
 @dataclass
 class StudyConfig:
     study: str
@@ -89,30 +139,48 @@ class StudyConfig:
     workdir: str = "runs"
     tracking_uri: str | None = None
     register_as: str | None = None
-    objective: str | dict | None = None
+    objective: str | HeldoutObjective | None = None
     poll_s: float = 5.0
     preset: str = "tiny"
     space: SearchSpace = field(default_factory=paper_space)
     searcher_options: dict = field(default_factory=dict)
-    trial: dict = field(default_factory=dict)
+    trial: FinetuneSpec = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     retries: RetryPolicy = field(default_factory=RetryPolicy)
-    evaluation: dict = field(default_factory=dict)
-    pruner: dict | None = None
-    constraints: list = field(default_factory=list)
-    objectives: list | None = None
-    champion_rule: str | None = None
-    pareto_reference: list | None = None
-    warm_start: list = field(default_factory=list)
+    evaluation: EvaluationSpec = field(default_factory=dict)
+    pruner: object = None
+    constraints: tuple = ()
+    objectives: tuple = ()
+    champion_rule: ChampionRule | None = None
+    pareto_reference: tuple | None = None
+    warm_start: tuple = ()
 
     def __post_init__(self):
-        self.space = _typed("space", self.space, SearchSpace, lambda d: SearchSpace.from_dict(d) if d else paper_space(),
-                            SpaceError)
+        _validate_scalars(self)
+        self.space = _typed("space", self.space, SearchSpace,
+                            lambda d: SearchSpace.from_dict(d) if d else paper_space(), SpaceError)
         self.resources = _typed("resources", self.resources, Resources, Resources.from_dict,
                                 (ResourcesError, TypeError))
         self.retries = _typed("retries", self.retries, RetryPolicy, RetryPolicy.from_dict, (ValueError, TypeError))
-        validate(self)
+        self.evaluation = _typed("evaluation", self.evaluation, EvaluationSpec, _evaluation, ProtocolError)
+        self.trial = _typed("trial", self.trial, FinetuneSpec, self._trial_template, SpecError)
+        if isinstance(self.objective, dict):
+            self.objective = HeldoutObjective.from_dict(self.objective, self.evaluation.data_dir)
+        if not isinstance(self.pruner, (type(None), *pruners.PRUNERS.values())):
+            self.pruner = _parse("pruner", lambda: pruners.make_pruner(self.pruner), pruners.PrunerError)
+        _typed_criteria(self)
+        _check(isinstance(self.searcher_options, dict), "searcher_options", self.searcher_options, "must be a mapping")
+        _check(not self.searcher_options or self.algo not in ("random", "default"), "searcher_options",
+               self.searcher_options, f"algo {self.algo} takes no options: remove them")
+        _check(isinstance(self.warm_start, (list, tuple)) and all(isinstance(n, str) and n for n in self.warm_start),
+               "warm_start", self.warm_start, "a list of earlier study names")
+        self.warm_start = tuple(self.warm_start)
+        if self.function is None:
+            self._check_space_against_trial()
+        if self.pruner is not None:
+            self._check_pruner()
 
+    # ------------------------------------------------------------------------------------------- reading
     @property
     def folder(self) -> Path:
         return Path(self.workdir) / self.study
@@ -123,28 +191,153 @@ class StudyConfig:
         return self.objective if isinstance(self.objective, str) else None
 
     @property
-    def heldout(self) -> dict | None:
-        """The held-out objective's settings (tasks, weight_val_loss, seed) when the study has one."""
-        return self.objective if isinstance(self.objective, dict) else None
+    def heldout(self) -> HeldoutObjective | None:
+        """The held-out objective when the study has one."""
+        return self.objective if isinstance(self.objective, HeldoutObjective) else None
 
-    def search_space(self) -> SearchSpace:
-        return self.space
+    @property
+    def register_name(self) -> str | None:
+        """The registered model's name: register_as, else "<study>-adapter"; None when nothing is registered
+        (register_as "", or a study of an objective function: no adapter)."""
+        if self.register_as == "" or self.function is not None:
+            return None
+        return self.register_as or f"{self.study}-adapter"
 
     def trial_spec(self, point: dict, out: str) -> FinetuneSpec:
-        """The fine-tune spec of one evaluation: the study's trial settings with the point applied."""
-        data = dict(self.trial.get("data") or {})
-        data.setdefault("cache_dir", str(self.folder / "data"))
-        return FinetuneSpec.from_dict({**self.trial, **point, "data": data, "out": out})
+        """The fine-tune spec of one evaluation: the study's trial settings with the point applied (and the
+        pruner's report points, the study's data cache)."""
+        changes = {**point, "out": out}
+        if self.trial.data.cache_dir is None:
+            changes["data"] = {**dataclasses.asdict(self.trial.data), "cache_dir": str(self.folder / "data")}
+        if self.pruner is not None and not self.trial.eval_fractions:
+            changes["eval_fractions"] = self.report_fractions()
+        return self.trial.replace(**changes)
+
+    def report_fractions(self) -> list[float]:
+        """Where trials report intermediate validation for the pruner: the trial settings' eval_fractions, else
+        the pruner's rungs (median stopping: its default points past the warm-up)."""
+        if self.trial.eval_fractions:
+            return list(self.trial.eval_fractions)
+        rungs = getattr(self.pruner, "rungs", None)
+        return sorted(rungs) if rungs else [f for f in DEFAULT_REPORTS if f >= self.pruner.warmup - 1e-9]
+
+    def evaluation_settings(self) -> dict:
+        """The downstream protocol as the plain mapping evaluation specs are built from."""
+        return {k: getattr(self.evaluation, k) for k in settings_keys()}
 
     def tracking(self) -> str:
         return tracking_store.resolve(self.tracking_uri)
 
+    # ------------------------------------------------------------------------------------------- the plain form
     def to_dict(self) -> dict:
         d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
         # the paper's space is written {} so that a resume rebuilds paper_space() with its NOMAD order
         d["space"] = {} if self.space == paper_space() else space_to_dict(self.space)
         d["resources"], d["retries"] = self.resources.to_dict(), self.retries.to_dict()
+        d["trial"] = {k: v for k, v in self.trial.to_dict().items() if k != "out"}
+        d["evaluation"] = self.evaluation_settings()
+        d["objective"] = self.heldout.to_dict() if self.heldout else self.objective
+        d["pruner"] = pruners.config(self.pruner)
+        d["constraints"] = [{"metric": k.metric, k.sense: k.bound, "kind": k.kind} for k in self.constraints]
+        d["objectives"] = list(self.objectives) or None
+        d["champion_rule"] = self.champion_rule.text if self.champion_rule else None
+        d["pareto_reference"] = list(self.pareto_reference) if self.pareto_reference else None
+        d["warm_start"] = list(self.warm_start)
         return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StudyConfig":
+        """From the plain form (to_dict's, or a journal's), naming an unknown key."""
+        data = {k: v for k, v in data.items() if k not in JOURNAL_ONLY}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key {unknown[0]!r}: valid keys are {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_journal(cls, config: dict, **changes) -> "StudyConfig":
+        """A study's configuration as its journal's start record keeps it (the one way commands read it), with
+        `changes` (what a resume may change, a command's --tracking-uri...) applied; None values are ignored."""
+        return cls.from_dict({**config, **{k: v for k, v in changes.items() if v is not None}})
+
+    # ------------------------------------------------------------------------------------------- checks
+    def _trial_template(self, trial: dict) -> FinetuneSpec:
+        return FinetuneSpec.from_dict({**trial, "out": trial.get("out") or str(self.folder / "trials")})
+
+    def _check_space_against_trial(self) -> None:
+        """Every value the space can give is accepted by the fine-tune."""
+        default = self.space.default_point()
+        try:
+            self.trial.replace(**default)
+        except SpecError as e:
+            raise ConfigError(f"config key 'trial' (or a search-space name): {e}") from None
+        for dim in self.space.dims:
+            extremes = (dim.values[0], dim.values[-1]) if isinstance(dim, Choice) else (dim.low, dim.high)
+            for value in extremes:
+                try:
+                    self.trial.replace(**{**default, dim.name: value})
+                except SpecError as e:
+                    raise ConfigError(f"config key 'space.{dim.name}': value {value!r} is not accepted by the "
+                                      f"fine-tune ({e}); narrow the range") from None
+
+    def _check_pruner(self) -> None:
+        if self.function is not None:
+            raise ConfigError("config key 'pruner': an --objective study cannot be pruned (only fine-tunes report "
+                              "intermediate validation losses): drop pruner or the objective")
+        _parse("pruner", lambda: self.pruner.check_reports(self.report_fractions()), pruners.PrunerError)
+
+
+def _validate_scalars(c: StudyConfig) -> None:
+    _check(isinstance(c.study, str) and bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", c.study)),
+           "study", c.study, "use letters, digits, '.', '_' or '-' (it names a folder and an experiment)")
+    _check(c.algo in ALGOS, "algo", c.algo, f"use one of {', '.join(ALGOS)}")
+    _check(_is_int(c.budget) and c.budget >= 1, "budget", c.budget, "an integer >= 1 (evaluations)")
+    _check(_is_int(c.parallel) and c.parallel >= 1, "parallel", c.parallel, "an integer >= 1")
+    _check(_is_int(c.seed) and 0 <= c.seed < 2**31, "seed", c.seed, "an integer in [0, 2**31)")
+    _check(c.executor in EXECUTORS, "executor", c.executor, f"use one of {', '.join(EXECUTORS)}")
+    _check(_is_number(c.poll_s) and 0.05 <= c.poll_s <= 3600, "poll_s", c.poll_s,
+           "seconds between polls, in [0.05, 3600]")
+    _check(c.objective is None or isinstance(c.objective, (dict, HeldoutObjective)) or (
+        isinstance(c.objective, str) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", c.objective) is not None),
+        "objective", c.objective,
+        "write package.module:function, or a held-out objective {metric: heldout, tasks: {mmlu: 300}}")
+    _check(isinstance(c.workdir, str) and bool(c.workdir), "workdir", c.workdir, "a folder path")
+    _check(c.tracking_uri is None or (isinstance(c.tracking_uri, str) and bool(c.tracking_uri.strip())),
+           "tracking_uri", c.tracking_uri, "an MLflow tracking URI (sqlite:///path.db, http://host:port) or null")
+    _check(c.register_as in (None, "") or (isinstance(c.register_as, str) and bool(re.fullmatch(
+        r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", c.register_as))), "register_as", c.register_as,
+        "a registered model name of letters, digits, '.', '_' or '-', '' (register nothing) or null")
+    for key in ("trial", "evaluation"):
+        _check(isinstance(getattr(c, key), (dict, FinetuneSpec, EvaluationSpec)), key, getattr(c, key),
+               "must be a mapping")
+
+
+def _typed_criteria(c: StudyConfig) -> None:
+    """Constraints, two objectives, the champion rule and the hypervolume's reference, parsed once, together."""
+    if not (isinstance(c.constraints, tuple) and all(isinstance(k, Constraint) for k in c.constraints)):
+        c.constraints = _parse("constraints", lambda: parse_constraints(c.constraints), CriteriaError)
+    c.objectives = tuple(_parse("objectives", lambda: parse_objectives(c.objectives), CriteriaError)) \
+        if not (isinstance(c.objectives, tuple) and len(c.objectives) in (0, 2)) else c.objectives
+    if c.objectives and c.algo not in MULTI_OBJECTIVE:
+        raise ConfigError(f"config key 'objectives': algo {c.algo} cannot search two objectives: use nomad "
+                          "(DMultiMADS), tpe (Optuna's multi-objective TPE) or random")
+    if c.champion_rule is not None and not isinstance(c.champion_rule, ChampionRule):
+        if not c.objectives:
+            raise ConfigError("config key 'champion_rule': it picks among a Pareto front: give objectives too")
+        c.champion_rule = _parse("champion_rule", lambda: ChampionRule.of(c.champion_rule), CriteriaError)
+    if c.pareto_reference is not None:
+        _check(isinstance(c.pareto_reference, (list, tuple)) and len(c.pareto_reference) == 2 and all(
+            _is_number(v) for v in c.pareto_reference), "pareto_reference", c.pareto_reference,
+            "two finite numbers, one per objective, e.g. [6.0, 0.5]")
+        c.pareto_reference = tuple(float(v) for v in c.pareto_reference)
+
+
+def _evaluation(mapping: dict) -> EvaluationSpec:
+    unknown = sorted(set(mapping) - set(settings_keys()))
+    if unknown:
+        raise ProtocolError(f"evaluation: unknown key {unknown[0]!r}: valid keys are {', '.join(settings_keys())}")
+    return EvaluationSpec(**mapping)
 
 
 def _typed(key: str, value: Any, cls: type, parse, errors) -> Any:
@@ -155,7 +348,16 @@ def _typed(key: str, value: Any, cls: type, parse, errors) -> Any:
     try:
         return parse(value)
     except errors as e:
-        raise ConfigError(f"config key {key!r}: {e}") from None
+        raise ConfigError(f"config key {key!r}: {str(e).removeprefix(key + ': ')}") from None
+
+
+def _parse(key: str, parse, errors):
+    try:
+        return parse()
+    except errors as e:
+        text = str(e)
+        raise ConfigError(f"config key {key!r}: {text.split(': ', 1)[1] if text.startswith(key) else text}") \
+            from None
 
 
 def space_to_dict(space: SearchSpace) -> dict:
@@ -176,7 +378,7 @@ def space_to_dict(space: SearchSpace) -> dict:
 
 def load_config(path: str | None = None, **cli) -> StudyConfig:
     """Preset < YAML file < command-line values (None = not given). Raises ConfigError."""
-    from_file = _read_yaml(path) if path else {}
+    from_file = read_yaml(path) if path else {}
     preset = cli.get("preset") or from_file.get("preset") or "tiny"
     if preset not in STUDY_PRESETS:
         raise ConfigError(f"preset={preset!r} is unknown: use one of {', '.join(STUDY_PRESETS)}")
@@ -189,21 +391,22 @@ def load_config(path: str | None = None, **cli) -> StudyConfig:
                 merged[key] = value
     merged["preset"] = preset
     merged.setdefault("study", f"{preset}-{merged.get('algo', 'nomad')}")
-    merged.pop("executor_resolved", None)  # what a journaled config adds (the executor it resolved to)
-    known = {f.name for f in fields(StudyConfig)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}: valid keys are {', '.join(sorted(known))}")
-    return StudyConfig(**merged)
+    return StudyConfig.from_dict(merged)
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml(path: str) -> dict:
+    """A study YAML's mapping; ConfigError (one line) for a missing, unreadable, binary or invalid file."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file: give the path of a study YAML") from None
     except IsADirectoryError:
         raise ConfigError(f"--config {path}: is a folder: give the path of a study YAML") from None
+    except PermissionError:
+        raise ConfigError(f"--config {path}: cannot be read (permission denied): check its mode") from None
+    except (UnicodeDecodeError, ValueError):
+        raise ConfigError(f"--config {path}: is not a text file (not UTF-8): give the path of a study YAML") \
+            from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -224,148 +427,8 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def validate(c: StudyConfig) -> None:
-    _check(isinstance(c.study, str) and bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", c.study)),
-           "study", c.study, "use letters, digits, '.', '_' or '-' (it names a folder and an experiment)")
-    _check(c.algo in ALGOS, "algo", c.algo, f"use one of {', '.join(ALGOS)}")
-    _check(_is_int(c.budget) and c.budget >= 1, "budget", c.budget, "an integer >= 1 (evaluations)")
-    _check(_is_int(c.parallel) and c.parallel >= 1, "parallel", c.parallel, "an integer >= 1")
-    _check(_is_int(c.seed) and 0 <= c.seed < 2**31, "seed", c.seed, "an integer in [0, 2**31)")
-    _check(c.executor in EXECUTORS, "executor", c.executor, f"use one of {', '.join(EXECUTORS)}")
-    _check(isinstance(c.poll_s, (int, float)) and not isinstance(c.poll_s, bool) and 0.05 <= c.poll_s <= 3600,
-           "poll_s", c.poll_s, "seconds between polls, in [0.05, 3600]")
-    _check(c.objective is None or isinstance(c.objective, dict) or (isinstance(c.objective, str) and re.fullmatch(
-        r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", c.objective) is not None), "objective", c.objective,
-        "write package.module:function, or a held-out objective {metric: heldout, tasks: {mmlu: 300}}")
-    _check(isinstance(c.workdir, str) and bool(c.workdir), "workdir", c.workdir, "a folder path")
-    _check(c.tracking_uri is None or (isinstance(c.tracking_uri, str) and bool(c.tracking_uri.strip())),
-           "tracking_uri", c.tracking_uri, "an MLflow tracking URI (sqlite:///path.db, http://host:port) or null")
-    _check(c.register_as in (None, "") or (isinstance(c.register_as, str) and bool(re.fullmatch(
-        r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", c.register_as))), "register_as", c.register_as,
-        "a registered model name of letters, digits, '.', '_' or '-', '' (register nothing) or null")
-    for key in ("searcher_options", "trial", "evaluation"):
-        _check(isinstance(getattr(c, key), dict), key, getattr(c, key), "must be a mapping")
-    _validate_evaluation(c)
-    _validate_pruner(c)
-    _check(isinstance(c.warm_start, list) and all(isinstance(n, str) and n for n in c.warm_start), "warm_start",
-           c.warm_start, "a list of earlier study names")
-    if c.function is None:
-        _validate_trial(c)
-    if c.heldout is not None:
-        c.objective = _validate_heldout(c)
-    _validate_criteria(c)
-    _validate_searcher(c)
-
-
-def _validate_trial(c: StudyConfig) -> None:
-    """The trial settings, and every value the space can give, are accepted by the fine-tune."""
-    out = str(c.folder / "trials" / "check")
-    try:
-        c.trial_spec(c.space.default_point(), out=out)
-    except SpecError as e:
-        raise ConfigError(f"config key 'trial' (or a search-space name): {e}") from None
-    default = c.space.default_point()
-    for dim in c.space.dims:
-        extremes = (dim.values[0], dim.values[-1]) if isinstance(dim, Choice) else (dim.low, dim.high)
-        for value in extremes:
-            try:
-                c.trial_spec({**default, dim.name: value}, out=out)
-            except SpecError as e:
-                raise ConfigError(f"config key 'space.{dim.name}': value {value!r} is not accepted by the fine-tune "
-                                  f"({e}); narrow the range") from None
-
-
-DEFAULT_REPORTS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # median stopping's default report points
-
-
-def _validate_pruner(c: StudyConfig) -> None:
-    """A pruner needs trials that report intermediate validation: its rungs become the trials' report points
-    (trial.eval_fractions) unless the trial settings name them."""
-    from orchestrator.search.pruners import PrunerError, make_pruner
-
-    try:
-        pruner = make_pruner(c.pruner)
-    except PrunerError as e:
-        raise ConfigError(f"config key 'pruner': {str(e).removeprefix('pruner: ')}") from None
-    if pruner is None:
-        return
-    if c.function is not None:
-        raise ConfigError("config key 'pruner': an --objective study cannot be pruned (only fine-tunes report "
-                          "intermediate validation losses): drop pruner or the objective")
-    reports = c.trial.get("eval_fractions") or list(getattr(pruner, "rungs", None) or
-                                                    [f for f in DEFAULT_REPORTS if f >= pruner.warmup - 1e-9])
-    try:
-        pruner.check_reports(reports)
-    except PrunerError as e:
-        raise ConfigError(f"config key 'pruner': {str(e).removeprefix('pruner: ')}") from None
-    c.trial = {**c.trial, "eval_fractions": sorted(reports)}
-
-
-def _validate_heldout(c: StudyConfig) -> dict:
-    """The held-out objective: dev subsets of the benchmarks (their sizes checked against the benchmarks)."""
-    from evaluation.tasks import NAMES, benchmark_size
-
-    h = dict(c.heldout)
-    unknown = sorted(set(h) - {"metric", "tasks", "weight_val_loss", "seed"})
-    _check(not unknown, "objective", unknown, "a held-out objective takes metric, tasks, weight_val_loss and seed")
-    _check(h.get("metric", "heldout") == "heldout", "objective.metric", h.get("metric"), "use heldout")
-    tasks = h.get("tasks")
-    _check(isinstance(tasks, dict) and bool(tasks) and all(k in NAMES and _is_int(v) and v >= 1
-                                                         for k, v in tasks.items()),
-           "objective.tasks", tasks, f"a mapping of task ({', '.join(NAMES)}) to a dev subset size >= 1")
-    weight = h.get("weight_val_loss", 0.0)
-    _check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0,
-           "objective.weight_val_loss", weight, "a number >= 0 (the share of validation loss in the objective)")
-    _check(_is_int(h.get("seed", 0)), "objective.seed", h.get("seed"), "an integer (the dev draw's seed)")
-    data_dir = (c.evaluation or {}).get("data_dir")
-    for task, n in tasks.items():
-        size = benchmark_size(task, data_dir)
-        _check(n < size, f"objective.tasks.{task}", n, f"the {task} dev subset must leave test items: the "
-               f"benchmark has {size}{' here (' + data_dir + ')' if data_dir else ''}; lower it")
-    return {"metric": "heldout", "tasks": dict(tasks), "weight_val_loss": float(weight), "seed": h.get("seed", 0)}
-
-
-def _validate_criteria(c: StudyConfig) -> None:
-    """Constraints, two objectives and the champion rule (orchestrator/search/criteria.py), checked together."""
-    from orchestrator.search.criteria import CriteriaError, parse_constraints, parse_objectives, parse_rule
-
-    try:
-        parse_constraints(c.constraints)
-        objectives = parse_objectives(c.objectives)
-        parse_rule(c.champion_rule)
-    except CriteriaError as e:
-        raise ConfigError(f"config key {str(e).split(':', 1)[0].split('[')[0]!r}: {str(e).split(': ', 1)[1]}") \
-            from None
-    if objectives and c.algo not in ("nomad", "tpe", "random"):
-        raise ConfigError(f"config key 'objectives': algo {c.algo} cannot search two objectives: use nomad "
-                          "(DMultiMADS), tpe (Optuna's multi-objective TPE) or random")
-    if c.champion_rule and not objectives:
-        raise ConfigError("config key 'champion_rule': it picks among a Pareto front: give objectives too")
-    if c.pareto_reference is not None:
-        _check(isinstance(c.pareto_reference, list) and len(c.pareto_reference) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in c.pareto_reference),
-            "pareto_reference", c.pareto_reference, "two numbers, one per objective, e.g. [6.0, 0.5]")
-
-
-def _validate_evaluation(c: StudyConfig) -> None:
-    from evaluation.spec import ProtocolError, evaluation_settings  # torch-free
-
-    try:
-        evaluation_settings(c.evaluation)
-    except ProtocolError as e:
-        raise ConfigError(f"config key 'evaluation': {str(e).removeprefix('evaluation: ')}") from None
-
-
-def _validate_searcher(c: StudyConfig) -> None:
-    """The searcher options are the algorithm's own: build the searcher (nothing runs) to check them."""
-    from orchestrator.search.criteria import searcher_criteria
-    from orchestrator.search.searchers import make_searcher
-
-    try:
-        make_searcher(c.algo, c.space, budget=c.budget, parallel=c.parallel, seed=c.seed,
-                      options=c.searcher_options, **searcher_criteria(c)).close()
-    except ValueError as e:
-        raise ConfigError(f"config key 'searcher_options': {str(e).splitlines()[0]}") from None
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
 
 
 def resume_changes(saved: dict, wanted: dict) -> list[str]:

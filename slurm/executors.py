@@ -1,18 +1,14 @@
 """Login-node side of job submission: typed resources in, a plain submitit executor out (never imports torch).
 
-    from slurm.executors import Resources, make_executor
+    from slurm.executors import Resources
     res = Resources(partition="gpu", gpus_per_node=4, timeout_min=180, setup=["source .venv/bin/activate"])
-    executor = make_executor("auto", "runs/submitit", res, job_name="trial-7")
-    job = executor.submit(jobs.finetune.run, spec)     # a submitit Job: done(), result(), cancel()
+    res.submitit_parameters("trial-7")       # what submitit's AutoExecutor.update_parameters gets
 
-`kind` is "slurm", "local" (subprocesses on this machine), "debug" (in this process) or "auto" (slurm when
-`sbatch` is on PATH and `sinfo` answers, else local). For a dev cluster: `eval "$(slurm/dev-cluster.sh env)"`.
-
-Following jobs (states, results, retries) is slurm/dispatch.py's work: the study and the evaluation loops
-go through its Dispatcher, never through this executor directly.
+The executors themselves are built by the backends (slurm/backend.py: make_backend, make_executor); following
+jobs (states, results, retries) is slurm/dispatch.py's work. For a dev cluster: `eval "$(slurm/dev-cluster.sh env)"`.
 
 Pinning the code: `snapshot_code(study_folder / "code")` copies the project's packages once, and
-`make_executor(..., code_dir=that folder)` starts every job's Python with the snapshot first on its path and
+a backend built with `code_dir=that folder` starts every job's Python with the snapshot first on its path and
 without the working directory in front of it (`python -P`, Python >= 3.11): jobs run the code the study
 started with even if the checkout changes (a `git pull` mid-study), and requeued jobs too.
 """
@@ -29,9 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import submitit
-
-KINDS = ("auto", "slurm", "local", "debug")
 LOCAL_PARAMETERS = ("name", "timeout_min", "gpus_per_node", "tasks_per_node")
 REPO = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("orchestrator", "jobs", "evaluation", "slurm")  # what jobs import from the project
@@ -213,6 +206,8 @@ def pinned_python(code_dir: str | Path, shell: bool) -> str | None:
     `python -m` from putting the working directory (a checkout that may have changed) in front. For a shell
     (the sbatch script) the job's own PYTHONPATH is kept after them. None before Python 3.11, which has no -P."""
     if sys.version_info < (3, 11):
+        warnings.warn(f"jobs cannot be pinned to {code_dir} before Python 3.11 (python -P): they import the project "
+                      "from the working directory", stacklevel=2)
         return None
     path = pinned_path(code_dir)
     python = shlex.quote(sys.executable)
@@ -220,41 +215,6 @@ def pinned_python(code_dir: str | Path, shell: bool) -> str | None:
         return f"env {shlex.quote('PYTHONPATH=' + path)}${{PYTHONPATH:+:$PYTHONPATH}} {python} -P"
     inherited = os.environ.get("PYTHONPATH")
     return f"env {shlex.quote('PYTHONPATH=' + path + (os.pathsep + inherited if inherited else ''))} {python} -P"
-
-
-def make_executor(kind: str, folder: str | Path, resources: Resources | None = None,
-                  job_name: str = "lora-hpo", code_dir: str | Path | None = None):
-    """A submitit executor for `kind` ("auto", "slurm", "local", "debug") with `resources` applied.
-
-    "slurm" only needs `srun` on PATH here (sbatch reports an unreachable controller at submission);
-    "auto" also checks that the controller answers before choosing it over "local". With `code_dir` (see
-    snapshot_code), slurm and local jobs import the project from there; debug jobs run in this process."""
-    if kind not in KINDS:
-        raise ValueError(f"make_executor(kind={kind!r}) is invalid: use one of {', '.join(KINDS)}")
-    resources = resources or Resources()
-    cluster = ("slurm" if slurm_available() else "local") if kind == "auto" else kind
-    if cluster == "slurm" and shutil.which("srun") is None:
-        raise RuntimeError("kind='slurm' but srun is not on PATH: run on a SLURM login node, or start the dev "
-                           "cluster (slurm/dev-cluster.sh start; eval \"$(slurm/dev-cluster.sh env)\")")
-    pythons = {}
-    if code_dir is not None and cluster in ("slurm", "local"):
-        pythons = {"slurm": pinned_python(code_dir, shell=True), "local": pinned_python(code_dir, shell=False)}
-        if None in pythons.values():
-            warnings.warn(f"jobs cannot be pinned to {code_dir} before Python 3.11 (python -P): they import "
-                          "the project from the working directory", stacklevel=2)
-            pythons = {}
-    params = resources.submitit_parameters(job_name)
-    if cluster == "local":  # submitit's local executor, recording how each job's tasks exited (slurm/local.py)
-        from slurm.local import LocalExecutor
-        executor = LocalExecutor(folder, max_num_timeout=0, python=pythons.get("local"))
-        executor.update_parameters(signal_delay_s=resources.signal_delay_s,
-                                   **{k: v for k, v in params.items() if k in LOCAL_PARAMETERS})
-        return executor
-    # max_num_timeout=0: submitit never requeues a job itself; the orchestrator decides (slurm/dispatch.py)
-    extra = {"slurm_python": pythons["slurm"]} if pythons else {}
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=0, **extra)
-    executor.update_parameters(**params)
-    return executor
 
 
 def sbatch_preview(resources: Resources, folder: str | Path, job_name: str, code_dir: str | Path | None = None) -> str:

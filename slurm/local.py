@@ -10,18 +10,24 @@ back, and also answers for a job started by an earlier orchestrator process (aft
 its controller's PID runs with the same start time (so a recycled PID is not mistaken for it).
 
 A small documented subclass of submitit's LocalExecutor / LocalJob / Controller (submitit 1.5): only
-`_submit_command` (which module starts the controller) and `wait` (record the codes) differ.
+`_submit_command` (which module starts the controller) and `wait` (record the codes) differ. `LocalBackend` is
+the dispatcher's backend for these jobs (slurm/backend.py lists the methods).
 """
 from __future__ import annotations
 
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import submitit
 from submitit.local import local as _submitit_local
+
+from slurm.executors import LOCAL_PARAMETERS, Resources, pinned_python
+from slurm.states import OOM_MARKS, exit_text, last_stderr_line
 
 
 def exit_path(folder: str | Path, job_id: str) -> Path:
@@ -96,6 +102,103 @@ class LocalExecutor(_submitit_local.LocalExecutor):
         process = subprocess.Popen(" && ".join(setup + [shlex.join(cmd)]) if setup else cmd,
                                    shell=bool(setup), env=env, start_new_session=True)
         return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
+
+
+class LocalBackend:
+    """Jobs as local processes (each a controller that runs its tasks): alive while the controller runs."""
+    kind = "local"
+    pins_code = True
+
+    def __init__(self, folder, resources: Resources, job_name: str, code_dir=None):
+        self.folder, self.resources, self.job_name = Path(folder), resources, job_name
+        python = pinned_python(code_dir, shell=False) if code_dir is not None else None
+        self.executor = LocalExecutor(self.folder, max_num_timeout=0, python=python)
+        params = resources.submitit_parameters(job_name)
+        self.executor.update_parameters(signal_delay_s=resources.signal_delay_s,
+                                        **{k: v for k, v in params.items() if k in LOCAL_PARAMETERS})
+
+    def check(self) -> None:
+        pass
+
+    def prepare(self) -> None:
+        # local jobs share this machine: cpus_per_task is their thread count (jobs/entry.py reads it)
+        os.environ.setdefault("LORA_HPO_THREADS", str(self.resources.cpus_per_task))
+
+    def submit(self, tasks, name: str) -> list:
+        self.executor.update_parameters(name=name)
+        if len(tasks) == 1:
+            return [self.executor.submit(tasks[0].fn, *tasks[0].args)]
+        with self.executor.batch():
+            jobs = [self.executor.submit(t.fn, *t.args) for t in tasks]
+        return jobs
+
+    def unreachable(self, error: BaseException) -> bool:
+        return False
+
+    def refresh(self, attempts) -> None:
+        for a in attempts:
+            a.state, a.ran = ("RUNNING" if a.job.alive() else "FINISHED"), True
+
+    def ended(self, a):
+        if a.state == "RUNNING" and not a.job.paths.result_pickle.exists():
+            return None
+        return "FINISHED"
+
+    def has_result(self, a) -> bool:
+        return a.job.paths.result_pickle.exists()
+
+    def result(self, a):
+        return a.job.result()
+
+    def grace_s(self, state: str) -> float:
+        return 0.0
+
+    def cause(self, a, state: str) -> str:
+        codes = a.job.exit_codes() or []
+        code = next((c for c in codes if c not in (0, None)), codes[0] if codes else None)
+        parts = [f"state {state}", exit_text(code) if code is not None else "no exit status recorded"]
+        tail = last_stderr_line(a.job)
+        if tail and any(m in tail.lower() for m in OOM_MARKS):
+            parts.append("out of memory: lower the batch or run fewer jobs at once (--parallel)")
+        if tail:
+            parts.append(f"last stderr line: {tail}")
+        return "; ".join(parts)
+
+    def retry_kind(self, state: str) -> str | None:
+        return None
+
+    def stop_cause(self, state: str) -> str:
+        return "cancelled"
+
+    def settled(self, a, state: str) -> None:
+        pass
+
+    def cancel(self, a) -> None:
+        if a.job.alive():
+            try:
+                os.kill(int(a.job_id), signal.SIGTERM)  # the controller forwards it to its tasks
+            except (ProcessLookupError, PermissionError, ValueError):
+                pass
+
+    def reattach(self, job_id: str):
+        return LocalJob(folder=self.folder, job_id=job_id)
+
+    def recover(self, name: str, tasks) -> dict[str, str]:
+        """The jobs whose submitted pickles hold these tasks' functions and arguments."""
+        found = {}
+        for pickle in self.folder.glob("*_submitted.pkl"):
+            job_id = pickle.name.split("_")[0]
+            try:
+                submission = submitit.helpers.DelayedSubmission.load(pickle)
+            except Exception:  # noqa: BLE001 - half-written or foreign: not ours to adopt
+                continue
+            for t in tasks:
+                if type(submission.function) is type(t.fn) and submission.args == tuple(t.args):
+                    found[t.key] = job_id
+        return found
+
+    def job_tags(self, a, final_state: str | None = None) -> dict:
+        return {"executor": "local", "job_id": a.job_id}
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 
 # SLURM job states (sacct/squeue, 22.05) -> what they mean for a trial
@@ -40,6 +41,7 @@ class SlurmInfo:
     node: str = ""
     reason: str = ""
     live: bool = False
+    start: float | None = None  # when the current run started (sacct Start), seconds since the epoch
 
 
 def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
@@ -51,7 +53,7 @@ def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
     if not job_ids:
         return info
     ids = ",".join(job_ids)
-    out = run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", "JobID,State,ExitCode,NodeList"])
+    out = run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", "JobID,State,ExitCode,NodeList,Start"])
     answered = out is not None
     for line in (out or "").splitlines():
         parts = line.split("|")
@@ -61,6 +63,7 @@ def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
         entry = info.setdefault(job_id, SlurmInfo(state, []))
         entry.history.append(state)
         entry.state, entry.exit_code, entry.node = state, parts[2], parts[3]
+        entry.start = _epoch(parts[4]) if len(parts) > 4 else None
     out = run(["squeue", "-h", "-r", "--states=all", "-j", ids, "-o", "%i|%T|%r|%N"])
     answered = answered and out is not None
     for line in (out or "").splitlines():
@@ -77,6 +80,13 @@ def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
         for job_id in job_ids:
             info.setdefault(job_id, SlurmInfo("PENDING", [], reason="not in accounting yet"))
     return info
+
+
+def _epoch(text: str) -> float | None:
+    try:
+        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:  # Unknown, None: not started
+        return None
 
 
 def run(cmd: list[str], timeout_s: float = 60.0) -> str | None:

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.__main__ import main
 from orchestrator.config import load_config
 from orchestrator.study.loop import run_study
-from orchestrator.tracking.tracker import load_study
+from orchestrator.study.journal import load_study
 
 
 @pytest.fixture(scope="module")

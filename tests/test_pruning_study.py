@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.study.journal import Journal
-from orchestrator.tracking.tracker import load_study
+from orchestrator.study.journal import load_study
 
 from .conftest import REPO, kill_when
 

@@ -19,7 +19,7 @@ import pytest
 
 from jobs.tracking_store import StoreError, check_store
 from orchestrator.tracking.postgres import Postgres
-from orchestrator.tracking.tracker import load_study
+from orchestrator.study.journal import load_study
 
 from .server_fixture import REPO, free_port, lab, server_cli  # noqa: F401  (registers the session fixture)
 

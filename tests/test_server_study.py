@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator.study.journal import Journal
 from orchestrator.tracking.server import Layout, mlflow_pid
-from orchestrator.tracking.tracker import load_study
+from orchestrator.study.journal import load_study
 
 from .server_fixture import REPO, lab, server_cli  # noqa: F401  (registers the session fixture)
 

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from jobs.contract import read_attempts
 from orchestrator.study.journal import Journal
-from orchestrator.tracking.tracker import load_study
+from orchestrator.study.journal import load_study
 
 from .slurm_fixture import (events, finish, orchestrator, sacct, sacct_history, slurm_cluster,  # noqa: F401
                             slurm_production, steps_done, study_yaml, uri, wait_until)

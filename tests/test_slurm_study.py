@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.config import load_config
 from orchestrator.study.journal import Journal
 from orchestrator.study.loop import run_study
-from orchestrator.tracking.tracker import load_study
+from orchestrator.study.journal import load_study
 
 from .slurm_fixture import (REPO, events, finish, orchestrator, sacct, sacct_history, sacct_state,  # noqa: F401
                             slurm_cluster, steps_done, study_yaml, uri, wait_until)

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.config import load_config
 from orchestrator.study.journal import Journal
 from orchestrator.study.loop import run_study
-from orchestrator.tracking.tracker import load_study
+from orchestrator.study.journal import load_study
 
 from .conftest import REPO, kill_when, orchestrator_process
 

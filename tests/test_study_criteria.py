@@ -19,7 +19,7 @@ from orchestrator.config import load_config
 from orchestrator.search.criteria import a_priori_metrics, knee, model_shapes, pareto_front
 from orchestrator.study.journal import Journal
 from orchestrator.study.loop import run_study
-from orchestrator.tracking.tracker import load_study
+from orchestrator.study.journal import load_study
 
 from .conftest import kill_when, orchestrator_process, uri
 

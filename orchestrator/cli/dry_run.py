@@ -32,8 +32,9 @@ def dry_run(config: StudyConfig, out=None) -> dict:
     trial_out = str(config.folder / "trials" / "0000")
     spec = (config.trial_spec(first.point, trial_out).to_dict() if first and config.function is None
             else {"objective": config.function, "point": first.point if first else None, "out": trial_out})
+    slurm = config.executor in ("slurm", "auto")
     script = sbatch_preview(config.resources, config.folder / "submitit", f"{config.study}.<batch>",
-                            code_dir=config.folder / "code")
+                            code_dir=config.folder / "code") if slurm else None
     print("# resolved configuration", file=out)
     print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None).rstrip(), file=out)
     print(f"\n# first suggestions ({config.algo}, {len(suggestions)} of {config.parallel} slots)", file=out)
@@ -42,8 +43,13 @@ def dry_run(config: StudyConfig, out=None) -> dict:
     print("\n# the first trial's spec (jobs/finetune.py)" if config.function is None else
           "\n# the first trial (objective)", file=out)
     print(json.dumps(spec, indent=2, default=str), file=out)
-    print("\n# its batch script on SLURM (resources:)", file=out)
-    print(script, file=out)
+    if script is None:
+        where = "as local processes" if config.executor == "local" else "in this process"
+        print(f"\n# executor {config.executor}: no batch script (jobs run {where})", file=out)
+    else:
+        print("\n# its batch script on SLURM (resources:)" + (" if executor auto finds SLURM (sbatch and sinfo answer)"
+                                                              if config.executor == "auto" else ""), file=out)
+        print(script, file=out)
     print("# dry run: nothing was submitted or written", file=out)
     return {"config": config.to_dict(), "suggestions": [s.point for s in suggestions], "spec": spec,
             "sbatch": script}

@@ -16,25 +16,29 @@ Exit codes: 0 done; 1 the study ran but every evaluation failed; 2 bad input or 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from orchestrator.config import RESUMABLE, STUDY_PRESETS, ConfigError, StudyConfig, load_config, resume_changes
+from orchestrator.config import (RESUMABLE, STUDY_PRESETS, ConfigError, StudyConfig, load_config, read_yaml,
+                                 resume_changes)
 from orchestrator.search.searchers import ALGOS
-from slurm.executors import KINDS
+from slurm.backend import KINDS
 
-SUBCOMMANDS = ("run", "status", "register", "compare", "evaluate", "confirm", "server")
+SUBCOMMANDS = ("run", "status", "register", "compare", "evaluate", "confirm", "plots", "ui", "server")
 RUN_FIELDS = ("algo", "preset", "budget", "parallel", "executor", "study", "workdir", "tracking_uri", "seed",
               "register_as", "objective", "poll_s", "warm_start")
 
 
 def run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator", description=(
+    p = OneLineParser(prog="python -m orchestrator", description=(
         "Tune LoRA hyperparameters (rank, alpha, dropout, learning rate) with NOMAD or TPE; every evaluation "
-        "is a submitit job; everything is tracked in MLflow. Subcommands: status, register, compare, evaluate, server "
-        "(python -m orchestrator SUBCOMMAND --help)."))
+        "is a submitit job; everything is tracked in MLflow. Subcommands: status, register, compare, evaluate, "
+        "confirm, plots, ui, server (python -m orchestrator SUBCOMMAND --help)."))
     p.add_argument("--algo", choices=ALGOS, help="search algorithm (default: nomad)")
     p.add_argument("--config", help="study YAML (see orchestrator/config.py for its keys)")
     p.add_argument("--preset", choices=list(STUDY_PRESETS), help="base settings: tiny (default) or paper")
@@ -60,12 +64,14 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def study_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m orchestrator {command}")
+    p = OneLineParser(prog=f"python -m orchestrator {command}")
     if command == "compare":
         p.add_argument("studies", nargs="+", help="study names")
         p.add_argument("--out", help="also write the table to this file (JSON if it ends in .json, else Markdown)")
     else:
         p.add_argument("--study", required=True, help="study name")
+    if command == "plots":
+        p.add_argument("--out", help="where to write them (default: the study folder's plots/)")
     p.add_argument("--workdir", default="runs", help="where study folders are (default: runs)")
     p.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")
     if command in ("register", "confirm"):
@@ -115,17 +121,17 @@ def resumed_config(args) -> StudyConfig:
     if saved is None:
         raise ConfigError(f"--resume: no journal for study {name!r} under {args.workdir or 'runs'}: "
                           "check --study and --workdir, or drop --resume")
+    study = StudyConfig.from_journal(saved, workdir=args.workdir)
+    saved = study.to_dict()  # in today's plain form: a journal written by an older version compares as well
     wanted = {k: getattr(args, k) for k in RUN_FIELDS if k not in ("study", "workdir")}
     if args.config:  # the keys the YAML sets, in their normalized form
-        from orchestrator.config import _read_yaml
         full = load_config(args.config).to_dict()
-        wanted.update({k: full[k] for k in _read_yaml(args.config) if k in full and k not in ("study", "workdir")})
+        wanted.update({k: full[k] for k in read_yaml(args.config) if k in full and k not in ("study", "workdir")})
     changed = resume_changes(saved, wanted)
     if changed:
         raise ConfigError(f"--resume cannot change {', '.join(changed)} of study {name!r} (it was started with "
                           f"other values); a resume may change only {', '.join(RESUMABLE)}: drop the other flags")
-    return load_config(None, **{**saved, "budget": args.budget or saved["budget"],
-                                "poll_s": args.poll_s or saved["poll_s"], "workdir": args.workdir or saved["workdir"]})
+    return StudyConfig.from_journal(saved, budget=args.budget, poll_s=args.poll_s, workdir=args.workdir)
 
 
 def claim_fresh_name(config: StudyConfig) -> str | None:
@@ -152,20 +158,43 @@ def quiet_libraries(http_retries: int = 0) -> None:
     os.environ.update(http_settings(retries=http_retries, timeout_s=30))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad flag or value said in one line (and exit 2), not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
+def interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP (a closed terminal, a job scheduler stopping the login-node process) behave like
+    Ctrl-C: jobs go on, the journal is whole, `--resume` continues."""
+    def interrupt(signum, frame):
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, frame)  # whoever handles Ctrl-C now handles this
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "run"
     if command == "server":
         from orchestrator.tracking import server
         return server.main(argv)
+    if threading.current_thread() is threading.main_thread():
+        interrupt_on_termination()
     quiet_libraries(http_retries=0 if command == "run" else 2)
+    if command == "ui":
+        from orchestrator.cli.ui import main as ui
+        return ui(argv)
     if command != "run":
         from orchestrator.cli import commands
         return commands.main(command, study_parser(command).parse_args(argv))
     args = run_parser().parse_args(argv)
     from jobs.tracking_store import StoreError, check_store
+    from orchestrator.jsonl import DamagedFile
+    from orchestrator.study import StudyError
     from orchestrator.study.lock import LockError
-    from orchestrator.study.loop import StudyError, run_study
+    from orchestrator.study.loop import run_study
     config = None
     try:
         if args.resume:
@@ -177,35 +206,30 @@ def main(argv=None) -> int:
             dry_run(config)
             return 0
         _check_workdir(config)
-        check_store(config.tracking())
-        existed = config.folder.exists()
+        check_store(config.tracking(), experiment=config.study)
         if not args.resume and args.study is None and config.study == f"{config.preset}-{config.algo}":
-            existed = False
             renamed = claim_fresh_name(config)
             if renamed:
                 print(f"note: a study named {renamed!r} exists already: this one is {config.study!r}", flush=True)
         state = run_study(config, resume=args.resume)
-    except (ConfigError, StudyError, LockError, StoreError) as e:
-        if config is not None and not args.resume and not locals().get("existed", True):
-            _remove_unstarted(config.folder)
+    except (ConfigError, StudyError, LockError, StoreError, DamagedFile) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full ({e.filename or 'writing the study'}): free space, then continue with "
+              f"python -m orchestrator --study {config.study if config else '...'} --resume", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: running jobs go on; continue with: python -m orchestrator --study "
-              f"{config.study} --resume", file=sys.stderr)
+        name = config.study if config else "NAME"
+        print(f"\ninterrupted: running jobs go on; continue with: python -m orchestrator --study {name} --resume",
+              file=sys.stderr)
         return 130
     if state.finished and all(t.status == "failed" for t in state.finished):
         print(f"error: every evaluation of study {config.study!r} failed (see the reasons above)", file=sys.stderr)
         return 1
     return 0
-
-
-def _remove_unstarted(folder: Path) -> None:
-    """A study that stopped before its journal began leaves nothing behind (its folder was made by this run)."""
-    import shutil
-
-    if folder.is_dir() and not (folder / "journal.jsonl").exists():
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_workdir(config: StudyConfig) -> None:

@@ -1,7 +1,7 @@
 """Pictures of a study, drawn from its journal: PNG (matplotlib, Agg) and self-contained HTML (plotly).
 
-    python -m orchestrator.reports.plots runs/tiny-nomad              # writes runs/tiny-nomad/plots/*.png|html
-    python -m orchestrator.reports.plots runs/tiny-nomad --out /tmp/p
+    python -m orchestrator plots --study tiny-nomad            # writes runs/tiny-nomad/plots/*.png|html
+    python -m orchestrator plots --study tiny-nomad --out /tmp/p
 
 Four figures, each as NAME.png and NAME.html (drawn by plots_png.py and plots_html.py):
 
@@ -18,20 +18,19 @@ Four figures, each as NAME.png and NAME.html (drawn by plots_png.py and plots_ht
 The axes come from the study's search space (the config in the journal); a journal whose points do not
 match it gets axes inferred from the numeric values of its points. Login-node code: no torch; matplotlib
 and plotly are imported only when drawing, and matplotlib through its object API (no pyplot, no global
-backend). ``log_plots`` is what the study loop calls: a failure to draw or log is a warning, never the end
-of a study.
+backend). ``draw_plots`` is what the study loop calls (the tracker logs the folder): a failure to draw is a
+warning, never the end of a study. A study's state (orchestrator/study/journal.py StudyState) is read, never
+imported: this module sits below the study in the layers (README, Layout).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.study.journal import Journal, StudyState, TrialState
-from orchestrator.study.progress import point_text
+from orchestrator.reports.text import point_text
 from orchestrator.search.space import Int, Log, SearchSpace, SpaceError, paper_space
 
 FAILED = "#d62728"  # failures are red crosses everywhere
@@ -63,11 +62,10 @@ class View:
     """What every figure needs, extracted once from the study state."""
     title: str
     axes: list[Axis]
-    ok: list[TrialState]  # finished with a finite value, in trial order
-    failed: list[TrialState]     # not finished with a value: failures, and pruned trials (also in `pruned`)
+    ok: list  # finished with a finite value, in trial order
+    failed: list     # not finished with a value: failures, and pruned trials (also in `pruned`)
     running: int
-    default: TrialState | None
-
+    default: object  # the trial at the search space's default point, or None
     started: float | None = None  # the study's start (journal), for the wall-time history
     pruned: list = field(default_factory=list)  # stopped by the pruner: drawn at their last intermediate loss
     infeasible: list = field(default_factory=list)  # finished, but violating a constraint: drawn hollow
@@ -78,12 +76,12 @@ class View:
         return [a.name for a in self.axes]
 
     @property
-    def best(self) -> TrialState | None:
+    def best(self):
         """The best feasible successful trial."""
         feasible = [t for t in self.ok if t not in self.infeasible]
         return min(feasible, key=lambda t: t.value) if feasible else None
 
-    def x(self, t: TrialState) -> float:
+    def x(self, t) -> float:
         """Where a finished trial sits on the history's x axis."""
         if self.by == "hours":
             return ((t.finished_at or self.started or 0) - (self.started or 0)) / 3600
@@ -97,7 +95,7 @@ class View:
         from dataclasses import replace
         return replace(self, by="hours")
 
-    def hover(self, t: TrialState) -> str:
+    def hover(self, t) -> str:
         usable = t.status == "ok" and _is_number(t.value)  # an "ok" without a finite value counts as failed
         what = f"val_loss {t.value:.4f}" if usable else \
             f"{(t.status or 'failed').upper()}: {(t.reason or t.status or '')[:120]}"
@@ -149,7 +147,7 @@ def _inferred_axes(points: list[dict]) -> list[Axis]:
     return axes
 
 
-def _space(state: StudyState) -> SearchSpace | None:
+def _space(state) -> SearchSpace | None:
     """The study's search space as configured (the paper's when the config has none); None if unreadable."""
     config = state.config or {}
     try:
@@ -158,7 +156,7 @@ def _space(state: StudyState) -> SearchSpace | None:
         return None
 
 
-def axes_of(state: StudyState) -> list[Axis]:
+def axes_of(state) -> list[Axis]:
     points = [t.point for t in state.trials.values()]
     space = _space(state)
     if space is not None and all(set(space.names) <= set(p) for p in points):
@@ -166,7 +164,7 @@ def axes_of(state: StudyState) -> list[Axis]:
     return _inferred_axes(points)
 
 
-def view_of(state: StudyState) -> View:
+def view_of(state) -> View:
     trials = sorted(state.trials.values(), key=lambda t: t.trial)
     ok = [t for t in trials if t.status == "ok" and _is_number(t.value)]
     failed = [t for t in trials if t.status is not None and not (t.status == "ok" and _is_number(t.value))]
@@ -209,7 +207,7 @@ def _loss_range(v: View) -> tuple[float, float, float]:
     return lo, hi, hi + 0.1 * (hi - lo)
 
 
-def pruned_value(t: TrialState) -> float:
+def pruned_value(t) -> float:
     """The intermediate validation loss a pruned trial was stopped at (nan if unknown)."""
     v = (t.pruned or {}).get("value", t.summary.get("pruned_val_loss"))
     return float(v) if _is_number(v) else math.nan
@@ -249,7 +247,7 @@ def _draws() -> dict:
             "parallel": (same, P.parallel_png, H.parallel_html), "params": (same, P.params_png, H.params_html)}
 
 
-def write_plots(state: StudyState, folder: str | Path) -> list[Path]:
+def write_plots(state, folder: str | Path) -> list[Path]:
     """Write history, history_time, parallel and params as .png and .html into `folder`; returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -262,39 +260,10 @@ def write_plots(state: StudyState, folder: str | Path) -> list[Path]:
     return paths
 
 
-def draw_plots(state: StudyState, folder: str | Path) -> list[Path]:
+def draw_plots(state, folder: str | Path) -> list[Path]:
     """write_plots, or [] with a warning if anything failed (the plots are a view: never why a study stops)."""
     try:
         return write_plots(state, folder)
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"study plots not drawn: {type(e).__name__}: {e}", stacklevel=2)
         return []
-
-
-def log_plots(client, run_id: str, state: StudyState, tmpdir: str | Path) -> list[str]:
-    """Draw the plots into `tmpdir`/plots and log them as artifacts `plots/*` of `run_id` (the study's parent
-    run, overwriting the previous ones). Returns the artifact paths; [] with a warning if anything failed."""
-    try:
-        paths = write_plots(state, Path(tmpdir) / "plots")
-        client.log_artifacts(run_id, str(Path(tmpdir) / "plots"), "plots")
-    except Exception as e:  # the plots are a view of the study: never the reason it stops
-        warnings.warn(f"study plots not logged to run {run_id}: {type(e).__name__}: {e}", stacklevel=2)
-        return []
-    return [f"plots/{p.name}" for p in paths]
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.reports.plots", description="Draw a study's plots.")
-    p.add_argument("folder", help="the study's folder (holds journal.jsonl), e.g. runs/tiny-nomad")
-    p.add_argument("--out", help="where to write them (default: FOLDER/plots)")
-    args = p.parse_args(argv)
-    journal = Journal(Path(args.folder) / "journal.jsonl")
-    if not journal.exists():
-        p.error(f"no journal.jsonl in {args.folder}: give a study folder such as runs/tiny-nomad")
-    for path in write_plots(journal.load(), args.out or Path(args.folder) / "plots"):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,18 +6,11 @@
     prior = a_priori_metrics(point, trial_settings)   # known before training: trainable_params, adapter_mb
     front = pareto_front({trial: (f1, f2)}); hypervolume(front, reference); knee(front)
 
-Metrics a trial reports (the names constraints, `objectives:` and `champion_rule:` use):
-
-    val_loss          the validation loss (the objective of the paper)
-    train_loss        the last epoch's mean training loss
-    peak_memory_gb    peak accelerator memory (CPU: peak resident memory) of rank 0, GiB
-    trainable_params  LoRA parameters (known before training: from r, the target modules and the model's shapes)
-    adapter_mb        the saved adapter's size, MB (fp32: 4 bytes per trainable parameter; known before training)
-    train_hours       training time of the successful attempt, hours
-    total_hours       the whole job (setup, training, validation), hours
-    tokens_per_s      training throughput
-    heldout           the held-out objective (1 - weighted dev accuracy, with weight_val_loss x val_loss)
-    dev.<task>        a task's dev-subset accuracy (mmlu, bbh, drop, humaneval), with the held-out objective
+Metrics a trial reports (the names constraints, `objectives:` and `champion_rule:` use) are jobs/contract.py's
+METRICS table, one row per metric (name, the result key the job reports, unit, MLflow name): val_loss,
+train_loss, peak_memory_gb, trainable_params and adapter_mb (known before training), train_hours, total_hours,
+tokens_per_s, heldout, dev.<task> (a task's dev-subset accuracy, with the held-out objective), ...
+`python -c "from jobs.contract import METRICS; [print(m.name, m.unit, m.what) for m in METRICS]"` lists them.
 
 An `--objective` function reports metrics as keys of the dict it returns, by these names (or as a fine-tune's
 raw peak_memory_bytes, train_s, total_s). A trial that does not report a judged metric is not feasible, and
@@ -31,9 +24,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-A_PRIORI = ("trainable_params", "adapter_mb")
-METRICS = ("val_loss", "train_loss", "peak_memory_gb", "trainable_params", "adapter_mb", "train_hours",
-           "total_hours", "tokens_per_s", "heldout")
+from jobs.contract import BY_NAME, METRICS as TABLE, metrics_of
+
+A_PRIORI = tuple(m.name for m in TABLE if m.a_priori)
+METRICS = tuple(m.name for m in TABLE)  # jobs/contract.py METRICS: the one table of what a trial reports
 TASKS = ("mmlu", "bbh", "drop", "humaneval")
 KINDS = ("pb", "eb")  # NOMAD's progressive and extreme barriers
 
@@ -43,7 +37,7 @@ class CriteriaError(ValueError):
 
 
 def known_metric(name: str) -> bool:
-    return name in METRICS or (name.startswith("dev.") and name[4:] in TASKS)
+    return name in BY_NAME or (name.startswith("dev.") and name[4:] in TASKS)
 
 
 @dataclass(frozen=True)
@@ -111,21 +105,8 @@ def parse_objectives(items) -> tuple[str, ...]:
 
 # ------------------------------------------------------------------------------------------- metrics
 def trial_metrics(summary: dict, value: float | None) -> dict:
-    """The metrics of a finished trial, by the names above, from its journaled summary."""
-    s = summary or {}
-    num = lambda k: s.get(k) if isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool) else None  # noqa: E731
-    m = {"val_loss": num("val_loss") if num("val_loss") is not None else value, "train_loss": num("train_loss"),
-         "trainable_params": num("trainable_params"), "tokens_per_s": num("tokens_per_s"),
-         "peak_memory_gb": num("peak_memory_bytes") / 2**30 if num("peak_memory_bytes") is not None else None,
-         "train_hours": num("train_s") / 3600 if num("train_s") is not None else None,
-         "total_hours": num("total_s") / 3600 if num("total_s") is not None else None,
-         "heldout": num("heldout")}
-    if m["trainable_params"] is not None:
-        m["adapter_mb"] = m["trainable_params"] * 4 / 1e6
-    m.update({k: num(k) for k in s if k.startswith("dev.")})
-    # an --objective function reports its metrics by these names (or as the fine-tune's raw keys above)
-    m.update({k: num(k) for k in METRICS if k != "val_loss" and m.get(k) is None and num(k) is not None})
-    return {k: v for k, v in m.items() if v is not None}
+    """The metrics of a finished trial, by the names of jobs/contract.py's table, from its journaled summary."""
+    return metrics_of(summary, value)
 
 
 KNOWN_SHAPES = {  # hub models whose config.json cannot be read here: (hidden, layers, heads, kv heads)
@@ -209,6 +190,17 @@ RULE = re.compile(r"^\s*min\s+([\w.]+)(?:\s+s\.t\.\s+(.+))?\s*$")
 CONDITION = re.compile(r"^\s*([\w.]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
 
+@dataclass(frozen=True)
+class ChampionRule:
+    """`champion_rule:` as written, and parsed: "knee", or (objective, ((metric, "<=" | ">=", bound), ...))."""
+    text: str
+    parsed: object
+
+    @classmethod
+    def of(cls, text: str | None) -> "ChampionRule":
+        return cls(text or "knee", parse_rule(text))
+
+
 def parse_rule(text: str | None):
     """`champion_rule:` "knee" (default) or "min METRIC [s.t. METRIC <= NUMBER [and ...]]"."""
     if text in (None, "knee"):
@@ -251,21 +243,20 @@ class Verdict:
 
 def searcher_criteria(config) -> dict:
     """What make_searcher needs to know of the study's criteria: n_objectives and the constraints' kinds."""
-    return {"n_objectives": 2 if parse_objectives(config.objectives) else 1,
-            "constraints": tuple(k.kind for k in parse_constraints(config.constraints))}
+    return {"n_objectives": 2 if config.objectives else 1, "constraints": tuple(k.kind for k in config.constraints)}
 
 
 class Judge:
     """The study's constraints and objectives applied to trials (before training where possible)."""
 
     def __init__(self, config):
-        self.constraints = parse_constraints(config.constraints)
-        self.objectives = parse_objectives(config.objectives)
-        self.rule = parse_rule(config.champion_rule) if self.objectives else None
+        """`config`: a typed StudyConfig (orchestrator/config.py): its criteria are parsed there, once."""
+        self.constraints, self.objectives = tuple(config.constraints), tuple(config.objectives)
+        rule = config.champion_rule or ChampionRule.of(None)
+        self.rule = rule.parsed if self.objectives else None
         self.objective = "heldout" if config.heldout else "val_loss"
-        base = (config.trial or {}).get("base_model", "tiny")
-        self.shapes = model_shapes(base) if config.function is None else None
-        self.targets = (config.trial or {}).get("target_modules", ["q_proj", "v_proj"])
+        self.shapes = model_shapes(config.trial.base_model) if config.function is None and self.constraints else None
+        self.targets = list(config.trial.target_modules)
 
     @property
     def active(self) -> bool:

@@ -11,7 +11,9 @@ provide). A lock is stale, and is taken over, when
 - its owner ran on this host and that process is gone (its pid is dead, or now belongs to another process:
   the start time differs), or
 - its owner ran on another host and its heartbeat is older than `stale_after_s` (default 10 minutes; a host
-  cannot see another's processes, so only silence tells).
+  cannot see another's processes, so only silence tells), or
+- it is empty or unreadable and older than WRITE_GRACE_S (a crash between its creation and its first write;
+  a younger one is being written and is looked at again).
 
 Taking over is serialized by a second O_EXCL file (`<lock>.takeover`), so two processes that find the same
 stale lock cannot both win; a takeover file left by a process killed mid-takeover is itself stale after 60 s.
@@ -26,6 +28,9 @@ import time
 from pathlib import Path
 
 from slurm.local import process_start_time
+
+
+WRITE_GRACE_S = 5.0  # an empty or unreadable lock older than this was left by a crash: taken over at once
 
 
 class LockError(RuntimeError):
@@ -44,13 +49,16 @@ class StudyLock:
     # ------------------------------------------------------------------------------------------- acquire
     def acquire(self) -> "StudyLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        for _ in range(3 + int(WRITE_GRACE_S / 0.25)):
             if self._create():
                 self.held = True
                 self._thread = threading.Thread(target=self._beat, name="study-lock", daemon=True)
                 self._thread.start()
                 return self
             owner = self._owner()
+            if owner is not None and owner.get("unreadable") and not self._stale(owner):
+                time.sleep(0.25)  # its creator is writing it right now: look again
+                continue
             if owner is not None and not self._stale(owner):
                 raise LockError(f"{self.what} is already run by pid {owner.get('pid')} on {owner.get('host')} "
                                 f"(since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('time', 0)))}); "
@@ -78,13 +86,15 @@ class StudyLock:
             return owner
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):  # being written right now, or torn by a crash: judge by its age alone
-            try:
-                return {"host": "?", "pid": "?", "time": 0, "beat": self.path.stat().st_mtime}
+        except (OSError, ValueError, AttributeError, TypeError):  # empty (being written, or a crash right after
+            try:                                                   # its creation) or damaged: judged by its age
+                return {"unreadable": True, "time": 0, "beat": self.path.stat().st_mtime}
             except FileNotFoundError:
                 return None
 
     def _stale(self, owner: dict) -> bool:
+        if owner.get("unreadable"):  # a live creator writes its lock within milliseconds of creating it
+            return time.time() - owner.get("beat", 0) > WRITE_GRACE_S
         if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
             start = process_start_time(owner["pid"])
             return start is None or (owner.get("start") is not None and start != owner["start"])
@@ -136,3 +146,18 @@ class StudyLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def locked(workdir: str, study: str, lock: str, what: str, run):
+    """`run()` on an existing study under the lock `<workdir>/<study>/<lock>` (evaluate and confirm: one process
+    per study and subcommand); a missing study or a held lock is a one-line ConfigError."""
+    from orchestrator.config import ConfigError
+
+    folder = Path(workdir) / study
+    if not (folder / "journal.jsonl").exists():
+        raise ConfigError(f"no study {study!r} under {workdir}: check the name and --workdir")
+    try:
+        with StudyLock(folder / lock, what=f"{what} of study {study!r}"):
+            return run()
+    except LockError as e:
+        raise ConfigError(str(e)) from None

@@ -1,15 +1,16 @@
-"""The study loop: ask the searcher, dispatch jobs, follow them, tell results, track, journal.
+"""The study loop: ask the searcher, run trials, tell results, track, journal.
 
     python -m orchestrator --algo nomad            # the embedded default (tiny study, local executor)
 
-The loop knows four protocols only: the searcher's ask/tell, the dispatcher's submit/poll
-(slurm/dispatch.py: states, results, requeues; no executor kinds here), the tracker (MLflow through a durable
-outbox), and the journal. Every decision is journaled before it is acted on; `--resume` folds the journal
-back: finished results are replayed into a fresh searcher, jobs still running are re-attached by their job
-id (or found by their batch's name when a crash came between submitting and journaling them), never
-resubmitted, and the budget is finished. A failed evaluation is a recorded failed trial told to the searcher
-as a failure; a trial is retried (a fresh attempt in the same folder, resuming from its checkpoint) only as
-`retries:` allows. One process runs a study at a time (orchestrator/study/lock.py, taken by `run_study`).
+The loop knows four protocols only: the searcher's ask/tell, the trial runner (orchestrator/study/runner.py:
+submit, poll, retry, adopt; no executor kinds or scheduler states here), the tracker (MLflow through a durable
+outbox) and the journal. Every decision is journaled before it is acted on; `--resume` folds the journal back:
+finished results are replayed into a fresh searcher, jobs still running are re-attached (or found by their
+batch when a crash came between submitting and journaling them), never resubmitted, MLflow is made to agree
+with the journal again, and the budget is finished. A failed evaluation is a recorded failed trial told to the
+searcher as a failure. One process runs a study at a time (orchestrator/study/lock.py, taken by `run_study`).
+What only a search has stays here: ask/tell, pruning decisions, the best so far; the end of the study (the
+champion, the registry, the summary) is orchestrator/study/end.py's.
 
 Trials that fill several free slots at once (TPE's first asks, a NOMAD poll) go out as one job array.
 Jobs run the code of `<study folder>/code/`, a copy of the project made when the study started.
@@ -17,49 +18,33 @@ Jobs run the code of `<study folder>/code/`, a copy of the project made when the
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.contract import METRICS_FILE, RESULT_FILE, TrialResult
-from jobs.tracking_store import ensure_local_store, network_store_warning
 from evaluation.job import HeldoutTrial
+from jobs.contract import METRICS_FILE, RESULT_FILE, TrialResult
 from jobs.entry import FinetuneTrial, ObjectiveTrial
-from orchestrator.study.checks import check_objective
+from jobs.tracking_store import ensure_local_store, network_store_warning
 from orchestrator.config import ConfigError, StudyConfig, space_to_dict
+from orchestrator.search.criteria import Judge, searcher_criteria
+from orchestrator.search.searchers import Observation, Pending, make_searcher
+from orchestrator.study import StudyError, end
+from orchestrator.study.checks import check_objective
 from orchestrator.study.curves import Follower
-from orchestrator.study.journal import Journal, StudyState, TrialState
+from orchestrator.study.journal import Job, Journal, StudyState, TrialState
 from orchestrator.study.lock import StudyLock
 from orchestrator.study.progress import Progress
-from orchestrator.search.criteria import Judge, searcher_criteria
 from orchestrator.study.pruning import Pruning
-from orchestrator.study.end import already_ended, finish
+from orchestrator.study.runner import Runner
 from orchestrator.study.warm import finished_trials, warm_sources
-from orchestrator.search.searchers import Observation, Pending, make_searcher
 from orchestrator.tracking.tracker import PARENT, Tracker, trial_key
-from slurm.dispatch import Attempt, Dispatcher, Outcome, Task
+from slurm.backend import BackendError, make_backend
+from slurm.dispatch import Attempt, Dispatcher, Outcome, SchedulerOutage, Task
 from slurm.executors import snapshot_code
 
 PLOT_EVERY_S = 60.0  # refresh the parent run's plots at most this often while the study runs
-
-
-class StudyError(RuntimeError):
-    """The study cannot go on (not an evaluation failure): the message says why and what to do."""
-
-
-
-@dataclass
-class Live:
-    trial: TrialState
-    attempt: Attempt
-    follow: Follower = None  # the trial's metrics.jsonl, read as it grows
-    started: float = field(default_factory=time.time)
-
-    def __post_init__(self):
-        self.follow = self.follow or Follower(Path(self.trial.out) / METRICS_FILE)
 
 
 class Study:
@@ -68,30 +53,36 @@ class Study:
         self.journal = Journal(self.folder / "journal.jsonl")
         self.state = self._open(resume)
         self.space = config.space
-        kind = (self.state.config or {}).get("executor_resolved") or config.executor
-        self.code = self.folder / "code"  # made by _start, before the first submission
-        self.dispatcher = Dispatcher(kind, self.folder / "submitit", config.resources, job_name=config.study,
-                                     code_dir=self.code, record=self.journal.append)
-        self.kind = self.dispatcher.kind
-        if self.kind == "local":  # local jobs share this machine: honour cpus_per_task as their thread count
-            os.environ.setdefault("LORA_HPO_THREADS", str(config.resources.cpus_per_task))
-        self.uid = self.state.study_uid or uuid.uuid4().hex
-        self.tracker = Tracker(config.tracking(), config.study, self.folder, self.uid, log=self._warn)
-        self.searcher = make_searcher(config.algo, self.space, budget=config.budget, parallel=config.parallel,
-                                      seed=config.seed, options=config.searcher_options,
-                                      **searcher_criteria(config))
-        self.pruning = Pruning(config, self.state)
-        self.judge = Judge(config)
         try:
+            self.searcher = make_searcher(config.algo, self.space, budget=config.budget, parallel=config.parallel,
+                                          seed=config.seed, options=config.searcher_options,
+                                          **searcher_criteria(config))
             self.warm = warm_sources(config)
+            backend = make_backend(self.state.executor or config.executor, self.folder / "submitit",
+                                   config.resources, job_name=config.study, code_dir=self.folder / "code")
         except ConfigError as e:
             raise StudyError(str(e)) from None
-        self.live: dict[int, Live] = {}
+        except ValueError as e:  # the searcher's own options (NOMAD checks its parameters itself)
+            raise StudyError(f"config key 'searcher_options': {str(e).splitlines()[0]}") from None
+        except BackendError as e:
+            raise StudyError(str(e)) from None
+        self.backend = backend
+        backend.prepare()
+        self.uid = self.state.study_uid or uuid.uuid4().hex
+        self.tracker = Tracker(config.tracking(), config.study, self.folder / "mlflow-outbox.jsonl", self.uid,
+                               log=self._warn)
+        self.runner = Runner(Dispatcher(backend, record=self.journal.append,
+                                        outage_s=config.retries.outage_hours * 3600),
+                             self.journal, config.retries, self._task, log=self._warn, what="trial",
+                             may_retry=lambda job, outcome: not self.state.trials[int(job.key)].pruned,
+                             on_retry=self._retried, on_submitted=self._submitted)
+        self.pruning = Pruning(config, self.state)
+        self.judge = Judge(config)
+        self.follow: dict[int, Follower] = {}
         self.progress = Progress(config, self.out)
         self.best: TrialState | None = None
         self.untracked: list = []  # finished trials not yet queued for MLflow
         self.plotted_at = 0.0
-        self.busy_s = 0.0  # slot-seconds of finished attempts (for slot_utilization)
         self.t0 = time.time()
 
     def _open(self, resume: bool) -> StudyState:
@@ -108,7 +99,8 @@ class Study:
     # ------------------------------------------------------------------------------------------- lifecycle
     def run(self) -> StudyState:
         if self.state.ended:
-            return already_ended(self)
+            self.searcher.close()
+            return end.already_ended(self.config, self.state, self.journal, self.tracker, self.judge, self._warn)
         try:
             self._start()
             self._loop()
@@ -117,36 +109,26 @@ class Study:
             self.tracker.close()
             raise  # jobs keep running; --resume re-attaches them
         self.searcher.close()
-        finish(self)
+        self._track(final=True)
+        end.finish(self.config, self.state, self.journal, self.tracker, self.judge, self.progress, self.best)
         return self.state
 
     def _start(self) -> None:
         resumed = self.state.config is not None
-        if self.kind in ("slurm", "local"):  # a resumed study keeps the snapshot it started with
-            snapshot_code(self.code)
+        if self.backend.pins_code:  # a resumed study keeps the snapshot it started with
+            snapshot_code(self.folder / "code")
         if not resumed:
-            if self.config.function:
-                try:
-                    check_objective(self.config.function, self.code if self.kind != "debug" else None)
-                except ValueError as e:
-                    raise StudyError(str(e)) from None
-            else:
-                from jobs.data import DataError, prepare_splits  # torch-free: the splits are made once, here
-                try:
-                    prepare_splits(self.config.trial_spec(self.space.default_point(), "unused").data)
-                except DataError as e:
-                    raise StudyError(f"the training data cannot be prepared: {e}") from None
-            config = {**self.config.to_dict(), "executor_resolved": self.kind}
+            self._check_before_start()
             ensure_local_store(self.config.tracking())  # a SQLite store is made whole before anything is written
             warning = network_store_warning(self.config.tracking())
             if warning:
                 self._warn(warning)
-            self.journal.append("start", config=config, study_uid=self.uid)
-            self.state.config, self.state.study_uid = config, self.uid
+            config = self.config.to_dict()
+            self.journal.append("start", config=config, study_uid=self.uid, executor=self.backend.kind)
+            self.state.config, self.state.study_uid, self.state.executor = config, self.uid, self.backend.kind
         self.tracker.start_parent(self.state.config, space_to_dict(self.space))
-        if self.kind in ("slurm", "local"):
-            self.tracker.tag(PARENT, code_snapshot=str(self.code.resolve()))
-        self.tracker.tag(PARENT, searcher_profile=getattr(self.searcher, "profile", None))
+        self.tracker.tag(PARENT, code_snapshot=str((self.folder / "code").resolve()) if self.backend.pins_code else None,
+                         searcher_profile=getattr(self.searcher, "profile", None), executor=self.backend.kind)
         if self.warm:  # before the first ask (and before a resume's replay): told, never run, no budget
             self.searcher.warm_start([self._observation(t, trial_id=None) for t in finished_trials(self.warm)])
             self.tracker.tag(PARENT, warm_start_from=json.dumps(
@@ -156,139 +138,128 @@ class Study:
             self._adopt()
         self.tracker.flush()
 
+    def _check_before_start(self) -> None:
+        """What must hold before the journal begins: the objective imports, the data can be prepared."""
+        try:
+            self.backend.check()
+        except BackendError as e:
+            raise StudyError(str(e)) from None
+        if self.config.function:
+            try:
+                check_objective(self.config.function, self.folder / "code" if self.backend.pins_code else None)
+            except ValueError as e:
+                raise StudyError(str(e)) from None
+        else:
+            from jobs.data import DataError, prepare_splits  # torch-free: the splits are made once, here
+            try:
+                prepare_splits(self.config.trial_spec(self.space.default_point(), "unused").data)
+            except DataError as e:
+                raise StudyError(f"the training data cannot be prepared: {e}") from None
+
     def _adopt(self) -> None:
         """After a restart: replay finished trials into the searcher, re-attach (or find) the running ones."""
         finished = sorted(self.state.finished, key=lambda t: t.trial)
         running = sorted(self.state.running, key=lambda t: t.trial)
-        history = [self._observation(t) for t in finished]
-        self.searcher.replay(history, [Pending(t.point, t.trial) for t in running])
+        self.searcher.replay([self._observation(t) for t in finished], [Pending(t.point, t.trial) for t in running])
         for t in sorted(self.state.trials.values(), key=lambda t: t.trial):
             self.tracker.start_child(t.trial, t.point, t.encoded, self.config.algo)  # queued once, ever
         for t in finished:
             self._update_best(t)
             self.tracker.finish_child(t.trial, t.status, t.value, t.summary, t.reason, t.out)
-        found = self._recover(running)
-        fresh = []
+        self.runner.adopt([t.job for t in running], self.state.batches, self.state.jobs)
         for t in running:
-            job_id = t.job_id or found.get(str(t.trial))
-            if job_id:
-                attempt = self.dispatcher.reattach(self._task(t), job_id)
-                self.live[t.trial] = Live(t, attempt)
-                if t.pruned:  # pruned before the crash: make sure its job stops
-                    self.dispatcher.cancel(attempt)
-            else:
-                fresh.append(t)
-        self._dispatch(fresh)
-
-    def _recover(self, running: list[TrialState]) -> dict[str, str]:
-        """Jobs of batches dispatched but never journaled as submitted (a crash in between): found, adopted."""
-        found = {}
-        for batch, keys in self.state.batches.items():
-            waiting = [t for t in running if t.batch == batch]
-            if not waiting:
-                continue
-            tasks = [self._task(self.state.trials[int(k)]) for k in keys]
-            ids = self.dispatcher.recover(batch, tasks)
-            if ids:
-                self.journal.append("submitted", batch=batch, jobs=ids)
-            found.update(ids)
-        return found
+            if t.pruned:  # pruned before the crash: make sure its job stops
+                self.runner.cancel(t.job.key)
 
     def _loop(self) -> None:
         while True:
             acted = self._fill_slots()
             self._track()
-            if not self.live:
-                if self.searcher.finished or self._used() >= self.config.budget:
+            outage = " | ".join(x for x in (self.tracker.status(), self.runner.outage()) if x) or None
+            self.progress.update(self.state, self.runner.live, self.best, outage)  # once per change, after refills
+            if not self.runner.live:
+                if self.searcher.finished or len(self.state.trials) >= self.config.budget:
                     return
                 if not acted:
                     raise StudyError(f"searcher {self.config.algo} proposes nothing while no evaluation runs; "
                                      "the study cannot progress (report this as a bug)")
                 continue
-            acted |= self._poll()
-            self.progress.update(self.state, self.live, self.best, self.tracker.outbox.status())
+            try:
+                acted |= self._poll()
+            except SchedulerOutage as e:
+                raise StudyError(str(e)) from None
             if not acted:
                 time.sleep(self.config.poll_s)
 
-    def _used(self) -> int:
-        return len(self.state.trials)
-
     def _fill_slots(self) -> bool:
         fresh = []
-        while len(self.live) + len(fresh) < self.config.parallel and self._used() < self.config.budget:
+        while len(self.runner.live) + len(fresh) < self.config.parallel and len(self.state.trials) < self.config.budget:
             suggestion = self.searcher.ask()
             if suggestion is None:
                 break
             t = TrialState(suggestion.trial_id, suggestion.point, _plain(suggestion.encoded),
                            out=str((self.folder / "trials" / f"{suggestion.trial_id:04d}").resolve()))
             self.journal.append("trial", trial=t.trial, point=t.point, encoded=t.encoded, out=t.out)
-            self.state.trials[t.trial] = t
+            self.state.add(t)
             self.tracker.start_child(t.trial, t.point, t.encoded, self.config.algo)
             prior, infeasible = self.judge.before(t.point)
             if infeasible:  # known before training: no job, no GPU time; recorded and told like a failure
                 self._record(t, TrialResult("infeasible", None, infeasible, prior))
                 continue
             fresh.append(t)
-        self._dispatch(fresh)
+        self.runner.submit([t.job for t in fresh])
         return bool(fresh)
 
     # ------------------------------------------------------------------------------------------- jobs
-    def _task(self, t: TrialState) -> Task:
+    def _task(self, job: Job) -> Task:
+        t = self.state.trials[int(job.key)]
         if self.config.function:
             fn, args = ObjectiveTrial(), (self.config.function, t.point, t.out)
         elif self.config.heldout:
             fn, args = HeldoutTrial(), (self.config.trial_spec(t.point, t.out).to_dict(),
-                                        {**self.config.heldout, "evaluation": self.config.evaluation})
+                                        {**self.config.heldout.to_dict(),
+                                         "evaluation": self.config.evaluation_settings()})
         else:
             fn, args = FinetuneTrial(), (self.config.trial_spec(t.point, t.out).to_dict(),)
-        return Task(str(t.trial), fn, args, attempt=t.attempt, folder=t.out, result_file=str(Path(t.out) / RESULT_FILE))
+        return Task(job.key, fn, args, attempt=job.attempt, folder=t.out, result_file=str(Path(t.out) / RESULT_FILE))
 
-    def _dispatch(self, trials: list[TrialState]) -> None:
-        for t, attempt in zip(trials, self.dispatcher.submit([self._task(t) for t in trials])):
-            t.job_id, t.started_at = attempt.job_id, t.started_at or time.time()
-            self.live[t.trial] = Live(t, attempt)
-            self._tag_job(t)
+    def _submitted(self, job: Job, attempt: Attempt) -> None:
+        self.tracker.tag(trial_key(int(job.key)), **self.backend.job_tags(attempt))
+
+    def _retried(self, job: Job, outcome: Outcome) -> None:
+        self.tracker.tag(trial_key(int(job.key)), **{f"retry_{job.attempt}": outcome.reason})
+        self.progress.note(f"trial {job.key}: {outcome.reason}; attempt {job.attempt + 1} submitted")
 
     def _poll(self) -> bool:
-        settled = self.dispatcher.poll([lv.attempt for lv in self.live.values()])
-        for lv in self.live.values():
-            self._follow_curve(lv)
-        by_attempt = {id(lv.attempt): lv for lv in self.live.values()}
-        for attempt, outcome in settled:
-            self._settle(by_attempt[id(attempt)], outcome)
+        settled = self.runner.poll()
+        for key, lv in list(self.runner.live.items()):
+            self._follow_curve(self.state.trials[int(key)])
+        for job, attempt, outcome in settled:
+            self._settle(self.state.trials[int(job.key)], attempt, outcome)
         return bool(settled)
 
-    def _follow_curve(self, lv: Live) -> None:
-        fresh = lv.follow.poll()
+    def _follow_curve(self, t: TrialState) -> None:
+        follow = self.follow.setdefault(t.trial, Follower(Path(t.out) / METRICS_FILE))
+        fresh = follow.poll()
         if fresh:
-            self.tracker.log_curve(lv.trial.trial, fresh)
-        decision = self.pruning.observe(lv.trial, lv.follow.partial) if fresh else None
+            self.tracker.log_curve(t.trial, fresh)
+        decision = self.pruning.observe(t, follow.partial) if fresh else None
         if decision is not None:  # journaled before the job is stopped: a restart keeps the decision
-            self.journal.append("prune", trial=lv.trial.trial, decision=decision.to_dict())
-            lv.trial.pruned = decision.to_dict()
-            self.dispatcher.cancel(lv.attempt)
-            self.progress.note(f"trial {lv.trial.trial}: pruned at {decision.fraction:.0%} of training "
-                               f"({decision.reason})")
+            self.journal.append("prune", trial=t.trial, decision=decision.to_dict())
+            t.pruned = decision.to_dict()
+            self.runner.cancel(t.job.key)
+            self.progress.note(f"trial {t.trial}: pruned at {decision.fraction:.0%} of training ({decision.reason})")
 
-    def _settle(self, lv: Live, outcome: Outcome) -> None:
-        t, a = lv.trial, lv.attempt
-        self.busy_s += time.time() - max(a.submitted, lv.started)
-        result = TrialResult.from_dict(outcome.result) if outcome.status == "done" else \
-            TrialResult.failed(outcome.reason or "the job failed")
-        hours = (time.time() - (t.started_at or a.submitted)) / 3600
+    def _settle(self, t: TrialState, attempt: Attempt, outcome: Outcome) -> None:
+        result = outcome.result
         if t.pruned and not result.ok:  # stopped by the pruner (a job that finished first keeps its result)
-            result = pruned_result(t, hours)
-        elif not result.ok and self.config.retries.allows(outcome.retry, t.retries, t.attempt + 1, hours,
-                                                           follow=outcome.follow):
-            self._retry(lv, outcome, result.reason)
-            return
-        self._follow_curve(lv)
-        history = t.history + [{"job_id": a.job_id, "states": a.history or [outcome.state]}]
-        self.tracker.tag(trial_key(t.trial), slurm_state=outcome.state if self.kind == "slurm" else None,
-                         slurm_node=a.node or None, attempts=len(history),
+            result = pruned_result(t, t.job.hours)
+        self._follow_curve(t)
+        history = t.job.history + [{"job_id": attempt.job_id, "states": attempt.history or [outcome.state]}]
+        self.tracker.tag(trial_key(t.trial), attempts=len(history), **self.backend.job_tags(attempt, outcome.state),
                          attempt_history=json.dumps([{"job_id": h.get("job_id"), "states": h.get("states"),
                                                       "reason": h.get("reason")} for h in history]))
-        del self.live[t.trial]
+        self.follow.pop(t.trial, None)
         self._record(t, result)
 
     def _record(self, t: TrialState, result: TrialResult) -> None:
@@ -296,15 +267,15 @@ class Study:
         summary = result.summary()
         if self.judge.active:
             verdict = self.judge.after(result.status, result.value, summary)
-            summary.update({f"c.{k.metric}": v for k, v in zip(self.judge.constraints, verdict.constraints or [])},
-                           feasible=verdict.feasible)
+            summary.update({f"constraint.{k.metric}": v
+                            for k, v in zip(self.judge.constraints, verdict.constraints or [])}, feasible=verdict.feasible)
             if verdict.missing:  # told as a failure: say why, where a person looks
                 summary["unjudged"] = f"the trial did not report {', '.join(verdict.missing)}"
         self.journal.append("result", trial=t.trial, status=result.status, value=result.value, reason=result.reason,
                             summary=summary)
         t.status, t.value, t.reason, t.summary = result.status, result.value, result.reason, summary
         t.finished_at = time.time()
-        if t.status == "ok":
+        if t.ok:
             self.pruning.completed(t.trial, t.value)
         self._tell(t)
         self._update_best(t)
@@ -318,36 +289,16 @@ class Study:
         else:
             self.searcher.tell(t.trial, self._told(t))
 
-    def _retry(self, lv: Live, outcome: Outcome, reason: str) -> None:
-        """A fresh attempt of the same trial, in the same folder: it resumes from the last checkpoint."""
-        t, a = lv.trial, lv.attempt
-        self.journal.append("retry", trial=t.trial, attempt=t.attempt, job_id=a.job_id, kind=outcome.retry,
-                            follow=outcome.follow, reason=reason)
-        t.history.append({"attempt": t.attempt, "job_id": a.job_id, "kind": outcome.retry, "reason": reason,
-                          "states": a.history or [outcome.state]})
-        t.retries += 0 if outcome.follow else 1
-        t.attempt += 1
-        self.tracker.tag(trial_key(t.trial), **{f"retry_{t.attempt}": reason})
-        self.progress.note(f"trial {t.trial}: {reason}; attempt {t.attempt + 1} submitted")
-        [lv.attempt] = self.dispatcher.submit([self._task(t)])
-        lv.started = time.time()
-        t.job_id = lv.attempt.job_id
-        self._tag_job(t)
-
-    def _tag_job(self, t: TrialState) -> None:
-        self.tracker.tag(trial_key(t.trial), job_id=t.job_id, executor=self.kind,
-                         slurm_job_id=t.job_id if self.kind == "slurm" else None)
-
     def _track(self, final: bool = False) -> None:
         """Queue finished trials for MLflow; refresh the parent run's plots now and then, and at the end."""
         for t, n, best in self.untracked:
             self.tracker.finish_child(t.trial, t.status, t.value, t.summary, t.reason, t.out)
-            if t.status == "ok":
+            if t.ok:
                 self.tracker.log_metrics(PARENT, {"trial_val_loss": t.value}, step=n)
             if best is not None:
                 self.tracker.log_best(n, best.value, best.trial, best.point)
             self.tracker.log_metrics(PARENT, {"slot_utilization": self.utilization(),
-                                              "evaluations_in_flight": len(self.live)}, step=n)
+                                              "evaluations_in_flight": len(self.runner.live)}, step=n)
         fresh, self.untracked = bool(self.untracked), []
         if (fresh and time.time() - self.plotted_at >= PLOT_EVERY_S) or final:
             from orchestrator.reports.plots import draw_plots  # matplotlib/plotly: only when drawing
@@ -358,10 +309,7 @@ class Study:
 
     def utilization(self) -> float:
         """Busy slot-seconds over parallel x wall time since this process started."""
-        now = time.time()
-        busy = self.busy_s + sum(now - max(lv.attempt.submitted, lv.started) for lv in self.live.values()
-                                 if not lv.attempt.pending)
-        return busy / max(1e-9, self.config.parallel * (now - self.t0))
+        return self.runner.busy_until_now() / max(1e-9, self.config.parallel * (time.time() - self.t0))
 
     def _observation(self, t: TrialState, trial_id="same") -> Observation:
         """A finished trial as the searcher learns it (replay, warm start): its told value(s) and constraints."""
@@ -376,13 +324,15 @@ class Study:
         orchestrator/study/pruning.py says."""
         if t.status == "pruned":
             return self.pruning.told(t)
-        return t.value if t.status == "ok" else None
+        return t.value if t.ok else None
 
     def _update_best(self, t: TrialState) -> None:
-        """The best feasible trial (with two objectives: of the first one; the champion is picked at the end)."""
+        """The best feasible trial so far (with two objectives: of the first one; the champion is picked at the
+        end by orchestrator/search/champion.py)."""
         feasible = t.summary.get("feasible", True) if self.judge.active else True
-        if t.status == "ok" and feasible and (self.best is None or t.value < self.best.value):
+        if t.ok and feasible and (self.best is None or t.value < self.best.value):
             self.best = t
+
 
 def pruned_result(t: TrialState, hours: float) -> TrialResult:
     """A pruned trial's record: no objective (it did not finish), the decision and the time it cost."""
@@ -397,6 +347,6 @@ def _plain(x):
 
 def run_study(config: StudyConfig, resume: bool = False, out=None) -> StudyState:
     """Run (or resume) a study under its lock: one orchestrator per study."""
-    os.makedirs(config.folder, exist_ok=True)
+    config.folder.mkdir(parents=True, exist_ok=True)
     with StudyLock(config.folder / "study.lock", what=f"study {config.study!r}"):
         return Study(config, resume, out).run()

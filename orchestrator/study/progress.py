@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import time
 
+import os
+from pathlib import Path
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if (abs(v) < 1e-2 or abs(v) >= 1e4) and v != 0 else f"{v:g}"
-    return str(v)
+from orchestrator.reports.text import fmt as _fmt, hms as _hms, point_text
 
-
-def _hms(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+PROGRESS_FILE = "progress.txt"
 
 
-def point_text(point: dict, names) -> str:
-    return " ".join(f"{k}={_fmt(point[k])}" for k in names if k in point)
+def _write_atomic(path: Path, text: str) -> None:
+    try:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:  # a full disk must not stop the study for a status line
+        pass
 
 
 def eta_s(state, live, parallel: int, budget: int, now: float | None = None) -> float | None:
@@ -43,6 +44,7 @@ def eta_s(state, live, parallel: int, budget: int, now: float | None = None) -> 
 class Progress:
     def __init__(self, config, out):
         self.config, self.out, self.t0 = config, out, time.time()
+        self.file = config.folder / PROGRESS_FILE  # `status` shows the last line (the outages it names too)
         self.names = list(config.space.names)
         self.tty = hasattr(out, "isatty") and out.isatty()
         self.last_line, self.last_key = "", None
@@ -68,6 +70,8 @@ class Progress:
 
     def update(self, state, live, best, mlflow: str | None = None) -> None:
         line, key = self.status_line(state, live, best, mlflow)
+        if key != self.last_key:
+            _write_atomic(self.file, line + "\n")
         if self.tty:
             self.out.write("\r" + line.ljust(len(self.last_line)))
             self.out.flush()

@@ -1,139 +1,199 @@
-"""A resumable set of jobs beside a study (downstream evaluations, confirmation retrains): the loop they share.
+"""The one trial runner: journaled jobs that are submitted, followed, retried and settled, for every client.
 
-    items, batches = fold(journal, item_event="evaluation")     # what an earlier run journaled
-    jobs = JobSet(dispatcher, journal, policy, task_of=lambda item: Task(...), log=print)
-    jobs.run([item for item in items.values() if item.status is None], on_done=record, poll_s=5)
+    runner = Runner(dispatcher, journal, study.retries, task_of=lambda job: Task(...), log=print)
+    runner.adopt(running_jobs, batches, jobs)      # after a restart: re-attach, find the unjournaled, submit the rest
+    runner.submit([job, ...])                      # fresh work (each Job journaled by the client first)
+    for job, attempt, outcome in runner.poll():    # settled work only: retries happen inside
+        ...                                        # outcome.result: the task's typed result (ok or failed)
 
-Each item is journaled (its own event, e.g. "evaluation" or "retrain") before its job is submitted; the
-dispatcher journals the batch's intent and job ids (slurm/dispatch.py). `run` re-attaches the items whose job
-still runs, finds the jobs a crash left unjournaled, submits the rest, follows them with the study's retry
-policy, and calls `on_done(item, outcome)` for each settled one (the client journals its result).
+The study loop (orchestrator/study/loop.py), `evaluate` and `confirm` are its clients; they know neither
+executor kinds nor scheduler states. What every client gets:
+
+- **Intent journaled before submission.** The dispatcher journals each batch's `dispatch` (the keys and their
+  attempt numbers) before it submits and `submitted` (the job ids) after; the client journals its own item
+  (a trial, an evaluation, a retrain) before it hands the Job over. A crash in between leaves jobs no journal
+  names: `adopt` finds them by their batch (slurm/dispatch.py recover) and follows them instead of submitting
+  twice; a job whose id is journaled is re-attached.
+- **One retry policy.** A failed attempt whose failure kind the policy allows (a refused submission, a node
+  failure, a preemption, the time limit; a requeue SLURM itself decided is always followed) gets a fresh
+  attempt in the same folder, journaled as `retry` first; it resumes from the folder's checkpoint. A failure
+  that is not retried says why not in its reason (no retry left, not in retries.on...).
+- **One fold.** `fold_job` (orchestrator/study/journal.py) reads the runner's events back into each `Job`, in
+  the study's journal and in the journals of `evaluate` and `confirm` alike; `fold_items` folds a job set.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from orchestrator.study.journal import Journal
-from slurm.dispatch import Dispatcher, Outcome, RetryPolicy, Task
+from orchestrator.study.journal import Job, Journal, fold_job
+from slurm.dispatch import Attempt, Dispatcher, Outcome, RetryPolicy, Task
 
 
 @dataclass
-class Item:
-    key: str
-    data: dict                  # the client's journaled record of the item (spec, trial, seed...)
-    job_id: str | None = None
-    status: str | None = None   # None while pending or running; the client's status once done
-    reason: str | None = None
-    result: dict = field(default_factory=dict)
-    attempt: int = 0
-    retries: int = 0
-    batch: str | None = None
-    logged: bool = False
+class Live:
+    job: Job
+    attempt: Attempt
+    started: float = field(default_factory=time.time)
 
 
-def fold(journal: Journal, item_event: str) -> tuple[str | None, dict[str, Item], dict[str, list]]:
-    """(executor kind, {key: Item}, {batch: keys}) from a job-set journal."""
-    kind, items, batches = None, {}, {}
-    for r in journal.records():
-        event = r.get("event")
-        if event == "start":
-            kind = r.get("executor", kind)
-        elif event == item_event:
-            items[r["key"]] = Item(r["key"], r)
-        elif event == "dispatch":
-            batches[r["batch"]] = list(r["keys"])
-            for key in r["keys"]:
-                item = items[key]
-                item.batch, item.job_id = r["batch"], None
-                item.attempt = r.get("attempts", {}).get(key, item.attempt)
-        elif event == "submitted":
-            for key, job_id in (r.get("jobs") or {r["key"]: r["job_id"]}).items():
-                items[key].job_id, items[key].batch = job_id, None
-        elif event == "result":
-            item = items[r["key"]]
-            item.status, item.reason = r["status"], r.get("reason")
-            item.result = {k: v for k, v in r.items() if k not in ("event", "time", "key", "status", "reason")}
-        elif event == "retry":
-            item = items[r["key"]]
-            if r.get("fresh"):  # asked for again (e.g. --retry-failed): a new evaluation of the same item
-                item.status, item.reason, item.job_id, item.logged, item.retries = None, None, None, False, 0
-            else:
-                item.retries += 0 if r.get("follow") else 1
-        elif event == "logged":
-            items[r["key"]].logged = True
-    return kind, items, batches
-
-
-class JobSet:
+class Runner:
     def __init__(self, dispatcher: Dispatcher, journal: Journal, policy: RetryPolicy,
-                 task_of: Callable[[Item], Task], log=print, what: str = "job"):
+                 task_of: Callable[[Job], Task], log=print, what: str = "job",
+                 may_retry: Callable[[Job, Outcome], bool] = lambda job, outcome: True,
+                 on_retry: Callable[[Job, Outcome], None] = lambda job, outcome: None,
+                 on_submitted: Callable[[Job, Attempt], None] = lambda job, attempt: None):
         self.dispatcher, self.journal, self.policy = dispatcher, journal, policy
         self.task_of, self.log, self.what = task_of, log, what
+        self.may_retry, self.on_retry, self.on_submitted = may_retry, on_retry, on_submitted
+        self.live: dict[str, Live] = {}
+        self.busy_s = 0.0  # slot-seconds of ended attempts (for slot utilization)
 
-    def run(self, todo: list[Item], items: dict[str, Item], batches: dict[str, list],
-            on_done: Callable[[Item, Outcome], None], poll_s: float,
-            label: Callable[[Item], str] = lambda item: item.key) -> None:
-        """Follow `todo` (items of `items`, every item journaled so far) until each is settled."""
-        live = self._start(todo, items, batches, label)
-        while live:
-            settled = self.dispatcher.poll(live.values())
-            for attempt, outcome in settled:
-                item = next(i for i in todo if i.key == attempt.task.key)
-                del live[item.key]
-                failed = outcome.status != "done" or not _ok(outcome.result)
-                if failed and self.policy.allows(outcome.retry, item.retries, item.attempt + 1, follow=outcome.follow):
-                    self.journal.append("retry", key=item.key, kind=outcome.retry, follow=outcome.follow,
-                                        reason=outcome.reason)
-                    item.retries += 0 if outcome.follow else 1
-                    item.attempt += 1
-                    self.log(f"{label(item)}: {outcome.reason}; {self.what} attempt {item.attempt + 1} submitted")
-                    live[item.key] = self.dispatcher.submit([self.task_of(item)])[0]
-                    continue
-                on_done(item, outcome)
-            if not settled:
-                time.sleep(poll_s)
-
-    def _start(self, todo: list[Item], items: dict[str, Item], batches: dict[str, list], label) -> dict:
-        """Re-attach the items whose job runs, find those a crash left unjournaled, submit the rest."""
-        live, fresh, found = {}, [], {}
+    # ------------------------------------------------------------------------------------------- start
+    def adopt(self, running: list[Job], batches: dict[str, list], jobs: dict[str, Job]) -> None:
+        """After a restart: find the jobs a crash left unjournaled, re-attach those with a job id, submit the
+        rest (their intent was journaled, their job never submitted or never found)."""
+        found = {}
         for batch, keys in batches.items():
-            if any(item.batch == batch for item in todo):  # the array's tasks are in the batch's key order
-                ids = self.dispatcher.recover(batch, [self.task_of(items[k]) for k in keys])
+            if any(j.batch == batch for j in running):  # an array's tasks are in the batch's key order
+                ids = self.dispatcher.recover(batch, [self.task_of(jobs[str(k)]) for k in keys])
                 if ids:
                     self.journal.append("submitted", batch=batch, jobs=ids)
                 found.update(ids)
-        for item in todo:
-            job_id = item.job_id or found.get(item.key)
+        fresh = []
+        for j in running:
+            job_id = j.job_id or found.get(j.key)
             if job_id:
-                self.log(f"{label(item)}: re-attached to {self.what} job {job_id}")
-                live[item.key] = self.dispatcher.reattach(self.task_of(item), job_id)
+                j.job_id, j.batch = job_id, None
+                attempt = self.dispatcher.reattach(self.task_of(j), job_id)
+                self.live[j.key] = Live(j, attempt)
+                self.on_submitted(j, attempt)
             else:
-                fresh.append(item)
-        for item, attempt in zip(fresh, self.dispatcher.submit([self.task_of(i) for i in fresh])):
-            item.job_id = attempt.job_id
-            live[item.key] = attempt
-            self.log(f"{label(item)}: {self.what} job {attempt.job_id} submitted")
-        return live
+                fresh.append(j)
+        self.submit(fresh)
+
+    def submit(self, jobs: list[Job]) -> None:
+        now = time.time()
+        for j, attempt in zip(jobs, self.dispatcher.submit([self.task_of(j) for j in jobs])):
+            j.job_id, j.batch = (attempt.job_id if attempt.job_id != "none" else None), None
+            j.started_at, j.submitted_at = j.started_at or now, now
+            self.live[j.key] = Live(j, attempt)
+            self.on_submitted(j, attempt)
+
+    # ------------------------------------------------------------------------------------------- follow
+    def poll(self) -> list[tuple[Job, Attempt, Outcome]]:
+        """Refresh every live job; retry what the policy allows; return what settled for good."""
+        settled = self.dispatcher.poll([lv.attempt for lv in self.live.values()])
+        done = []
+        for attempt, outcome in settled:
+            lv = self.live[attempt.task.key]
+            self.busy_s += time.time() - max(attempt.submitted, lv.started)
+            j = lv.job
+            if not outcome.ok and self.may_retry(j, outcome) and self.policy.allows(
+                    outcome.retry, j.retries, j.attempt + 1, j.hours, follow=outcome.follow):
+                self._retry(lv, outcome)
+                continue
+            del self.live[j.key]
+            why_not = None if outcome.ok or outcome.follow else \
+                self.policy.why_not(outcome.retry, j.retries, j.attempt + 1, j.hours)
+            if why_not:
+                outcome.result.reason = f"{outcome.result.reason}; not retried: {why_not}"
+            done.append((j, attempt, outcome))
+        return done
+
+    def _retry(self, lv: Live, outcome: Outcome) -> None:
+        """A fresh attempt of the same work, in the same folder: it resumes from the last checkpoint."""
+        j, a = lv.job, lv.attempt
+        self.journal.append("retry", key=j.key, attempt=j.attempt, job_id=a.job_id, kind=outcome.retry,
+                            follow=outcome.follow, reason=outcome.reason)
+        j.history.append({"attempt": j.attempt, "job_id": a.job_id, "kind": outcome.retry, "reason": outcome.reason,
+                          "follow": outcome.follow, "states": a.history or [outcome.state], "time": time.time()})
+        j.retries += 0 if outcome.follow else 1
+        j.attempt += 1
+        self.on_retry(j, outcome)
+        [lv.attempt] = self.dispatcher.submit([self.task_of(j)])
+        lv.started = time.time()
+        j.job_id = lv.attempt.job_id if lv.attempt.job_id != "none" else None
+        self.on_submitted(j, lv.attempt)
+
+    def cancel(self, key: str) -> None:
+        if key in self.live:
+            self.dispatcher.cancel(self.live[key].attempt)
+
+    def outage(self) -> str | None:
+        return self.dispatcher.outage(lv.attempt for lv in self.live.values())
+
+    def busy_until_now(self) -> float:
+        """Busy slot-seconds: ended attempts, plus the running ones until now (pending jobs are not busy)."""
+        now = time.time()
+        return self.busy_s + sum(now - max(lv.attempt.submitted, lv.started) for lv in self.live.values()
+                                 if not lv.attempt.pending)
+
+    def run(self, on_done: Callable[[Job, Attempt, Outcome], None], poll_s: float) -> None:
+        """Follow every live job until each has settled (the clients that only wait: evaluate, confirm)."""
+        while self.live:
+            done = self.poll()
+            for job, attempt, outcome in done:
+                on_done(job, attempt, outcome)
+            if not done:
+                time.sleep(poll_s)
 
 
-def _ok(result) -> bool:
-    return isinstance(result, dict) and result.get("status") == "ok"
+# ----------------------------------------------------------------------------------------------- job sets
+@dataclass
+class Item:
+    """One unit of a job set (an evaluation, a retrain): the client's journaled record and its Job."""
+    key: str
+    data: dict                  # the client's journaled record of the item (spec, trial, seed...)
+    job: Job = None
+    status: str | None = None   # None while pending or running; ok | failed once done
+    reason: str | None = None
+    result: Any = None          # the typed result (jobs.contract), once done
+    logged: bool = False
+
+    def __post_init__(self):
+        self.job = self.job or Job(self.key, (self.data.get("spec") or {}).get("out"))
 
 
-def locked_run(workdir: str, study: str, lock: str, what: str, run: Callable[[], object]):
-    """`run()` on an existing study under the lock `<workdir>/<study>/<lock>` (evaluate and confirm: one
-    process per study and subcommand); a missing study or a held lock is a one-line ConfigError."""
-    from orchestrator.config import ConfigError
-    from orchestrator.study.lock import LockError, StudyLock
+@dataclass
+class ItemSet:
+    executor: str | None = None
+    items: dict[str, Item] = field(default_factory=dict)
+    batches: dict[str, list] = field(default_factory=dict)
+    start: dict = field(default_factory=dict)   # the first start record
+    registered: list = field(default_factory=list)
 
-    folder = Path(workdir) / study
-    if not (folder / "journal.jsonl").exists():
-        raise ConfigError(f"no study {study!r} under {workdir}: check the name and --workdir")
-    try:
-        with StudyLock(folder / lock, what=f"{what} of study {study!r}"):
-            return run()
-    except LockError as e:
-        raise ConfigError(str(e)) from None
+    @property
+    def jobs(self) -> dict[str, Job]:
+        return {k: i.job for k, i in self.items.items()}
+
+
+def fold_items(journal: Journal, item_event: str, read_result: Callable[[dict], Any]) -> ItemSet:
+    """A job set's journal folded: its executor, items (with their jobs and results) and dispatch batches."""
+    s = ItemSet()
+
+    def apply(r: dict) -> None:
+        event = r["event"]
+        if event == "start":
+            s.executor = s.executor or r.get("executor")
+            s.start = s.start or dict(r)
+        elif event == item_event:
+            s.items[r["key"]] = Item(r["key"], r)
+        elif fold_job({k: i.job for k, i in s.items.items()}, r):
+            if event == "dispatch":
+                s.batches[r["batch"]] = list(r["keys"])
+            elif event == "retry" and r.get("fresh"):
+                item = s.items[r["key"]]
+                item.status, item.reason, item.result, item.logged = None, None, None, False
+        elif event == "result":
+            item = s.items[r["key"]]
+            item.result = read_result(r)
+            item.status, item.reason = item.result.status, item.result.reason
+        elif event == "logged":
+            s.items[r["key"]].logged = True
+        elif event == "registered":
+            s.registered.append(r)
+
+    journal.fold(apply)
+    return s

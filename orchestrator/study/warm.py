@@ -10,32 +10,28 @@ their parent runs (tag warm_start_from).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
-from orchestrator.config import ConfigError, StudyConfig, load_config, space_to_dict
-from orchestrator.study.journal import TrialState
+from orchestrator.config import ConfigError, StudyConfig
+from orchestrator.jsonl import DamagedFile
+from orchestrator.study.journal import TrialState, open_study
 
 COMPARED = ("space", "trial", "objective", "constraints", "objectives")
 
 
 def warm_sources(config: StudyConfig) -> list[tuple[str, object]]:
     """[(study name, its state)] of the studies to warm start from, checked against `config`."""
-    from orchestrator.tracking.tracker import load_study
-
-    if not config.warm_start:
-        return []
     mine = config.to_dict()
-    mine["space"] = space_to_dict(config.space)
     out = []
     for name in config.warm_start:
-        folder = Path(config.workdir) / name
         if name == config.study:
             raise ConfigError(f"warm_start: {name!r} is this study itself: name earlier studies")
-        if not (folder / "journal.jsonl").exists():
-            raise ConfigError(f"warm_start: no study {name!r} under {config.workdir}: check the name and --workdir")
-        state = load_study(folder)
-        theirs = load_config(None, **{**state.config, "warm_start": []}).to_dict()
-        theirs["space"] = space_to_dict(load_config(None, **{**state.config, "warm_start": []}).space)
+        try:
+            state, theirs = open_study(config.workdir, name, warm_start=[])
+        except ConfigError as e:
+            raise ConfigError(f"warm_start: {e}") from None
+        except DamagedFile as e:
+            raise ConfigError(f"warm_start: study {name!r} cannot be read: {e}") from None
+        theirs = theirs.to_dict()
         for key in COMPARED:
             if _comparable(theirs.get(key), key) != _comparable(mine.get(key), key):
                 raise ConfigError(f"warm_start: study {name!r} has another {key} than this one: its results are not "

@@ -20,8 +20,16 @@ was done but not yet acknowledged when the process died is harmless when replaye
 - a model version is created once per (model, run): an existing version for the run is reused.
 
 While MLflow is unreachable (connection refused, timeouts, 5xx, a locked SQLite file) the thread retries with a
-growing pause (up to 30 s); `status()` says since when and how many writes wait. A write MLflow rejects for
-good (an invalid value) is acknowledged with its error, reported once, and skipped: it can never succeed.
+growing pause (up to 30 s); `status()` says since when and how many writes wait. What MLflow could refuse for
+good never blocks the others: every text is made valid UTF-8 before it is queued (a lone surrogate, what
+`os.fsdecode` gives for a non-UTF-8 file name, can never be sent), and a batch MLflow rejects (an invalid value,
+a name it refuses) is retried item by item, so that only the refused items are skipped, each reported once.
+
+One outbox per study incarnation: its first line names the study's uid (`{"outbox": uid}`). A study started
+again in a folder whose journal was lost (a new uid) moves the old file aside (`mlflow-outbox.<old uid>.jsonl`)
+instead of writing into the old runs. `forget(keys)` drops what the outbox knows of some runs (their ids, the
+marks of their writes and their queued writes): `--resume` does it for runs the store no longer has, and the
+tracker queues them again from the journal (orchestrator/tracking/tracker.py reconcile).
 """
 from __future__ import annotations
 
@@ -31,11 +39,33 @@ import threading
 import time
 from pathlib import Path
 
-from orchestrator.study.journal import read_records, repair_tail
+from orchestrator.jsonl import Appender, DamagedFile, read_records
 
 PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE",
              "BAD_REQUEST", "MALFORMED_REQUEST", "INVALID_PARAMETER", "NOT_IMPLEMENTED"}
 MAX_PAUSE_S = 30.0
+
+
+class OutboxError(DamagedFile):
+    """The outbox file is damaged: one line naming it and the fix."""
+
+
+def clean(value):
+    """`value` with every string made valid UTF-8 (lone surrogates become U+FFFD), recursively."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            try:
+                return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            except UnicodeEncodeError:
+                return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {clean(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
 
 
 class Rejected(Exception):
@@ -57,6 +87,8 @@ class Outbox:
         self._seq = 0
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._busy = False  # the drain thread is executing the first queued write
+        self._said: set[str] = set()
         self._unsynced = 0
         self.down_since: float | None = None
         self.last_error: str | None = None
@@ -67,38 +99,68 @@ class Outbox:
 
     # ------------------------------------------------------------------------------------------- the file
     def _load(self) -> None:
-        acked = {}
-        ops = []
-        for r in read_records(self.path):
-            if "ack" in r:
-                acked[r["ack"]] = r
-                if r.get("run_id") and r.get("key"):
-                    self._run_ids[r["key"]] = r["run_id"]
-                if "result" in r:
-                    self._results[r["ack"]] = r["result"]
-            else:
-                ops.append(r)
-        for op in ops:
-            self._seq = max(self._seq, op["seq"])
-            if op.get("mark"):
-                self._marks[op["mark"]] = op["seq"]
-            if op["seq"] not in acked:
-                self._queue.append(op)
-        self._file = open(self.path, "ab+")
-        repair_tail(self._file)
+        self._rotate_if_foreign()
+        acked, ops = {}, []
+        fix = (f"move {self.path} aside (its queued MLflow writes are lost; --resume re-creates the runs from the "
+               "journal)")
+        try:
+            for r in read_records(self.path, what=f"the MLflow outbox {self.path.name}", fix=fix):
+                if "ack" in r:
+                    acked[r["ack"]] = r
+                    if r.get("run_id") and r.get("key"):
+                        self._run_ids[r["key"]] = r["run_id"]
+                    if "result" in r:
+                        self._results[r["ack"]] = r["result"]
+                elif "forget" in r:
+                    self._drop(set(r["forget"]), ops)
+                elif "op" in r:
+                    ops.append(r)
+                    self._seq = max(self._seq, int(r["seq"]))
+                    if r.get("mark"):
+                        self._marks[r["mark"]] = r["seq"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise OutboxError(f"{self.path}: a record is not valid ({type(e).__name__}: {e}): {fix}") from None
+        except DamagedFile as e:
+            raise OutboxError(str(e)) from None
+        self._queue = [op for op in ops if op["seq"] not in acked]
+        self._file = Appender(self.path)
+        if self.path.stat().st_size == 0:
+            self._file.write({"outbox": self.uid})
+
+    def _rotate_if_foreign(self) -> None:
+        """An outbox of another incarnation of the study (another uid) is moved aside, never written into."""
+        try:
+            with open(self.path, "rb") as f:
+                first = f.readline()
+        except FileNotFoundError:
+            return
+        try:
+            owner = json.loads(first).get("outbox")
+        except (ValueError, AttributeError):
+            return  # damaged: _load says so
+        if owner and owner != self.uid:
+            aside = self.path.with_name(f"{self.path.stem}.{owner}{self.path.suffix}")
+            os.replace(self.path, aside)
+            self.log(f"note: {self.path.name} belonged to an earlier study of this name (uid {owner}): moved to "
+                     f"{aside.name}; this study writes its own runs")
+
+    def _drop(self, keys: set, ops: list) -> None:
+        for key in keys:
+            self._run_ids.pop(key, None)
+        for mark, seq in list(self._marks.items()):
+            if any(mark.endswith(":" + k) or mark == f"create:{k}" for k in keys):
+                del self._marks[mark]
+        ops[:] = [op for op in ops if op.get("key") not in keys]
 
     def _write(self, record: dict, sync: bool) -> None:
-        self._file.write((json.dumps(record, default=str) + "\n").encode())
-        self._file.flush()
-        if sync:
-            os.fsync(self._file.fileno())
+        self._file.write(record, sync=sync)
 
     # ------------------------------------------------------------------------------------------- producer
     def put(self, op: str, mark: str | None = None, **args) -> int:
         """Queue one write (durable at the next flush); returns its sequence number."""
         with self._cv:
             self._seq += 1
-            record = {"seq": self._seq, "op": op, **({"mark": mark} if mark else {}), **args}
+            record = {"seq": self._seq, "op": op, **({"mark": mark} if mark else {}), **clean(args)}
             self._write(record, sync=False)
             self._unsynced += 1
             if mark:
@@ -110,8 +172,23 @@ class Outbox:
     def flush(self) -> None:
         with self._cv:
             if self._unsynced:
-                os.fsync(self._file.fileno())
+                self._file.sync()
                 self._unsynced = 0
+
+    def forget(self, keys) -> None:
+        """Drop what this outbox knows of the runs `keys` (ids, marks, queued writes): they are queued again."""
+        keys = set(keys)
+        if not keys:
+            return
+        with self._cv:
+            self._write({"forget": sorted(keys)}, sync=True)
+            while self._busy:  # the write under way finishes first
+                self._cv.wait(0.1)
+            self._drop(keys, self._queue)
+            self._cv.notify_all()
+
+    def known_runs(self) -> dict[str, str]:
+        return dict(self._run_ids)
 
     def has(self, mark: str) -> bool:
         """Whether a write with this mark was ever queued (done or not)."""
@@ -178,17 +255,18 @@ class Outbox:
                     self._cv.wait()
                 if self._stop:
                     return
-                op = self._queue[0]
+                op, self._busy = self._queue[0], True
             try:
                 ack = self._execute(op)
             except Exception as e:  # noqa: BLE001 - MLflow's failures are many kinds; sorted below
                 if _permanent(e):
-                    self.log(f"warning: MLflow rejected {op['op']} for {op.get('key')}: {_short(e)} (skipped)")
-                    ack = {"error": _short(e)}
+                    ack = self._refused(op, e)
                 else:
                     with self._cv:
+                        self._busy = False
                         self.down_since = self.down_since or time.time()
                         self.last_error = _short(e)
+                        self._cv.notify_all()
                         self._cv.wait(pause)
                         if self._stop:
                             return
@@ -200,10 +278,35 @@ class Outbox:
                 self._write({"ack": op["seq"], **(ack or {})}, sync=True)
                 if ack and "result" in ack:
                     self._results[op["seq"]] = ack["result"]
-                self._queue.pop(0)
+                if op in self._queue:  # forget() may have dropped it meanwhile
+                    self._queue.remove(op)
+                self._busy = False
                 self.down_since, self.last_error = None, None
                 self.done_count += 1
                 self._cv.notify_all()
+
+    def _refused(self, op: dict, e: BaseException) -> dict:
+        """A write MLflow refused for good: a batch is retried item by item (only the refused items are lost,
+        each said once); anything else is skipped with its error."""
+        if op["op"] == "log_batch" and not isinstance(e, Rejected):
+            refused = []
+            for item in _items(op):
+                try:
+                    self._execute(item)
+                except Exception as e2:  # noqa: BLE001
+                    if not _permanent(e2):
+                        raise
+                    refused.append(f"{_item_name(item)}: {_short(e2)}")
+            for line in refused:
+                self._say_once(f"warning: MLflow refused {line} for {op.get('key')} (that value is not logged)")
+            return {"error": "; ".join(refused)[:2000]} if refused else {}
+        self._say_once(f"warning: MLflow rejected {op['op']} for {op.get('key')}: {_short(e)} (skipped)")
+        return {"error": _short(e)}
+
+    def _say_once(self, line: str) -> None:
+        if line not in self._said:
+            self._said.add(line)
+            self.log(line)
 
     # ------------------------------------------------------------------------------------------- writes
     @property
@@ -291,6 +394,21 @@ class Outbox:
         if op.get("alias"):
             c.set_registered_model_alias(name, op["alias"], version)
         return str(version)
+
+
+def _items(op: dict) -> list[dict]:
+    """A log_batch split into one write per metric, param and tag."""
+    base = {k: v for k, v in op.items() if k not in ("metrics", "params", "tags")}
+    return [{**base, "metrics": [m]} for m in op.get("metrics", [])] + \
+        [{**base, "params": {k: v}} for k, v in op.get("params", {}).items()] + \
+        [{**base, "tags": {k: v}} for k, v in op.get("tags", {}).items()]
+
+
+def _item_name(item: dict) -> str:
+    if item.get("metrics"):
+        return f"metric {item['metrics'][0][0]!r}"
+    kind = "param" if item.get("params") else "tag"
+    return f"{kind} {next(iter(item.get('params') or item.get('tags')))!r}"
 
 
 def _permanent(e: BaseException) -> bool:

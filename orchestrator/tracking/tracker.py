@@ -1,34 +1,44 @@
-"""MLflow, written by one process: the orchestrator (jobs never write the tracking store).
+"""MLflow, written by one object: every write of the orchestrator (study, evaluate, confirm, register, compare)
+goes through a Tracker's methods; nobody else speaks MLflow's operations (jobs never write the store).
 
-Experiment = study. One parent run per study (resolved config, search space, algorithm settings, code
-version, budget; the best-so-far validation loss as a stepped metric), one child run per evaluation
-(`mlflow.parentRunId`), carrying the decoded and encoded point, the training curve followed live from the
-job's metrics.jsonl, the final metrics, the job id and node, FINISHED or FAILED with the reason, and the
-adapter as an artifact. Runs are named by keys ("parent", "trial:3"), never by an implicit "active run".
+    tracker = Tracker(uri, "tiny-nomad", study_folder / "mlflow-outbox.jsonl", uid, log=print)
+    tracker.start_parent(config, space)                  # the study's parent run
+    tracker.start_child(3, point, encoded, "nomad")      # one child run per trial
+    tracker.finish_child(3, result_status, value, summary, reason, out)
+    tracker.register("tiny-nomad-adapter", trial_key(3), tags)        # models:/NAME@champion
+    tracker.close(wait_s=600)
 
-Every write goes through the study's durable outbox (orchestrator/tracking/outbox.py): the study loop only queues, a
-background thread writes, and an outage of the tracking server delays the writes without losing or
-repeating any. `Tracker.run_id(key)` gives a run's id once it exists.
+Experiment = study. One parent run per study (resolved config, search space, algorithm settings, code version,
+budget; the best-so-far validation loss as a stepped metric), one child run per evaluation
+(`mlflow.parentRunId`), carrying the decoded and encoded point, the training curve followed live from the job's
+metrics.jsonl, the final metrics (jobs/contract.py's table: one name per metric), the job id and node, FINISHED
+or FAILED with the reason, and the adapter as an artifact. Runs are named by keys ("parent", "trial:3",
+"confirm"), never by an implicit "active run". Commands open runs of their own (`confirm`) with `run()`, which
+ends them FINISHED, FAILED or KILLED on every path out.
+
+Every write goes through a durable outbox (orchestrator/tracking/outbox.py): the caller only queues, a
+background thread writes, and an outage delays the writes without losing or repeating any. Metric names MLflow
+would refuse (e.g. `dev.mmlu@5` from an --objective) are written in MLflow's charset, and the run's tag
+`lora_hpo.metric_names` records the original names. `reconcile()` (on --resume) makes the store agree with the
+journal again whatever happened to it (deleted, restored from an older backup).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import posixpath
+import re
 import subprocess
 import time
 from pathlib import Path
 from typing import Iterable
 
-from jobs.contract import ADAPTER_DIR, RESULT_FILE, SPEC_FILE
+from jobs.contract import ADAPTER_DIR, CURVE, RESULT_FILE, SPEC_FILE, mlflow_metrics
 from orchestrator.tracking.outbox import Outbox
 
-CURVE_KEYS = {"loss": "train_loss", "lr": "lr", "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s"}
-# result key -> final metric name (distinct from the stepped curve's names, which share no history)
-FINAL_KEYS = {"val_loss": "val_loss", "val_loss_before": "val_loss_before", "train_loss": "train_loss_last_epoch",
-              "tokens_per_s": "train_tokens_per_s", "train_s": "train_s", "eval_s": "eval_s", "setup_s": "setup_s",
-              "total_s": "total_s", "trainable_params": "trainable_params", "steps": "steps", "n_train": "n_train",
-              "n_val": "n_val", "pruned_fraction": "pruned_at_fraction", "pruned_val_loss": "val_loss_when_pruned"}
 RUN_STATUS = {"ok": "FINISHED", "failed": "FAILED", "pruned": "KILLED", "infeasible": "KILLED"}
 PARENT = "parent"
+NAMES_TAG = "lora_hpo.metric_names"
 
 
 def trial_key(trial: int) -> str:
@@ -37,7 +47,7 @@ def trial_key(trial: int) -> str:
 
 def code_version() -> dict:
     """git SHA (and whether the checkout had uncommitted changes) of the code that runs the study."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
@@ -56,6 +66,15 @@ def artifact_location(uri: str, study: str) -> str | None:
     return None
 
 
+def metric_name(name: str) -> str:
+    """`name` in MLflow's charset for metric names (alphanumerics, _ - . / and space; not a path that moves)."""
+    safe = re.sub(r"[^\w.\- /]", "_", str(name))[:250] or "_"
+    norm = posixpath.normpath(safe)
+    if norm != safe or norm in (".", "..") or norm.startswith(("/", "..")):
+        safe = safe.replace("/", "_").replace("..", "__")
+    return safe
+
+
 def _text(v) -> str:
     return (json.dumps(v) if isinstance(v, (dict, list)) else str(v))[:6000]
 
@@ -65,12 +84,15 @@ def _ms(seconds: float | None = None) -> int:
 
 
 class Tracker:
-    def __init__(self, uri: str, study: str, folder: str | Path, uid: str, log=print):
-        self.uri, self.study = uri, study
-        self.outbox = Outbox(Path(folder) / "mlflow-outbox.jsonl", uri, study, uid,
-                             artifact_location=artifact_location(uri, study), log=log)
+    def __init__(self, uri: str, experiment: str, outbox: str | Path, uid: str, log=print):
+        self.uri, self.study = uri, experiment
+        self.outbox = Outbox(outbox, uri, experiment, uid, artifact_location=artifact_location(uri, experiment),
+                             log=log)
         self.outbox.start()
+        self._renamed: dict[str, dict] = {}  # run key -> {MLflow name: original name}
+        self._tagged: dict[str, int] = {}    # run key -> how many of those its tag holds already
 
+    # ------------------------------------------------------------------------------------------- the queue
     def run_id(self, key: str) -> str | None:
         return self.outbox.run_id(key)
 
@@ -80,103 +102,143 @@ class Tracker:
     def close(self, wait_s: float = 0.0, idle_s: float | None = None) -> bool:
         return self.outbox.close(wait_s, idle_s)
 
-    # ------------------------------------------------------------------------------------------- parent
+    @property
+    def pending(self) -> int:
+        return self.outbox.pending
+
+    def status(self) -> str | None:
+        """A short line while MLflow is unreachable, else None."""
+        return self.outbox.status()
+
+    def result_of(self, seq: int):
+        return self.outbox.result(seq)
+
+    # ------------------------------------------------------------------------------------------- any run
+    def open_run(self, key: str, name: str, tags: dict, parent: str | None = None, parent_id: str | None = None,
+                 params: dict | None = None) -> None:
+        """Create the run `key` once (a resumed command finds it); `parent`: a key, `parent_id`: a run id."""
+        if self.outbox.has(f"create:{key}"):
+            return
+        self.outbox.put("create_run", mark=f"create:{key}", key=key, name=name, tags=tags, start_time=_ms(),
+                        **({"parent": parent} if parent else {}), **({"parent_id": parent_id} if parent_id else {}))
+        if params:
+            items = list({k: _text(v) for k, v in params.items()}.items())
+            for i in range(0, len(items), 90):  # MLflow takes at most 100 params per batch
+                self.outbox.put("log_batch", key=key, params=dict(items[i:i + 90]))
+
+    def end_run(self, key: str, status: str) -> None:
+        self.outbox.put("set_status", key=key, status=status, end_time=_ms())
+
+    def reopen_run(self, key: str, **tags) -> None:
+        self.outbox.put("set_status", key=key, status="RUNNING")
+        self.tag(key, **tags)
+
+    @contextlib.contextmanager
+    def run(self, key: str, name: str, tags: dict, **kw):
+        """A command's own run, ended on every path: FINISHED, FAILED on an error, KILLED on Ctrl-C."""
+        if self.outbox.has(f"create:{key}"):
+            self.reopen_run(key, resumed_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.open_run(key, name, tags, **kw)
+        try:
+            yield key
+        except KeyboardInterrupt:
+            self.end_run(key, "KILLED")
+            raise
+        except BaseException:
+            self.end_run(key, "FAILED")
+            raise
+        self.end_run(key, "FINISHED")
+
+    def tag(self, key: str, run_id: str | None = None, **tags) -> None:
+        tags = {k: str(v)[:5000] for k, v in tags.items() if v is not None}
+        if tags:
+            self.outbox.put("log_batch", key=key, tags=tags, **({"run_id": run_id} if run_id else {}))
+
+    def log_metrics(self, key: str, metrics: dict, step: int = 0, at: float | None = None,
+                    run_id: str | None = None) -> None:
+        rows = [[self._name(key, k), float(v), _ms(at), step] for k, v in metrics.items() if v is not None]
+        self._tag_renamed(key, run_id)
+        for i in range(0, len(rows), 900):  # MLflow takes at most 1000 metrics per batch
+            self.outbox.put("log_batch", key=key, metrics=rows[i:i + 900], **({"run_id": run_id} if run_id else {}))
+
+    def log_text(self, key: str, text: str, file: str, run_id: str | None = None) -> None:
+        self.outbox.put("log_text", key=key, text=text, file=file, **({"run_id": run_id} if run_id else {}))
+
+    def log_dict(self, key: str, data, file: str, run_id: str | None = None) -> None:
+        self.log_text(key, json.dumps(data, indent=2, default=str), file, run_id)
+
+    def log_artifacts_of(self, folder: str | Path, artifact_path: str, key: str = PARENT) -> None:
+        """The files of `folder` under `artifact_path` of the run `key` (overwritten by a later call)."""
+        self.outbox.put("log_artifacts", key=key, path=str(folder), artifact_path=artifact_path)
+
+    def _name(self, key: str, name: str) -> str:
+        safe = metric_name(name)
+        if safe != name:
+            self._renamed.setdefault(key, {})[safe] = name
+        return safe
+
+    def _tag_renamed(self, key: str, run_id: str | None = None) -> None:
+        renamed = self._renamed.get(key, {})
+        if len(renamed) > self._tagged.get(key, 0):
+            self.tag(key, run_id=run_id, **{NAMES_TAG: json.dumps(renamed, sort_keys=True)})
+            self._tagged[key] = len(renamed)
+
+    # ------------------------------------------------------------------------------------------- the study
     def start_parent(self, config: dict, space: dict) -> None:
-        box = self.outbox
-        if box.has("create:parent"):
-            box.put("set_status", key=PARENT, status="RUNNING")
-            box.put("log_batch", key=PARENT, tags={"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if self.outbox.has(f"create:{PARENT}"):
+            self.reopen_run(PARENT, resumed_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
             return
         tags = {"study": config["study"], "algo": config["algo"], "role": "study", **code_version()}
-        box.put("create_run", mark="create:parent", key=PARENT, name=config["study"], tags=tags,
-                start_time=_ms())
         flat = {"algo": config["algo"], "budget": config["budget"], "parallel": config["parallel"],
                 "seed": config["seed"], "executor": config["executor"], "preset": config["preset"],
                 "objective": config["objective"] or "finetune"}
-        params = {**{k: _text(v) for k, v in flat.items()},
-                  **{f"opt.{k}": _text(v) for k, v in config["searcher_options"].items()},
-                  **{f"trial.{k}": _text(v) for k, v in config["trial"].items()}}
-        items = list(params.items())
-        for i in range(0, len(items), 90):  # MLflow takes at most 100 params per batch
-            box.put("log_batch", key=PARENT, params=dict(items[i:i + 90]))
-        box.put("log_text", key=PARENT, text=json.dumps(config, indent=2, default=str), file="study_config.json")
-        box.put("log_text", key=PARENT, text=json.dumps(space, indent=2, default=str), file="search_space.json")
+        params = {**flat, **{f"opt.{k}": v for k, v in (config.get("searcher_options") or {}).items()},
+                  **{f"trial.{k}": v for k, v in (config.get("trial") or {}).items()}}
+        self.open_run(PARENT, config["study"], tags, params=params)
+        self.log_text(PARENT, json.dumps(config, indent=2, default=str), "study_config.json")
+        self.log_text(PARENT, json.dumps(space, indent=2, default=str), "search_space.json")
 
     def log_best(self, step: int, value: float, trial: int, point: dict) -> None:
         self.outbox.put("log_batch", key=PARENT, metrics=[["best_val_loss", value, _ms(), step]],
                         tags={"best_trial": str(trial), "best_point": json.dumps(point)})
 
-    def log_metrics(self, key: str, metrics: dict, step: int = 0, at: float | None = None) -> None:
-        rows = [[k, float(v), _ms(at), step] for k, v in metrics.items() if v is not None]
-        if rows:
-            self.outbox.put("log_batch", key=key, metrics=rows)
-
-    def tag(self, key: str, **tags) -> None:
-        tags = {k: str(v)[:5000] for k, v in tags.items() if v is not None}
-        if tags:
-            self.outbox.put("log_batch", key=key, tags=tags)
-
     def log_plots(self, folder: str | Path) -> None:
         self.log_artifacts_of(folder, "plots")
 
-    def log_artifacts_of(self, folder: str | Path, artifact_path: str) -> None:
-        """The files of `folder` under `artifact_path` of the parent run (overwritten by a later call)."""
-        self.outbox.put("log_artifacts", key=PARENT, path=str(folder), artifact_path=artifact_path)
-
     def end_parent(self, status: str = "FINISHED") -> None:
-        self.outbox.put("set_status", key=PARENT, status=status, end_time=_ms())
+        self.end_run(PARENT, status)
 
-    def register(self, name: str, trial: int, tags: dict) -> int:
-        """Queue the registration of the trial's adapter as `name`@champion (once: a registration queued before
-        is not queued again); returns the write's sequence number, whose result is the model version."""
-        mark = f"register:{name}:{trial}"
-        if self.outbox.has(mark):
-            return self.outbox.seq_of(mark)
-        return self.outbox.put("register", mark=mark, key=trial_key(trial), name=name,
-                               alias="champion", artifact_path=ADAPTER_DIR,
-                               tags={k: str(v) for k, v in tags.items()})
-
-    # ------------------------------------------------------------------------------------------- children
     def start_child(self, trial: int, point: dict, encoded, algo: str) -> None:
-        key = trial_key(trial)
-        if self.outbox.has(f"create:{key}"):
-            return  # a resumed study: the run exists (or its creation waits in the outbox)
-        tags = {"trial": str(trial), "algo": algo, "role": "trial"}
-        self.outbox.put("create_run", mark=f"create:{key}", key=key, parent=PARENT, name=f"trial-{trial:03d}",
-                        tags=tags, start_time=_ms())
-        self.outbox.put("log_batch", key=key, params={**{k: _text(v) for k, v in point.items()},
-                                                      "encoded": _text(encoded)})
+        self.open_run(trial_key(trial), f"trial-{trial:03d}", {"trial": str(trial), "algo": algo, "role": "trial"},
+                      parent=PARENT, params={**point, "encoded": encoded})
 
     def log_curve(self, trial: int, records: Iterable[dict]) -> None:
         now = time.time()
         metrics = []
         for r in records:
             ts = _ms(r.get("time", now))
-            if "val_loss" in r:
-                metrics.append(["val_loss_curve", float(r["val_loss"]), ts, r["step"]])
-            metrics += [[name, float(r[key]), ts, r["step"]] for key, name in CURVE_KEYS.items() if key in r]
+            metrics += [[name, float(r[key]), ts, r["step"]] for key, name in CURVE.items() if key in r]
         for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
             self.outbox.put("log_batch", key=trial_key(trial), metrics=metrics[i:i + 900])
 
     def finish_child(self, trial: int, status: str, value: float | None, summary: dict, reason: str | None,
                      out: str | None) -> None:
-        key, now = trial_key(trial), _ms()
+        self.finish_run(trial_key(trial), status, value, summary, reason, out)
+
+    def finish_run(self, key: str, status: str, value: float | None, summary: dict, reason: str | None,
+                   out: str | None) -> None:
+        """A trial-like run's end, once: its final metrics (jobs/contract.py's table), status and reason, its
+        result, spec and adapter as artifacts, FINISHED / FAILED / KILLED."""
         if self.outbox.has(f"finish:{key}"):
             return
-        metrics = [[name, float(summary[k]), now, 0] for k, name in FINAL_KEYS.items()
-                   if isinstance(summary.get(k), (int, float)) and not isinstance(summary.get(k), bool)]
+        final = mlflow_metrics(summary, value if status == "ok" else None)
+        if status != "ok":
+            final.pop("val_loss", None)
         tags = {"status": status, **({"failure_reason": reason[:5000]} if reason else {})}
-        if status == "ok" and value is not None and not any(m[0] == "val_loss" for m in metrics):
-            metrics.append(["val_loss", float(value), now, 0])
-        if isinstance(summary.get("peak_memory_bytes"), (int, float)):
-            metrics.append(["peak_memory_gb", summary["peak_memory_bytes"] / 2**30, now, 0])
-        # the held-out objective and its dev scores; constraint values (c <= 0: satisfied)
-        metrics += [[k.replace("c.", "constraint.", 1) if k.startswith("c.") else k, float(v), now, 0]
-                    for k, v in summary.items() if (k.startswith(("dev.", "c.")) or k in ("heldout", "dev_accuracy"))
-                    and isinstance(v, (int, float)) and not isinstance(v, bool)]
         if "feasible" in summary:
             tags["feasible"] = str(bool(summary["feasible"])).lower()
-        self.outbox.put("log_batch", key=key, metrics=metrics, tags=tags)
+        self.log_metrics(key, final)
+        self.tag(key, **tags)
         folder = Path(out) if out else None
         if folder and folder.is_dir():
             for name in (RESULT_FILE, SPEC_FILE):
@@ -184,18 +246,35 @@ class Tracker:
                     self.outbox.put("log_artifact", key=key, path=str(folder / name))
             if status == "ok" and (folder / ADAPTER_DIR).is_dir():
                 self.outbox.put("log_artifacts", key=key, path=str(folder / ADAPTER_DIR), artifact_path=ADAPTER_DIR)
-        self.outbox.put("set_status", mark=f"finish:{key}", key=key, status=RUN_STATUS[status], end_time=now)
+        self.outbox.put("set_status", mark=f"finish:{key}", key=key, status=RUN_STATUS[status], end_time=_ms())
 
+    # ------------------------------------------------------------------------------------------- the registry
+    def register(self, name: str, key: str, tags: dict, run_id: str | None = None, mark: str | None = None) -> int:
+        """Queue the registration of the run `key`'s adapter (or the run `run_id`'s) as `name`@champion, once:
+        a registration queued before is not queued again. Returns the write's sequence number, whose result is
+        the model version (result_of)."""
+        mark = mark or f"register:{name}:{key}"
+        if self.outbox.has(mark):
+            return self.outbox.seq_of(mark)
+        return self.outbox.put("register", mark=mark, key=key, name=name, alias="champion",
+                               artifact_path=ADAPTER_DIR, tags={k: str(v) for k, v in tags.items()},
+                               **({"run_id": run_id} if run_id else {}))
 
-def load_study(folder: str | Path):
-    """A study's state from its journal, with the MLflow run ids its outbox created (parent and trials)."""
-    from orchestrator.study.journal import Journal
-    from orchestrator.tracking.outbox import run_ids
+    # ------------------------------------------------------------------------------------------- evaluations
+    def log_scores(self, run_id: str, result: dict, tags: dict) -> None:
+        """A downstream evaluation's scores into the trial's run (evaluation/tracking.py score_writes)."""
+        from evaluation.tracking import score_writes
+        metrics, all_tags, files = score_writes(result, tags)
+        key = f"run:{run_id}"
+        self.log_metrics(key, metrics, run_id=run_id)
+        self.tag(key, run_id=run_id, **all_tags)
+        for file, data in files.items():
+            self.log_dict(key, data, file, run_id=run_id)
 
-    folder = Path(folder)
-    state = Journal(folder / "journal.jsonl").load()
-    ids = run_ids(folder / "mlflow-outbox.jsonl")
-    state.parent_run_id = ids.get(PARENT, state.parent_run_id)
-    for t in state.trials.values():
-        t.run_id = ids.get(trial_key(t.trial), t.run_id)
-    return state
+    def log_poster(self, parent_run_id: str, table: dict) -> None:
+        """The poster's table into the study's parent run (eval/poster_table.md and .json, flat metrics)."""
+        from evaluation.tracking import markdown, poster_metrics
+        key = f"run:{parent_run_id}"
+        self.log_metrics(key, poster_metrics(table), run_id=parent_run_id)
+        self.log_text(key, markdown(table), "eval/poster_table.md", run_id=parent_run_id)
+        self.log_dict(key, table, "eval/poster_table.json", run_id=parent_run_id)
