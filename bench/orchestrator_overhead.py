@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.study.journal import Journal  # noqa: E402
 from orchestrator.study.loop import run_study  # noqa: E402
-from slurm.executors import Resources, make_executor  # noqa: E402
+from slurm.backend import make_executor
+from slurm.executors import Resources  # noqa: E402
 
 POINT = {"r": 8, "alpha": 32, "dropout": 0.1, "lr": 1e-4}
 RESOURCES = {"cpus_per_task": 1, "timeout_min": 10}

@@ -31,7 +31,7 @@ from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs
 
-from evaluation import preference as pref
+from evaluation import preference_store as pref
 from evaluation import preference_raters as raters
 from evaluation.bounded_server import BoundedServer
 

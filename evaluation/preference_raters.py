@@ -17,7 +17,7 @@ import re
 import secrets
 import time
 
-from evaluation.preference import open_study
+from evaluation.preference_store import open_study
 from evaluation.tasks.common import EvalError
 
 RATER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,39}")

@@ -30,12 +30,9 @@ import shutil
 from pathlib import Path
 
 from slurm.executors import Resources, slurm_available
+from slurm.states import BackendError  # noqa: F401 (re-exported: callers catch it from here)
 
 KINDS = ("auto", "slurm", "local", "debug")
-
-
-class BackendError(RuntimeError):
-    """The executor cannot be used at all (not a job's failure): one line that says what to do."""
 
 
 def resolve_kind(kind: str) -> str:
@@ -50,8 +47,8 @@ def make_backend(kind: str, folder: str | Path, resources: Resources | None = No
     kind = resolve_kind(kind)
     resources = resources or Resources()
     if kind == "slurm":
-        if shutil.which("srun") is None or shutil.which("sbatch") is None:
-            raise BackendError("executor slurm: sbatch/srun are not on PATH: run on a SLURM login node, or start the "
+        if shutil.which("srun") is None:  # sbatch reports an unreachable controller at submission (check())
+            raise BackendError("executor slurm: srun is not on PATH: run on a SLURM login node, or start the "
                                "dev cluster (slurm/dev-cluster.sh start; eval \"$(slurm/dev-cluster.sh env)\")")
         from slurm.cluster import SlurmBackend
         return SlurmBackend(folder, resources, job_name, code_dir, result_grace_s)
@@ -78,3 +75,18 @@ def make_executor(kind: str, folder: str | Path, resources: Resources | None = N
         import submitit
         return submitit.AutoExecutor(folder=folder, cluster="debug")
     return make_backend(kind, folder, resources, job_name=job_name, code_dir=code_dir).executor
+
+
+def submission_preview(kind: str, resources: Resources, folder: str | Path, job_name: str,
+                       code_dir: str | Path | None = None) -> tuple[str, str | None]:
+    """(what a dry run says about submission, the batch script SLURM would get or None), without a scheduler:
+    `kind` is not resolved (auto is not probed)."""
+    from slurm.executors import sbatch_preview
+    if kind == "local":
+        return "executor local: no batch script (jobs run as local processes)", None
+    if kind == "debug":
+        return "executor debug: no batch script (jobs run in this process)", None
+    script = sbatch_preview(resources, folder, job_name, code_dir=code_dir)
+    said = "its batch script on SLURM (resources:)" + (" if executor auto finds SLURM (sbatch and sinfo answer)"
+                                                       if kind == "auto" else "")
+    return said, script

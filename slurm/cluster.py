@@ -30,9 +30,9 @@ from pathlib import Path
 import submitit
 
 from slurm.dispatch import Attempt, Outcome
-from slurm.executors import Resources, pinned_python
-from slurm.states import (FINAL, LIVE, OOM_MARKS, REQUEUE_STATES, WAITING, SlurmInfo, last_stderr_line, run,
-                          slurm_exit_text, slurm_snapshot)
+from slurm.executors import Resources, pinned_python, slurm_available
+from slurm.states import (FINAL, LIVE, OOM_MARKS, REQUEUE_STATES, WAITING, BackendError, SlurmInfo, last_stderr_line,
+                          run, slurm_exit_text, slurm_snapshot)
 
 REQUEUE_CAUSE_WAIT_S = 60.0  # how long a requeued attempt waits for sacct to record why (then: REQUEUED)
 # What sbatch says when it cannot reach the controller (a scheduler outage, not a refused request)
@@ -58,8 +58,6 @@ class SlurmBackend:
 
     # ------------------------------------------------------------------------------------------- submit
     def check(self) -> None:
-        from slurm.backend import BackendError
-        from slurm.executors import slurm_available
         if not slurm_available():
             raise BackendError("executor slurm: the SLURM controller does not answer (sinfo failed): check "
                                "SLURM_CONF and that slurmctld runs, or use --executor local")

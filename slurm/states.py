@@ -33,6 +33,10 @@ class DispatchError(RuntimeError):
     """The scheduler cannot be used (not a job's failure): the message says what to do."""
 
 
+class BackendError(RuntimeError):
+    """The executor cannot be used at all (not a job's failure): one line that says what to do."""
+
+
 @dataclass
 class SlurmInfo:
     state: str

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.__main__ import main
 from orchestrator.config import load_config
-from orchestrator.study.runner import fold
+from orchestrator.study.confirm import load_retrains
 from orchestrator.study.journal import Journal
 from orchestrator.study.loop import run_study
 
@@ -42,12 +42,12 @@ def test_confirm_registers_the_best_mean_with_its_spread(study, capsys):
     cfg, state = study
     assert main(args(cfg, "--top", "2", "--seeds", "2")) == 0
     out = capsys.readouterr().out
-    _, items, _ = fold(Journal(cfg.folder / "confirm.jsonl"), "retrain")
+    items = load_retrains(Journal(cfg.folder / "confirm.jsonl")).items
     top2 = sorted(state.finished, key=lambda t: t.value)[:2]
     assert sorted((i.data["trial"], i.data["seed"]) for i in items.values()) == \
         sorted((t.trial, s) for t in top2 for s in (43, 44))  # the trial seed is 42: two new ones
     assert all(i.status == "ok" for i in items.values())
-    means = {t.trial: sum(i.result["value"] for i in items.values() if i.data["trial"] == t.trial) / 2 for t in top2}
+    means = {t.trial: sum(i.result.value for i in items.values() if i.data["trial"] == t.trial) / 2 for t in top2}
     winner = min(means, key=means.get)
     client = MlflowClient(cfg.tracking())
     version = client.get_model_version_by_alias("conf-adapter", "champion")
@@ -61,7 +61,7 @@ def test_confirm_registers_the_best_mean_with_its_spread(study, capsys):
     assert len(runs) == 4 and all(r.info.status == "FINISHED" and "val_loss" in r.data.metrics for r in runs)
 
     assert main(args(cfg, "--top", "2", "--seeds", "2")) == 0  # a rerun redoes nothing, registers the same version
-    assert len(fold(Journal(cfg.folder / "confirm.jsonl"), "retrain")[1]) == 4
+    assert len(load_retrains(Journal(cfg.folder / "confirm.jsonl")).items) == 4
     assert client.get_model_version_by_alias("conf-adapter", "champion").version == version.version
 
 
@@ -75,15 +75,15 @@ def test_kill_9_during_confirm_then_rerun_reattaches(study, tmp_path):
     def running():
         if not journal.exists():
             return False
-        _, items, _ = fold(journal, "retrain")
-        return any(i.job_id and i.status is None for i in items.values() if i.data["seed"] == 45)
+        items = load_retrains(journal).items
+        return any(i.job.job_id and i.status is None for i in items.values() if i.data["seed"] == 45)
     kill_when(proc, running, 300, "a retrain job running")
-    _, before, _ = fold(journal, "retrain")
-    jobs = {k: i.job_id for k, i in before.items() if i.job_id and i.status is None}
+    before = load_retrains(journal).items
+    jobs = {k: i.job.job_id for k, i in before.items() if i.job.job_id and i.status is None}
     assert main(args(cfg, "--top", "1", "--seeds", "3", "--register-as", "")) == 0
-    _, after, _ = fold(journal, "retrain")
+    after = load_retrains(journal).items
     for key, job_id in jobs.items():
-        assert after[key].job_id == job_id and after[key].status == "ok", "a running retrain was resubmitted"
+        assert after[key].job.job_id == job_id and after[key].status == "ok", "a running retrain was resubmitted"
     submitted = [r for r in journal.records() if r["event"] == "submitted"]
     assert sum(len(r["jobs"]) for r in submitted) == len(after), "a retrain ran twice"
 
@@ -98,7 +98,7 @@ def test_confirm_needs_a_study_with_finished_trials(tmp_path, capsys):
 
 def test_evaluate_and_confirm_refuse_a_missing_study_and_a_second_run_in_one_line(tmp_path):
     from orchestrator.config import ConfigError
-    from orchestrator.study.runner import locked_run
+    from orchestrator.study.lock import locked as locked_run
 
     with pytest.raises(ConfigError, match="no study 'nope' under .*: check the name and --workdir"):
         locked_run(str(tmp_path), "nope", "confirm.lock", "the confirmation", lambda: 0)

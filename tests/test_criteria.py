@@ -44,7 +44,7 @@ def test_trial_metrics_from_a_summary():
     m = trial_metrics({"peak_memory_bytes": 2 * 2**30, "train_s": 5400, "total_s": 7200, "trainable_params": 1e6,
                        "dev.mmlu": 0.4}, 1.23)
     assert m == {"val_loss": 1.23, "peak_memory_gb": 2.0, "train_hours": 1.5, "total_hours": 2.0,
-                 "trainable_params": 1e6, "adapter_mb": 4.0, "dev.mmlu": 0.4}
+                 "trainable_params": 1e6, "adapter_mb": 4.0, "dev.mmlu": 0.4, "train_s": 5400, "total_s": 7200}
 
 
 def test_lora_parameters_are_known_before_training():

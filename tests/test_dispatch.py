@@ -11,6 +11,7 @@ import pytest
 
 from jobs.contract import read_attempts
 from jobs.entry import ObjectiveTrial
+from slurm.backend import make_backend
 from slurm.dispatch import Dispatcher, RetryPolicy, Task
 from slurm.executors import Resources
 
@@ -19,7 +20,7 @@ POINT = {"r": 8, "alpha": 32, "dropout": 0.1, "lr": 1e-4}
 
 
 def dispatcher(tmp_path, kind="local", record=None):
-    return Dispatcher(kind, tmp_path / "submitit", Resources(timeout_min=5), job_name="t", record=record)
+    return Dispatcher(make_backend(kind, tmp_path / "submitit", Resources(timeout_min=5), job_name="t"), record=record)
 
 
 def task(key, how=None, target="tests.objectives:dies", folder=None):
@@ -52,16 +53,16 @@ def test_a_local_job_that_dies_without_a_result_says_how(tmp_path, how, cause):
     settled = d.poll([a])  # one poll settles it: no wait for a result file that will never come
     assert len(settled) == 1, "a dead job with no result must settle at once"
     outcome = settled[0][1]
-    assert outcome.status == "failed" and cause in outcome.reason, outcome.reason
+    assert not outcome.ok and cause in outcome.reason, outcome.reason
     assert "about to die" in outcome.reason  # the last line the job wrote to stderr
 
 
 def test_results_and_raised_errors(tmp_path):
     d = dispatcher(tmp_path)
     outcomes = settle(d, d.submit([task("ok"), task("bad", "raise")]))
-    assert outcomes["ok"].status == "done" and outcomes["ok"].result["status"] == "ok"
+    assert outcomes["ok"].ok and outcomes["ok"].result.value is not None
     bad = outcomes["bad"]  # ObjectiveTrial turns the objective's exception into a failed result
-    assert bad.status == "done" and bad.result["status"] == "failed" and "ValueError: boom" in bad.result["reason"]
+    assert not bad.ok and bad.state == "FINISHED" and "ValueError: boom" in bad.reason
 
 
 def test_intent_is_recorded_before_submission_and_ids_after(tmp_path):
@@ -73,7 +74,7 @@ def test_intent_is_recorded_before_submission_and_ids_after(tmp_path):
     assert dispatch["keys"] == ["1", "2"] and dispatch["attempts"] == {"1": 0, "2": 0}
     assert submitted["batch"] == dispatch["batch"]
     assert submitted["jobs"] == {a.task.key: a.job_id for a in attempts}
-    assert all(o.status == "done" for o in settle(d, attempts).values())
+    assert all(o.ok for o in settle(d, attempts).values())
 
 
 def test_recover_finds_local_jobs_a_crash_left_unjournaled(tmp_path, monkeypatch):
@@ -81,12 +82,12 @@ def test_recover_finds_local_jobs_a_crash_left_unjournaled(tmp_path, monkeypatch
     d = dispatcher(tmp_path)
     tasks = [task(str(k), target="tests.objectives:waits_for_file") for k in range(2)]
     tasks[1].args = (tasks[1].args[0], {**POINT, "r": 16}, None)
-    jobs = [d.executor.submit(t.fn, *t.args) for t in tasks]  # submitted, then the "crash": nothing recorded
+    jobs = [d.backend.executor.submit(t.fn, *t.args) for t in tasks]  # submitted, then the "crash": nothing recorded
     fresh = dispatcher(tmp_path)  # the next orchestrator process
     assert fresh.recover("lost-batch", tasks) == {"0": jobs[0].job_id, "1": jobs[1].job_id}
     (tmp_path / "gate").touch()
     attempts = [fresh.reattach(t, j.job_id) for t, j in zip(tasks, jobs)]
-    assert all(o.status == "done" for o in settle(fresh, attempts).values())
+    assert all(o.ok for o in settle(fresh, attempts).values())
 
 
 def test_cancel_stops_the_job_which_records_why(tmp_path, monkeypatch):
@@ -100,7 +101,7 @@ def test_cancel_stops_the_job_which_records_why(tmp_path, monkeypatch):
         time.sleep(0.05)
     d.cancel(a)
     outcome = settle(d, [a])["0"]
-    assert outcome.status == "failed" and "SIGTERM" in outcome.reason
+    assert not outcome.ok and "SIGTERM" in outcome.reason and "cancelled" in outcome.reason
     stops = [r for r in read_attempts(folder) if r.get("event") == "stop"]
     assert stops and stops[-1]["signal"] == "SIGTERM" and stops[-1]["job_id"] == a.job_id
     assert not (folder / "result.json").exists(), "a stopped attempt writes no result"
@@ -134,7 +135,7 @@ def fake_slurm(tmp_path, monkeypatch, records, squeue=""):
     bin_dir.mkdir(exist_ok=True)
     sacct = "".join(f"echo '77|{state}|{code}|vm'\n" for state, code in records)
     for name, body in {"sacct": sacct, "squeue": f"echo '{squeue}'" if squeue else "true",
-                       "scancel": f'echo "$@" >> {tmp_path}/scancelled', "srun": "true"}.items():
+                       "scancel": f'echo "$@" >> {tmp_path}/scancelled', "srun": "true", "sbatch": "true"}.items():
         path = bin_dir / name
         path.write_text("#!/bin/sh\n" + body + "\n")
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
@@ -144,7 +145,7 @@ def fake_slurm(tmp_path, monkeypatch, records, squeue=""):
 def watched_job(tmp_path, monkeypatch, records, squeue=""):
     """A Dispatcher following SLURM job 77 as the fake sacct/squeue describe it: (dispatcher, attempt)."""
     fake_slurm(tmp_path, monkeypatch, records, squeue)
-    d = Dispatcher("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0)
+    d = Dispatcher(make_backend("slurm", tmp_path / "submitit", Resources(), job_name="t", result_grace_s=0))
     return d, d.reattach(Task("0", print, ()), "77")
 
 
@@ -166,7 +167,7 @@ def test_every_final_and_requeued_slurm_state_settles(tmp_path, monkeypatch, rec
     import submitit
     d, a = watched_job(tmp_path, monkeypatch, records, squeue)
     [(attempt, outcome)] = d.poll([a])
-    assert outcome.status == "failed" and outcome.retry == retry and outcome.follow == follow
+    assert not outcome.ok and outcome.retry == retry and outcome.follow == follow
     assert says in outcome.reason, outcome.reason
     cancelled = (tmp_path / "scancelled").read_text() if (tmp_path / "scancelled").exists() else ""
     if follow or records[-1][0] not in ("COMPLETED", "FAILED", "CANCELLED"):
@@ -198,7 +199,7 @@ def test_a_requeue_waits_for_accounting_to_say_why(tmp_path, monkeypatch):
 
 
 def test_a_requeue_whose_cause_never_shows_is_settled_as_requeued(tmp_path, monkeypatch):
-    monkeypatch.setattr("slurm.dispatch.REQUEUE_CAUSE_WAIT_S", 0.0)
+    monkeypatch.setattr("slurm.cluster.REQUEUE_CAUSE_WAIT_S", 0.0)
     d, a = watched_job(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
     d.poll([a])
     fake_slurm(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|PENDING|BeginTime|")
@@ -273,7 +274,7 @@ def test_a_cancelled_job_whose_start_accounting_has_not_recorded_is_not_read_as_
 
 def test_a_requeue_that_squeue_does_not_show_is_still_seen_in_accounting(tmp_path, monkeypatch):
     """squeue does not answer; sacct -D holds the run's record and the requeued one: a requeue, followed."""
-    monkeypatch.setattr("slurm.dispatch.REQUEUE_CAUSE_WAIT_S", 0.0)
+    monkeypatch.setattr("slurm.cluster.REQUEUE_CAUSE_WAIT_S", 0.0)
     d, a = watched_job(tmp_path, monkeypatch, [("RUNNING", "0:0")], "77|RUNNING|None|vm")
     assert d.poll([a]) == [] and a.ran
     fake_slurm(tmp_path, monkeypatch, [("PREEMPTED", "0:15"), ("PENDING", "0:0")], "")

@@ -30,7 +30,7 @@ def test_every_trial_is_a_tracked_finished_child_run(tiny_study):
         run = client.get_run(t.run_id)
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == state.parent_run_id
         assert run.data.metrics["val_loss"] == pytest.approx(t.value)
-        assert run.data.tags["executor"] == "local" and run.data.tags["job_id"] == t.job_id
+        assert run.data.tags["executor"] == "local" and run.data.tags["job_id"] == t.job.job_id
         curve = client.get_metric_history(t.run_id, "train_loss")
         assert sorted(m.step for m in curve) == list(range(1, 13)), "the training curve is incomplete or doubled"
         artifacts = {a.path for a in client.list_artifacts(t.run_id)}

@@ -1,4 +1,8 @@
-"""Downstream scores in MLflow: a trial's scores land in its child run, the poster's table in the parent run."""
+"""Downstream scores in MLflow: a trial's scores land in its child run, the poster's table in the parent run.
+
+The writes go the way `orchestrator evaluate` makes them: through a Tracker (its durable outbox), drained here.
+"""
+import itertools
 import json
 import statistics
 
@@ -6,7 +10,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from evaluation.spec import EvaluationSpec
-from evaluation.tracking import collect, log_poster, log_scores, markdown, poster_table, protocol_mismatch
+from evaluation.tracking import collect, markdown, poster_metrics, poster_table, protocol_mismatch, score_writes
+from orchestrator.tracking.tracker import Tracker
+
+_outboxes = itertools.count()
 
 
 @pytest.fixture
@@ -14,7 +21,27 @@ def store(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.create_experiment("s", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(exp, tags={"role": "study"}).info.run_id
+    client.tmp_path = tmp_path
     return client, exp, parent
+
+
+def _tracker(client) -> Tracker:
+    return Tracker(client.tracking_uri, "s", client.tmp_path / f"outbox-{next(_outboxes)}.jsonl", "test")
+
+
+def log_scores(client, run_id, result, tags=None) -> dict:
+    """What evaluate does with one evaluation's result: queued through the tracker, drained; its metrics."""
+    tracker = _tracker(client)
+    tracker.log_scores(run_id, result, tags or {})
+    assert tracker.close(wait_s=60), tracker.status()
+    return score_writes(result, tags)[0]
+
+
+def log_poster(client, parent, table) -> dict:
+    tracker = _tracker(client)
+    tracker.log_poster(parent, table)
+    assert tracker.close(wait_s=60), tracker.status()
+    return poster_metrics(table)
 
 
 def child(client, exp, parent, trial, algo="nomad", val_loss=None):

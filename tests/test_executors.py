@@ -11,7 +11,8 @@ import sys
 import pytest
 import submitit
 
-from slurm.executors import Resources, ResourcesError, make_executor
+from slurm.backend import make_executor
+from slurm.executors import Resources, ResourcesError
 
 
 def _double(x):

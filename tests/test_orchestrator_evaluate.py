@@ -93,8 +93,8 @@ def test_kill_9_mid_evaluation_then_rerun_reattaches(study):
     journal = Journal(Path(cfg.workdir) / cfg.study / "evaluate.jsonl")
     deadline = time.time() + 60
     while time.time() < deadline:  # kill as soon as the job is submitted, long before it can finish
-        _, evals, _ = load_evaluations(journal)
-        submitted = {k: e.job_id for k, e in evals.items() if e.job_id and e.status is None}
+        evals = load_evaluations(journal).items
+        submitted = {k: e.job.job_id for k, e in evals.items() if e.job.job_id and e.status is None}
         if submitted:
             break
         assert proc.poll() is None, proc.stdout.read()
@@ -103,9 +103,9 @@ def test_kill_9_mid_evaluation_then_rerun_reattaches(study):
     proc.wait()
     assert len(submitted) == 1
     assert main(args) == 0
-    _, evals, _ = load_evaluations(journal)
+    evals = load_evaluations(journal).items
     (key, job_id), = submitted.items()
-    assert evals[key].job_id == job_id and evals[key].status == "ok" and evals[key].logged
+    assert evals[key].job.job_id == job_id and evals[key].status == "ok" and evals[key].logged
     assert sum(key in r["jobs"] for r in events(cfg, "submitted")) == 1, "the job was resubmitted, not re-attached"
     best = min(state.finished, key=lambda t: t.value)
     assert MlflowClient(cfg.tracking()).get_run(best.run_id).data.tags["eval_key"] == key
@@ -114,7 +114,7 @@ def test_kill_9_mid_evaluation_then_rerun_reattaches(study):
 def test_a_failed_evaluation_is_recorded_not_fatal(study, capsys):
     cfg, state, _ = study
     assert main(evaluate_args(cfg, "--top", "1", "--tasks", "bbh", "--data-dir", "/nonexistent")) == 0
-    _, evals, _ = load_evaluations(Journal(Path(cfg.workdir) / cfg.study / "evaluate.jsonl"))
+    evals = load_evaluations(Journal(Path(cfg.workdir) / cfg.study / "evaluate.jsonl")).items
     (failed,) = [e for e in evals.values() if e.data["spec"]["tasks"] == "bbh"]
     assert failed.status == "failed" and "/nonexistent" in failed.reason
     assert "evaluation FAILED" in capsys.readouterr().out

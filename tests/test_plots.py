@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from orchestrator.study.journal import StudyState, TrialState
-from orchestrator.reports.plots import axes_of, log_plots, view_of, write_plots
+from orchestrator.reports.plots import write_plots
+from orchestrator.reports.view import axes_of, view_of
 
 from .conftest import REPO
 
@@ -62,8 +63,8 @@ def test_view_counts_best_so_far_and_default():
     assert [t.trial for t in v.ok] == [0, 1, 3] and [t.trial for t in v.failed] == [2] and v.running == 1
     assert v.default.trial == 0  # r=8 alpha=32 dropout=0.1 lr=1e-5 is the paper's default point
     assert "4 evaluations, 1 failed, 1 running" in v.title and "best 0.9607 (trial 1)" in v.title
-    from orchestrator.reports.plots import _best_so_far
-    assert _best_so_far(v) == ([0, 1, 3], [1.1672, 0.9607, 0.9607])
+    from orchestrator.reports.view import best_so_far
+    assert best_so_far(v) == ([0, 1, 3], [1.1672, 0.9607, 0.9607])
 
 
 def test_a_study_with_successes_failures_and_running_trials(tmp_path):
@@ -108,25 +109,29 @@ def test_points_that_match_no_space_get_inferred_axes(tmp_path):
     assert_files(write_plots(state(*trials), tmp_path), tmp_path)
 
 
-def test_log_plots_puts_them_under_plots_of_the_parent_run(tmp_path):
+def test_the_tracker_puts_them_under_plots_of_the_parent_run(tmp_path):
     from mlflow.tracking import MlflowClient
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+    from orchestrator.tracking.tracker import Tracker
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
     exp = client.create_experiment("plots", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
-    logged = log_plots(client, run_id, state(*paper_trials()), tmp_path / "tmp")
-    assert sorted(logged) == sorted(f"plots/{f}" for f in FILES)
-    assert {a.path for a in client.list_artifacts(run_id, "plots")} == set(logged)
-    again = log_plots(client, run_id, state(*paper_trials()[:2]), tmp_path / "tmp")  # a later call replaces them
-    assert again == logged and len(client.list_artifacts(run_id, "plots")) == len(FILES)
+    for trials in (paper_trials(), paper_trials()[:2]):  # a later drawing replaces the first
+        write_plots(state(*trials), tmp_path / "plots")
+        tracker = Tracker(uri, "plots", tmp_path / "outbox.jsonl", "t")
+        tracker.log_artifacts_of(tmp_path / "plots", "plots", key=f"run:{run_id}", run_id=run_id)
+        assert tracker.close(wait_s=60), tracker.status()
+        assert {a.path for a in client.list_artifacts(run_id, "plots")} == {f"plots/{f}" for f in FILES}
 
 
-def test_log_plots_warns_instead_of_stopping_the_study(tmp_path):
-    class Broken:
-        def log_artifacts(self, *args):
-            raise ConnectionError("tracking server down")
+def test_a_drawing_that_fails_warns_instead_of_stopping_the_study(tmp_path):
+    from orchestrator.reports.plots import draw_plots
 
-    with pytest.warns(UserWarning, match="tracking server down"):
-        assert log_plots(Broken(), "run", state(*paper_trials()), tmp_path) == []
+    broken = state(*paper_trials())
+    broken.trials = None  # not a study state any more
+    with pytest.warns(UserWarning, match="study plots not drawn"):
+        assert draw_plots(broken, tmp_path) == []
 
 
 def test_drawing_needs_no_torch_and_no_pyplot(tmp_path):
@@ -142,18 +147,17 @@ def test_drawing_needs_no_torch_and_no_pyplot(tmp_path):
 def test_command_line_writes_the_plots_of_a_study_folder(tmp_path):
     from orchestrator.study.journal import Journal
     journal = Journal(tmp_path / "study" / "journal.jsonl")
-    journal.append("start", config={"study": "cli", "algo": "random", "space": {}}, parent_run_id="p")
+    journal.append("start", config={"study": "study", "algo": "random", "space": {}}, parent_run_id="p")
     journal.append("trial", trial=0, point={"r": 8, "alpha": 32, "dropout": 0.1, "lr": 1e-5})
     journal.append("result", trial=0, status="ok", value=1.2, summary={})
-    out = subprocess.run([sys.executable, "-m", "orchestrator.reports.plots", str(tmp_path / "study")], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "plots", "--study", "study", "--workdir",
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert {p.split("/")[-1] for p in out.stdout.split()} == FILES
     assert (tmp_path / "study" / "plots" / "history.png").exists()
 
 
 def test_the_wall_time_history_places_each_result_at_its_hour():
-    from orchestrator.reports.plots import view_of
     trials = paper_trials()
     s = state(*trials)
     s.started_at = 1000.0
@@ -162,5 +166,5 @@ def test_the_wall_time_history_places_each_result_at_its_hour():
     v = view_of(s).by_hours()
     assert v.x_label == "hours since the study started"
     assert [v.x(t) for t in v.ok] == [2.5, 2.0, 1.0]
-    xs, ys = __import__("orchestrator.reports.plots", fromlist=["_best_so_far"])._best_so_far(v)
+    xs, ys = __import__("orchestrator.reports.view", fromlist=["best_so_far"]).best_so_far(v)
     assert xs == sorted(xs) and ys == sorted(ys, reverse=True)  # best-so-far in the order results came

@@ -62,7 +62,7 @@ def test_a_second_orchestrator_on_the_same_study_is_refused_naming_the_holder(tm
     first = orchestrator(tmp_path, *args, env=env)
     journal = Journal(tmp_path / "runs" / "once" / "journal.jsonl")
     deadline = time.monotonic() + 120
-    while not (journal.exists() and any(t.job_id for t in journal.load().running)):  # running, holding the lock
+    while not (journal.exists() and any(t.job.job_id for t in journal.load().running)):  # running, holding the lock
         assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.poll() else ""
         time.sleep(0.1)
     second = orchestrator(tmp_path, "--study", "once", "--resume", env=env)
@@ -141,7 +141,7 @@ def test_a_crash_between_submitting_and_journaling_runs_nothing_twice(tmp_path, 
         run_study(cfg, out=quiet())
     monkeypatch.setattr(Journal, "append", real_append)
     before = Journal(cfg.folder / "journal.jsonl").load()
-    assert before.running and all(t.batch and not t.job_id for t in before.running)
+    assert before.running and all(t.job.batch and not t.job.job_id for t in before.running)
     state = run_study(cfg, resume=True, out=quiet())
     assert state.ended and len(state.finished) == 6 and all(t.status == "ok" for t in state.finished)
     assert len(list(marks.iterdir())) == 6, "an evaluation ran twice (or was lost)"

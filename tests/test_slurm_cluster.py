@@ -12,7 +12,8 @@ import time
 import pytest
 
 from slurm.dispatch import Dispatcher, Task
-from slurm.executors import Resources, make_executor
+from slurm.backend import make_backend, make_executor
+from slurm.executors import Resources
 
 from .slurm_fixture import REPO, sacct_state, slurm_cluster  # noqa: F401  (registers the session fixture)
 
@@ -80,8 +81,9 @@ def test_one_task_per_gpu_by_default(executor_for):
 
 
 def test_a_cancelled_job_settles_promptly_with_its_state(slurm_cluster, tmp_path):
-    d = Dispatcher("slurm", tmp_path / "jobs", Resources(timeout_min=5, setup=[f"export PYTHONPATH={REPO}"]),
-                   job_name="pytest")
+    d = Dispatcher(make_backend("slurm", tmp_path / "jobs", Resources(timeout_min=5,
+                                                                      setup=[f"export PYTHONPATH={REPO}"]),
+                                job_name="pytest"))
     [a] = d.submit([Task("0", _sleep, (300,))])
     deadline = time.monotonic() + 60
     while d.poll([a]) == [] and a.state != "RUNNING":
@@ -93,7 +95,7 @@ def test_a_cancelled_job_settles_promptly_with_its_state(slurm_cluster, tmp_path
         assert time.monotonic() - t0 < 40, f"cancellation not seen after 40 s (state {a.state})"
         time.sleep(0.5)
     outcome = settled[0][1]
-    assert outcome.status == "failed" and outcome.state == "CANCELLED" and "CANCELLED" in outcome.reason
+    assert not outcome.ok and outcome.state == "CANCELLED" and "CANCELLED" in outcome.reason
 
 
 def test_batch_submits_an_array(executor_for):
@@ -106,8 +108,9 @@ def test_batch_submits_an_array(executor_for):
 
 
 def test_one_poll_asks_sacct_once_and_squeue_once_for_many_jobs(slurm_cluster, tmp_path, monkeypatch):
-    d = Dispatcher("slurm", tmp_path / "jobs", Resources(timeout_min=5, setup=[f"export PYTHONPATH={REPO}"]),
-                   job_name="pytest")
+    d = Dispatcher(make_backend("slurm", tmp_path / "jobs", Resources(timeout_min=5,
+                                                                      setup=[f"export PYTHONPATH={REPO}"]),
+                                job_name="pytest"))
     attempts = d.submit([Task(str(k), _sleep, (60,)) for k in range(3)])
     try:
         calls = tmp_path / "calls"

@@ -41,9 +41,9 @@ def stop_record(out, job_id) -> dict | None:
 
 def running_trial(journal, trial, steps, proc, timeout_s=180):
     """Wait until the trial's job has trained `steps` steps; returns (its state, its job id)."""
-    t = wait_until(lambda: (t := journal.load().trials.get(trial)) and t.job_id and steps_done(t.out) >= steps and t,
+    t = wait_until(lambda: (t := journal.load().trials.get(trial)) and t.job.job_id and steps_done(t.out) >= steps and t,
                    timeout_s, f"trial {trial} at step {steps}", proc)
-    return t, t.job_id
+    return t, t.job.job_id
 
 
 def sacct_times(job_id) -> list[tuple[str, datetime | None, datetime | None]]:
@@ -89,8 +89,8 @@ def test_a_preempted_trial_goes_on_from_its_checkpoint(slurm_production, tiny_mo
 
     state = load_study(journal.path.parent)
     t = state.trials[0]
-    assert t.status == "ok" and t.job_id != first, (t.reason, t.job_id)
-    [retry] = [e for e in events(journal, "retry") if e["trial"] == 0]
+    assert t.status == "ok" and t.job.job_id != first, (t.reason, t.job.job_id)
+    [retry] = [e for e in events(journal, "retry") if e["key"] == "0"]
     assert retry["kind"] == "preempted" and retry["follow"] == (mode == "REQUEUE"), retry
     assert stop["signal"] == "SIGTERM" and stop["saved"]
     result = json.loads((Path(t.out) / "result.json").read_text())
@@ -100,12 +100,12 @@ def test_a_preempted_trial_goes_on_from_its_checkpoint(slurm_production, tiny_mo
     assert history[0] == "PREEMPTED" and "RUNNING" not in history[1:], f"the preempted job ran again: {history}"
     client = MlflowClient(uri(tmp_path))
     tags = client.get_run(t.run_id).data.tags
-    assert tags["slurm_state"] == "COMPLETED" and tags["slurm_job_id"] == t.job_id
+    assert tags["slurm_state"] == "COMPLETED" and tags["slurm_job_id"] == t.job.job_id
     attempts = json.loads(tags["attempt_history"])
-    assert [a["job_id"] for a in attempts] == [first, t.job_id] and attempts[0]["states"][0] == "PREEMPTED"
+    assert [a["job_id"] for a in attempts] == [first, t.job.job_id] and attempts[0]["states"][0] == "PREEMPTED"
     assert_one_truth(state, client)
     ended = sacct_times(first)[0][2]
-    started = sacct_times(t.job_id)[0][1]
+    started = sacct_times(t.job.job_id)[0][1]
     urgent_end = sacct_times(urgent)[0][2]
     print(f"\n[recovery] preemption ({mode}): preempted at {ended:%H:%M:%S}, urgent job ended {urgent_end:%H:%M:%S}, "
           f"trial running again {(started - ended).total_seconds():.0f} s after its preemption "
@@ -129,15 +129,15 @@ def test_requeue_and_requeuehold_are_followed_and_the_job_stops_well_inside_kill
     for trial, (job_id, stop, latency) in stops.items():
         t = state.trials[trial]
         assert stop["signal"] == "SIGTERM" and stop["saved"] and latency < 15, (trial, stop, latency)  # KillWait: 30
-        [retry] = [e for e in events(journal, "retry") if e["trial"] == trial]
-        assert retry["kind"] == "requeued" and retry["follow"] and t.job_id != job_id
+        [retry] = [e for e in events(journal, "retry") if e["key"] == str(trial)]
+        assert retry["kind"] == "requeued" and retry["follow"] and t.job.job_id != job_id
         history = sacct_history(job_id)
         assert history[0] == "REQUEUED" and history[-1] == "CANCELLED" and "RUNNING" not in history[1:], history
         assert json.loads((Path(t.out) / "result.json").read_text())["resumed_from_step"] == stop["step"]
         assert t.value == pytest.approx(state.trials[2].value, rel=1e-5)
         print(f"\n[recovery] scontrol {'requeue' if trial == 0 else 'requeuehold'}: the job stopped "
               f"{latency:.1f} s after the command (KillWait 30 s); running again "
-              f"{(sacct_times(t.job_id)[0][1] - sacct_times(job_id)[0][2]).total_seconds():.0f} s after it stopped")
+              f"{(sacct_times(t.job.job_id)[0][1] - sacct_times(job_id)[0][2]).total_seconds():.0f} s after it stopped")
     assert_one_truth(state, MlflowClient(uri(tmp_path)))
 
 
@@ -190,7 +190,7 @@ def test_pending_trials_show_why_they_wait_and_status_asks_slurm(slurm_productio
                             "--objective", "tests.objectives:landscape", "--poll", "0.3",
                             "--config", study_yaml(tmp_path, study="waits", resources={"gpus_per_node": 2}))
         journal = Journal(tmp_path / "runs" / "waits" / "journal.jsonl")
-        wait_until(lambda: journal.exists() and any(t.job_id for t in journal.load().running), 60, "submission", proc)
+        wait_until(lambda: journal.exists() and any(t.job.job_id for t in journal.load().running), 60, "submission", proc)
         shown = wait_until(lambda: "pending (Resources)" in (out := subprocess.run(
             [*orchestrator_cmd(), "status", "--study", "waits", "--workdir", str(tmp_path / "runs")],
             capture_output=True, text=True).stdout) and out, 60, "status showing the pending reason")

@@ -47,9 +47,9 @@ def child_runs(client, state, study):
 def assert_sacct_agrees_with_mlflow(client, state):
     for t in state.trials.values():
         run = client.get_run(t.run_id)
-        assert run.data.tags["slurm_job_id"] == t.job_id, (t.trial, run.data.tags)
-        job_state = sacct_state(t.job_id)
-        assert MLFLOW_STATUS.get(job_state) == run.info.status, (t.trial, t.job_id, job_state, run.info.status)
+        assert run.data.tags["slurm_job_id"] == t.job.job_id, (t.trial, run.data.tags)
+        job_state = sacct_state(t.job.job_id)
+        assert MLFLOW_STATUS.get(job_state) == run.info.status, (t.trial, t.job.job_id, job_state, run.info.status)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -61,7 +61,7 @@ def test_tiny_study_runs_on_slurm_and_accounting_agrees_with_mlflow(slurm_cluste
     assert len(state.finished) == 3 and all(t.status == "ok" for t in state.finished), \
         [(t.trial, t.reason) for t in state.finished]
     client = MlflowClient(cfg.tracking())
-    node = sacct("-X", "-j", state.trials[0].job_id, "-o", "NodeList")[0][0]
+    node = sacct("-X", "-j", state.trials[0].job.job_id, "-o", "NodeList")[0][0]
     runs = child_runs(client, state, cfg.study)
     assert len(runs) == 3
     for run in runs:
@@ -70,7 +70,7 @@ def test_tiny_study_runs_on_slurm_and_accounting_agrees_with_mlflow(slurm_cluste
         assert run.data.metrics["val_loss"] == pytest.approx(t.value)
     assert_sacct_agrees_with_mlflow(client, state)
     # TPE's first two asks filled both slots at once: one job array, journaled before and after submission.
-    first = [state.trials[i].job_id for i in (0, 1)]
+    first = [state.trials[i].job.job_id for i in (0, 1)]
     assert first[0].split("_")[0] == first[1].split("_")[0] and {j.split("_")[1] for j in first} == {"0", "1"}
     journal = Journal(cfg.folder / "journal.jsonl")
     order = [e["event"] for e in events(journal) if e["event"] in ("trial", "dispatch", "submitted")]
@@ -107,8 +107,8 @@ def test_requeue_time_limit_and_cancel_keep_the_trial_and_its_result(slurm_clust
         state = journal.load()
         for trial, (min_steps, command, sig) in actions.items():
             t = state.trials.get(trial)
-            if trial not in acted and t and t.job_id and steps_done(t.out) >= min_steps:
-                acted[trial] = t.job_id
+            if trial not in acted and t and t.job.job_id and steps_done(t.out) >= min_steps:
+                acted[trial] = t.job.job_id
             if trial in acted and not stopped(t.out, acted[trial]):
                 # scancel may answer "Job can not be altered now, try again later" though the signal landed:
                 # the stop record in the trial folder is what says the job got it, so send until it shows
@@ -125,8 +125,8 @@ def test_requeue_time_limit_and_cancel_keep_the_trial_and_its_result(slurm_clust
     client = MlflowClient(uri(tmp_path))
     for trial, kind, signal_name in ((0, "requeued", "SIGTERM"), (1, "timeout", "SIGUSR2")):
         t = state.trials[trial]
-        [retry] = [e for e in events(journal, "retry") if e["trial"] == trial]
-        assert retry["kind"] == kind and retry["job_id"] == acted[trial] and t.job_id != acted[trial]
+        [retry] = [e for e in events(journal, "retry") if e["key"] == str(trial)]
+        assert retry["kind"] == kind and retry["job_id"] == acted[trial] and t.job.job_id != acted[trial]
         stop = stopped(t.out, acted[trial])
         assert stop["signal"] == signal_name and stop["saved"], stop
         result = json.loads((Path(t.out) / "result.json").read_text())
@@ -185,13 +185,13 @@ def test_a_job_whose_node_fails_is_retried_per_policy(slurm_cluster, tiny_model_
                                "data": {"total_rows": 300}})
     proc = orchestrator(tmp_path, "--config", config)
     journal = Journal(tmp_path / "runs" / "nodefail" / "journal.jsonl")
-    first = wait_until(lambda: (t := journal.load().trials.get(0)) and t.job_id and steps_done(t.out) >= 12 and t,
+    first = wait_until(lambda: (t := journal.load().trials.get(0)) and t.job.job_id and steps_done(t.out) >= 12 and t,
                        90, "trial 0 past its first checkpoint", proc)
-    node = sacct("-X", "-j", first.job_id, "-o", "NodeList")[0][0]
+    node = sacct("-X", "-j", first.job.job_id, "-o", "NodeList")[0][0]
     try:
         subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=lora-hpo-test"], check=True)
-        _kill_processes_of(first.job_id)
-        wait_until(lambda: "NODE_FAIL" in sacct_history(first.job_id), 20, "NODE_FAIL in accounting")
+        _kill_processes_of(first.job.job_id)
+        wait_until(lambda: "NODE_FAIL" in sacct_history(first.job.job_id), 20, "NODE_FAIL in accounting")
     finally:  # ReturnToService=2 brings it back by itself; a copy started beside the old process drains it
         wait_until(lambda: _back_in_service(node), 30, "the node back in service")
     try:
@@ -205,10 +205,10 @@ def test_a_job_whose_node_fails_is_retried_per_policy(slurm_cluster, tiny_model_
     dispatches = [e["attempts"]["0"] for e in events(journal, "dispatch") if "0" in e["keys"]]
     assert dispatches == [0, 1], dispatches
     jobs = [e["jobs"]["0"] for e in events(journal, "submitted") if "0" in e["jobs"]]
-    assert jobs[0] == first.job_id != jobs[1]
-    [retry] = [e for e in events(journal, "retry") if e["trial"] == 0]
+    assert jobs[0] == first.job.job_id != jobs[1]
+    [retry] = [e for e in events(journal, "retry") if e["key"] == "0"]
     assert retry["kind"] == "node_fail" and not retry["follow"]
-    assert sacct_state(first.job_id) in ("CANCELLED", "NODE_FAIL"), "SLURM's requeued copy was left to run"
+    assert sacct_state(first.job.job_id) in ("CANCELLED", "NODE_FAIL"), "SLURM's requeued copy was left to run"
     t = state.trials[0]
     assert 0 < json.loads((Path(t.out) / "result.json").read_text())["resumed_from_step"] < 60
     assert t.value == pytest.approx(state.trials[1].value, rel=1e-5)
@@ -227,10 +227,10 @@ def test_kill_9_of_the_orchestrator_then_resume_reattaches_the_slurm_jobs(slurm_
                         "--executor", "slurm", "--objective", "tests.objectives:slow_landscape", "--poll", "0.3",
                         env=env)
     journal = Journal(tmp_path / "runs" / study / "journal.jsonl")
-    kill_when(proc, lambda: (s := journal.load()).finished and any(t.job_id for t in s.running), 90,
+    kill_when(proc, lambda: (s := journal.load()).finished and any(t.job.job_id for t in s.running), 90,
               "a finished trial and a running job")
     before = journal.load()
-    running = {t.trial: t.job_id for t in before.running if t.job_id}
+    running = {t.trial: t.job.job_id for t in before.running if t.job.job_id}
     assert running and not before.ended
     (tmp_path / "runs" / study / "code" / "SENTINEL").write_text("the snapshot of the first start")
 
@@ -238,11 +238,11 @@ def test_kill_9_of_the_orchestrator_then_resume_reattaches_the_slurm_jobs(slurm_
     after = journal.load()
     assert after.ended and len(after.finished) == 6 and all(t.status == "ok" for t in after.finished)
     for trial, job_id in running.items():
-        assert after.trials[trial].job_id == job_id, "a running job was resubmitted instead of re-attached"
+        assert after.trials[trial].job.job_id == job_id, "a running job was resubmitted instead of re-attached"
     assert len(list(marks.iterdir())) == 6, "an evaluation was lost or ran twice"
     jobs = {row[0]: row[2] for row in sacct("-X", "-S", "now-3hours", "-o", "JobID,JobName%200,State")
             if row[1].startswith(f"{study}.")}  # jobs are named <study>.<dispatch batch>
-    assert sorted(jobs) == sorted(t.job_id for t in after.trials.values()), "sacct knows other jobs than the trials'"
+    assert sorted(jobs) == sorted(t.job.job_id for t in after.trials.values()), "sacct knows other jobs than the trials'"
     assert set(jobs.values()) == {"COMPLETED"}, jobs
     assert (tmp_path / "runs" / study / "code" / "SENTINEL").exists(), "--resume replaced the code snapshot"
 

@@ -89,10 +89,10 @@ def test_kill_9_then_resume_loses_nothing_and_runs_nothing_twice(tmp_path, algo)
     proc = orchestrator_process(tmp_path, *args, env=env)
     journal = Journal(tmp_path / "runs" / "crashy" / "journal.jsonl")
     # kill once some trials are done and others are running
-    kill_when(proc, lambda: len((s := journal.load()).finished) >= 3 and any(t.job_id for t in s.running), 120,
+    kill_when(proc, lambda: len((s := journal.load()).finished) >= 3 and any(t.job.job_id for t in s.running), 120,
               "three results and a running job")
     before = journal.load()
-    running_jobs = {t.trial: t.job_id for t in before.running if t.job_id}
+    running_jobs = {t.trial: t.job.job_id for t in before.running if t.job.job_id}
     assert running_jobs and not before.ended
 
     resumed = orchestrator_process(tmp_path, "--study", "crashy", "--resume", env=env)
@@ -101,7 +101,7 @@ def test_kill_9_then_resume_loses_nothing_and_runs_nothing_twice(tmp_path, algo)
     after = load_study(journal.path.parent)
     assert after.ended and len(after.finished) == 8 and all(t.status == "ok" for t in after.finished)
     for trial, job_id in running_jobs.items():
-        assert after.trials[trial].job_id == job_id, "a running job was resubmitted instead of re-attached"
+        assert after.trials[trial].job.job_id == job_id, "a running job was resubmitted instead of re-attached"
     evaluated = [json.loads(p.read_text()) for p in marks.iterdir()]
     assert len(evaluated) == 8, "an evaluation was lost or run twice"
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")

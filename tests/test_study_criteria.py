@@ -63,8 +63,8 @@ def test_a_constrained_study_judges_every_trial_and_its_best_is_feasible(tmp_pat
     for t in state.finished:
         r = t.point["r"]
         memory, hours = 14 + 14 * r / 128 - 30, 0.5 + 0.5 * r / 128 - 1.2
-        assert t.summary["c.peak_memory_gb"] == pytest.approx(memory)
-        assert t.summary["c.train_hours"] == pytest.approx(hours)
+        assert t.summary["constraint.peak_memory_gb"] == pytest.approx(memory)
+        assert t.summary["constraint.train_hours"] == pytest.approx(hours)
         assert t.summary["feasible"] is (memory <= 0 and hours <= 0)
     feasible = [t for t in state.finished if t.summary["feasible"]]
     assert feasible, "no feasible trial in 16: the searcher ignored the constraints"
@@ -77,7 +77,7 @@ def test_a_constrained_study_judges_every_trial_and_its_best_is_feasible(tmp_pat
     for t in state.finished:  # each child run: its constraint values and a feasible tag
         run = runs[t.trial]
         assert run.data.tags["feasible"] == str(t.summary["feasible"]).lower()
-        assert run.data.metrics["constraint.peak_memory_gb"] == pytest.approx(t.summary["c.peak_memory_gb"])
+        assert run.data.metrics["constraint.peak_memory_gb"] == pytest.approx(t.summary["constraint.peak_memory_gb"])
     if algo == "nomad":  # MADS learns the barrier (TPE draws its first 20 points at random)
         assert len(feasible) >= len(state.finished) // 2, [t.point["r"] for t in state.finished]
 
@@ -115,7 +115,7 @@ def test_an_a_priori_infeasible_point_never_reaches_a_job(constrained_finetunes)
     records = list(Journal(cfg.folder / "journal.jsonl").records())
     submitted = {t for r in records if r["event"] == "submitted" for t in r.get("trials", [r.get("trial")])}
     for t in infeasible:
-        assert t.trial not in submitted and not t.job_id, "an infeasible point was submitted"
+        assert t.trial not in submitted and not t.job.job_id, "an infeasible point was submitted"
         assert not (cfg.folder / "trials" / f"{t.trial:03d}" / "spec.json").exists()
         assert t.summary["trainable_params"] > bound and t.summary["feasible"] is False
         assert "infeasible before training: trainable_params" in t.reason
@@ -177,7 +177,7 @@ def test_kill_9_then_resume_of_a_criteria_study_loses_and_repeats_nothing(tmp_pa
                                       **criteria}))
     proc = orchestrator_process(tmp_path, "--config", str(config), env=env)
     journal = Journal(tmp_path / "runs" / "crit" / "journal.jsonl")
-    kill_when(proc, lambda: len((s := journal.load()).finished) >= 3 and any(t.job_id for t in s.running), 180,
+    kill_when(proc, lambda: len((s := journal.load()).finished) >= 3 and any(t.job.job_id for t in s.running), 180,
               "three results and a running job")
     resumed = orchestrator_process(tmp_path, "--study", "crit", "--resume", env=env)
     output, _ = resumed.communicate(timeout=300)

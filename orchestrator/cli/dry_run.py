@@ -15,7 +15,7 @@ import yaml
 from orchestrator.config import StudyConfig
 from orchestrator.search.criteria import searcher_criteria
 from orchestrator.search.searchers import make_searcher
-from slurm.executors import sbatch_preview
+from slurm.backend import submission_preview
 
 
 def dry_run(config: StudyConfig, out=None) -> dict:
@@ -32,9 +32,8 @@ def dry_run(config: StudyConfig, out=None) -> dict:
     trial_out = str(config.folder / "trials" / "0000")
     spec = (config.trial_spec(first.point, trial_out).to_dict() if first and config.function is None
             else {"objective": config.function, "point": first.point if first else None, "out": trial_out})
-    slurm = config.executor in ("slurm", "auto")
-    script = sbatch_preview(config.resources, config.folder / "submitit", f"{config.study}.<batch>",
-                            code_dir=config.folder / "code") if slurm else None
+    said, script = submission_preview(config.executor, config.resources, config.folder / "submitit",
+                                      f"{config.study}.<batch>", code_dir=config.folder / "code")
     print("# resolved configuration", file=out)
     print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None).rstrip(), file=out)
     print(f"\n# first suggestions ({config.algo}, {len(suggestions)} of {config.parallel} slots)", file=out)
@@ -43,12 +42,8 @@ def dry_run(config: StudyConfig, out=None) -> dict:
     print("\n# the first trial's spec (jobs/finetune.py)" if config.function is None else
           "\n# the first trial (objective)", file=out)
     print(json.dumps(spec, indent=2, default=str), file=out)
-    if script is None:
-        where = "as local processes" if config.executor == "local" else "in this process"
-        print(f"\n# executor {config.executor}: no batch script (jobs run {where})", file=out)
-    else:
-        print("\n# its batch script on SLURM (resources:)" + (" if executor auto finds SLURM (sbatch and sinfo answer)"
-                                                              if config.executor == "auto" else ""), file=out)
+    print(f"\n# {said}", file=out)
+    if script is not None:
         print(script, file=out)
     print("# dry run: nothing was submitted or written", file=out)
     return {"config": config.to_dict(), "suggestions": [s.point for s in suggestions], "spec": spec,

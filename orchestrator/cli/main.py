@@ -151,6 +151,8 @@ def quiet_libraries(http_retries: int = 0) -> None:
     """Third-party chatter off the console (MLflow's table creation, alembic's migrations), and MLflow's HTTP
     client bounded (a study's writes go through a durable queue that retries itself: 0; one-shot commands: 2)."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its loggers
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # a study's records go to its own store only
+    os.environ.setdefault("DO_NOT_TRACK", "true")
     for name in ("alembic", "mlflow", "urllib3", "nni"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # MLflow retries an unreachable server for minutes by default; the outbox retries on its own schedule
@@ -207,11 +209,12 @@ def main(argv=None) -> int:
             return 0
         _check_workdir(config)
         check_store(config.tracking(), experiment=config.study)
+        created = None
         if not args.resume and args.study is None and config.study == f"{config.preset}-{config.algo}":
-            renamed = claim_fresh_name(config)
+            renamed, created = claim_fresh_name(config), True
             if renamed:
                 print(f"note: a study named {renamed!r} exists already: this one is {config.study!r}", flush=True)
-        state = run_study(config, resume=args.resume)
+        state = run_study(config, resume=args.resume, created=False if args.resume else created)
     except (ConfigError, StudyError, LockError, StoreError, DamagedFile) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

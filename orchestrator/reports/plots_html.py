@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.reports.plots import BEST, FAILED, View, _best_so_far, _grid, _loss_range, pruned_value
+from orchestrator.reports.view import BEST, FAILED, View, best_so_far, grid_shape, loss_range, pruned_value
 
 def _write_html(fig, path: Path) -> None:
     fig.update_layout(template="plotly_white", title=dict(font=dict(size=14)))
@@ -13,11 +13,11 @@ def _write_html(fig, path: Path) -> None:
 def history_html(v: View, path: Path) -> None:
     import plotly.graph_objects as go
     fig = go.Figure()
-    lo, hi, top = _loss_range(v)
+    lo, hi, top = loss_range(v)
     if v.ok:
         fig.add_scatter(x=[v.x(t) for t in v.ok], y=[t.value for t in v.ok], mode="markers", name="evaluation",
                         hovertext=[v.hover(t) for t in v.ok], hoverinfo="text", marker=dict(opacity=0.7))
-        xs, ys = _best_so_far(v)
+        xs, ys = best_so_far(v)
         fig.add_scatter(x=xs, y=ys, mode="lines", line=dict(shape="hv", color=BEST, width=3), name="best so far")
     failed = [t for t in v.failed if t not in v.pruned]
     if failed:
@@ -43,7 +43,7 @@ def history_html(v: View, path: Path) -> None:
 def parallel_html(v: View, path: Path) -> None:
     import plotly.graph_objects as go
     from plotly.colors import sample_colorscale
-    lo, hi, top = _loss_range(v)
+    lo, hi, top = loss_range(v)
     trials = v.ok + v.failed
     dims = []
     for a in v.axes:
@@ -68,10 +68,10 @@ def parallel_html(v: View, path: Path) -> None:
 def params_html(v: View, path: Path) -> None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-    rows, cols = _grid(len(v.axes))
+    rows, cols = grid_shape(len(v.axes))
     fig = make_subplots(rows=rows, cols=cols, shared_yaxes=True, horizontal_spacing=0.04,
                         vertical_spacing=0.18)
-    lo, hi, top = _loss_range(v)
+    lo, hi, top = loss_range(v)
     trials = [t.trial for t in v.ok + v.failed] or [0]
     best = v.best
     for i, a in enumerate(v.axes):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.reports.plots import BEST, FAILED, View, _best_so_far, _grid, _loss_range, _normalized, pruned_value
+from orchestrator.reports.view import (BEST, FAILED, View, best_so_far, grid_shape, loss_range, normalized,
+                                       pruned_value)
 
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
@@ -33,10 +34,10 @@ def history_png(v: View, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
     fig = _figure(8, 4.5)
     ax = fig.add_subplot()
-    lo, hi, top = _loss_range(v)
+    lo, hi, top = loss_range(v)
     if v.ok:
         ax.scatter([v.x(t) for t in v.ok], [t.value for t in v.ok], s=22, alpha=0.6, label="evaluation")
-        ax.step(*_best_so_far(v), where="post", color=BEST, lw=2, label="best so far")
+        ax.step(*best_so_far(v), where="post", color=BEST, lw=2, label="best so far")
         best = v.best
         if best is not None:
             ax.scatter([v.x(best)], [best.value], marker="*", s=160, color=BEST, edgecolor="black", zorder=3,
@@ -71,14 +72,14 @@ def parallel_png(v: View, path: Path) -> None:
     n = len(v.axes) + 1
     fig = _figure(max(6.0, 1.5 * n + 2), 4.8)
     ax = fig.add_subplot()
-    lo, hi, _ = _loss_range(v)
+    lo, hi, _ = loss_range(v)
     cmap, norm = _cmap(), Normalize(lo, hi)
     for t in v.failed:
-        ys = [_normalized(a, a.at(t.point)) for a in v.axes] + [1.08]
+        ys = [normalized(a, a.at(t.point)) for a in v.axes] + [1.08]
         ax.plot(range(n), ys, color="gray", ls="--", lw=0.9, alpha=0.6)
     best = v.best
     for t in sorted(v.ok, key=lambda t: -t.value):  # the best drawn last, on top
-        ys = [_normalized(a, a.at(t.point)) for a in v.axes] + [(t.value - lo) / (hi - lo)]
+        ys = [normalized(a, a.at(t.point)) for a in v.axes] + [(t.value - lo) / (hi - lo)]
         ax.plot(range(n), ys, color=cmap(norm(t.value)), lw=2.8 if t is best else 1.2, alpha=0.85)
     for i, a in enumerate(v.axes + [None]):
         ax.axvline(i, color="black", lw=0.8)
@@ -107,10 +108,10 @@ def parallel_png(v: View, path: Path) -> None:
 def params_png(v: View, path: Path) -> None:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
-    rows, cols = _grid(len(v.axes))
+    rows, cols = grid_shape(len(v.axes))
     fig = _figure(3.0 * cols + 1.2, 2.8 * rows + 0.6)
     grid = fig.subplots(rows, cols, sharey=True, squeeze=False)
-    lo, hi, top = _loss_range(v)
+    lo, hi, top = loss_range(v)
     trials = [t.trial for t in v.ok + v.failed] or [0]
     norm = Normalize(min(trials), max(max(trials), min(trials) + 1))
     best = v.best

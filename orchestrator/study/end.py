@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from orchestrator.config import StudyConfig
+from orchestrator.config import StudyConfig, space_to_dict
 from orchestrator.search.champion import champion
 from orchestrator.study import StudyError
 from orchestrator.study.journal import Journal, StudyState, TrialState
@@ -48,11 +48,19 @@ def journal_registration(config: StudyConfig, state: StudyState, journal: Journa
     return registered
 
 
-def already_ended(config: StudyConfig, state: StudyState, journal: Journal, tracker, judge, say) -> StudyState:
-    """`--resume` of a finished study changes nothing: it only replays MLflow writes an outage left queued (a
-    registration among them)."""
+def already_ended(config: StudyConfig, state: StudyState, journal: Journal, tracker, judge, say,
+                  reregister: bool = False) -> StudyState:
+    """`--resume` of a finished study changes nothing in the study: it replays MLflow writes an outage left
+    queued (a registration among them), and re-creates what the store lost (`reregister`: the champion's run
+    or version was re-created)."""
+    if reregister:  # the store lost runs: the parent's and children's records again, from the journal
+        tracker.start_parent(state.config, space_to_dict(config.space))
+        for t in sorted(state.finished, key=lambda t: t.trial):
+            tracker.start_child(t.trial, t.point, t.encoded, config.algo)
+            tracker.finish_child(t.trial, t.status, t.value, t.summary, t.reason, t.out)
+        tracker.end_parent("FINISHED")
     pending = tracker.pending
-    queued = queue_registration(config, state, tracker, judge) if not state.registered else None
+    queued = queue_registration(config, state, tracker, judge) if not state.registered or reregister else None
     drained = tracker.close(wait_s=24 * 3600, idle_s=DRAIN_IDLE_S)
     if queued is not None and drained:
         journal_registration(config, state, journal, tracker, queued)

@@ -82,7 +82,7 @@ class Study:
         self.progress = Progress(config, self.out)
         self.best: TrialState | None = None
         self.untracked: list = []  # finished trials not yet queued for MLflow
-        self.plotted_at = 0.0
+        self.plotted_at = time.time()  # the first plots after PLOT_EVERY_S, or at the end
         self.t0 = time.time()
 
     def _open(self, resume: bool) -> StudyState:
@@ -98,9 +98,11 @@ class Study:
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def run(self) -> StudyState:
+        self.recreated = self._reconcile() if self.state.config is not None else {}
         if self.state.ended:
             self.searcher.close()
-            return end.already_ended(self.config, self.state, self.journal, self.tracker, self.judge, self._warn)
+            return end.already_ended(self.config, self.state, self.journal, self.tracker, self.judge, self._warn,
+                                     reregister=bool(self.recreated.get("registered") or self.recreated.get("runs")))
         try:
             self._start()
             self._loop()
@@ -156,6 +158,20 @@ class Study:
             except DataError as e:
                 raise StudyError(f"the training data cannot be prepared: {e}") from None
 
+    def _reconcile(self) -> dict:
+        """A resumed study: MLflow made to agree with the journal (runs and registrations the store lost are
+        queued again from the journal and the trial folders; orchestrator/tracking/tracker.py reconcile)."""
+        keys = [PARENT] + [trial_key(t) for t in self.state.trials]
+        registered = [(r["name"], trial_key(r["trial"])) for r in self.state.registered if "trial" in r]
+        said = self.tracker.reconcile(keys, registered)
+        if said.get("unchecked"):
+            self._warn(f"note: MLflow could not be checked against the journal ({said['unchecked']}): it is checked "
+                       "at the next --resume")
+        elif said["runs"] or said["registered"]:
+            self._warn(f"note: MLflow lacked {len(said['runs'])} run(s) and {len(said['registered'])} registration(s) "
+                       "of this study (a store deleted or restored from a backup): re-created from the journal")
+        return said
+
     def _adopt(self) -> None:
         """After a restart: replay finished trials into the searcher, re-attach (or find) the running ones."""
         finished = sorted(self.state.finished, key=lambda t: t.trial)
@@ -163,8 +179,11 @@ class Study:
         self.searcher.replay([self._observation(t) for t in finished], [Pending(t.point, t.trial) for t in running])
         for t in sorted(self.state.trials.values(), key=lambda t: t.trial):
             self.tracker.start_child(t.trial, t.point, t.encoded, self.config.algo)  # queued once, ever
+        lost = set(self.recreated.get("runs", ()))
         for t in finished:
             self._update_best(t)
+            if trial_key(t.trial) in lost and t.out:  # its run was re-created: its curve again, from the folder
+                self.tracker.log_curve(t.trial, Follower(Path(t.out) / METRICS_FILE).poll())
             self.tracker.finish_child(t.trial, t.status, t.value, t.summary, t.reason, t.out)
         self.runner.adopt([t.job for t in running], self.state.batches, self.state.jobs)
         for t in running:
@@ -345,8 +364,44 @@ def _plain(x):
     return json.loads(json.dumps(x, default=float)) if x is not None else None
 
 
-def run_study(config: StudyConfig, resume: bool = False, out=None) -> StudyState:
-    """Run (or resume) a study under its lock: one orchestrator per study."""
+def run_study(config: StudyConfig, resume: bool = False, out=None, created: bool | None = None) -> StudyState:
+    """Run (or resume) a study under its lock: one orchestrator per study.
+
+    A study that stops before its journal begins (bad input found late: the objective does not import, the data
+    cannot be prepared) leaves nothing behind, if this process created its folder (`created`; None: find out by
+    creating it): what it made is removed while it still holds the lock, so that nothing another process owns
+    is ever deleted (a second start that lost the race for the lock removes nothing)."""
+    if created is None:
+        try:
+            config.folder.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
     config.folder.mkdir(parents=True, exist_ok=True)
-    with StudyLock(config.folder / "study.lock", what=f"study {config.study!r}"):
+    lock = StudyLock(config.folder / "study.lock", what=f"study {config.study!r}").acquire()
+    cleared = False
+    try:
         return Study(config, resume, out).run()
+    except BaseException:
+        if created and not (config.folder / "journal.jsonl").exists():
+            _clear_unstarted(config.folder, keep=lock.path)
+            cleared = True
+        raise
+    finally:
+        lock.release()
+        if cleared:
+            try:
+                config.folder.rmdir()  # empty, unless another start made its lock meanwhile: then it stays
+            except OSError:
+                pass
+
+
+def _clear_unstarted(folder: Path, keep: Path) -> None:
+    import shutil
+    for entry in folder.iterdir():
+        if entry == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)

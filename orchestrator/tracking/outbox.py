@@ -113,6 +113,9 @@ class Outbox:
                         self._results[r["ack"]] = r["result"]
                 elif "forget" in r:
                     self._drop(set(r["forget"]), ops)
+                elif "forget_marks" in r:
+                    for mark in r["forget_marks"]:
+                        self._marks.pop(mark, None)
                 elif "op" in r:
                     ops.append(r)
                     self._seq = max(self._seq, int(r["seq"]))
@@ -187,6 +190,15 @@ class Outbox:
             self._drop(keys, self._queue)
             self._cv.notify_all()
 
+    def forget_marks(self, marks) -> None:
+        """Forget that writes with these marks were queued (their run lost what they wrote): queued again."""
+        marks = [m for m in marks if m in self._marks]
+        if marks:
+            with self._cv:
+                self._write({"forget_marks": marks}, sync=True)
+                for m in marks:
+                    self._marks.pop(m, None)
+
     def known_runs(self) -> dict[str, str]:
         return dict(self._run_ids)
 
@@ -216,6 +228,9 @@ class Outbox:
 
     # ------------------------------------------------------------------------------------------- consumer
     def start(self) -> None:
+        # MLflow (and pandas under it) imported here, in the caller's thread: two threads importing them at once
+        # (the drain's first write, the study's first plot) can meet a partially initialized module
+        import mlflow.entities  # noqa: F401
         if self._thread is None:
             self._thread = threading.Thread(target=self._drain, name="mlflow-outbox", daemon=True)
             self._thread.start()

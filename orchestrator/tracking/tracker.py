@@ -75,6 +75,25 @@ def metric_name(name: str) -> str:
     return safe
 
 
+def _run_alive(client, run_id: str) -> bool:
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:  # noqa: BLE001
+        if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return getattr(run.info, "lifecycle_stage", "active") != "deleted"
+
+
+def _version_of(client, name: str, run_id: str) -> bool:
+    try:
+        return bool(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
+    except Exception as e:  # noqa: BLE001
+        if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
 def _text(v) -> str:
     return (json.dumps(v) if isinstance(v, (dict, list)) else str(v))[:6000]
 
@@ -167,9 +186,12 @@ class Tracker:
     def log_dict(self, key: str, data, file: str, run_id: str | None = None) -> None:
         self.log_text(key, json.dumps(data, indent=2, default=str), file, run_id)
 
-    def log_artifacts_of(self, folder: str | Path, artifact_path: str, key: str = PARENT) -> None:
-        """The files of `folder` under `artifact_path` of the run `key` (overwritten by a later call)."""
-        self.outbox.put("log_artifacts", key=key, path=str(folder), artifact_path=artifact_path)
+    def log_artifacts_of(self, folder: str | Path, artifact_path: str, key: str = PARENT,
+                         run_id: str | None = None) -> None:
+        """The files of `folder` under `artifact_path` of the run `key` (or `run_id`; overwritten by a later
+        call)."""
+        self.outbox.put("log_artifacts", key=key, path=str(folder), artifact_path=artifact_path,
+                        **({"run_id": run_id} if run_id else {}))
 
     def _name(self, key: str, name: str) -> str:
         safe = metric_name(name)
@@ -247,6 +269,27 @@ class Tracker:
             if status == "ok" and (folder / ADAPTER_DIR).is_dir():
                 self.outbox.put("log_artifacts", key=key, path=str(folder / ADAPTER_DIR), artifact_path=ADAPTER_DIR)
         self.outbox.put("set_status", mark=f"finish:{key}", key=key, status=RUN_STATUS[status], end_time=_ms())
+
+    # ------------------------------------------------------------------------------------------- reconcile
+    def reconcile(self, keys: list[str], registered: list[tuple[str, str]] = ()) -> dict:
+        """Make the store agree with the journal again (on --resume, whatever happened to the store: deleted,
+        recreated, restored from an older backup): the runs `keys` this outbox made that the store no longer
+        has (or has deleted), and the registrations (name, run key) whose model version is gone, are forgotten,
+        so that the caller's usual calls queue them again from the journal. Returns {"runs": [...], "registered":
+        [...]} of what will be re-created; {"unchecked": reason} when the store could not be read (checked at the
+        next resume; nothing is forgotten)."""
+        known = {k: self.outbox.run_id(k) for k in keys if self.outbox.run_id(k)}
+        try:
+            client = self.outbox.client
+            lost = [k for k, run_id in known.items() if not _run_alive(client, run_id)]
+            gone = [(name, key) for name, key in registered if key not in lost and known.get(key)
+                    and not _version_of(client, name, known[key])]
+        except Exception as e:  # noqa: BLE001 - an unreachable store: the outbox retries its writes anyway
+            return {"unchecked": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        if lost or gone:
+            self.outbox.forget(lost)
+            self.outbox.forget_marks([f"register:{name}:{key}" for name, key in gone])
+        return {"runs": lost, "registered": [name for name, _ in gone]}
 
     # ------------------------------------------------------------------------------------------- the registry
     def register(self, name: str, key: str, tags: dict, run_id: str | None = None, mark: str | None = None) -> int:

@@ -64,7 +64,7 @@ import zlib
 
 import numpy as np
 
-from orchestrator.search.searchers import Ledger, LedgerSearcher, Observation, Pending, Suggestion, violation
+from orchestrator.search.searchers.base import Ledger, LedgerSearcher, Observation, Pending, Suggestion, violation
 from orchestrator.search.searchers.mads_steps import (Box, QuadModel, Surrogate, farthest_point, frame, latin_hypercube,
                                                poll_steps)
 from orchestrator.search.space import SearchSpace

@@ -134,7 +134,7 @@ import weakref
 
 import PyNomad
 
-from orchestrator.search.searchers import Ledger, Observation, Pending, Suggestion, rank
+from orchestrator.search.searchers.base import Ledger, Observation, Pending, Suggestion, rank
 from orchestrator.search.searchers.nomad_params import nomad_parameters
 from orchestrator.search.space import SearchSpace
 

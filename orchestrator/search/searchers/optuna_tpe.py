@@ -29,7 +29,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from orchestrator.search.searchers import Ledger, LedgerSearcher, Observation, Pending, Suggestion
+from orchestrator.search.searchers.base import Ledger, LedgerSearcher, Observation, Pending, Suggestion
 from orchestrator.search.space import Choice, Int, Log, SearchSpace
 
 OPTIONS = ("n_startup_trials", "n_ei_candidates", "multivariate", "constant_liar")

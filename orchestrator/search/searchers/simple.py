@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from orchestrator.search.searchers import Ledger, LedgerSearcher, Observation, Pending, Suggestion
+from orchestrator.search.searchers.base import Ledger, LedgerSearcher, Observation, Pending, Suggestion
 from orchestrator.search.space import SearchSpace
 
 _MAX_DRAWS = 1000  # draws to find an unseen point before calling a (small, discrete) space exhausted

@@ -52,7 +52,7 @@ import logging
 from nni.algorithms.hpo.tpe_tuner import TpeArguments, TpeTuner
 from nni.common.hpo_utils import format_parameters
 
-from orchestrator.search.searchers import Ledger, LedgerSearcher, Observation, Pending, Suggestion
+from orchestrator.search.searchers.base import Ledger, LedgerSearcher, Observation, Pending, Suggestion
 from orchestrator.search.space import SearchSpace
 
 _MAX_DRAWS = 50
