@@ -226,6 +226,223 @@ def fresh_store_two_studies(c: Case):
     return None if codes == [0, 0] else f"exits {codes}: {[p.stdout.read()[-200:] for p in procs]}"
 
 
+# ------------------------------------------------------------------------------------------- Reliability (2)
+def mlflow_runs(c: Case, study: str) -> list:
+    client = c.mlflow()
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+def refused_writes(objective: str, check):
+    """A study whose trials make MLflow refuse a write: every run still ends with its status and values."""
+    def case(c: Case):
+        proc = c.run(*study_args("odd", budget=3, objective=objective))
+        runs = [r for r in mlflow_runs(c, "odd") if r.data.tags.get("role") == "trial"]
+        parent = [r for r in mlflow_runs(c, "odd") if r.data.tags.get("role") == "study"]
+        return check(proc, runs, parent)
+    return case
+
+
+def _metric_renamed(proc, runs, parent):
+    ok = proc.returncode == 0 and len(runs) == 3 and all(
+        r.info.status == "FINISHED" and "val_loss" in r.data.metrics and r.data.metrics.get("dev.mmlu_5") == 0.3
+        and "dev.mmlu@5" in r.data.tags.get("lora_hpo.metric_names", "") for r in runs)
+    return None if ok and parent[0].info.status == "FINISHED" else \
+        f"exit {proc.returncode}: {[(r.info.status, sorted(r.data.metrics)) for r in runs]}"
+
+
+def _surrogate_written(proc, runs, parent):
+    ok = proc.returncode == 1 and len(runs) == 3 and all(
+        r.info.status == "FAILED" and "data-\ufffd.jsonl" in r.data.tags.get("failure_reason", "") for r in runs)
+    return None if ok and parent and parent[0].info.status == "FINISHED" else \
+        f"exit {proc.returncode}: {[(r.info.status, r.data.tags.get('failure_reason')) for r in runs]}"
+
+
+def store_lost_between_kill_and_resume(how: str):
+    def case(c: Case):
+        first = c.run(*study_args("lost"), kill_at="result:3:after", env={"LORA_HPO_TEST_SLEEP": "0.5"})
+        db = c.root / "mlruns" / "mlflow.db"
+        if how == "deleted":
+            db.unlink()
+        else:  # restored from a backup taken before the study: an empty store of the same schema
+            shutil.copy(db, c.root / "backup.db")
+            client = c.mlflow()
+            for r in mlflow_runs(c, "lost"):
+                client.delete_run(r.info.run_id)
+        resumed = c.run("--study", "lost", "--resume", env={"LORA_HPO_TEST_SLEEP": "0.5"})
+        runs = mlflow_runs(c, "lost")
+        live = [r for r in runs if r.info.lifecycle_stage == "active"]
+        trials = [r for r in live if r.data.tags.get("role") == "trial"]
+        ok = first.returncode == -9 and resumed.returncode == 0 and len(trials) == 6 and all(
+            r.info.status == "FINISHED" and "val_loss" in r.data.metrics for r in trials) and \
+            sum(r.data.tags.get("role") == "study" for r in live) == 1
+        return None if ok else f"exit {resumed.returncode}: {len(trials)} trial runs, " \
+                               f"{sum(r.data.tags.get('role') == 'study' for r in live)} parents: {resumed.stderr[-200:]}"
+    return case
+
+
+def journal_lost_outbox_kept(c: Case):
+    c.run(*study_args("again", budget=2, objective="tests.objectives:landscape"))
+    (c.root / "runs" / "again" / "journal.jsonl").unlink()  # the journal is gone, the outbox is still there
+    proc = c.run(*study_args("again", budget=2, objective="tests.objectives:landscape"))
+    runs = [r for r in mlflow_runs(c, "again") if r.data.tags.get("role") == "trial"]
+    moved = list((c.root / "runs" / "again").glob("mlflow-outbox.*.jsonl"))
+    ok = proc.returncode == 0 and len(runs) == 4 and moved and all("val_loss" in r.data.metrics for r in runs)
+    return None if ok else f"exit {proc.returncode}: {len(runs)} trial runs, outbox moved: {moved}"
+
+
+def paused_loser(c: Case):
+    """Two starts of one new study: the loser is frozen right before it looks at the folder; it must delete
+    nothing of the winner's, and a third process (--resume) must be refused while the winner runs."""
+    gate = {"LORA_HPO_TEST_GATE": str(c.root / "gate")}
+    winner = c.start(*study_args("race", objective="tests.objectives:waits_for_file"), env=gate)
+    folder = c.root / "runs" / "race"
+    deadline = time.time() + 120
+    while not (folder / "journal.jsonl").exists():
+        if time.time() > deadline or winner.poll() is not None:
+            return "the winner never started"
+        time.sleep(0.1)
+    loser = c.run(*study_args("race", objective="tests.objectives:waits_for_file"), env=gate)
+    third = c.run("--study", "race", "--resume", env=gate)
+    intact = (folder / "study.lock").exists() and (folder / "code").is_dir()
+    (c.root / "gate").touch()
+    winner.wait(timeout=300)
+    state = c.journal("race")
+    ok = one_line_error(loser) and one_line_error(third) and intact and c.evaluations() == 6 and \
+        len(state.finished) == 6 and sum(r["event"] == "end" for r in _records(folder)) == 1
+    return None if ok else f"loser {loser.returncode} {loser.stderr[-120:]!r}, third {third.returncode}, intact " \
+                           f"{intact}, {c.evaluations()} evaluations"
+
+
+def _records(folder):
+    from orchestrator.study.journal import Journal
+    return list(Journal(folder / "journal.jsonl").records())
+
+
+def damaged_journal(how: str, says: str):
+    def case(c: Case):
+        c.run(*study_args("dmg", budget=2, objective="tests.objectives:landscape"))
+        path = c.root / "runs" / "dmg" / "journal.jsonl"
+        lines = path.read_bytes().splitlines()
+        damage = {"middle": lines[:2] + [b"#garbage#"] + lines[2:], "last": lines + [b"#garbage#"],
+                  "unknown trial": lines + [b'{"event": "result", "trial": 77, "status": "ok"}'],
+                  "missing field": lines + [b'{"event": "trial", "trial": 9}']}[how]
+        path.write_bytes(b"\n".join(damage) + b"\n")
+        before = path.read_bytes()
+        proc = c.run("--study", "dmg", "--resume", "--budget", "4")
+        ok = one_line_error(proc) and says in proc.stderr and path.read_bytes() == before
+        return None if ok else f"exit {proc.returncode}: {proc.stderr.strip()[:200]}"
+    return case
+
+
+def damaged_outbox(c: Case):
+    c.run(*study_args("ob", budget=2, objective="tests.objectives:landscape"))
+    path = c.root / "runs" / "ob" / "mlflow-outbox.jsonl"
+    path.write_bytes(path.read_bytes() + b"\x00\xff garbage\n")
+    proc = c.run("--study", "ob", "--resume")
+    return None if one_line_error(proc) and "queued MLflow writes are lost" in proc.stderr else proc.stderr[-200:]
+
+
+def damaged_warm_source(c: Case):
+    c.run(*study_args("w1", budget=2, objective="tests.objectives:landscape"))
+    (c.root / "runs" / "w1" / "journal.jsonl").write_bytes(b"")  # empty: a study that never started
+    proc = c.run(*study_args("w2", budget=2, objective="tests.objectives:landscape"), "--warm-start", "w1")
+    ok = one_line_error(proc) and "warm_start" in proc.stderr and not (c.root / "runs" / "w2").exists()
+    return None if ok else proc.stderr[-200:]
+
+
+def debug_executor(objective: str, says: str):
+    def case(c: Case):
+        proc = c.run("--study", "dbg", "--algo", "random", "--budget", "2", "--executor", "debug", "--objective",
+                     objective, "--poll", "0.1", "--config", str(_yaml(c, "resources: {timeout_min: 1}\n")),
+                     timeout=600)
+        state = c.journal("dbg")
+        ok = proc.returncode == 1 and state.ended and all(says in (t.reason or "") for t in state.finished)
+        return None if ok else f"exit {proc.returncode}, ended {state.ended}: {[t.reason for t in state.finished]}"
+    return case
+
+
+def _yaml(c: Case, text: str) -> Path:
+    path = c.root / "extra.yaml"
+    path.write_text(text)
+    return path
+
+
+def no_controller(c: Case):
+    fake = c.root / "bin"
+    fake.mkdir()
+    for name in ("sbatch", "sinfo", "srun", "squeue", "sacct"):
+        (fake / name).write_text("#!/bin/sh\necho 'slurm_load_partitions: Unable to contact slurm controller "
+                                 "(connect failure)' >&2\nexit 1\n")
+        (fake / name).chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+    proc = c.run("--study", "noctl", "--algo", "random", "--budget", "3", "--executor", "slurm", "--objective",
+                 "tests.objectives:landscape", env=env)
+    ok = one_line_error(proc) and "controller does not answer" in proc.stderr and c.evaluations() == 0
+    return None if ok else f"exit {proc.returncode}: {proc.stderr.strip()[:300]}"
+
+
+def terminated_like_ctrl_c(sig):
+    def case(c: Case):
+        gate = {"LORA_HPO_TEST_GATE": str(c.root / "gate")}
+        proc = c.start(*study_args("term", objective="tests.objectives:waits_for_file"), env=gate)
+        journal = c.root / "runs" / "term" / "journal.jsonl"
+        deadline = time.time() + 120
+        while not (journal.exists() and '"submitted"' in journal.read_text()):
+            if time.time() > deadline or proc.poll() is not None:
+                return "it never started its jobs"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        out = proc.communicate(timeout=120)[0]
+        (c.root / "gate").touch()
+        resumed = c.run("--study", "term", "--resume", env=gate)
+        ok = proc.returncode == 130 and "--resume" in out and resumed.returncode == 0 and c.evaluations() == 6
+        return None if ok else f"exit {proc.returncode}: {out[-200:]!r}; resume {resumed.returncode}"
+    return case
+
+
+def binary_config(c: Case):
+    (c.root / "study.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary")
+    return bad_input("--config", str(c.root / "study.yaml"), says="not a text file")(c)
+
+
+def unknown_scheme(uri: str):
+    return bad_input("--tracking-uri", uri, says="not one MLflow can use" if "sqlite" not in uri else "sqlite:///")
+
+
+RELIABILITY_2 = [
+    ("a metric name MLflow refuses (dev.mmlu@5)", "renamed, mapping tagged, runs whole",
+     refused_writes("tests.objectives:odd_metric", _metric_renamed)),
+    ("a failure reason with a lone surrogate", "written (U+FFFD), nothing blocked",
+     refused_writes("tests.objectives:undecodable_failure", _surrogate_written)),
+    ("tracking URI htpp://host", "1 line, exit 2", unknown_scheme("htpp://127.0.0.1:5000")),
+    ("tracking URI ftp://host", "1 line, exit 2", unknown_scheme("ftp://127.0.0.1/x")),
+    ("tracking URI sqlite:/one/slash", "1 line, exit 2", unknown_scheme("sqlite:/tmp/x.db")),
+    ("store deleted between kill and --resume", "6 trial runs + parent re-created",
+     store_lost_between_kill_and_resume("deleted")),
+    ("store restored from an older backup", "6 trial runs + parent re-created",
+     store_lost_between_kill_and_resume("restored")),
+    ("journal lost, outbox kept, study restarted", "old outbox moved aside, new runs", journal_lost_outbox_kept),
+    ("two starts, the loser paused", "loser and --resume refused, winner intact", paused_loser),
+    ("garbage line in the journal", "1 line, exit 2, nothing appended", damaged_journal("middle", "is not a JSON")),
+    ("garbage last line in the journal", "1 line, exit 2, nothing appended", damaged_journal("last", "is not a JSON")),
+    ("a result for an unknown trial", "1 line, exit 2", damaged_journal("unknown trial", "unknown trial")),
+    ("a record with a missing field", "1 line, exit 2", damaged_journal("missing field", "lacks 'point'")),
+    ("a damaged outbox", "1 line, exit 2, the honest fix", damaged_outbox),
+    ("an empty warm-start journal", "1 line, exit 2, nothing made", damaged_warm_source),
+    ("--config is a binary file", "1 line, exit 2", binary_config),
+    ("no SLURM controller at all", "1 line, exit 2, nothing submitted", no_controller),
+    ("debug executor: sys.exit(0)", "failed trials, the study ends", debug_executor(
+        "tests.objectives:calls_exit", "sys.exit(0)")),
+    ("debug executor: KeyboardInterrupt raised", "failed trials", debug_executor(
+        "tests.objectives:raises_interrupt", "KeyboardInterrupt")),
+    ("debug executor: endless loop", "failed after timeout_min", debug_executor(
+        "tests.objectives:loops_forever", "time limit")),
+    ("SIGTERM to the orchestrator", "exit 130, resume line; resume finishes", terminated_like_ctrl_c(15)),
+    ("SIGHUP to the orchestrator", "exit 130, resume line; resume finishes", terminated_like_ctrl_c(1)),
+]
+
+
 CASES = [  # (case, expected, check): check returns None when it behaves as expected, else what it saw
     ("two --resume at once", "2nd refused naming pid+host; 6 evaluations", concurrent_resume),
     ("two default-named starts at once", "two studies, two names", default_names_together),
@@ -264,7 +481,7 @@ CASES = [  # (case, expected, check): check returns None when it behaves as expe
     ("50 MB objective return value", "journal < 100 kB", huge_return),
     ("kills during MLflow store creation", "next study works", store_creation_killed),
     ("two studies on a fresh store", "both work", fresh_store_two_studies),
-]
+] + RELIABILITY_2
 
 
 def main(argv=None) -> int:

@@ -88,6 +88,8 @@ METRICS = (
            what="the fraction of training at which the pruner stopped the trial"),
     Metric("pruned_val_loss", "pruned_val_loss", mlflow="val_loss_when_pruned",
            what="the intermediate validation loss the pruner judged"),
+    Metric("gpu_hours", "gpu_hours", unit="GPU-h",
+           what="GPU-hours of all the trial's attempts, from SLURM accounting (CPU-hours for jobs without GPUs)"),
     Metric("heldout", "heldout", what="the held-out objective: 1 - weighted dev accuracy (+ weight x val_loss)"),
     Metric("dev_accuracy", "dev_accuracy", what="the weighted dev-subset accuracy"),
 )

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 import uuid
 from contextlib import contextmanager
@@ -335,7 +336,11 @@ def ensure_local_store(uri: str) -> None:
         os.replace(path, path.with_name(f"{path.name}.broken-{int(time.time())}"))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
     try:
-        client(f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates every table
+        template = _empty_store_template()
+        if template is not None:
+            shutil.copyfile(template, tmp)
+        else:
+            client(f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates every table
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -343,6 +348,26 @@ def ensure_local_store(uri: str) -> None:
     finally:
         for leftover in (tmp, Path(f"{tmp}-journal")):
             leftover.unlink(missing_ok=True)
+
+
+def _empty_store_template() -> Path | None:
+    """An empty, whole store of this MLflow version, made once per user cache ($LORA_HPO_CACHE/mlflow-stores):
+    a new store is a copy of it instead of MLflow's migrations run again (seconds each). None where the cache
+    cannot be written (the store is then made by MLflow directly)."""
+    import mlflow
+
+    root = Path(os.environ.get("LORA_HPO_CACHE", Path.home() / ".cache" / "lora-hpo")) / "mlflow-stores"
+    template = root / f"empty-mlflow-{mlflow.__version__}.db"
+    if template.exists() and _sqlite_whole(template):
+        return template
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{template.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
+        client(f"sqlite:///{tmp}").search_experiments(max_results=1)
+        os.replace(tmp, template)
+    except OSError:
+        return None
+    return template
 
 
 def _sqlite_tables(path: Path) -> set[str]:

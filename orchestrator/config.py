@@ -7,7 +7,10 @@ A study YAML (every key optional; `preset` picks the base, `tiny` by default):
     preset: paper             # tiny | paper
     study: llama2-nomad       # name: experiment in MLflow, folder under workdir
     algo: nomad               # nomad | tpe | random | default
-    budget: 100               # evaluations
+    budget: 100               # evaluations; or {evaluations: 100, gpu_hours: 500}, or {gpu_hours: 500} (at most
+                              # MAX_EVALUATIONS evaluations): GPU-hours of every attempt, read from SLURM accounting
+                              # (elapsed x GPUs allocated; CPU-hours for jobs without GPUs); no trial is submitted
+                              # whose expected cost would pass it (orchestrator/study/spend.py)
     parallel: 4               # evaluations in flight
     seed: 0
     executor: auto            # auto | slurm | local | debug
@@ -72,7 +75,8 @@ from slurm.dispatch import RetryPolicy
 from slurm.executors import Resources, ResourcesError
 
 DEFAULT_TRACKING_URI = tracking_store.DEFAULT_TRACKING_URI
-RESUMABLE = ("budget", "poll_s")  # what `--resume` may change; any other differing flag is refused
+RESUMABLE = ("budget", "poll_s", "gpu_hours")  # what `--resume` may change; any other differing flag is refused
+MAX_EVALUATIONS = 1000  # the evaluations of a study whose budget is in GPU-hours alone
 DEFAULT_REPORTS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)  # median stopping's default report points
 JOURNAL_ONLY = ("executor_resolved",)  # what journals before StudyConfig.from_journal added to the config
 
@@ -154,8 +158,10 @@ class StudyConfig:
     champion_rule: ChampionRule | None = None
     pareto_reference: tuple | None = None
     warm_start: tuple = ()
+    gpu_hours: float | None = None   # the budget in GPU-hours (CPU-hours without GPUs), None: evaluations only
 
     def __post_init__(self):
+        self._budget_mapping()
         _validate_scalars(self)
         self.space = _typed("space", self.space, SearchSpace,
                             lambda d: SearchSpace.from_dict(d) if d else paper_space(), SpaceError)
@@ -262,6 +268,20 @@ class StudyConfig:
         return cls.from_dict({**config, **{k: v for k, v in changes.items() if v is not None}})
 
     # ------------------------------------------------------------------------------------------- checks
+    def _budget_mapping(self) -> None:
+        """`budget: {evaluations: N, gpu_hours: H}` (either or both) into budget (evaluations) and gpu_hours."""
+        if not isinstance(self.budget, dict):
+            return
+        unknown = sorted(set(self.budget) - {"evaluations", "gpu_hours"})
+        _check(not unknown and self.budget, "budget", self.budget,
+               "a number of evaluations, or {evaluations: N, gpu_hours: H} (either or both)")
+        budget = dict(self.budget)
+        self.budget = budget.get("evaluations", MAX_EVALUATIONS if "gpu_hours" in budget else None)
+        if "gpu_hours" in budget:
+            _check(self.gpu_hours in (None, budget["gpu_hours"]), "budget.gpu_hours", budget["gpu_hours"],
+                   "give the GPU-hour budget once")
+            self.gpu_hours = budget["gpu_hours"]
+
     def _trial_template(self, trial: dict) -> FinetuneSpec:
         return FinetuneSpec.from_dict({**trial, "out": trial.get("out") or str(self.folder / "trials")})
 
@@ -293,6 +313,8 @@ def _validate_scalars(c: StudyConfig) -> None:
            "study", c.study, "use letters, digits, '.', '_' or '-' (it names a folder and an experiment)")
     _check(c.algo in ALGOS, "algo", c.algo, f"use one of {', '.join(ALGOS)}")
     _check(_is_int(c.budget) and c.budget >= 1, "budget", c.budget, "an integer >= 1 (evaluations)")
+    _check(c.gpu_hours is None or (_is_number(c.gpu_hours) and c.gpu_hours > 0), "budget.gpu_hours", c.gpu_hours,
+           "a number of GPU-hours > 0 (CPU-hours for jobs without GPUs)")
     _check(_is_int(c.parallel) and c.parallel >= 1, "parallel", c.parallel, "an integer >= 1")
     _check(_is_int(c.seed) and 0 <= c.seed < 2**31, "seed", c.seed, "an integer in [0, 2**31)")
     _check(c.executor in EXECUTORS, "executor", c.executor, f"use one of {', '.join(EXECUTORS)}")

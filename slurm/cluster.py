@@ -188,6 +188,9 @@ def _apply(a: Attempt, info: SlurmInfo) -> None:
     a.state, a.reason, a.history = info.state, info.reason, info.history or a.history
     a.node = info.node or a.node
     a.exit_code = info.exit_code
+    a.elapsed_s = info.elapsed_s if info.elapsed_s is not None else a.elapsed_s
+    a.gpus, a.cpus = (info.gpus if info.gpus is not None else a.gpus), (info.cpus or a.cpus)
     if info.state in LIVE:
         a.ran = True
+        a.started = a.started or info.start
 

@@ -15,6 +15,7 @@ import itertools
 import os
 import signal
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class DebugBackend:
             a.state, a.ran = "RUNNING", True
 
     def ended(self, a):
+        a.started = a.started or time.time()
         a.job.run()  # its turn: it runs now, in this process
         a.state = "FINISHED"
         return "FINISHED"

@@ -157,6 +157,23 @@ class Attempt:
     history: list = field(default_factory=list)  # the scheduler's records: one state per requeue (SLURM)
     exit_code: str = ""          # sacct's ExitCode (code:signal)
     requeued_since: float | None = None  # first poll that saw SLURM requeue it (its cause may lag in sacct)
+    started: float | None = None       # first poll that saw it running (local, debug); SLURM: its Start
+    elapsed_s: float | None = None     # the scheduler's own count (SLURM accounting), when it has one
+    gpus: int | None = None            # allocated, as the scheduler says (None: from the resources asked for)
+    cpus: int | None = None
+    ended_at: float | None = None      # when it was settled
+
+    def hours(self, resources, now: float | None = None) -> float:
+        """Resource-hours this attempt used so far: elapsed x GPUs allocated (x CPUs where it has no GPU): the
+        scheduler's figures where it gave them, else the wall time since it was seen running x what was asked."""
+        asked_gpus = resources.gpus_per_node * resources.nodes
+        gpus = self.gpus if self.gpus is not None else asked_gpus
+        units = gpus if gpus else (self.cpus or resources.cpus_per_task * resources.tasks_per_node * resources.nodes)
+        if self.elapsed_s is not None:
+            return self.elapsed_s / 3600 * units
+        if self.started is None:
+            return 0.0
+        return max(0.0, (self.ended_at or now or time.time()) - self.started) / 3600 * units
 
     @property
     def pending(self) -> bool:
@@ -299,6 +316,7 @@ class Dispatcher:
         for a in attempts:
             outcome = self._settle(a)
             if outcome is not None:
+                a.ended_at = time.time()
                 settled.append((a, outcome))
         return settled
 

@@ -138,6 +138,7 @@ class LocalBackend:
     def refresh(self, attempts) -> None:
         for a in attempts:
             a.state, a.ran = ("RUNNING" if a.job.alive() else "FINISHED"), True
+            a.started = a.started or a.submitted
 
     def ended(self, a):
         if a.state == "RUNNING" and not a.job.paths.result_pickle.exists():

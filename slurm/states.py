@@ -46,6 +46,9 @@ class SlurmInfo:
     reason: str = ""
     live: bool = False
     start: float | None = None  # when the current run started (sacct Start), seconds since the epoch
+    elapsed_s: float | None = None  # sacct ElapsedRaw of the current record
+    gpus: int | None = None         # allocated (sacct AllocTRES gres/gpu), None: not known yet
+    cpus: int | None = None         # allocated (AllocTRES cpu)
 
 
 def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
@@ -57,7 +60,8 @@ def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
     if not job_ids:
         return info
     ids = ",".join(job_ids)
-    out = run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o", "JobID,State,ExitCode,NodeList,Start"])
+    out = run(["sacct", "-n", "-P", "-X", "-D", "-j", ids, "-o",
+               "JobID,State,ExitCode,NodeList,Start,ElapsedRaw,AllocTRES"])
     answered = out is not None
     for line in (out or "").splitlines():
         parts = line.split("|")
@@ -68,6 +72,9 @@ def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
         entry.history.append(state)
         entry.state, entry.exit_code, entry.node = state, parts[2], parts[3]
         entry.start = _epoch(parts[4]) if len(parts) > 4 else None
+        if len(parts) > 6:
+            entry.elapsed_s = float(parts[5]) if parts[5].strip().isdigit() else entry.elapsed_s
+            entry.gpus, entry.cpus = tres(parts[6], "gres/gpu"), tres(parts[6], "cpu")
     out = run(["squeue", "-h", "-r", "--states=all", "-j", ids, "-o", "%i|%T|%r|%N"])
     answered = answered and out is not None
     for line in (out or "").splitlines():
@@ -84,6 +91,15 @@ def slurm_snapshot(job_ids: list[str]) -> dict[str, SlurmInfo]:
         for job_id in job_ids:
             info.setdefault(job_id, SlurmInfo("PENDING", [], reason="not in accounting yet"))
     return info
+
+
+def tres(text: str, name: str) -> int | None:
+    """The count of `name` in a TRES string ("billing=4,cpu=4,gres/gpu=2,mem=8G,node=1"); None if absent."""
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key == name and value.isdigit():
+            return int(value)
+    return None
 
 
 def _epoch(text: str) -> float | None:

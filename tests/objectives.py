@@ -117,3 +117,46 @@ def costly(point: dict) -> dict:
     r = int(point["r"])
     return {"objective": paper_landscape(point), "peak_memory_bytes": int((14 + 14 * r / 128) * 2**30),
             "train_s": 3600 * (0.5 + 0.5 * r / 128)}
+
+
+def interrupted_once(point: dict) -> float:
+    """Presses Ctrl-C in its own process (the debug executor's: the orchestrator) at the Nth call of a study, once:
+    $LORA_HPO_TEST_INTERRUPT = "N:marker file"."""
+    n, marker = os.environ["LORA_HPO_TEST_INTERRUPT"].split(":", 1)
+    calls = Path(marker + ".calls")
+    calls.write_text(str(int(calls.read_text()) + 1 if calls.exists() else 1))
+    if int(calls.read_text()) == int(n) and not Path(marker).exists():
+        Path(marker).touch()
+        import signal
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    return paper_landscape(point)
+
+
+def odd_metric(point: dict) -> dict:
+    """Reports a metric whose name MLflow refuses (an @), beside the objective."""
+    _mark(point)
+    return {"objective": paper_landscape(point), "dev.mmlu@5": 0.3}
+
+
+def undecodable_failure(point: dict) -> float:
+    """Fails naming a file whose name is not UTF-8 (os.fsdecode gives a lone surrogate)."""
+    _mark(point)
+    name = os.fsdecode(b"data-\xff.jsonl")
+    raise FileNotFoundError("no such file: " + name)
+
+
+def calls_exit(point: dict) -> float:
+    _mark(point)
+    raise SystemExit(0)
+
+
+def raises_interrupt(point: dict) -> float:
+    _mark(point)
+    raise KeyboardInterrupt
+
+
+def loops_forever(point: dict) -> float:
+    _mark(point)
+    while True:
+        time.sleep(0.1)

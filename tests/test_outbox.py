@@ -3,6 +3,7 @@ forgets runs the store lost; the tracker writes metric names MLflow accepts and 
 
     .venv/bin/python -m pytest -q tests/test_outbox.py          # unit tier (MLflow: the in-memory fake)
 """
+import contextlib
 import json
 
 import pytest
@@ -103,3 +104,48 @@ def test_outbox_damage_names_the_file(tmp_path):
     from orchestrator.tracking.outbox import OutboxError
     with pytest.raises(OutboxError, match="o.jsonl.*not valid"):
         Outbox(tmp_path / "o.jsonl", URI, "exp", "u")
+
+
+@pytest.mark.parametrize("raised, status", [(None, "FINISHED"), (ValueError("bad"), "FAILED"),
+                                            (KeyboardInterrupt(), "KILLED")])
+def test_a_commands_run_ends_on_every_path(tmp_path, monkeypatch, raised, status):
+    with fake_mlflow(monkeypatch) as store:
+        t = tracker(tmp_path)
+        with pytest.raises(type(raised)) if raised else contextlib.nullcontext():
+            with t.run("confirm", "confirm", {"role": "confirm"}):
+                if raised:
+                    raise raised
+        assert t.close(wait_s=30)
+        [run] = store.runs.values()
+        assert run.status == status
+
+
+def test_confirm_on_a_study_without_a_success_fails_its_run_and_says_so(tmp_path, monkeypatch, capsys):
+    from orchestrator.__main__ import main
+    from orchestrator.config import load_config
+    from orchestrator.study.journal import Journal
+
+    with fake_mlflow(monkeypatch) as store:
+        cfg = load_config(None, study="nothing", workdir=str(tmp_path), tracking_uri=URI, executor="debug")
+        journal = Journal(cfg.folder / "journal.jsonl")
+        journal.append("start", config=cfg.to_dict(), study_uid="u", executor="debug")
+        journal.append("trial", trial=0, point={"r": 8, "alpha": 32, "dropout": 0.1, "lr": 1e-5})
+        journal.append("result", trial=0, status="failed", value=None, reason="diverged", summary={})
+        assert main(["confirm", "--study", "nothing", "--workdir", str(tmp_path), "--tracking-uri", URI]) == 2
+        assert "no successful trial to confirm" in capsys.readouterr().err
+        [run] = [r for r in store.runs.values() if r.tags.get("role") == "confirm"]
+        assert run.status == "FAILED", "the confirm run was left RUNNING"
+
+
+def test_reconcile_forgets_a_registration_whose_version_is_gone(tmp_path, monkeypatch):
+    with fake_mlflow(monkeypatch) as store:
+        t = tracker(tmp_path)
+        t.open_run("trial:0", "trial-000", {})
+        seq = t.register("m", "trial:0", {})
+        assert t.close(wait_s=30) and t.result_of(seq) == "1"
+        store.models.clear()  # the registry lost it (a restored backup)
+        again = tracker(tmp_path)
+        said = again.reconcile(["trial:0"], [("m", "trial:0")])
+        assert said == {"runs": [], "registered": ["m"]}
+        seq = again.register("m", "trial:0", {})
+        assert again.close(wait_s=30) and again.result_of(seq) == "1" and store.models["m"]["aliases"] == {"champion": 1}

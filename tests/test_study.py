@@ -203,9 +203,12 @@ def test_register_as_empty_means_register_nothing_and_a_bad_name_is_refused(tmp_
     from orchestrator.config import ConfigError
     from orchestrator.study.end import queue_registration
 
-    class Study:  # what queue_registration reads of a finished fine-tune study
-        config = load_config(None, register_as="")
-        best = object()
-    assert queue_registration(Study) is None
+    from types import SimpleNamespace
+
+    from orchestrator.search.criteria import Judge
+    config = load_config(None, register_as="")
+    state = SimpleNamespace(finished=[SimpleNamespace(trial=0, status="ok", value=1.0, summary={}, point={})])
+    assert config.register_name is None
+    assert queue_registration(config, state, tracker=None, judge=Judge(config)) is None  # nothing is queued
     with pytest.raises(ConfigError, match="register_as"):
         load_config(None, register_as="bad name!")

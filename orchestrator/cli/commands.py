@@ -24,6 +24,7 @@ from orchestrator.search.champion import champion
 from orchestrator.search.criteria import Judge
 from orchestrator.study.journal import Journal, open_study
 from orchestrator.study.progress import PROGRESS_FILE
+from orchestrator.study.spend import Spend
 from orchestrator.tracking.tracker import Tracker
 from slurm.backend import describe_jobs
 from slurm.states import WAITING
@@ -45,6 +46,9 @@ def status(args) -> int:
           f"executor {state.executor}; {'ended' if state.ended else 'not ended'}")
     print(f"done {len(done)} ({sum(t.status == 'failed' for t in done)} failed), running {len(running)}, "
           f"pending {len(state.running) - len(running)}")
+    spend = Spend(config.gpu_hours, config.resources)
+    print(f"spent: {spend.text(state, {})} by the finished trials (every attempt; the running ones: see the "
+          "orchestrator's line)" if config.gpu_hours else f"spent: {spend.text(state, {})} by the finished trials")
     progress = _progress_line(Path(args.workdir) / args.study, state)
     if progress:
         print(progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
+from jobs.contract import metrics_of
 from orchestrator.reports.text import point_text
 from orchestrator.search.champion import champion
 from orchestrator.search.criteria import Judge
@@ -21,25 +22,28 @@ def compare_row(name: str, state, config, uri: str | None, client=None) -> dict:
     judge = Judge(config)
     done = sorted(state.finished, key=lambda t: t.trial)
     best = champion(state.finished, judge)
-    within = hours_within = None
-    if best:  # evaluations (in the order results came) and wall time needed to come within 1% of the best
-        running_best = float("inf")
+    within = hours_within = spend_within = None
+    if best:  # evaluations (in the order results came), wall time and GPU-hours needed to come within 1% of it
+        running_best, spent = float("inf"), 0.0
         for i, t in enumerate(sorted(done, key=lambda t: (t.finished_at or 0, t.trial)), 1):
+            spent += metrics_of(t.summary).get("gpu_hours", 0.0)
             if t.ok:
                 running_best = min(running_best, t.value)
             if running_best <= best.value * 1.01:
-                within = i
+                within, spend_within = i, spent
                 if t.finished_at and state.started_at:
                     hours_within = (t.finished_at - state.started_at) / 3600
                 break
-    job_hours = sum(t.summary.get("total_s") or 0 for t in done) / 3600
+    job_hours = sum(metrics_of(t.summary).get("total_hours", 0.0) for t in done)
+    spent = sum(metrics_of(t.summary).get("gpu_hours", 0.0) for t in done)
     gpus = config.resources.gpus_per_node * config.resources.nodes
     return {"study": name, "algo": config.algo, "used": len(done), "budget": config.budget,
             "best_val_loss": best.value if best else None, "best_trial": best.trial if best else None,
             "best_point": best.point if best else None, "to_within_1pct": within,
-            "hours_to_within_1pct": hours_within,
+            "hours_to_within_1pct": hours_within, "spend_to_within_1pct": spend_within, "spend": spent,
+            "spend_unit": "GPU-h" if gpus else "CPU-h", "gpu_hours_budget": config.gpu_hours,
             "failed": sum(t.status == "failed" for t in done), "job_hours": job_hours, "gpus_per_job": gpus,
-            "gpu_hours": job_hours * gpus if gpus else None,
+            "gpu_hours": spent if gpus else None,
             **downstream(client, best.run_id if best else None),
             "parent_run_id": state.parent_run_id, "tracking_uri": uri, "pareto": pareto_points(state, judge, config)}
 
@@ -95,7 +99,8 @@ def compare_table(rows: list[dict]) -> list[list[str]]:
     """Header and one line per study; a downstream column only where some study has that score."""
     scores = _score_columns(rows)
     pareto = any(r.get("pareto") for r in rows)
-    header = ["study", "algo", "used", "best", "to 1%", "h to 1%", "failed", "job-hours", "GPU-hours"] + scores + \
+    header = ["study", "algo", "used", "best", "to 1%", "h to 1%", "failed", "job-hours", "GPU-hours",
+              "GPU-h to 1%"] + scores + \
         (["hypervolume"] if pareto else []) + ["best point"]
     lines = [header]
     for r in rows:
@@ -104,7 +109,9 @@ def compare_table(rows: list[dict]) -> list[list[str]]:
                       f"{r['best_val_loss']:.4f}" if best else "-", str(r["to_within_1pct"] or "-"),
                       f"{r['hours_to_within_1pct']:.2f}" if r["hours_to_within_1pct"] is not None else "-",
                       str(r["failed"]),
-                      f"{r['job_hours']:.2f}", f"{r['gpu_hours']:.2f}" if r["gpu_hours"] is not None else "-"]
+                      f"{r['job_hours']:.2f}", f"{r['gpu_hours']:.2f}" if r["gpu_hours"] is not None else "-",
+                      f"{r['spend_to_within_1pct']:.2f}" if r["gpu_hours"] is not None and
+                      r["spend_to_within_1pct"] is not None else "-"]
                      + [f"{100 * r['downstream'][k]:.2f}" if k in r["downstream"] else "-" for k in scores]
                      + ([f"{r['pareto']['hypervolume']:.4g}" if r.get("pareto") else "-"] if pareto else [])
                      + [point_text(best, list(best)) if best else "-"])
@@ -117,7 +124,8 @@ def markdown(table: list[list[str]], widths: list[int], rows: list[dict]) -> str
     refs = {json.dumps(r["pareto"]["reference"]) for r in rows if r.get("pareto")}
     hv = f"; hypervolume: the area the Pareto front dominates up to the reference point {refs.pop()}" if refs else ""
     note = ("best: the champion (the lowest loss among feasible trials, or the champion rule's pick); to 1%: "
-            "evaluations (in the order their results came) until within 1% of it; h to 1%: wall-clock hours from the study's start to that result; GPU-hours: job-hours x GPUs "
-            "per job (resources.gpus_per_node x nodes; '-' for CPU jobs); downstream scores (percent) are the best "
+            "evaluations (in the order their results came) until within 1% of it; h to 1%: wall-clock hours from the study's start to that result; GPU-hours: every attempt's "
+            "elapsed time x GPUs allocated, from SLURM accounting ('-' for CPU jobs); GPU-h to 1%: those spent "
+            "until that result; downstream scores (percent) are the best "
             f"trial's, where logged{hv}.")
     return "\n".join(lines) + "\n\n" + note + "\n"

@@ -101,10 +101,13 @@ class Confirmer:
                 table = self._table(chosen)
                 self._publish(table)
         except SchedulerOutage as e:
-            self.tracker.close()
+            self.tracker.close(wait_s=60, idle_s=30)
             raise ConfigError(str(e)) from None
+        except KeyboardInterrupt:
+            self.tracker.close(wait_s=10, idle_s=5)  # what is queued is kept for the rerun
+            raise
         except BaseException:
-            self.tracker.close()
+            self.tracker.close(wait_s=60, idle_s=30)  # its runs say how it ended (the rest waits for a rerun)
             raise
         if not self.tracker.close(wait_s=3600, idle_s=600):
             raise ConfigError(f"MLflow took no write for 10 minutes: the confirmation is journaled; run the same "

@@ -142,10 +142,13 @@ class Evaluator:
                     self._log(e)
             table = self._poster(wanted)
         except SchedulerOutage as e:
-            self.tracker.close()
+            self.tracker.close(wait_s=60, idle_s=30)
             raise ConfigError(str(e)) from None
+        except KeyboardInterrupt:
+            self.tracker.close(wait_s=10, idle_s=5)  # what is queued is kept for the rerun
+            raise
         except BaseException:
-            self.tracker.close()
+            self.tracker.close(wait_s=60, idle_s=30)  # its runs say how it ended (the rest waits for a rerun)
             raise
         if not self.tracker.close(wait_s=3600, idle_s=600):
             raise ConfigError(f"MLflow took no write for 10 minutes: the evaluations are journaled; run the same "

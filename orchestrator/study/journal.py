@@ -46,6 +46,7 @@ class Job:
     history: list = field(default_factory=list)  # ended attempts: {"attempt", "job_id", "kind", "reason", ...}
     submitted_at: float | None = None
     started_at: float | None = None  # first dispatch
+    cost_h: float = 0.0              # resource-hours (GPU-hours; CPU-hours without GPUs) of its ended attempts
 
     @property
     def hours(self) -> float:
@@ -75,6 +76,7 @@ def fold_job(jobs: dict[str, Job], r: dict) -> bool:
             job.job_id, job.retries, job.history = None, 0, []
             return True
         job.retries += 0 if r.get("follow") else 1
+        job.cost_h += float(r.get("cost_h") or 0.0)
         job.history.append({k: r.get(k) for k in ("attempt", "job_id", "kind", "reason", "time", "follow")})
     else:
         return False

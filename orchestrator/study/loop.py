@@ -38,6 +38,7 @@ from orchestrator.study.lock import StudyLock
 from orchestrator.study.progress import Progress
 from orchestrator.study.pruning import Pruning
 from orchestrator.study.runner import Runner
+from orchestrator.study.spend import Spend
 from orchestrator.study.warm import finished_trials, warm_sources
 from orchestrator.tracking.tracker import PARENT, Tracker, trial_key
 from slurm.backend import BackendError, make_backend
@@ -76,6 +77,7 @@ class Study:
                              self.journal, config.retries, self._task, log=self._warn, what="trial",
                              may_retry=lambda job, outcome: not self.state.trials[int(job.key)].pruned,
                              on_retry=self._retried, on_submitted=self._submitted)
+        self.spend = Spend(config.gpu_hours, config.resources)
         self.pruning = Pruning(config, self.state)
         self.judge = Judge(config)
         self.follow: dict[int, Follower] = {}
@@ -194,10 +196,15 @@ class Study:
         while True:
             acted = self._fill_slots()
             self._track()
-            outage = " | ".join(x for x in (self.tracker.status(), self.runner.outage()) if x) or None
-            self.progress.update(self.state, self.runner.live, self.best, outage)  # once per change, after refills
+            notes = [self.spend.text(self.state, self.runner.running_hours())] if self.config.gpu_hours else []
+            notes += [x for x in (self.tracker.status(), self.runner.outage()) if x]
+            self.progress.update(self.state, self.runner.live, self.best, " | ".join(notes) or None)  # after refills
             if not self.runner.live:
                 if self.searcher.finished or len(self.state.trials) >= self.config.budget:
+                    return
+                if not self.spend.fits_another(self.state, {}):
+                    self.progress.note(f"the budget is spent ({self.spend.text(self.state, {})}): one more trial "
+                                       "would pass it")
                     return
                 if not acted:
                     raise StudyError(f"searcher {self.config.algo} proposes nothing while no evaluation runs; "
@@ -213,6 +220,9 @@ class Study:
     def _fill_slots(self) -> bool:
         fresh = []
         while len(self.runner.live) + len(fresh) < self.config.parallel and len(self.state.trials) < self.config.budget:
+            running = {**self.runner.running_hours(), **{t.job.key: 0.0 for t in fresh}}
+            if not self.spend.fits_another(self.state, running):
+                break
             suggestion = self.searcher.ask()
             if suggestion is None:
                 break
@@ -273,6 +283,7 @@ class Study:
         result = outcome.result
         if t.pruned and not result.ok:  # stopped by the pruner (a job that finished first keeps its result)
             result = pruned_result(t, t.job.hours)
+        result.metrics["gpu_hours"] = t.job.cost_h  # every attempt's (orchestrator/study/spend.py)
         self._follow_curve(t)
         history = t.job.history + [{"job_id": attempt.job_id, "states": attempt.history or [outcome.state]}]
         self.tracker.tag(trial_key(t.trial), attempts=len(history), **self.backend.job_tags(attempt, outcome.state),
@@ -317,7 +328,10 @@ class Study:
             if best is not None:
                 self.tracker.log_best(n, best.value, best.trial, best.point)
             self.tracker.log_metrics(PARENT, {"slot_utilization": self.utilization(),
-                                              "evaluations_in_flight": len(self.runner.live)}, step=n)
+                                              "evaluations_in_flight": len(self.runner.live),
+                                              "gpu_hours_spent": self.spend.spent(self.state,
+                                                                                  self.runner.running_hours())},
+                                  step=n)
         fresh, self.untracked = bool(self.untracked), []
         if (fresh and time.time() - self.plotted_at >= PLOT_EVERY_S) or final:
             from orchestrator.reports.plots import draw_plots  # matplotlib/plotly: only when drawing

@@ -49,6 +49,7 @@ class Runner:
         self.may_retry, self.on_retry, self.on_submitted = may_retry, on_retry, on_submitted
         self.live: dict[str, Live] = {}
         self.busy_s = 0.0  # slot-seconds of ended attempts (for slot utilization)
+        self.resources = dispatcher.backend.resources  # what each attempt's resource-hours are counted in
 
     # ------------------------------------------------------------------------------------------- start
     def adopt(self, running: list[Job], batches: dict[str, list], jobs: dict[str, Job]) -> None:
@@ -90,11 +91,13 @@ class Runner:
             lv = self.live[attempt.task.key]
             self.busy_s += time.time() - max(attempt.submitted, lv.started)
             j = lv.job
+            spent = attempt.hours(self.resources)
             if not outcome.ok and self.may_retry(j, outcome) and self.policy.allows(
                     outcome.retry, j.retries, j.attempt + 1, j.hours, follow=outcome.follow):
-                self._retry(lv, outcome)
+                self._retry(lv, outcome, spent)
                 continue
             del self.live[j.key]
+            j.cost_h += spent
             why_not = None if outcome.ok or outcome.follow else \
                 self.policy.why_not(outcome.retry, j.retries, j.attempt + 1, j.hours)
             if why_not:
@@ -102,11 +105,12 @@ class Runner:
             done.append((j, attempt, outcome))
         return done
 
-    def _retry(self, lv: Live, outcome: Outcome) -> None:
+    def _retry(self, lv: Live, outcome: Outcome, spent: float) -> None:
         """A fresh attempt of the same work, in the same folder: it resumes from the last checkpoint."""
         j, a = lv.job, lv.attempt
         self.journal.append("retry", key=j.key, attempt=j.attempt, job_id=a.job_id, kind=outcome.retry,
-                            follow=outcome.follow, reason=outcome.reason)
+                            follow=outcome.follow, reason=outcome.reason, cost_h=spent)
+        j.cost_h += spent
         j.history.append({"attempt": j.attempt, "job_id": a.job_id, "kind": outcome.retry, "reason": outcome.reason,
                           "follow": outcome.follow, "states": a.history or [outcome.state], "time": time.time()})
         j.retries += 0 if outcome.follow else 1
@@ -120,6 +124,10 @@ class Runner:
     def cancel(self, key: str) -> None:
         if key in self.live:
             self.dispatcher.cancel(self.live[key].attempt)
+
+    def running_hours(self) -> dict[str, float]:
+        """{key: resource-hours} of every live job: its ended attempts and the running one so far."""
+        return {k: lv.job.cost_h + lv.attempt.hours(self.resources) for k, lv in self.live.items()}
 
     def outage(self) -> str | None:
         return self.dispatcher.outage(lv.attempt for lv in self.live.values())
