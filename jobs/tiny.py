@@ -46,13 +46,23 @@ def cache_root() -> Path:
 
 def tiny_model_dir() -> Path:
     """Folder of the tiny model, built on first use."""
-    sources = [*_corpus_files(), Path(__file__).with_name("tiny_data.py")]  # data and pretraining corpus
-    corpus_hash = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:8]
-    recipe_hash = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:8]
-    target = cache_root() / "models" / f"tiny-llama-{recipe_hash}-{corpus_hash}"
+    target = _tiny_target()
     if not (target / "config.json").exists():
         _build(target)
     return target
+
+
+def tiny_model_built() -> bool:
+    """Whether the tiny model is in the cache already (torch-free: the orchestrator says when the first job
+    will spend a minute or two building it)."""
+    return (_tiny_target() / "config.json").exists()
+
+
+def _tiny_target() -> Path:
+    sources = [*_corpus_files(), Path(__file__).with_name("tiny_data.py")]  # data and pretraining corpus
+    corpus_hash = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:8]
+    recipe_hash = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:8]
+    return cache_root() / "models" / f"tiny-llama-{recipe_hash}-{corpus_hash}"
 
 
 def _corpus_files() -> list[Path]:

@@ -155,6 +155,8 @@ def quiet_libraries(http_retries: int = 0) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "true")
     for name in ("alembic", "mlflow", "urllib3", "nni"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("HF_HUB_VERBOSITY", "DATASETS_VERBOSITY"):  # a hub that cannot be reached is said once, in our
+        os.environ.setdefault(name, "error")                   # error line, not by each of its retries
     # MLflow retries an unreachable server for minutes by default; the outbox retries on its own schedule
     from jobs.tracking_store import http_settings
     os.environ.update(http_settings(retries=http_retries, timeout_s=30))

@@ -159,6 +159,10 @@ class Study:
                 prepare_splits(self.config.trial_spec(self.space.default_point(), "unused").data)
             except DataError as e:
                 raise StudyError(f"the training data cannot be prepared: {e}") from None
+            from jobs.tiny import tiny_model_built
+            if self.config.trial.base_model == "tiny" and not tiny_model_built():
+                self._warn("note: the tiny base model is built on first use (by the first jobs, about a minute or "
+                           "two on 2 CPU cores), then cached in ~/.cache/lora-hpo ($LORA_HPO_CACHE)")
 
     def _reconcile(self) -> dict:
         """A resumed study: MLflow made to agree with the journal (runs and registrations the store lost are
