@@ -85,6 +85,7 @@ class Appender:
         cut_torn_tail(self._f)
 
     def write(self, record: dict, sync: bool = True) -> None:
+        cut_torn_tail(self._f)  # a write cut short since the last one (a full disk) never stays in the middle
         self._f.write((json.dumps(record, default=str) + "\n").encode())
         self._f.flush()
         if sync:

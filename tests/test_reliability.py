@@ -156,7 +156,7 @@ def test_status_and_register_work_in_every_state(tmp_path, capsys):
     journal.append("trial", trial=99, point=state.trials[0].point, encoded=None, out=str(tmp_path / "x"))
     assert main(["status", "--study", "s", "--workdir", cfg.workdir]) == 0  # a running and a failed trial
     out = capsys.readouterr().out
-    assert "FAILED" in out and "being submitted" in out and "best: trial" in out
+    assert "FAILED" in out and "being submitted" in out and "champion: trial" in out
 
 
 def test_register_is_idempotent_and_a_finished_resume_changes_nothing(tmp_path, capsys):

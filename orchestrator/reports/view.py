@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from jobs.contract import OK
 from orchestrator.reports.text import point_text
 from orchestrator.search.space import Int, Log, SearchSpace, SpaceError, paper_space
 
@@ -74,7 +75,7 @@ class View:
         return replace(self, by="hours")
 
     def hover(self, t) -> str:
-        usable = t.status == "ok" and _is_number(t.value)  # an "ok" without a finite value counts as failed
+        usable = t.status == OK and _is_number(t.value)  # an "ok" without a finite value counts as failed
         what = f"val_loss {t.value:.4f}" if usable else \
             f"{(t.status or 'failed').upper()}: {(t.reason or t.status or '')[:120]}"
         return f"trial {t.trial}<br>{point_text(t.point, self.names)}<br>{what}"
@@ -144,8 +145,8 @@ def axes_of(state) -> list[Axis]:
 
 def view_of(state) -> View:
     trials = sorted(state.trials.values(), key=lambda t: t.trial)
-    ok = [t for t in trials if t.status == "ok" and _is_number(t.value)]
-    failed = [t for t in trials if t.status is not None and not (t.status == "ok" and _is_number(t.value))]
+    ok = [t for t in trials if t.status == OK and _is_number(t.value)]
+    failed = [t for t in trials if t.status is not None and not (t.status == OK and _is_number(t.value))]
     space, default = _space(state), None
     if space is not None:
         key = space.key(space.default_point())

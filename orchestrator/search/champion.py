@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from jobs.contract import OK
 from orchestrator.search.criteria import pareto_front, pick
 
 
@@ -40,7 +41,7 @@ def top(trials: Iterable, judge, k: int) -> list:
 
 
 def _rank(trials: Iterable, judge) -> tuple[list, object]:
-    ok = [t for t in trials if t.status == "ok" and t.value is not None]
+    ok = [t for t in trials if t.status == OK and t.value is not None]
     if not judge.active:
         ranked = sorted(ok, key=_key)
         return ranked, (ranked[0] if ranked else None)

@@ -10,7 +10,7 @@ Metrics a trial reports (the names constraints, `objectives:` and `champion_rule
 METRICS table, one row per metric (name, the result key the job reports, unit, MLflow name): val_loss,
 train_loss, peak_memory_gb, trainable_params and adapter_mb (known before training), train_hours, total_hours,
 tokens_per_s, heldout, dev.<task> (a task's dev-subset accuracy, with the held-out objective), ...
-`python -c "from jobs.contract import METRICS; [print(m.name, m.unit, m.what) for m in METRICS]"` lists them.
+`python -c "from jobs.contract import OK, METRICS; [print(m.name, m.unit, m.what) for m in METRICS]"` lists them.
 
 An `--objective` function reports metrics as keys of the dict it returns, by these names (or as a fine-tune's
 raw peak_memory_bytes, train_s, total_s). A trial that does not report a judged metric is not feasible, and
@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.contract import BY_NAME, METRICS as TABLE, metrics_of
+from jobs.contract import BY_NAME, OK, METRICS as TABLE, metrics_of
 
 A_PRIORI = tuple(m.name for m in TABLE if m.a_priori)
 METRICS = tuple(m.name for m in TABLE)  # jobs/contract.py METRICS: the one table of what a trial reports
@@ -274,16 +274,16 @@ class Judge:
 
     def after(self, status: str, value: float | None, summary: dict) -> Verdict:
         """The verdict on a finished trial (status ok with its value and summary, or not ok)."""
-        metrics = trial_metrics(summary, value) if status == "ok" else {}
-        if status == "ok":
+        metrics = trial_metrics(summary, value) if status == OK else {}
+        if status == OK:
             metrics[self.objective] = value
-        c = [k.value(metrics) for k in self.constraints] if status == "ok" else None
+        c = [k.value(metrics) for k in self.constraints] if status == OK else None
         missing = tuple(m for m in [k.metric for k in self.constraints] + list(self.objectives)
-                        if status == "ok" and m not in metrics)
+                        if status == OK and m not in metrics)
         if c is not None and any(v is None for v in c):
             c = None  # a constrained metric the trial did not report: it cannot be judged, so it fails
-        feasible = status == "ok" and c is not None and all(v <= 0 for v in c)
-        if status != "ok" or c is None:
+        feasible = status == OK and c is not None and all(v <= 0 for v in c)
+        if status != OK or c is None:
             told = None
         elif self.objectives:
             vector = [metrics.get(o) for o in self.objectives]

@@ -10,6 +10,7 @@ x 1.1), stated beside it wherever it is printed (compare, the table).
 """
 from __future__ import annotations
 
+from jobs.contract import OK
 from orchestrator.search.criteria import pareto_front
 
 
@@ -17,7 +18,7 @@ def points_of(state, judge) -> tuple[dict, dict]:
     """({trial: objective vector}, {trial: metrics}) of the feasible successful trials."""
     vectors, metrics = {}, {}
     for t in state.finished:
-        if t.status != "ok":
+        if t.status != OK:
             continue
         verdict = judge.after(t.status, t.value, t.summary)
         if verdict.feasible or not judge.constraints:

@@ -30,7 +30,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from jobs.contract import RESULT_FILE, TrialResult
+from jobs.contract import OK, RESULT_FILE, TrialResult
 from jobs.entry import FinetuneTrial
 from orchestrator.config import ConfigError
 from orchestrator.reports.text import point_text
@@ -170,7 +170,7 @@ class Confirmer:
         rows = []
         for t in chosen:
             values = [i.result.value for i in self.set.items.values()
-                      if i.data["trial"] == t.trial and i.status == "ok" and i.result.value is not None]
+                      if i.data["trial"] == t.trial and i.status == OK and i.result.value is not None]
             mean = statistics.mean(values) if values else math.inf
             sd = statistics.stdev(values) if len(values) > 1 else None
             rows.append({"trial": t.trial, "point": t.point, "original": t.value, "n": len(values), "mean": mean,

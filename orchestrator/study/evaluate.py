@@ -26,7 +26,7 @@ from pathlib import Path
 
 from evaluation.job import EvaluationJob
 from evaluation.tracking import INSTRUCTEVAL
-from jobs.contract import EvaluationResult
+from jobs.contract import OK, EvaluationResult
 from orchestrator.config import ConfigError, StudyConfig
 from orchestrator.search.champion import top
 from orchestrator.search.criteria import Judge
@@ -138,7 +138,7 @@ class Evaluator:
             self.runner.adopt([e.job for e in wanted if e.status is None], self.set.batches, self.set.jobs)
             self.runner.run(self._collect, self.args.poll_s)
             for e in wanted:
-                if e.status == "ok" and not e.logged:
+                if e.status == OK and not e.logged:
                     self._log(e)
             table = self._poster(wanted)
         except SchedulerOutage as e:
@@ -231,8 +231,8 @@ class Evaluator:
         from evaluation.tracking import collect, markdown, poster_table
         from jobs.tracking_store import client
 
-        failed = [e for e in wanted if e.status != "ok"]
-        if not self.tracker.outbox.wait(3600, idle_s=600):  # the scores must be in the store before it is read
+        failed = [e for e in wanted if e.status != OK]
+        if not self.tracker.wait(3600, idle_s=600):  # the scores must be in the store before it is read
             raise ConfigError(f"MLflow took no write for 10 minutes ({self.tracker.status()}): rerun the same "
                               "command when the tracking store is back")
         table = poster_table(collect(client(self.config.tracking()), [self.study.parent_run_id]), self.args.top) \
@@ -264,7 +264,7 @@ def main(args) -> int:
         print("\ninterrupted: evaluation jobs go on; rerun the same command to re-attach them", file=sys.stderr)
         return 130
     statuses = list(done["evaluations"].values())
-    if statuses and all(s != "ok" for s in statuses):
+    if statuses and all(s != OK for s in statuses):
         print(f"error: every evaluation of study {args.study!r} failed (see the reasons above)", file=sys.stderr)
         return 1
     return 0

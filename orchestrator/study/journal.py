@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobs.contract import OK
 from orchestrator.jsonl import Appender, DamagedFile, read_records
 
 FIX = "restore the journal from a backup, or start the study again under a new --study name"
@@ -103,7 +104,7 @@ class TrialState:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == OK
 
 
 @dataclass

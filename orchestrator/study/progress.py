@@ -9,11 +9,11 @@ Pending jobs (SLURM has not started them) are counted as not started.
 """
 from __future__ import annotations
 
-import time
-
 import os
+import time
 from pathlib import Path
 
+from jobs.contract import OK
 from orchestrator.reports.text import fmt as _fmt, hms as _hms, point_text
 
 PROGRESS_FILE = "progress.txt"
@@ -86,7 +86,7 @@ class Progress:
         self.last_line = ""
 
     def event(self, t) -> None:
-        result = f"val_loss {t.value:.4f}" if t.status == "ok" else f"{t.status.upper()}: {t.reason}"
+        result = f"val_loss {t.value:.4f}" if t.status == OK else f"{t.status.upper()}: {t.reason}"
         self._line(f"  trial {t.trial:3d} {point_text(t.point, self.names)}: {result}")
 
     def note(self, text: str) -> None:
@@ -95,7 +95,7 @@ class Progress:
     def summary(self, state, best, default_point: dict, registered: dict | None, where: dict) -> None:
         done = sorted(state.finished, key=lambda t: t.trial)
         failed = sum(1 for t in done if t.status == "failed")
-        default = next((t for t in done if t.status == "ok" and all(
+        default = next((t for t in done if t.status == OK and all(
             t.point.get(k) == v for k, v in default_point.items())), None)
         rows = [("best", best.point if best else None, best.value if best else None),
                 ("default", default_point, default.value if default else None)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.contract import METRICS_FILE
+from jobs.contract import METRICS_FILE, OK
 from orchestrator.study.curves import Follower
 from orchestrator.search.pruners import Decision, make_pruner, told_value
 
@@ -31,7 +31,7 @@ class Pruning:
                     follower = Follower(Path(t.out) / METRICS_FILE)
                     follower.poll()
                     self.curves[t.trial] = list(follower.partial)
-                if t.status == "ok" and t.value is not None:
+                if t.status == OK and t.value is not None:
                     self.completed(t.trial, t.value)
 
     @property

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from jobs.contract import ADAPTER_DIR, CURVE, RESULT_FILE, SPEC_FILE, mlflow_metrics
+from jobs.contract import ADAPTER_DIR, CURVE, OK, RESULT_FILE, SPEC_FILE, mlflow_metrics
 from orchestrator.tracking.outbox import Outbox
 
 RUN_STATUS = {"ok": "FINISHED", "failed": "FAILED", "pruned": "KILLED", "infeasible": "KILLED"}
@@ -120,6 +120,10 @@ class Tracker:
 
     def close(self, wait_s: float = 0.0, idle_s: float | None = None) -> bool:
         return self.outbox.close(wait_s, idle_s)
+
+    def wait(self, wait_s: float, idle_s: float | None = None) -> bool:
+        """Wait until every queued write is done (True), or `wait_s` passed or none succeeded for `idle_s`."""
+        return self.outbox.wait(wait_s, idle_s)
 
     @property
     def pending(self) -> int:
@@ -253,8 +257,8 @@ class Tracker:
         result, spec and adapter as artifacts, FINISHED / FAILED / KILLED."""
         if self.outbox.has(f"finish:{key}"):
             return
-        final = mlflow_metrics(summary, value if status == "ok" else None)
-        if status != "ok":
+        final = mlflow_metrics(summary, value if status == OK else None)
+        if status != OK:
             final.pop("val_loss", None)
         tags = {"status": status, **({"failure_reason": reason[:5000]} if reason else {})}
         if "feasible" in summary:
@@ -266,7 +270,7 @@ class Tracker:
             for name in (RESULT_FILE, SPEC_FILE):
                 if (folder / name).exists():
                     self.outbox.put("log_artifact", key=key, path=str(folder / name))
-            if status == "ok" and (folder / ADAPTER_DIR).is_dir():
+            if status == OK and (folder / ADAPTER_DIR).is_dir():
                 self.outbox.put("log_artifacts", key=key, path=str(folder / ADAPTER_DIR), artifact_path=ADAPTER_DIR)
         self.outbox.put("set_status", mark=f"finish:{key}", key=key, status=RUN_STATUS[status], end_time=_ms())
 
