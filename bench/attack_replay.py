@@ -29,10 +29,11 @@ WRAPPER = """
 import os, signal, sys
 from orchestrator.study.journal import Journal
 event, n, when = os.environ["KILL_AT"].split(":")
+name = os.environ.get("KILL_JOURNAL", "journal.jsonl")
 seen = {"n": 0}
 real = Journal.append
 def append(self, kind, **data):
-    if kind == event and self.path.name == "journal.jsonl":
+    if kind == event and self.path.name == name:
         seen["n"] += 1
         if seen["n"] == int(n) and when == "before":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -58,9 +59,11 @@ class Case:
         return ["--workdir", str(self.root / "runs"), "--tracking-uri", f"sqlite:///{self.root}/mlruns/mlflow.db",
                 *args]
 
-    def run(self, *args, kill_at: str | None = None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    def run(self, *args, kill_at: str | None = None, env=None, timeout=300, journal: str | None = None
+            ) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-c", WRAPPER] if kill_at else [sys.executable, "-m", "orchestrator"]
-        environment = {**self.env, **(env or {}), **({"KILL_AT": kill_at} if kill_at else {})}
+        environment = {**self.env, **(env or {}), **({"KILL_AT": kill_at} if kill_at else {}),
+                       **({"KILL_JOURNAL": journal} if journal else {})}
         return subprocess.run(cmd + self.args(*args), cwd=REPO, env=environment, capture_output=True, text=True,
                               timeout=timeout)
 
@@ -410,7 +413,37 @@ def unknown_scheme(uri: str):
     return bad_input("--tracking-uri", uri, says="not one MLflow can use" if "sqlite" not in uri else "sqlite:///")
 
 
+def confirm_kill_window(event: str, when: str):
+    """`confirm` killed at a journal window, then run again: every retrain has its MLflow run, FINISHED with its
+    val_loss, and the confirm run ends FINISHED (a fine-tune study of the tiny model, two retrains)."""
+    def case(c: Case):
+        (c.root / "tiny.yaml").write_text("space:\n  r: {choice: [4, 8], default: 8}\n  alpha: {fixed: 16}\n"
+                                          "  dropout: {fixed: 0.05}\n  lr: {fixed: 1.0e-3}\n"
+                                          "trial: {max_steps: 6, log_every: 2, data: {total_rows: 200}}\n")
+        study = c.run("--study", "conf", "--algo", "random", "--budget", "1", "--executor", "local", "--poll", "0.3",
+                      "--config", str(c.root / "tiny.yaml"), timeout=900)
+        if study.returncode != 0:
+            return f"the study failed: {study.stderr[-300:]}"
+        confirm = ["confirm", "--study", "conf", "--top", "1", "--seeds", "2", "--poll", "0.3"]
+        first = c.run(*confirm, kill_at=f"{event}:1:{when}", journal="confirm.jsonl", timeout=900)
+        again = c.run(*confirm, timeout=900)
+        runs = mlflow_runs(c, "conf")
+        retrains = [r for r in runs if r.data.tags.get("role") == "retrain"]
+        confirms = [r for r in runs if r.data.tags.get("role") == "confirm"]
+        ok = first.returncode == -9 and again.returncode == 0 and len(retrains) == 2 and all(
+            r.info.status == "FINISHED" and "val_loss" in r.data.metrics for r in retrains) and \
+            [r.info.status for r in confirms] == ["FINISHED"]
+        return None if ok else (f"kill {first.returncode}, rerun {again.returncode}: "
+                                f"{[(r.info.status, sorted(r.data.metrics)) for r in retrains]}, "
+                                f"confirm {[r.info.status for r in confirms]}: {again.stderr[-200:]}")
+    return case
+
+
 RELIABILITY_2 = [
+    ("confirm killed after a retrain is journaled", "its run created on the rerun",
+     confirm_kill_window("retrain", "after")),
+    ("confirm killed after a result is journaled", "its run FINISHED with val_loss",
+     confirm_kill_window("result", "after")),
     ("a metric name MLflow refuses (dev.mmlu@5)", "renamed, mapping tagged, runs whole",
      refused_writes("tests.objectives:odd_metric", _metric_renamed)),
     ("a failure reason with a lone surrogate", "written (U+FFFD), nothing blocked",

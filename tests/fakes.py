@@ -169,6 +169,8 @@ class ScriptedBackend:
     job_name = "scripted"
 
     def __init__(self, script: dict, value: float = 1.0, retry_kinds: dict | None = None):
+        from slurm.executors import Resources
+        self.resources = Resources()
         self.script, self.value = {k: list(v) for k, v in script.items()}, value
         self.retry_kinds = retry_kinds or {"NODE_FAIL": "node_fail", "PREEMPTED": "preempted", "TIMEOUT": "timeout"}
         self.submitted: list[str] = []

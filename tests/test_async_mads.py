@@ -13,7 +13,7 @@ from orchestrator.search.searchers import Observation, Pending, make_searcher
 from orchestrator.search.searchers.mads_steps import Box, QuadModel, frame, latin_hypercube, poll_steps
 from orchestrator.search.space import SearchSpace, paper_space
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
 def build(budget=40, parallel=1, seed=0, space=None, **options):

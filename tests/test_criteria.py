@@ -7,6 +7,7 @@ from orchestrator.search.criteria import (Constraint, CriteriaError, a_priori_me
                                    parse_constraints, parse_objectives, parse_rule, pareto_front, pick, trial_metrics)
 
 
+@pytest.mark.unit
 def test_constraints_parse_and_give_nomads_values():
     pb, eb = parse_constraints([{"metric": "peak_memory_gb", "max": 40, "kind": "pb"},
                                 {"metric": "dev.mmlu", "min": 0.3, "kind": "eb"}])
@@ -16,6 +17,7 @@ def test_constraints_parse_and_give_nomads_values():
     assert pb.value({}) is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("items, says", [
     ([{"metric": "gpu_memory", "max": 1}], "not one a trial reports; use one of val_loss"),
     ([{"metric": "val_loss", "max": "2e7"}], "must be a number"),
@@ -28,6 +30,7 @@ def test_bad_constraints_say_what_to_write(items, says):
         parse_constraints(items)
 
 
+@pytest.mark.unit
 def test_objectives_and_rules():
     assert parse_objectives(["val_loss", "train_hours"]) == ("val_loss", "train_hours")
     for bad in (["val_loss"], ["val_loss", "val_loss"], ["val_loss", "speed"]):
@@ -40,6 +43,7 @@ def test_objectives_and_rules():
         parse_rule("lowest loss please")
 
 
+@pytest.mark.unit
 def test_trial_metrics_from_a_summary():
     m = trial_metrics({"peak_memory_bytes": 2 * 2**30, "train_s": 5400, "total_s": 7200, "trainable_params": 1e6,
                        "dev.mmlu": 0.4}, 1.23)
@@ -47,6 +51,7 @@ def test_trial_metrics_from_a_summary():
                  "trainable_params": 1e6, "adapter_mb": 4.0, "dev.mmlu": 0.4, "train_s": 5400, "total_s": 7200}
 
 
+@pytest.mark.unit
 def test_lora_parameters_are_known_before_training():
     tiny = model_shapes("tiny")
     assert tiny == {"hidden": 128, "layers": 2, "heads": 4, "kv_heads": 4}
@@ -67,6 +72,7 @@ def test_a_lora_parameter_count_matches_peft(tiny_model_dir):
     assert a_priori_metrics(16, ["q_proj", "v_proj"], model_shapes("tiny"))["trainable_params"] == counted
 
 
+@pytest.mark.unit
 def test_pareto_front_hypervolume_and_knee():
     points = {"a": (1.0, 5.0), "b": (2.0, 2.0), "c": (5.0, 1.0), "d": (3.0, 3.0), "e": (2.5, 2.0)}
     front = pareto_front(points)

@@ -7,6 +7,7 @@ before anything is appended; an empty lock is taken over at once.
 import errno
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -27,10 +28,19 @@ def study_args(tmp_path, *extra, budget=2):
             "--objective", "tests.objectives:landscape", "--workdir", str(tmp_path), "--tracking-uri", URI, *extra]
 
 
+@pytest.fixture(scope="module")
+def a_finished_study(tmp_path_factory):
+    """One finished study (debug executor), made once; each test damages its own copy."""
+    root = tmp_path_factory.mktemp("finished")
+    with pytest.MonkeyPatch.context() as monkeypatch, fake_mlflow(monkeypatch):
+        assert main(study_args(root)) == 0
+    return root
+
+
 @pytest.fixture
-def finished(tmp_path, monkeypatch):
+def finished(a_finished_study, tmp_path, monkeypatch):
+    shutil.copytree(a_finished_study, tmp_path, dirs_exist_ok=True)
     with fake_mlflow(monkeypatch) as store:
-        assert main(study_args(tmp_path)) == 0
         yield tmp_path / "s" / "journal.jsonl", store
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from evaluation.tasks import bbh, drop, get_tasks, humaneval, mmlu
 
+pytestmark = pytest.mark.unit
+
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
 

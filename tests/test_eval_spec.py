@@ -31,6 +31,7 @@ def test_defaults_are_the_reference_protocol():
     assert all(isinstance(v, str) for v in protocol.values())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("fields, named, choices", [
     ({"decoding": "beam"}, "decoding='beam'", "reference, greedy, sampling"),
     ({"humaneval_cut": "none"}, "humaneval_cut='none'", "blank-line, top-level"),
@@ -95,6 +96,7 @@ def task(name):
     return get_tasks([name])[0]
 
 
+@pytest.mark.unit
 def test_reference_decoding_is_the_checkpoints_config_plus_instructevals_arguments():
     ref = EvaluationSpec()
     # Llama-2-7b-hf samples: MMLU/BBH/DROP at its 0.6 / 0.9, top-k from the 2023 library default
@@ -109,6 +111,7 @@ def test_reference_decoding_is_the_checkpoints_config_plus_instructevals_argumen
         "do_sample": True, "temperature": 0.1, "top_p": REFERENCE_LIBRARY_DEFAULTS["top_p"], "top_k": 50}
 
 
+@pytest.mark.unit
 def test_greedy_and_sampling_ignore_the_checkpoint():
     for name in ("mmlu", "humaneval"):
         assert resolve_decoding(EvaluationSpec(decoding="greedy"), task(name), LLAMA2) == {"do_sample": False}
@@ -129,6 +132,7 @@ def test_the_job_writes_its_spec_and_maps_the_former_greedy_flag(tmp_path):
     assert not (tmp_path / "o").exists()  # an invalid spec writes nothing
 
 
+@pytest.mark.unit
 # ----------------------------------------------------------------------------------------------- devices
 def test_a_dtype_the_gpu_cannot_run_is_refused(monkeypatch):
     """Mock (this machine has no GPU): a CUDA device without native bfloat16, as a V100."""
@@ -179,6 +183,7 @@ def test_a_device_this_machine_lacks_exits_2_before_anything_loads(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.unit
 def test_a_config_file_gives_the_fields_and_flags_override_it(tmp_path):
     from evaluation.__main__ import parser, spec_from_args
 
@@ -195,6 +200,7 @@ def test_a_config_file_gives_the_fields_and_flags_override_it(tmp_path):
     assert spec_from_args(parser().parse_args(["--greedy"])).decoding == "greedy"
 
 
+@pytest.mark.unit
 def test_the_paper_kit_validates(tmp_path):
     """examples/paper/: every study YAML's `evaluation:` section is the reference protocol and the rest is a valid
     study; evaluation.yaml is a valid spec. (The CLI's --dry-run test runs them end to end.)"""
@@ -219,6 +225,7 @@ def test_the_paper_kit_validates(tmp_path):
             assert config.space.names == ["r", "dropout", "alpha", "lr"], path.name  # the paper's NOMAD order
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["nomad.yaml", "tpe.yaml", "default.yaml", "tpe-as-run.yaml"])
 def test_each_paper_study_dry_runs_without_submitting_or_writing(name, tmp_path, monkeypatch, capsys):
     from orchestrator.__main__ import main

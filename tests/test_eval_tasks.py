@@ -14,6 +14,8 @@ from evaluation.runner import read_completions
 from evaluation.tasks import bbh, drop, get_tasks, humaneval, mmlu
 from evaluation.tasks.common import EvalError, blank_line_after_answer, fit_shots, macro, micro, starts_with
 
+pytestmark = pytest.mark.unit
+
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
 

@@ -31,6 +31,7 @@ def _fake_commands(tmp_path, monkeypatch, **scripts):
     return bin_dir
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kwargs, field, value", [
     ({"nodes": 0}, "nodes", "0"),
     ({"gpus_per_node": -1}, "gpus_per_node", "-1"),
@@ -58,6 +59,7 @@ def test_invalid_resources_name_the_field_the_value_and_a_fix(kwargs, field, val
     assert len(message.split("is invalid: ", 1)[1]) > 10, "the message must say how to fix it"
 
 
+@pytest.mark.unit
 def test_defaults_one_task_per_gpu_and_a_signal_delay_inside_short_limits():
     assert Resources().tasks_per_node == 1
     assert Resources(gpus_per_node=4).tasks_per_node == 4
@@ -66,11 +68,13 @@ def test_defaults_one_task_per_gpu_and_a_signal_delay_inside_short_limits():
     assert Resources(timeout_min=2).signal_delay_s == 30  # 180 s would signal a 2-minute job at once
 
 
+@pytest.mark.unit
 def test_requeue_counts_are_the_orchestrators_now():
     with pytest.raises(ResourcesError, match="max_num_timeout was removed.*retries: {on: \\[timeout\\]"):
         Resources.from_dict({"max_num_timeout": 3})
 
 
+@pytest.mark.unit
 def test_from_dict_rejects_unknown_keys_and_lists_the_valid_ones():
     assert Resources.from_dict({"gpus_per_node": 2, "partition": "gpu"}).tasks_per_node == 2
     with pytest.raises(ResourcesError, match=r"\['gpu'\].*valid keys are: partition, nodes, gpus_per_node"):
@@ -128,6 +132,7 @@ def test_auto_picks_slurm_only_when_the_controller_answers(tmp_path, monkeypatch
     assert make_executor("auto", tmp_path / "b").cluster == "slurm"
 
 
+@pytest.mark.unit
 def test_unknown_kind_lists_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match="auto, slurm, local, debug"):
         make_executor("slurmm", tmp_path)

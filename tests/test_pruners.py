@@ -30,6 +30,7 @@ def flat(value: float, upto: int) -> list:
 COMPLETED = {t: line(f) for t, f in enumerate([0.95, 0.97, 1.00, 1.02, 1.05])}  # at 2/8: 1.25 ... 1.35, median 1.30
 
 
+@pytest.mark.unit
 # ------------------------------------------------------------------------------------------------ median
 def test_median_prunes_an_obviously_bad_curve_and_not_the_best():
     pruner = make_pruner({"kind": "median", "n_startup_trials": 5, "warmup": 0.25})
@@ -43,6 +44,7 @@ def test_median_prunes_an_obviously_bad_curve_and_not_the_best():
     assert pruner.decide(3, curves) is None  # completed trials are never pruned
 
 
+@pytest.mark.unit
 def test_median_waits_for_startup_trials_and_warmup_and_keeps_its_interval():
     bad = {10: flat(1.55, 2)}
     four = {t: c for t, c in COMPLETED.items() if t < 4}
@@ -61,6 +63,7 @@ def test_median_waits_for_startup_trials_and_warmup_and_keeps_its_interval():
     assert every_quarter.decide(10, {**COMPLETED, 10: gap}).fraction == 0.625
 
 
+@pytest.mark.unit
 def test_median_compares_the_best_value_so_far_and_prunes_a_diverged_curve():
     pruner = MedianPruner(n_startup_trials=1)
     early_good = [(0.125, 1.0), (0.25, 1.4)]  # 1.4 at 2/8 is worse than the median, but 1.0 earlier was not
@@ -69,6 +72,7 @@ def test_median_compares_the_best_value_so_far_and_prunes_a_diverged_curve():
     assert diverged is not None and "diverged" in diverged.reason
 
 
+@pytest.mark.unit
 # -------------------------------------------------------------------------------------------------- asha
 def test_asha_rungs_come_from_min_fraction_and_reduction_factor():
     assert make_pruner({"kind": "asha", "min_fraction": 0.125, "reduction_factor": 3}).rungs == (0.125, 0.375)
@@ -78,6 +82,7 @@ def test_asha_rungs_come_from_min_fraction_and_reduction_factor():
     assert make_pruner({"kind": "asha", "rungs": [0.2, 0.6]}).rungs == (0.2, 0.6)
 
 
+@pytest.mark.unit
 def test_asha_keeps_the_top_third_at_each_rung_asynchronously():
     pruner = AshaPruner(min_fraction=0.125, reduction_factor=3)
     curves = {0: [(0.125, 1.20)]}
@@ -105,6 +110,7 @@ def test_asha_keeps_the_top_third_at_each_rung_asynchronously():
     assert pruner.decide(9, jumper).rung == 0
 
 
+@pytest.mark.unit
 def test_a_margin_keeps_trials_close_to_the_threshold():
     curves = {**COMPLETED, 10: flat(1.33, 2), 11: flat(1.55, 2)}  # median at 2/8: 1.30
     assert MedianPruner().decide(10, curves) is not None
@@ -116,6 +122,7 @@ def test_a_margin_keeps_trials_close_to_the_threshold():
     assert AshaPruner(min_fraction=0.125, margin=0.02).decide(2, rung).threshold == 1.20
 
 
+@pytest.mark.unit
 def test_asha_min_trials_lets_early_trials_continue():
     pruner = make_pruner({"kind": "asha", "min_fraction": 0.125, "reduction_factor": 3, "min_trials": 3})
     curves = {0: [(0.125, 1.2)], 1: [(0.125, 1.3)]}
@@ -125,6 +132,7 @@ def test_asha_min_trials_lets_early_trials_continue():
     assert pruner.decide(9, {9: [(0.125, math.nan)]}).reason.endswith("(diverged)")
 
 
+@pytest.mark.unit
 # ----------------------------------------------------------------------------------- purity and config
 def test_decisions_are_pure_and_deterministic():
     rng = random.Random(3)
@@ -141,6 +149,7 @@ def test_decisions_are_pure_and_deterministic():
     assert MedianPruner().decide(5, {}) is None and AshaPruner(min_fraction=0.1).decide(5, {5: []}) is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bad, message", [
     ({"kind": "hyperband"}, "unknown; valid: median, asha"),
     ({"warmup": 0.2}, "needs a kind"),
@@ -167,6 +176,7 @@ def test_bad_configs_are_one_line_errors(bad, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.unit
 def test_configs_round_trip_and_off():
     assert make_pruner(None) is None and make_pruner({"kind": "none"}) is None
     for cfg in ({"kind": "median", "n_startup_trials": 3, "warmup": 0.25, "interval": 0.25},
@@ -178,6 +188,7 @@ def test_configs_round_trip_and_off():
     assert describe(None) == "none"
 
 
+@pytest.mark.unit
 def test_reports_must_reach_every_rung_before_the_end():
     reports = [0.25, 0.5, 0.75, 1.0]
     make_pruner({"kind": "asha", "min_fraction": 0.25, "reduction_factor": 3}).check_reports(reports)
@@ -187,6 +198,7 @@ def test_reports_must_reach_every_rung_before_the_end():
         make_pruner({"kind": "median", "warmup": 0.8}).check_reports(reports)
 
 
+@pytest.mark.unit
 def test_what_the_searcher_is_told():
     d = Decision(4, "asha", 0, 0.125, 1.4, 1.4, 1.2, 3, "why")
     assert told_value("tpe", d) == 1.4 and told_value("random", d) == 1.4
@@ -220,6 +232,7 @@ def _events(rng: random.Random, n_trials: int) -> list:
     return sorted(events)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cfg", [{"kind": "median", "n_startup_trials": 3, "warmup": 0.25},
                                  {"kind": "median", "n_startup_trials": 0, "warmup": 0.25, "interval": 0.25},
                                  {"kind": "asha", "min_fraction": 0.125, "reduction_factor": 3},

@@ -14,7 +14,7 @@ from orchestrator.search.landscapes import paper_landscape
 from orchestrator.search.searchers import Observation, Pending, make_searcher
 from orchestrator.search.space import paper_space
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
 SPACE = paper_space()
 KINDS = ("pb", "eb")

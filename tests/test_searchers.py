@@ -14,7 +14,7 @@ from orchestrator.search.landscapes import paper_landscape
 from orchestrator.search.searchers import Observation, Pending, make_searcher
 from orchestrator.search.space import paper_space
 
-pytestmark = pytest.mark.timeout(60)   # a NOMAD thread that deadlocks fails the test, not the suite
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]  # a NOMAD thread that deadlocks fails the test, not the suite
 
 PROFILES = {"nomad-paper": ("nomad", {"profile": "paper"}), "nomad-async": ("nomad", {"profile": "async"})}
 LEARNING = ("nomad-paper", "nomad-async", "tpe", "random")
@@ -394,21 +394,6 @@ def test_nomad_close_mid_block_is_quick_and_frees_nomad_for_the_next_searcher():
     second = build("nomad-paper", budget=5)
     assert second.ask() is not None
     second.close()
-
-
-def test_nomad_options_pass_through_and_are_checked():
-    searcher = build("nomad-paper", budget=12, parallel=4, MEGA_SEARCH_POLL=True, NM_SEARCH=False)
-    told, _ = drive(searcher, parallel=4)
-    searcher.close()
-    assert len(told) == 12
-    with pytest.raises(ValueError, match="DIRECTION_TYPE"):
-        build("nomad", DIRECTION_TYPE="SIDEWAYS")
-    with pytest.raises(ValueError, match="Unknown parameter"):
-        build("nomad", NOT_A_NOMAD_PARAMETER=3)
-    with pytest.raises(ValueError, match="MAX_BB_EVAL is set by the searcher"):
-        build("nomad", MAX_BB_EVAL=10)
-    with pytest.raises(ValueError, match="not a NOMAD parameter name"):
-        build("nomad", direction_type="ORTHO 2N")
 
 
 def test_make_searcher_validates_its_arguments():

@@ -6,6 +6,8 @@ import pytest
 
 from orchestrator.search.space import SearchSpace, SpaceError, paper_space
 
+pytestmark = pytest.mark.unit
+
 PAPER = {
     "r": {"choice": [4, 8, 16, 32, 64, 128, 256, 512], "default": 8},
     "alpha": {"int": [1, 64], "default": 32},
