@@ -30,7 +30,7 @@ from pathlib import Path
 import submitit
 
 from slurm.dispatch import Attempt, Outcome
-from slurm.executors import Resources, pinned_python, slurm_available
+from slurm.executors import Resources, pinned_python, slurm_available, submit_tasks
 from slurm.states import (FINAL, LIVE, OOM_MARKS, REQUEUE_STATES, WAITING, BackendError, SlurmInfo, last_stderr_line,
                           run, slurm_exit_text, slurm_snapshot)
 
@@ -63,12 +63,7 @@ class SlurmBackend:
                                "SLURM_CONF and that slurmctld runs, or use --executor local")
 
     def submit(self, tasks, name: str) -> list:
-        self.executor.update_parameters(name=name)
-        if len(tasks) == 1:
-            return [self.executor.submit(tasks[0].fn, *tasks[0].args)]
-        with self.executor.batch():
-            jobs = [self.executor.submit(t.fn, *t.args) for t in tasks]
-        return jobs
+        return submit_tasks(self.executor, tasks, name)
 
     def unreachable(self, error: BaseException) -> bool:
         return bool(UNREACHABLE.search(str(error)))

@@ -217,6 +217,17 @@ def pinned_python(code_dir: str | Path, shell: bool) -> str | None:
     return f"env {shlex.quote('PYTHONPATH=' + path + (os.pathsep + inherited if inherited else ''))} {python} -P"
 
 
+def submit_tasks(executor, tasks, name: str) -> list:
+    """Submit tasks (each a slurm.dispatch.Task) with a submitit executor under one job name: one job, or one job
+    array for several (submitit's batch()). Raises what the scheduler raised."""
+    executor.update_parameters(name=name)
+    if len(tasks) == 1:
+        return [executor.submit(tasks[0].fn, *tasks[0].args)]
+    with executor.batch():
+        jobs = [executor.submit(t.fn, *t.args) for t in tasks]
+    return jobs
+
+
 def sbatch_preview(resources: Resources, folder: str | Path, job_name: str, code_dir: str | Path | None = None) -> str:
     """The batch script a study's job would be submitted with, without a cluster (for --dry-run): the text
     submitit's own writer (submitit.slurm.slurm._make_sbatch_string) makes from these resources."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import submitit
 from submitit.local import local as _submitit_local
 
-from slurm.executors import LOCAL_PARAMETERS, Resources, pinned_python
+from slurm.executors import LOCAL_PARAMETERS, Resources, pinned_python, submit_tasks
 from slurm.states import OOM_MARKS, exit_text, last_stderr_line
 
 
@@ -125,12 +125,7 @@ class LocalBackend:
         os.environ.setdefault("LORA_HPO_THREADS", str(self.resources.cpus_per_task))
 
     def submit(self, tasks, name: str) -> list:
-        self.executor.update_parameters(name=name)
-        if len(tasks) == 1:
-            return [self.executor.submit(tasks[0].fn, *tasks[0].args)]
-        with self.executor.batch():
-            jobs = [self.executor.submit(t.fn, *t.args) for t in tasks]
-        return jobs
+        return submit_tasks(self.executor, tasks, name)
 
     def unreachable(self, error: BaseException) -> bool:
         return False

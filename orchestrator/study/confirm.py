@@ -36,13 +36,11 @@ from orchestrator.config import ConfigError
 from orchestrator.reports.text import point_text
 from orchestrator.search.champion import top
 from orchestrator.search.criteria import Judge
-from orchestrator.study.journal import Journal, open_study
+from orchestrator.study.jobset import JobSet
+from orchestrator.study.journal import Journal
 from orchestrator.study.lock import locked
-from orchestrator.study.runner import Item, Runner, fold_items
-from orchestrator.tracking.tracker import Tracker
-from slurm.backend import make_backend
-from slurm.dispatch import Dispatcher, SchedulerOutage, Task
-from slurm.executors import snapshot_code
+from orchestrator.study.runner import Item, fold_items
+from slurm.dispatch import Task
 
 RULES = ("mean", "upper")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -65,53 +63,35 @@ def load_retrains(journal: Journal):
     return fold_items(journal, "retrain", _read_result)
 
 
+def _fine_tunes_only(config) -> None:
+    if config.function is not None:
+        raise ConfigError(f"study {config.study!r} tuned an objective function: confirm retrains fine-tunes only")
+
+
 class Confirmer:
     def __init__(self, args, log=print):
         self.args, self.log = args, log
-        self.folder = Path(args.workdir) / args.study
-        self.study, self.config = open_study(args.workdir, args.study, tracking_uri=args.tracking_uri)
-        if self.config.function is not None:
-            raise ConfigError(f"study {args.study!r} tuned an objective function: confirm retrains fine-tunes only")
-        self.journal = Journal(self.folder / "confirm.jsonl")
-        self.set = load_retrains(self.journal)
-        kind = self.set.executor or args.executor or self.study.executor or "auto"
-        self.code = self.folder / "code" if (self.folder / "code").is_dir() else self.folder / "confirm-code"
-        self.backend = make_backend(kind, self.folder / "confirm-submitit", self.config.resources,
-                                    job_name=f"{args.study}-confirm", code_dir=self.code)
-        self.backend.prepare()
-        if self.set.executor is None:
-            self.journal.append("start", executor=self.backend.kind, top=args.top, seeds=args.seeds)
-        self.runner = Runner(Dispatcher(self.backend, record=self.journal.append,
-                                        outage_s=self.config.retries.outage_hours * 3600),
-                             self.journal, self.config.retries, self._task, log=log, what="retrain",
-                             on_retry=lambda job, o: log(f"{job.key}: {o.reason}; attempt {job.attempt + 1} submitted"))
-        self.tracker = Tracker(self.config.tracking(), self.config.study, self.folder / "confirm-outbox.jsonl",
-                               self.study.study_uid or "", log=log)
+        folder = Path(args.workdir) / args.study
+        code = folder / "code" if (folder / "code").is_dir() else None  # the study's own: the same code retrains
+        self.js = JobSet.open(args, name="confirm", item_event="retrain", read_result=_read_result,
+                              task_of=self._task, log=log, what="retrain", code=code,
+                              start={"top": args.top, "seeds": args.seeds}, check=_fine_tunes_only,
+                              on_retry=lambda job, o: log(f"{job.key}: {o.reason}; attempt {job.attempt + 1} "
+                                                          "submitted"))
+        self.folder, self.study, self.config, self.set = self.js.folder, self.js.study, self.js.config, self.js.set
+        self.journal, self.tracker = self.js.journal, self.js.tracker
 
     def run(self) -> dict:
-        try:
-            if self.backend.pins_code:
-                snapshot_code(self.code)  # the study's own snapshot when it has one: the same code retrains
+        with self.js.finishing("the retrains"):
+            self.js.snapshot()
             with self.tracker.run(RUN, f"{self.config.study}-confirm", parent_id=self.study.parent_run_id,
                                   tags={"role": "confirm", "study": self.config.study, "rule": self.args.rule}):
                 chosen = self._plan()
                 todo = [i for i in self.set.items.values() if i.status is None]
-                self.runner.adopt([i.job for i in todo], self.set.batches, self.set.jobs)
-                self.runner.run(self._done, self.args.poll_s)
+                self.js.runner.adopt([i.job for i in todo], self.set.batches, self.set.jobs)
+                self.js.runner.run(self._done, self.args.poll_s)
                 table = self._table(chosen)
                 self._publish(table)
-        except SchedulerOutage as e:
-            self.tracker.close(wait_s=60, idle_s=30)
-            raise ConfigError(str(e)) from None
-        except KeyboardInterrupt:
-            self.tracker.close(wait_s=10, idle_s=5)  # what is queued is kept for the rerun
-            raise
-        except BaseException:
-            self.tracker.close(wait_s=60, idle_s=30)  # its runs say how it ended (the rest waits for a rerun)
-            raise
-        if not self.tracker.close(wait_s=3600, idle_s=600):
-            raise ConfigError(f"MLflow took no write for 10 minutes: the confirmation is journaled; run the same "
-                              f"command again when the tracking store is back ({self.tracker.status()})")
         return table
 
     # ------------------------------------------------------------------------------------------- plan

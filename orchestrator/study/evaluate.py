@@ -30,13 +30,12 @@ from jobs.contract import OK, EvaluationResult
 from orchestrator.config import ConfigError, StudyConfig
 from orchestrator.search.champion import top
 from orchestrator.search.criteria import Judge
-from orchestrator.study.journal import Journal, open_study
+from orchestrator.study.jobset import JobSet
+from orchestrator.study.journal import Journal
 from orchestrator.study.lock import locked
-from orchestrator.study.runner import Item, Runner, fold_items
-from orchestrator.tracking.tracker import Tracker
-from slurm.backend import make_backend
-from slurm.dispatch import Dispatcher, SchedulerOutage, Task
-from slurm.executors import Resources, snapshot_code
+from orchestrator.study.runner import Item, fold_items
+from slurm.dispatch import Task
+from slurm.executors import Resources
 
 CLI_SETTINGS = ("harness", "tasks", "limit", "data_dir", "include_path", "seed", "humaneval_cut", "decoding",
                 "temperature", "top_p", "seeds", "dtype", "merge", "batch_size")
@@ -113,46 +112,23 @@ def load_evaluations(journal: Journal):
 class Evaluator:
     def __init__(self, args, log=print):
         self.args, self.log = args, log
-        self.folder = Path(args.workdir) / args.study
-        self.study, self.config = open_study(args.workdir, args.study, tracking_uri=args.tracking_uri)
-        self.journal = Journal(self.folder / "evaluate.jsonl")
-        self.set = load_evaluations(self.journal)
-        kind = self.set.executor or args.executor or self.study.executor or "auto"  # re-attach needs the same
-        self.backend = make_backend(kind, self.folder / "evaluate-submitit", eval_resources(self.config.resources),
-                                    job_name=f"{args.study}-eval", code_dir=self.folder / "evaluate-code")
-        self.backend.prepare()
-        if self.set.executor is None:
-            self.journal.append("start", executor=self.backend.kind)
-        self.runner = Runner(Dispatcher(self.backend, record=self.journal.append,
-                                        outage_s=self.config.retries.outage_hours * 3600),
-                             self.journal, self.config.retries, self._task, log=log, what="evaluation",
-                             on_submitted=lambda job, a: log(f"{self._label(job.key)}: evaluation job {a.job_id}"))
-        self.tracker = Tracker(self.config.tracking(), self.config.study, self.folder / "evaluate-outbox.jsonl",
-                               self.study.study_uid or "", log=log)
+        self.js = JobSet.open(args, name="evaluate", item_event="evaluation", read_result=_read_result,
+                              task_of=self._task, log=log, what="evaluation",
+                              on_submitted=lambda job, a: log(f"{self._label(job.key)}: evaluation job {a.job_id}"),
+                              resources_of=lambda config: eval_resources(config.resources))
+        self.folder, self.study, self.config, self.set = self.js.folder, self.js.study, self.js.config, self.js.set
+        self.journal, self.tracker = self.js.journal, self.js.tracker
 
     def run(self) -> dict:
-        try:
-            if self.backend.pins_code:
-                snapshot_code(self.folder / "evaluate-code")  # jobs import this copy; a rerun keeps it
+        with self.js.finishing("the evaluations"):
+            self.js.snapshot()
             wanted = self._plan()
-            self.runner.adopt([e.job for e in wanted if e.status is None], self.set.batches, self.set.jobs)
-            self.runner.run(self._collect, self.args.poll_s)
+            self.js.runner.adopt([e.job for e in wanted if e.status is None], self.set.batches, self.set.jobs)
+            self.js.runner.run(self._collect, self.args.poll_s)
             for e in wanted:
                 if e.status == OK and not e.logged:
                     self._log(e)
             table = self._poster(wanted)
-        except SchedulerOutage as e:
-            self.tracker.close(wait_s=60, idle_s=30)
-            raise ConfigError(str(e)) from None
-        except KeyboardInterrupt:
-            self.tracker.close(wait_s=10, idle_s=5)  # what is queued is kept for the rerun
-            raise
-        except BaseException:
-            self.tracker.close(wait_s=60, idle_s=30)  # its runs say how it ended (the rest waits for a rerun)
-            raise
-        if not self.tracker.close(wait_s=3600, idle_s=600):
-            raise ConfigError(f"MLflow took no write for 10 minutes: the evaluations are journaled; run the same "
-                              f"command again when the tracking store is back ({self.tracker.status()})")
         return {**table, "evaluations": {e.key: e.status for e in wanted}}
 
     def _task(self, job) -> Task:
