@@ -44,13 +44,15 @@ ROUTES = {
     "a frame from a traceback": ("try:\n    raise ValueError\nexcept ValueError as e:\n"
                                  "    leak_frames(e.__traceback__.tb_frame)", None),
     "a frame from a generator": ("def g():\n    yield leak_frames(gen.gi_frame)\ngen = g()\nnext(gen)", None),
-    "a frame from a signal handler": ("import signal, time\nsignal.signal(signal.SIGALRM, lambda s, f: leak_frames(f))\n"
+    "a frame from a signal handler": ("import signal, time\n"
+                                      "signal.signal(signal.SIGALRM, lambda s, f: leak_frames(f))\n"
                                       "signal.setitimer(signal.ITIMER_REAL, 0.01)\nt = time.monotonic()\n"
                                       "while time.monotonic() - t < 0.5:\n    pass", None),
     "a trace function": ("import sys\nsys.settrace(lambda f, e, a: leak_frames(f))\ndef f():\n    pass\nf()", None),
     "/proc/self/cmdline": ("leak(open('/proc/self/cmdline').read())", None),
     "sys.orig_argv": ("import sys\nleak(repr(sys.orig_argv))", None),
-    "a gc walk": ("import gc\nfor o in gc.get_objects():\n    if type(o) in (list, dict):\n        leak(repr(o))", None),
+    "a gc walk": ("import gc\nfor o in gc.get_objects():\n    if type(o) in (list, dict):\n        leak(repr(o))",
+                  None),
     "its own memory (/proc/self/mem)": ("leak_memory('self')", NO_NOBODY),
     "its parent's memory (/proc/PPID/mem)": ("leak_memory(os.getppid())", NO_NOBODY),
     "a subinterpreter without the hooks": ("import _xxsubinterpreters as si\nsi.run_string(si.create(), SUB)",
