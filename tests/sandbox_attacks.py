@@ -60,7 +60,8 @@ ROUTES = {
 }
 DESIGN = {
     "inherited descriptors and the environment": (
-        "for fd in range(3, 64):\n    try:\n        leak(os.read(fd, 4096).decode(errors='replace'))\n"
+        "for fd in range(3, 64):\n    try:\n        os.set_blocking(fd, False)\n"
+        "        leak(os.read(fd, 4096).decode(errors='replace'))\n"
         "    except OSError:\n        pass\nleak(repr(dict(os.environ)))", None),
     "signalling the keeper itself": (
         "import time\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'x')\n    except OSError:\n"
