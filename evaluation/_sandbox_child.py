@@ -70,7 +70,8 @@ REFERENCE_NONE = {  # module -> attributes InstructEval's reliability_guard sets
 REFERENCE_NO_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")  # sys.modules[name] = None there
 # The seal: events that reach other threads' frames, every object, or install code that sees frames ...
 SEALED = frozenset({"sys._current_frames", "sys._current_exceptions", "sys.settrace", "sys.setprofile",
-                    "sys.addaudithook", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+                    "sys.monitoring.register_callback", "sys.addaudithook", "gc.get_objects", "gc.get_referrers",
+                    "gc.get_referents",
                     # ... and new programs, which start without these hooks
                     "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen", "pty.spawn"})
 # modules (last dotted part) that read memory or run code without the hooks: ctypes, CPython's test modules,

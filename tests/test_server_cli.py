@@ -89,8 +89,7 @@ def test_failed_logins_lock_a_name_out_for_a_while_then_let_it_try_again(tmp_pat
     assert (tmp_path / "logins.db").stat().st_mode & 0o777 == 0o600
 
 
-@pytest.mark.unit
-def test_a_password_in_a_database_uri_moves_to_a_password_file(tmp_path):
+def test_a_password_in_a_database_uri_moves_to_a_password_file(tmp_path):  # not unit: SQLAlchemy takes ~1 s to import
     uri = "postgresql+psycopg2://lab:p%40ss%3Aw0rd@db.example:5432/mlflow?sslmode=require"
     assert split_password(uri) == ("postgresql+psycopg2://lab@db.example:5432/mlflow?sslmode=require", "p@ss:w0rd")
     assert split_password("postgresql+psycopg2://lab@db/mlflow") == ("postgresql+psycopg2://lab@db/mlflow", None)

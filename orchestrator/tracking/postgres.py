@@ -109,9 +109,13 @@ def with_password(uri: str, password: str | None) -> str:
 
 
 def uri_user(uri: str) -> str:
+    """The user a database URI logs in as (libpq's default: the OS user); "" for what is no URI."""
     import sqlalchemy
 
-    return sqlalchemy.engine.make_url(uri).username or getpass.getuser()
+    try:
+        return sqlalchemy.engine.make_url(uri).username or getpass.getuser()
+    except sqlalchemy.exc.ArgumentError:
+        return ""
 
 
 def binaries() -> Path | None:

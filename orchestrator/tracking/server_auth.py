@@ -25,8 +25,8 @@ import re
 import secrets
 import sqlite3
 import sys
+import threading
 import time
-from contextlib import closing
 from pathlib import Path
 
 from orchestrator.tracking.postgres import ServerError, write_private
@@ -94,36 +94,40 @@ class LoginThrottle:
     def __init__(self, path: str, max_failures: int = MAX_FAILURES, window_s: float = WINDOW_S,
                  lock_s: float = LOCK_S):
         self.path, self.max_failures, self.window_s, self.lock_s = path, max_failures, window_s, lock_s
+        self.local = threading.local()  # a connection per thread: the server's workers answer in threads
 
     def _db(self) -> sqlite3.Connection:
-        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # made 0600 if it is new
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # one per call: workers use threads
-        db.execute("CREATE TABLE IF NOT EXISTS failures (user TEXT PRIMARY KEY, count INTEGER, since REAL, "
-                   "locked_until REAL)")
-        return db
+        if getattr(self.local, "db", None) is None:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # made 0600 if it is new
+            self.local.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.local.db.execute("CREATE TABLE IF NOT EXISTS failures (user TEXT PRIMARY KEY, count INTEGER, "
+                                  "since REAL, locked_until REAL)")
+        return self.local.db
 
     def wait_s(self, user: str, now: float) -> float | None:
         """Seconds this user is still locked out (0.0: free, with failures on record; None: no failures)."""
-        with closing(self._db()) as db:
-            row = db.execute("SELECT locked_until FROM failures WHERE user = ?", (user,)).fetchone()
+        row = self._db().execute("SELECT locked_until FROM failures WHERE user = ?", (user,)).fetchone()
         return None if row is None else max(0.0, row[0] - now)
 
     def failed(self, user: str, now: float) -> None:
         db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # one worker at a time counts
         try:
-            db.execute("BEGIN IMMEDIATE")  # one worker at a time counts
             row = db.execute("SELECT count, since, locked_until FROM failures WHERE user = ?", (user,)).fetchone()
             count, since, locked = (0, now, 0.0) if row is None or now - row[1] > self.window_s else row
             count += 1
             locked = now + self.lock_s if count >= self.max_failures else locked
             db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)", (user, count, since, locked))
             db.execute("COMMIT")
-        finally:
-            db.close()
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def succeeded(self, user: str) -> None:
-        with closing(self._db()) as db:
-            db.execute("DELETE FROM failures WHERE user = ?", (user,))
+        self._db().execute("DELETE FROM failures WHERE user = ?", (user,))
+
+
+_THROTTLES: dict[str, LoginThrottle] = {}  # per server process, by file
 
 
 def authenticate_throttled():
@@ -136,7 +140,8 @@ def authenticate_throttled():
     login = request.authorization
     if login is None or not login.username:
         return authenticate_request_basic_auth()  # no credentials: MLflow's 401 asks for them
-    throttle = LoginThrottle(os.environ["LORA_HPO_LOGINS_DB"])
+    path = os.environ["LORA_HPO_LOGINS_DB"]
+    throttle = _THROTTLES.get(path) or _THROTTLES.setdefault(path, LoginThrottle(path))
     wait = throttle.wait_s(login.username, time.time())
     if wait:
         response = make_response(f"too many failed logins for user {login.username!r}: try again in "
