@@ -22,7 +22,7 @@ thread only waits on its own subprocess). Per program:
     per-run secret that reaches the child through a pipe (never its arguments, environment or a file) and is
     held by a keeper thread that writes it only once the program has returned normally; an always-on audit
     hook (the seal) keeps the program away from that thread, from /proc (its own memory, its parent's), from
-    gc walks, tracing and ctypes (evaluation/_sandbox_child.py lists the routes, tests/test_eval_sandbox.py
+    gc walks, tracing and ctypes (evaluation/_sandbox_child.py lists the routes, tests/sandbox_attacks.py
     tries each).
 The program itself runs as InstructEval's harness runs it (`exec(program, {})`: `__name__` is not "__main__";
 stdout and stderr swallowed, stdin raising on read), so what changes a verdict there changes it here.

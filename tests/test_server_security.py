@@ -2,7 +2,7 @@
 role needs its password, a database password never lands on a command line or in a file others can read,
 logins that can never work are refused when made, and guessing passwords is throttled.
 
-    .venv/bin/python -m pytest -q -m server tests/test_server_security.py     # a few minutes (two servers start)
+    .venv/bin/python -m pytest -q -m server tests/test_server_security.py     # 6 min on a busy 2-core machine
 
 Real PostgreSQL, real `mlflow server` with the basic-auth app, real HTTP logins. Needs what tests/test_server.py
 needs (skips, saying which, where missing).
@@ -113,6 +113,7 @@ def test_guessing_a_password_is_throttled_per_user(lab):
     assert _login(lab, "alice", lab.passwords["alice"]).status_code == 200  # other users are not locked out
 
 
+@pytest.mark.slow
 def test_a_database_password_stays_off_command_lines_and_out_of_readable_files(lab):
     """--backend-uri with a password, on a fresh --dir: it starts (it crashed), the password is only in auth/
     (0600 in 0700), not in settings.json, not on any command line of the server's processes; later starts
@@ -154,6 +155,7 @@ def test_a_database_password_stays_off_command_lines_and_out_of_readable_files(l
         shutil.rmtree(folder.parent, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_cluster_that_trusted_local_connections_is_switched_over(lab):
     """A private PostgreSQL made by an older version (pg_hba.conf: trust) requires passwords after its next start.
     Runs last: it restarts the session's server."""
@@ -161,8 +163,9 @@ def test_a_cluster_that_trusted_local_connections_is_switched_over(lab):
         pytest.skip("needs the postgres system account (root)")
     assert server_cli(lab.folder, "stop", timeout=120).returncode == 0
     hba = lab.folder / "pg" / "data" / "pg_hba.conf"
-    with open(hba, "w") as f:  # as the older version wrote it (keeps its owner, postgres)
+    with open(hba, "w") as f:  # as the older version wrote it (keeps its owner, postgres) ...
         f.write("local all all trust\nhost all all 127.0.0.1/32 trust\n")
+    (lab.folder / "auth" / "pgpass").unlink()  # ... which kept no password
     started = server_cli(lab.folder, "start")
     assert started.returncode == 0, started.stderr
     assert "requiring a password for every role" in started.stderr

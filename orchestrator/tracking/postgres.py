@@ -216,15 +216,16 @@ class Postgres:
         owner = _owner()
         self._layout(owner)
         password = pgpass_password(self.passfile, DB_USER)
-        if not (self.data / "PG_VERSION").exists():
-            log(f"initialising PostgreSQL in {self.data}")
-            if password is None:  # kept before initdb uses it: a crash in between loses nothing
-                password = secrets.token_urlsafe(24)
-                write_private(self.passfile, pgpass_line(DB_USER, password))
-            self._initdb(bin_dir, owner, password)
-        elif password is None:
+        initialised = (self.data / "PG_VERSION").exists()
+        if initialised and password is None and (self.data / "pg_hba.conf").read_text() == HBA:
             raise ServerError(f"the PostgreSQL superuser's password file {self.passfile} is missing: restore it from "
                               f"a backup of {self.passfile.parent}, or start over with a new --dir")
+        if password is None:  # kept before it is used (initdb, or an older version's cluster): a crash loses nothing
+            password = secrets.token_urlsafe(24)
+            write_private(self.passfile, pgpass_line(DB_USER, password))
+        if not initialised:
+            log(f"initialising PostgreSQL in {self.data}")
+            self._initdb(bin_dir, owner, password)
         if self.pid() is None:
             with open(self.log, "a") as out:
                 process = subprocess.Popen(

@@ -103,14 +103,26 @@ class Layout:
 
 
 # ------------------------------------------------------------------------------------------- MLflow process
+def _environ(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def mlflow_pid(layout: Layout) -> int | None:
     """The server's pid (its process group) if alive and started by us for this folder (marker in its env)."""
     try:
         pid = int(layout.pid_file.read_text())
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if f"LORA_HPO_MLFLOW_SERVER={layout.root}".encode() in environ else None
+    return pid if f"LORA_HPO_MLFLOW_SERVER={layout.root}".encode() in _environ(pid) else None
+
+
+def _passfile(layout: Layout, s: Settings) -> Path | None:
+    """The password file `mlflow server` gets as PGPASSFILE, if there is one."""
+    passfile = layout.backend_pass if s.backend_uri else layout.postgres.passfile
+    return passfile if passfile.exists() else None
 
 
 def url(s: Settings) -> str:
@@ -161,8 +173,8 @@ def _check_artifact_folder(folder: Path) -> None:
 def _start_mlflow(layout: Layout, s: Settings, timeout_s: float, log) -> None:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
            "DO_NOT_TRACK": "true", "LORA_HPO_MLFLOW_SERVER": str(layout.root)}
-    passfile = layout.backend_pass if s.backend_uri else layout.postgres.passfile
-    if passfile.exists():  # the databases' passwords reach libpq in its own file, never on the command line
+    passfile = _passfile(layout, s)
+    if passfile:  # the databases' passwords reach libpq in its own file, never on the command line
         env["PGPASSFILE"] = str(passfile)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", layout.backend(s),
                "--serve-artifacts", "--artifacts-destination", layout.artifacts(s), "--host", s.host,
@@ -257,6 +269,11 @@ def start(layout: Layout, given: dict, timeout_s: float) -> Settings:
             write_private(layout.backend_pass, pgpass_line(uri_user(s.backend_uri), password))
         if s.backend_uri is None:
             layout.postgres.start(timeout_s, log=_log)
+        passfile = _passfile(layout, s)
+        if running is not None and passfile and f"PGPASSFILE={passfile}".encode() not in _environ(running):
+            _log("restarting the MLflow server: it must read the database password from its file")  # older version
+            _stop_mlflow(layout, _log)
+            running = None
         if running is None:
             _start_mlflow(layout, s, timeout_s, _log)
         layout.save(s)
