@@ -517,6 +517,160 @@ CASES = [  # (case, expected, check): check returns None when it behaves as expe
 ] + RELIABILITY_2
 
 
+# =========================================================================================== issue 20: security
+# The sandbox's routes to a faked pass (tests/sandbox_attacks.py) and the lab server's secrets and accounts. The
+# server cases share one `server start --auth` in a temporary folder (started by the first of them, stopped at
+# exit); they need root (PostgreSQL runs as the postgres account) and the `server` extra.
+def sandbox_attack(body: str, layers):
+    def case(c: Case):
+        from evaluation.sandbox import Limits, run_program
+        from tests.sandbox_attacks import program
+
+        out = run_program(program(body), Limits(timeout_s=3.0), layers=layers)
+        return None if not out.passed else "the program faked a pass"
+    return case
+
+
+_LAB: dict = {}
+
+
+def _server(folder: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", "server", "--dir", str(folder), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _lab() -> dict:
+    """The shared server: {folder, url, admin password}; started once."""
+    if not _LAB:
+        import atexit
+        import configparser
+
+        folder = Path(tempfile.mkdtemp(prefix="attack-lab-", dir="/var/tmp"))
+        folder.chmod(0o755)  # PostgreSQL (the postgres account) must enter it
+        atexit.register(lambda: (_server(folder, "stop", timeout=120), shutil.rmtree(folder, ignore_errors=True)))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        started = _server(folder, "start", "--auth", "--port", str(port))
+        if started.returncode != 0:
+            raise RuntimeError(f"server start failed: {started.stderr.strip()[-300:]}")
+        ini = configparser.ConfigParser()
+        ini.read(folder / "auth" / "basic_auth.ini")
+        _LAB.update(folder=folder, url=started.stdout.splitlines()[0], admin=ini["mlflow"]["admin_password"])
+    return _LAB
+
+
+def _login(lab: dict, user: str, password: str) -> int:
+    import requests
+
+    return requests.get(f"{lab['url']}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                        auth=(user, password), timeout=60).status_code
+
+
+def postgres_account_reads_users(c: Case):
+    from orchestrator.tracking.postgres import PORT
+
+    lab = _lab()
+    psql = shutil.which("psql") or "psql"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGPASS")}
+    proc = subprocess.run(["runuser", "-u", "postgres", "--", psql, "-w", "-h", str(lab["folder"] / "pg" / "run"),
+                           "-p", str(PORT), "-U", "mlflow", "-d", "mlflow_auth", "-Atc",
+                           "SELECT username, password_hash FROM users"], capture_output=True, text=True, env=env,
+                          cwd="/", timeout=60)
+    return None if proc.returncode != 0 and "admin" not in proc.stdout else f"it read: {proc.stdout[:80]!r}"
+
+
+def bad_login(name: str, password: str | None, says: str):
+    def case(c: Case):
+        import requests
+
+        lab = _lab()
+        proc = _server(lab["folder"], "add-user", name, *(["--password", password] if password else []), timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        got = requests.get(f"{lab['url']}/api/2.0/mlflow/users/get", params={"username": name},
+                           auth=("admin", lab["admin"]), timeout=60).status_code
+        ok = proc.returncode == 2 and len(lines) == 1 and says in lines[0] and got == 404
+        return None if ok else f"exit {proc.returncode}, user lookup HTTP {got}: {proc.stderr.strip()[:160]}"
+    return case
+
+
+def password_guessing(c: Case):
+    import secrets
+
+    from orchestrator.tracking.server_auth import MAX_FAILURES
+
+    lab = _lab()
+    password = secrets.token_urlsafe(18)
+    if _server(lab["folder"], "add-user", "victim", "--password", password, timeout=120).returncode != 0:
+        return "could not create the user"
+    codes = [_login(lab, "victim", f"guess-{i:04d}") for i in range(3 * MAX_FAILURES)]
+    right, other = _login(lab, "victim", password), _login(lab, "admin", lab["admin"])
+    ok = codes == [401] * MAX_FAILURES + [429] * (2 * MAX_FAILURES) and right == 429 and other == 200
+    return None if ok else f"codes {sorted(set(codes))}, first 429 at {codes.index(429) if 429 in codes else None}, " \
+                           f"right password {right}, another user {other}"
+
+
+def backend_password(c: Case):
+    import secrets
+
+    from orchestrator.tracking.postgres import PORT, Postgres
+
+    lab = _lab()
+    password = "pw-" + secrets.token_hex(12)
+    connection = Postgres(lab["folder"] / "pg", lab["folder"] / "log" / "postgres.log")._connect()
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE ROLE attack_backend LOGIN PASSWORD '{password}'")
+        cursor.execute("CREATE DATABASE attack_backend OWNER attack_backend")
+    connection.close()
+    folder = Path(tempfile.mkdtemp(prefix="attack-backend-", dir="/var/tmp")) / "fresh"
+    uri = (f"postgresql+psycopg2://attack_backend:{password}@/attack_backend?host={lab['folder'] / 'pg' / 'run'}"
+           f"&port={PORT}")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        started = _server(folder, "start", "--port", str(port), "--backend-uri", uri)
+        if started.returncode != 0:
+            return f"start: exit {started.returncode}: {started.stderr.strip()[-200:]}"
+        holders = [p for p in folder.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+        pid = int((folder / "run" / "mlflow.pid").read_text())
+        group = [d for d in Path("/proc").iterdir() if d.name.isdigit() and _pgrp(d) == pid]
+        on_cmdline = [d.name for d in group if password.encode() in (d / "cmdline").read_bytes()]
+        private = all(p.stat().st_mode & 0o077 == 0 and p.parent.stat().st_mode & 0o077 == 0 for p in holders)
+        ok = len(holders) == 1 and private and not on_cmdline and len(group) >= 2
+        return None if ok else f"in files {[str(p.relative_to(folder)) for p in holders]}, on command lines " \
+                               f"of {on_cmdline}"
+    finally:
+        _server(folder, "stop", timeout=120)
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def _pgrp(proc_dir: Path) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _security_cases() -> list:
+    from tests.sandbox_attacks import DESIGN, ROUTES
+
+    cases = [(f"sandbox: marker via {name}", "fails, no pass", sandbox_attack(*ROUTES[name])) for name in ROUTES]
+    cases += [(f"sandbox: {name}", "fails, no pass", sandbox_attack(*DESIGN[name])) for name in DESIGN]
+    return cases + [
+        ("server: postgres account reads users", "refused: password needed", postgres_account_reads_users),
+        ("server: user name with ':'", "1 line, exit 2, none made", bad_login("a:b", None, "user name 'a:b'")),
+        ("server: user name with a newline", "1 line, exit 2, none made", bad_login("a\nb", None, "user name")),
+        ("server: 100 kB password", "1 line, exit 2, none made", bad_login("carol", "x" * 100_000, "12 to 128")),
+        ("server: 30 wrong passwords", "429 after 10, right one too", password_guessing),
+        ("server: --backend-uri password, fresh --dir", "starts; pw in one 0600 file", backend_password),
+    ]
+
+
+CASES += _security_cases()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-k", dest="pattern", help="only the cases whose name contains this")

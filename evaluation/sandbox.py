@@ -17,7 +17,13 @@ thread only waits on its own subprocess). Per program:
   - a Python audit hook: no writes outside the folder, no process creation, no signals, no sockets, no ctypes;
     with it, the functions InstructEval's reliability_guard sets to None are None here too;
   - a wall-time budget (InstructEval: 3 s) raised inside the program, and past budget + grace the whole
-    process group is killed (it is also killed after a normal exit, to reap strays).
+    process group is killed (it is also killed after a normal exit, to reap strays);
+  - a verdict the program cannot fake: "passed" needs exit status 0 and, as the last line of its output, a
+    per-run secret that reaches the child through a pipe (never its arguments, environment or a file) and is
+    held by a keeper thread that writes it only once the program has returned normally; an always-on audit
+    hook (the seal) keeps the program away from that thread, from /proc (its own memory, its parent's), from
+    gc walks, tracing and ctypes (evaluation/_sandbox_child.py lists the routes, tests/sandbox_attacks.py
+    tries each).
 The program itself runs as InstructEval's harness runs it (`exec(program, {})`: `__name__` is not "__main__";
 stdout and stderr swallowed, stdin raising on read), so what changes a verdict there changes it here.
 The hook is a Python-level guard: it stops accidents and the usual attacks, not a determined native-code
@@ -99,10 +105,14 @@ def run_program(code: str, limits: Limits | None = None, layers=None) -> Outcome
     iso = isolation()
     layers = set(iso["layers"] if layers is None else layers) & set(iso["layers"])
     folder = Path(tempfile.mkdtemp(prefix="sandbox-"))
+    secret = secrets.token_hex(16)  # the pass marker: only in this process and, in the child, in its keeper
+    verdict_fd, filler = os.pipe()
     t0 = time.monotonic()
     try:
+        os.write(filler, secret.encode())
+        os.close(filler)  # the keeper reads up to the end of the pipe
         (folder / "program.py").write_text(code)
-        cfg = {"program": "program.py", "nonce": secrets.token_hex(16), "timeout_s": limits.timeout_s,
+        cfg = {"program": "program.py", "verdict_fd": verdict_fd, "timeout_s": limits.timeout_s,
                "cpu_s": int(limits.timeout_s) + 1, "memory_bytes": limits.memory_bytes,
                "fsize_bytes": limits.fsize_bytes, "nproc": limits.nproc, "guard": "guard" in layers,
                "uid": None, "gid": None}
@@ -112,17 +122,18 @@ def run_program(code: str, limits: Limits | None = None, layers=None) -> Outcome
                 os.chown(path, cfg["uid"], cfg["gid"])
         prefix = iso["prefix"] if "netns" in layers else []
         cmd = [*prefix, sys.executable, "-I", "-S", "-B", "-c", CHILD.read_text(), json.dumps(cfg)]
-        rc, timed_out, out, err = _execute(cmd, folder, limits.timeout_s + GRACE_S)
-        return _classify(rc, timed_out, out, err, cfg["nonce"], time.monotonic() - t0)
+        rc, timed_out, out, err = _execute(cmd, folder, limits.timeout_s + GRACE_S, verdict_fd)
+        return _classify(rc, timed_out, out, err, secret, time.monotonic() - t0)
     finally:
+        os.close(verdict_fd)
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _execute(cmd, folder: Path, deadline_s: float) -> tuple[int, bool, str, str]:
+def _execute(cmd, folder: Path, deadline_s: float, verdict_fd: int) -> tuple[int, bool, str, str]:
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(folder), "TMPDIR": str(folder)}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True, pass_fds=(verdict_fd,))
         timed_out = False
         try:
             proc.wait(timeout=deadline_s)
@@ -147,11 +158,11 @@ def _tail(f) -> str:
     return f.read().decode(errors="replace")
 
 
-def _classify(rc: int, timed_out: bool, out: str, err: str, nonce: str, seconds: float) -> Outcome:
+def _classify(rc: int, timed_out: bool, out: str, err: str, secret: str, seconds: float) -> Outcome:
     last = (err.strip().splitlines() or [""])[-1][:300]
     if timed_out:
         return Outcome(False, "timeout", "killed after the wall-time budget", seconds)
-    if rc == 0 and out.rstrip().endswith(nonce):
+    if rc == 0 and out.rstrip().endswith(secret):
         return Outcome(True, "passed", "", seconds)
     if rc < 0:
         try:

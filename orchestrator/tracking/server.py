@@ -11,8 +11,11 @@
 Everything lives under one folder (--dir, default $LORA_HPO_MLFLOW_DIR, else ~/.local/share/lora-hpo/
 mlflow-server, or /var/lib/lora-hpo/mlflow-server as root): a private PostgreSQL (orchestrator/tracking/postgres.py)
 unless --backend-uri names an existing database, the artifacts (unless --artifacts is an s3:// URI:
-boto3 and AWS_* / MLFLOW_S3_ENDPOINT_URL in the environment of `start`), logs, pid files, and with --auth
-the basic-auth app's settings and the generated admin password (auth/, mode 0700). Clients never see that
+boto3 and AWS_* / MLFLOW_S3_ENDPOINT_URL in the environment of `start`), logs (0700), pid files, settings
+(0600), and the secrets in auth/ (0700, files 0600): the databases' passwords (pgpass files that `mlflow
+server` gets as PGPASSFILE: a password in --backend-uri is moved there, never kept in the settings nor put on
+a command line; or leave it out of the URI and let libpq find it, PGPASSWORD or ~/.pgpass), with --auth the
+basic-auth app's settings and the generated admin password. Clients never see that
 folder: artifacts travel through the server (`--serve-artifacts`, `mlflow-artifacts:` URIs). Settings
 given once are remembered by later starts; `start` is idempotent (it restarts the MLflow server when a
 setting changed) and returns once the server answers a real API call; `stop` ends only the processes its
@@ -37,8 +40,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from jobs.tracking_store import StoreError, check_database, check_store
-from orchestrator.tracking.postgres import Postgres, ServerError, _gone, _tail
-from orchestrator.tracking.server_auth import PERMISSIONS, add_user, admin_login, auth_env, grant
+from orchestrator.tracking.postgres import (Postgres, ServerError, _gone, _tail, pgpass_line, pgpass_password,
+                                            split_password, uri_user, with_password, write_private)
+from orchestrator.tracking.server_auth import PERMISSIONS, add_user, admin_login, auth_env, check_login, grant
 
 
 def default_dir() -> Path:
@@ -81,11 +85,15 @@ class Layout:
         self.settings, self.lock = self.root / "settings.json", self.root / ".lock"
         self.logs, self.run, self.auth = self.root / "log", self.root / "run", self.root / "auth"
         self.pid_file, self.ini = self.run / "mlflow.pid", self.auth / "basic_auth.ini"
-        self.postgres = Postgres(self.root / "pg", self.logs / "postgres.log")
+        self.postgres = Postgres(self.root / "pg", self.logs / "postgres.log", self.auth / "pgpass")
+        self.backend_pass = self.auth / "backend.pgpass"  # the password of --backend-uri's user
 
     def load(self, **given) -> Settings:
         saved = json.loads(self.settings.read_text()) if self.settings.exists() else {}
         return Settings(**{**saved, **{k: v for k, v in given.items() if v is not None}})
+
+    def save(self, s: Settings) -> None:
+        write_private(self.settings, json.dumps(asdict(s), indent=1), folder_mode=None)
 
     def artifacts(self, s: Settings) -> str:
         return s.artifacts or str(self.root / "artifacts")
@@ -95,14 +103,26 @@ class Layout:
 
 
 # ------------------------------------------------------------------------------------------- MLflow process
+def _environ(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def mlflow_pid(layout: Layout) -> int | None:
     """The server's pid (its process group) if alive and started by us for this folder (marker in its env)."""
     try:
         pid = int(layout.pid_file.read_text())
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if f"LORA_HPO_MLFLOW_SERVER={layout.root}".encode() in environ else None
+    return pid if f"LORA_HPO_MLFLOW_SERVER={layout.root}".encode() in _environ(pid) else None
+
+
+def _passfile(layout: Layout, s: Settings) -> Path | None:
+    """The password file `mlflow server` gets as PGPASSFILE, if there is one."""
+    passfile = layout.backend_pass if s.backend_uri else layout.postgres.passfile
+    return passfile if passfile.exists() else None
 
 
 def url(s: Settings) -> str:
@@ -110,11 +130,11 @@ def url(s: Settings) -> str:
     return f"http://[{host}]:{s.port}" if ":" in host else f"http://{host}:{s.port}"
 
 
-def _check_inputs(layout: Layout, s: Settings) -> None:
+def _check_inputs(layout: Layout, s: Settings, password: str | None) -> None:
     """Bad input found before anything starts: the database, the artifact root, the port."""
     if s.backend_uri:
         try:
-            check_database(s.backend_uri)
+            check_database(with_password(s.backend_uri, password))
         except StoreError as e:
             raise ServerError(f"--backend-uri: {e}") from None
     dest = layout.artifacts(s)
@@ -153,6 +173,9 @@ def _check_artifact_folder(folder: Path) -> None:
 def _start_mlflow(layout: Layout, s: Settings, timeout_s: float, log) -> None:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
            "DO_NOT_TRACK": "true", "LORA_HPO_MLFLOW_SERVER": str(layout.root)}
+    passfile = _passfile(layout, s)
+    if passfile:  # the databases' passwords reach libpq in its own file, never on the command line
+        env["PGPASSFILE"] = str(passfile)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", layout.backend(s),
                "--serve-artifacts", "--artifacts-destination", layout.artifacts(s), "--host", s.host,
                "--port", str(s.port), "--workers", str(s.workers)]
@@ -161,6 +184,8 @@ def _start_mlflow(layout: Layout, s: Settings, timeout_s: float, log) -> None:
         env.update(auth_env(layout.auth, users, s.default_permission, log))
         command += ["--app-name", "basic-auth"]
     layout.run.mkdir(parents=True, exist_ok=True)
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    layout.logs.chmod(0o700)
     log_file = layout.logs / "mlflow.log"
     with open(log_file, "a") as out:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -226,21 +251,32 @@ class _locked:
 
 def start(layout: Layout, given: dict, timeout_s: float) -> Settings:
     s = layout.load(**given)
+    password = None
+    if s.backend_uri:  # a password given in the URI (or saved in it by an older version) moves to a 0600 file
+        s.backend_uri, password = split_password(s.backend_uri)
     with _locked(layout):
         layout.root.chmod(0o755)  # PostgreSQL (as the postgres user) must enter it; secrets sit in auth/ (0700)
         running = mlflow_pid(layout)
         saved = json.loads(layout.settings.read_text()) if layout.settings.exists() else None
-        if running is not None and saved != asdict(s):
+        stored = pgpass_password(layout.backend_pass, uri_user(s.backend_uri)) if s.backend_uri else None
+        if running is not None and (saved != asdict(s) or password not in (None, stored)):
             _log("settings changed: restarting the MLflow server")
             _stop_mlflow(layout, _log)
             running = None
         if running is None:
-            _check_inputs(layout, s)  # before anything starts or is written
+            _check_inputs(layout, s, password or stored)  # before anything starts or is written
+        if password not in (None, stored):
+            write_private(layout.backend_pass, pgpass_line(uri_user(s.backend_uri), password))
         if s.backend_uri is None:
             layout.postgres.start(timeout_s, log=_log)
+        passfile = _passfile(layout, s)
+        if running is not None and passfile and f"PGPASSFILE={passfile}".encode() not in _environ(running):
+            _log("restarting the MLflow server: it must read the database password from its file")  # older version
+            _stop_mlflow(layout, _log)
+            running = None
         if running is None:
             _start_mlflow(layout, s, timeout_s, _log)
-        layout.settings.write_text(json.dumps(asdict(s), indent=1))
+        layout.save(s)
     if not s.auth and s.host not in ("127.0.0.1", "localhost", "::1"):
         _log(f"warning: listening on {s.host} without --auth: whoever reaches port {s.port} reads and writes "
              "every study")
@@ -353,6 +389,7 @@ def main(argv: list[str]) -> int:
         elif args.command == "url":
             show_url(layout)
         elif args.command == "add-user":
+            check_login(args.name, args.password)  # before the server is asked: a bad name is bad anywhere
             add_user(*_admin(layout), args.name, args.password)
         elif args.command == "grant":
             grant(*_admin(layout), args.name, args.experiment, args.model, args.permission)
