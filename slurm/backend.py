@@ -22,6 +22,7 @@ shape of submitit's per-cluster Job/InfoWatcher) with the same methods:
     describe(job_ids) -> {id: (state, reason)}   for `status` (SLURM only; others: {})
     check()                            raise BackendError with one line when the scheduler cannot be used
     pins_code                          jobs import a code snapshot (slurm, local) or run in this process (debug)
+    submitted_state                    an attempt's state when submitted (SLURM: PENDING; local, debug: RUNNING)
     prepare()                          process settings its jobs inherit (local: their thread count)
 """
 from __future__ import annotations

@@ -46,6 +46,7 @@ STOP_CAUSES = {"TIMEOUT": "the time limit was reached", "DEADLINE": "the deadlin
 class SlurmBackend:
     kind = "slurm"
     pins_code = True
+    submitted_state = "PENDING"  # queued until the scheduler starts it
 
     def __init__(self, folder, resources: Resources, job_name: str, code_dir=None, result_grace_s: float = 10.0):
         self.folder, self.resources, self.job_name = Path(folder), resources, job_name

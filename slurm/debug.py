@@ -74,6 +74,7 @@ class DebugJob:
 class DebugBackend:
     kind = "debug"
     pins_code = False  # jobs run the orchestrator's own code
+    submitted_state = "RUNNING"  # runs in this process when its turn comes: never queued
 
     def __init__(self, folder, resources: Resources, job_name: str):
         self.folder, self.resources, self.job_name = Path(folder), resources, job_name

@@ -235,7 +235,8 @@ class Dispatcher:
         batch = uuid.uuid4().hex[:10]
         self.record("dispatch", batch=batch, keys=[t.key for t in tasks], attempts={t.key: t.attempt for t in tasks})
         jobs = self._submit_jobs(tasks, batch)
-        attempts = [Attempt(t, job, str(job.job_id)) for t, job in zip(tasks, jobs)]
+        state = self.backend.submitted_state
+        attempts = [Attempt(t, job, str(job.job_id), state=state) for t, job in zip(tasks, jobs)]
         self._record_ids(batch, attempts)
         return attempts
 
@@ -273,7 +274,7 @@ class Dispatcher:
         batch = uuid.uuid4().hex[:10]
         self.record("dispatch", batch=batch, keys=[a.task.key], attempts={a.task.key: a.task.attempt})
         [job] = self._submit_jobs([a.task], batch, since=d.since, pause_s=d.pause_s)
-        a.job, a.job_id, a.submitted = job, str(job.job_id), time.time()
+        a.job, a.job_id, a.submitted, a.state = job, str(job.job_id), time.time(), self.backend.submitted_state
         self._record_ids(batch, [a])
 
     def outage(self, attempts: Iterable[Attempt]) -> str | None:

@@ -108,6 +108,7 @@ class LocalBackend:
     """Jobs as local processes (each a controller that runs its tasks): alive while the controller runs."""
     kind = "local"
     pins_code = True
+    submitted_state = "RUNNING"  # a local process starts at once
 
     def __init__(self, folder, resources: Resources, job_name: str, code_dir=None):
         self.folder, self.resources, self.job_name = Path(folder), resources, job_name

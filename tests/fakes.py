@@ -166,6 +166,7 @@ class ScriptedBackend:
     without a result, e.g. "NODE_FAIL", "PREEMPTED", "TIMEOUT"). For the runner's unit tests."""
     kind = "scripted"
     pins_code = False
+    submitted_state = "PENDING"
     job_name = "scripted"
 
     def __init__(self, script: dict, value: float = 1.0, retry_kinds: dict | None = None):
