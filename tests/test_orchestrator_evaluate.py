@@ -113,10 +113,12 @@ def test_kill_9_mid_evaluation_then_rerun_reattaches(study):
 
 def test_a_failed_evaluation_is_recorded_not_fatal(study, capsys):
     cfg, state, _ = study
-    assert main(evaluate_args(cfg, "--top", "1", "--tasks", "bbh", "--data-dir", "/nonexistent")) == 0
+    assert main(evaluate_args(cfg, "--top", "1", "--tasks", "bbh", "--data-dir", "/nonexistent")) == 1  # all failed
     evals = load_evaluations(Journal(Path(cfg.workdir) / cfg.study / "evaluate.jsonl")).items
     (failed,) = [e for e in evals.values() if e.data["spec"]["tasks"] == "bbh"]
     assert failed.status == "failed" and "/nonexistent" in failed.reason
-    assert "evaluation FAILED" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "evaluation FAILED" in out.out and "evaluations: 0 ok, 1 failed" in out.out
+    assert out.err.strip() == "error: every evaluation of study 'ev' failed (see the reasons above)"
     best = min(state.finished, key=lambda t: t.value)
     assert MlflowClient(cfg.tracking()).get_run(best.run_id).data.tags["eval_status"] == "failed"

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from jobs.contract import METRICS_FILE, OK
 from orchestrator.study.curves import Follower
-from orchestrator.search.pruners import Decision, make_pruner, told_value
+from orchestrator.search.pruners import Decision, told_value
 
 
 class Pruning:
     def __init__(self, config, state):
-        self.pruner = make_pruner(config.pruner)
+        self.pruner = config.pruner  # typed by the config (orchestrator/search/pruners.py)
         self.algo = config.algo
         self.x0 = config.space.key(config.space.default_point())
         self.space = config.space
