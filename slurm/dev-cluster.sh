@@ -72,10 +72,14 @@ parse_args() {
     export SLURM_CONF=$ETC/slurm.conf
     MUNGE_SOCKET=$DIR/munge/munged.sock
     MY_CNF=$DIR/mysql/my.cnf
-    PORT_BASE=${LORA_HPO_SLURM_PORT_BASE:-16817}
-    CTLD_PORT=$PORT_BASE D_PORT=$((PORT_BASE + 1)) DBD_PORT=$((PORT_BASE + 2)) DB_PORT=$((PORT_BASE + 3))
+    set_ports "${LORA_HPO_SLURM_PORT_BASE:-16817}"
     TIMEOUT_S=${LORA_HPO_SLURM_TIMEOUT_S:-90}
     NODE=$(hostname -s)
+}
+
+set_ports() {
+    PORT_BASE=$1
+    CTLD_PORT=$PORT_BASE D_PORT=$((PORT_BASE + 1)) DBD_PORT=$((PORT_BASE + 2)) DB_PORT=$((PORT_BASE + 3))
 }
 
 pid_file() {
@@ -161,6 +165,9 @@ load_settings() {
     GPUS=${OPT_GPUS:-$GPUS} CPUS=${OPT_CPUS:-$CPUS} MEM_GB=${OPT_MEM_GB:-$MEM_GB} PROFILE=${OPT_PROFILE:-$PROFILE}
     NODES=${OPT_NODES:-$NODES}
     ((NODES >= 1)) || die "--nodes must be at least 1, got $NODES"
+    # a several-node cluster remembers its port base: its namespaces and bridge are named after it
+    [[ -z ${LORA_HPO_SLURM_PORT_BASE:-} && -n ${SAVED_PORT_BASE:-} ]] && set_ports "$SAVED_PORT_BASE"
+    return 0
     ((CPUS >= 1)) || die "--cpus must be at least 1, got $CPUS"
     ((MEM_GB >= 1)) || die "--mem-gb must be at least 1, got $MEM_GB"
 }
@@ -248,7 +255,8 @@ write_configs() {
     local gres_line="" mem_mb=$((MEM_GB * 1024)) i name
     ((GPUS > 0)) && gres_line=" Gres=gpu:$GPUS"
     { printf 'GPUS=%s\nCPUS=%s\nMEM_GB=%s\nPROFILE=%s\n' "$GPUS" "$CPUS" "$MEM_GB" "$PROFILE"
-      if ((NODES > 1)); then printf 'NODES=%s\n' "$NODES"; fi; } | write_if_changed "$ETC/settings" 644
+      if ((NODES > 1)); then printf 'NODES=%s\nSAVED_PORT_BASE=%s\n' "$NODES" "$PORT_BASE"; fi; } |
+        write_if_changed "$ETC/settings" 644
     profile_settings
     node_conf "$mem_mb" "$gres_line"
     if ((NODES > 1)); then write_hosts; fi
