@@ -86,6 +86,8 @@ def hold(model, spec: FinetuneSpec, device: torch.device, dtype: torch.dtype, ra
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        for module in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+            module.to(dtype)  # as QLoRA's own recipe: norms in fp32, embeddings and LM head in the compute dtype
     elif spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = add_lora(model, spec)
@@ -112,9 +114,13 @@ def _fsdp(source, spec: FinetuneSpec, device: torch.device, dtype: torch.dtype, 
     # bf16 base + fp32 LoRA in one group: gathered in bf16, gradients reduced in fp32
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dtype == torch.bfloat16 else MixedPrecisionPolicy()
-    for layer in model.get_base_model().model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(loss_fn, mp_policy=mp)  # the root: embeddings, final norm, LM head (ResponseLoss calls them)
+    inner = model.get_base_model()
+    units = list(inner.model.layers)
+    if not inner.config.tie_word_embeddings:  # gathered only while used (a 128k vocabulary's head is 2 GB in bf16)
+        units += [inner.get_input_embeddings(), inner.get_output_embeddings()]
+    for unit in units:
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(loss_fn, mp_policy=mp)  # the root: the final norm (and tied embeddings); ResponseLoss calls them
     loss_fn.to_empty(device=device)
     with torch.no_grad():
         for name, b in model.named_buffers():
