@@ -1,8 +1,8 @@
 """`python -m orchestrator --config study.yaml --dry-run`: what a study would do, without doing any of it.
 
 Prints the resolved configuration (preset < YAML < flags, validated), the searcher's first suggestions (as many
-as there are slots), the first trial's fine-tune spec (what jobs/finetune.py would run) and the batch script
-SLURM would get for it (submitit's own writer). Nothing is submitted and nothing is written: no study folder,
+as there are slots), the first trial's fine-tune spec (what jobs/finetune.py would run), its peak GPU memory per rank
+(jobs/memory.py, on nodes x tasks_per_node ranks) and the batch script SLURM would get for it (submitit's own writer). Nothing is submitted and nothing is written: no study folder,
 no MLflow store, no data preparation.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 
 import yaml
 
+from jobs.memory import estimate_spec, world_size
 from orchestrator.config import StudyConfig
 from orchestrator.criteria import searcher_criteria
 from orchestrator.searchers import make_searcher
@@ -32,6 +33,7 @@ def dry_run(config: StudyConfig, out=None) -> dict:
     trial_out = str(config.folder / "trials" / "0000")
     spec = (config.trial_spec(first.point, trial_out).to_dict() if first and config.function is None
             else {"objective": config.function, "point": first.point if first else None, "out": trial_out})
+    memory = estimate_spec(spec, world_size(config.resources.to_dict())) if config.function is None else None
     script = sbatch_preview(config.resources, config.folder / "submitit", f"{config.study}.<batch>",
                             code_dir=config.folder / "code")
     print("# resolved configuration", file=out)
@@ -42,8 +44,12 @@ def dry_run(config: StudyConfig, out=None) -> dict:
     print("\n# the first trial's spec (jobs/finetune.py)" if config.function is None else
           "\n# the first trial (objective)", file=out)
     print(json.dumps(spec, indent=2, default=str), file=out)
+    if config.function is None:
+        print(f"\n# its peak GPU memory per rank (jobs/memory.py; {world_size(config.resources.to_dict())} ranks)",
+              file=out)
+        print(json.dumps(memory, indent=2) if memory else "unknown: the base model's config.json is not here", file=out)
     print("\n# its batch script on SLURM (resources:)", file=out)
     print(script, file=out)
     print("# dry run: nothing was submitted or written", file=out)
     return {"config": config.to_dict(), "suggestions": [s.point for s in suggestions], "spec": spec,
-            "sbatch": script}
+            "memory": memory, "sbatch": script}

@@ -156,3 +156,21 @@ def test_the_memory_model_imports_no_torch():
     probe = "import sys, jobs.memory, jobs.spec; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], cwd=str(__import__("pathlib").Path(__file__).parents[1]))\
         .returncode == 0
+
+
+@pytest.mark.parametrize("example,ranks,device_gb", [("qlora-70b", 1, 48.0), ("fsdp-2node", 8, 26.5)])
+def test_the_scale_examples_dry_run_with_their_memory_estimate(example, ranks, device_gb):
+    """examples/scale/*.yaml load, and --dry-run shows the estimate their comments quote and a batch script that
+    asks for their nodes (nothing is written)."""
+    import io
+    from pathlib import Path
+
+    from orchestrator.config import load_config
+    from orchestrator.dry_run import dry_run
+
+    path = Path(__file__).parents[1] / "examples" / "scale" / f"{example}.yaml"
+    shown = dry_run(load_config(str(path)), out=io.StringIO())
+    assert world_size(shown["config"]["resources"]) == ranks
+    assert shown["memory"]["device_gb"] == pytest.approx(device_gb, abs=0.05)
+    assert f"{device_gb:.1f} GiB at r=8" in path.read_text()
+    assert f"#SBATCH --nodes={shown['config']['resources']['nodes']}" in shown["sbatch"]
