@@ -223,11 +223,12 @@ def _time_due(spec: FinetuneSpec, saved_at: float, pending: list, world: int, de
 def _flush(pending, log, world, tokens_per_s) -> list[float]:
     """One host sync for several steps: write their metrics, fail fast on a non-finite loss."""
     values = torch.stack([torch.stack([p[2].float(), torch.as_tensor(p[5], device=p[2].device).float()])
-                          for p in pending]).cpu()
-    if world > 1:  # the loss sums over ranks (a column is not contiguous: reduce a copy, then put it back)
+                          for p in pending])
+    if world > 1:  # the loss sums over ranks, on the device (NCCL has no CPU tensors); a column is not contiguous
         losses = values[:, 0].contiguous()
         torch.distributed.all_reduce(losses)
         values[:, 0] = losses
+    values = values.cpu()
     losses = []
     for (step, epoch, _, n_tokens, lr, _), (loss_sum, grad_norm) in zip(pending, values.tolist()):
         loss = loss_sum / n_tokens
