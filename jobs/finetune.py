@@ -3,10 +3,13 @@
     python -m jobs.finetune --preset tiny --r 8 --alpha 16 --dropout 0.05 --lr 1e-3 --out runs/demo
     python -m jobs.finetune --spec runs/demo/spec.json                 # rerun a trial from its spec
     torchrun --nproc_per_node 4 -m jobs.finetune --preset paper --out /scratch/trial-7   # 4 GPUs, one node
+    torchrun --nproc_per_node 8 -m jobs.finetune --preset paper --strategy fsdp --base-model meta-llama/Llama-2-70b-hf
+    python -m jobs.finetune --preset paper --quantization nf4 --base-model meta-llama/Llama-2-70b-hf  # QLoRA, 1 GPU
 
 Python: `run(spec) -> dict` (the result), which the orchestrator submits as a job. The output folder gets
 spec.json, metrics.jsonl (per-step loss, lr, grad norm, tokens/s; flushed as it goes), checkpoints/ (adapter
 weights, optimizer, scheduler, step and RNG states), and at the end adapter/ (PEFT format) and result.json.
+How the base model is held across GPUs and nodes (ddp, fsdp, a 4-bit nf4 base) is jobs/strategies.py's.
 A job restarted on the same folder continues from its last checkpoint and ends with the same result.
 Failures are data: a NaN loss, out-of-memory, bad data or bad hyperparameters give result.json with status
 "failed" and a one-line reason (and a non-zero exit on the command line), never a complete-looking adapter.
@@ -314,7 +317,7 @@ def main(argv=None) -> int:
     for name, kind in (("r", int), ("alpha", float), ("dropout", float), ("lr", float), ("epochs", float),
                        ("max_steps", int), ("per_device_batch", int), ("grad_accum", int),
                        ("max_seq_len", int), ("seed", int), ("eval_every", int), ("checkpoint_every", int),
-                       ("base_model", str), ("precision", str)):
+                       ("base_model", str), ("precision", str), ("strategy", str), ("quantization", str)):
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("spec", "preset") and v is not None}

@@ -2,8 +2,8 @@
 
 Prints the resolved configuration (preset < YAML < flags, validated), the searcher's first suggestions (as many
 as there are slots), the first trial's fine-tune spec (what jobs/finetune.py would run), its peak GPU memory per rank
-(jobs/memory.py, on nodes x tasks_per_node ranks) and the batch script SLURM would get for it (submitit's own writer). Nothing is submitted and nothing is written: no study folder,
-no MLflow store, no data preparation.
+(jobs/memory.py, on nodes x tasks_per_node ranks) and the batch script SLURM would get for it (submitit's own
+writer). Nothing is submitted and nothing is written: no study folder, no MLflow store, no data preparation.
 """
 from __future__ import annotations
 

@@ -3,14 +3,18 @@ keeps, and its totals against published figures, each with its error.
 
     .venv/bin/python -m pytest -q tests/test_memory.py
 
-Published figures (GiB; the setting of each run as its source states it, and what our estimate is compared with):
-| source | run | published | estimate (device_gb) | error |
-|---|---|---|---|---|
-| QLoRA paper (arXiv 2305.14314, abstract; setup: artidoro/qlora scripts/finetune_guanaco_65b.sh) | LLaMA-65B, NF4 + double quant, r 64 on all linear layers, batch 4 x 528 tokens, gradient checkpointing, paged AdamW, LoRA in bf16 | fits one 48 GB GPU | 50.7 (allocated 45.5) | +5.6% |
-| PEFT docs, accelerate/fsdp.md (FSDP + LoRA) | Llama-2-70B, 8 GPUs, fp32 weights + bf16 mixed precision, r 8 all linear, batch 8 x 2048, checkpointing | 72-80 (nvidia-smi) | 76.5 | +0.7% (76) |
-| PEFT docs, accelerate/fsdp.md (FSDP + QLoRA, no CPU offload) | Llama-2-70B, 2 GPUs, NF4 + double quant, r 8 all linear, batch 2 x 2048, checkpointing | 35.6 | 31.4 | -11.8% |
-| torchtune README (Memory and training speed) | Llama-3.1-70B LoRA, 8x A100, r 16 on q, v, o + MLP, batch 2 x 2048 packed, checkpointing, compile, chunked loss | 27.6 | 33.5 | +21.3% |
-| torchtune README | Llama-3.1-8B QLoRA, 1x RTX 4090, r 8 all linear, batch 2 x 2048 packed, checkpointing, compile, chunked loss | 7.4 | 10.4 | +41.2% |
+Published figures (GiB), each with the run's setting as its source states it, against our `device_gb`:
+- QLoRA paper (arXiv 2305.14314, abstract; setup from artidoro/qlora scripts/finetune_guanaco_65b.sh): LLaMA-65B,
+  NF4 + double quantization, r 64 on all linear layers, batch 4 x 528 tokens, gradient checkpointing, paged
+  AdamW, LoRA in bf16: fits one 48 GB GPU. Estimate 50.7 (allocated 45.5): +5.6%.
+- PEFT docs, accelerate/fsdp.md, FSDP + LoRA: Llama-2-70B on 8 GPUs, fp32 weights with bf16 mixed precision, r 8
+  on all linear layers, batch 8 x 2048, checkpointing: 72-80 (nvidia-smi). Estimate 76.5: +0.7% (against 76).
+- PEFT docs, accelerate/fsdp.md, FSDP + QLoRA without CPU offload: Llama-2-70B on 2 GPUs, NF4 + double
+  quantization, r 8 on all linear layers, batch 2 x 2048, checkpointing: 35.6. Estimate 31.4: -11.8%.
+- torchtune README (Memory and training speed): Llama-3.1-70B LoRA on 8x A100, r 16 on q, v, o and the MLP,
+  batch 2 x 2048 packed, checkpointing, torch.compile, chunked loss: 27.6. Estimate 33.5: +21.3%.
+- torchtune README: Llama-3.1-8B QLoRA on 1x RTX 4090, r 8 on all linear layers, batch 2 x 2048 packed,
+  checkpointing, torch.compile, chunked loss: 7.4. Estimate 10.4: +41.2%.
 
 The estimate errs high where the reference recipe saves memory this one does not model (torchtune: torch.compile's
 fused kernels and an FSDP root holding less); the 8B QLoRA row is the worst, where the reference's whole peak

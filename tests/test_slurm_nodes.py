@@ -33,7 +33,8 @@ CLUSTER_ENV = {**os.environ, "LORA_HPO_SLURM_PORT_BASE": PORT_BASE}
 TRIAL = {"strategy": "fsdp", "max_steps": 12, "per_device_batch": 8, "grad_accum": 1, "log_every": 1,
          "checkpoint_every": 2, "data": {"total_rows": 600}}
 POINT = {"r": 8, "alpha": 32, "dropout": 0.0, "lr": 1e-3}
-SAME_TRAINING = {"keep_checkpoints": {"choice": [1, 2, 3, 4], "default": 1}, **{k: {"fixed": v} for k, v in POINT.items()}}
+SAME_TRAINING = {"keep_checkpoints": {"choice": [1, 2, 3, 4], "default": 1},
+                 **{k: {"fixed": v} for k, v in POINT.items()}}
 TWO_NODES = {"partition": "gpu", "nodes": 2, "timeout_min": 20}
 
 

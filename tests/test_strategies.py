@@ -123,7 +123,8 @@ def test_fsdp_on_two_ranks_trains_as_one_process(fsdp_pair):
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5), (x, y)
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     gap = max_gap(adapter(single.out), adapter(sharded.out))
-    print(f"\n[fsdp] val_loss 1 process {one['val_loss']:.8f}, 2 ranks {two['val_loss']:.8f}; max |adapter gap| {gap:.2e}")
+    print(f"\n[fsdp] val_loss 1 process {one['val_loss']:.8f}, 2 ranks {two['val_loss']:.8f}; "
+          f"max |adapter gap| {gap:.2e}")
     assert gap < 1e-5
     config = json.loads((Path(sharded.out) / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == json.loads(
@@ -218,7 +219,8 @@ def _nf4_on_cpu() -> str | None:
         x = torch.randn(2, 64, requires_grad=True)
         layer(x).sum().backward()
     except Exception as e:  # noqa: BLE001 - any failure is the reason to skip, quoted
-        return f"bitsandbytes NF4 does not run on this CPU: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        first = (str(e).splitlines() or [""])[0][:200]
+        return f"bitsandbytes NF4 does not run on this CPU: {type(e).__name__}: {first}"
     return None
 
 
