@@ -52,7 +52,6 @@ class Held:
     forward: Callable      # what a training micro-batch calls (the DDP wrapper when there is one)
     micro: Callable        # micro(last) -> context: gradients are synced only in the last micro-batch
     sharded: bool
-    optimizer_name: str = "adamw"
 
 
 def sharded(spec: FinetuneSpec, world: int) -> bool:
