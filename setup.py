@@ -35,7 +35,9 @@ setup(
     extras_require={
         # the UI test drives Debian's chromium (install.sh --test installs it); no browser download
         "test": ["pytest>=8", "pytest-timeout>=2.3", "playwright>=1.45", "lm-eval>=0.4.13", "mlflow[auth]>=3.0",
-                 "psycopg2-binary>=2.9"],
+                 "psycopg2-binary>=2.9", "bitsandbytes>=0.49"],  # bitsandbytes: QLoRA tests, on the CPU too
+        # trial: {quantization: nf4} and the 8-bit / paged optimizers (compute nodes); >= 0.49 also runs on CPUs
+        "qlora": ["bitsandbytes>=0.49"],
         "bench": [],  # optuna, the benches' anchor, is in install_requires
         "lm-eval": ["lm-eval>=0.4.13"],  # python -m evaluation --harness lm-eval
         # python -m orchestrator server: PostgreSQL driver (SQLAlchemy's psycopg2 dialect), the basic-auth app

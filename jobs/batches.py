@@ -90,9 +90,16 @@ def validation_loss(model: ResponseLoss, examples, spec: FinetuneSpec, device, r
         order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # similar lengths together
         size = 2 * spec.per_device_batch  # no gradients to keep: twice the training micro-batch fits
         chunks = [order[i:i + size] for i in range(0, len(order), size)]
-    for chunk in chunks[rank::world]:
+    mine = chunks[rank::world]
+    if world > 1 and any(hasattr(p, "to_local") for p in model.parameters()):
+        # sharded (fsdp): every forward gathers weights from all ranks, so every rank runs as many; the extra
+        # ones (ranks with a chunk fewer) count nothing
+        mine += [[]] * (math.ceil(len(chunks) / world) - len(mine))
+    for chunk in mine:
         with autocast:
-            loss, count = model(**on_device(collate([examples[i] for i in chunk], pad_id), device))
+            loss, count = model(**on_device(collate([examples[i] for i in chunk or chunks[0]], pad_id), device))
+        if not chunk:
+            continue
         if spec.val_loss_average == "batch":  # (batch mean x examples, examples)
             total += torch.stack([loss.double() / count.double() * len(chunk), total.new_tensor(len(chunk))])
         else:  # (summed loss, tokens)

@@ -12,7 +12,7 @@ A trial's folder (the spec's `out`) holds:
     adapter/         the trained adapter (PEFT format), only after a successful run
     result.json      the result (written last, atomically): status, val_loss, reason, metrics...
     attempts.jsonl   one line per job attempt that started and ended here (job id, why it stopped)
-    .lock            held by the one process working in the folder
+    .lock            held by the one process working in the folder (.lock.N: rank N of a multi-rank job)
 
 Both sides read these names from here: the job writes them (jobs/finetune.py, jobs/entry.py), the login node
 reads them (orchestrator) without importing torch. `TrialResult` is one typed view of result.json and of a

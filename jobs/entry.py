@@ -92,14 +92,16 @@ def job_id() -> str:
 
 @contextlib.contextmanager
 def stop_on_signals(folder: str | None, save=None):
-    """While the body runs in the main thread: on SIGTERM or USR2 save (rank 0), record, and exit."""
+    """While the body runs in the main thread: on SIGTERM or USR2 save (rank 0; every rank its slice under fsdp),
+    record (rank 0), and exit."""
     if threading.current_thread() is not threading.main_thread() or "SUBMITIT_DEBUG_JOB_ID" in os.environ:
         yield  # in the orchestrator's own process (debug executor): its signals are not the job's
         return
     me = job_id()
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        record_attempt(folder, job_id=me, event="start", host=socket.gethostname(), pid=os.getpid(), time=time.time())
+        record_attempt(folder, job_id=me, event="start", host=socket.gethostname(), pid=os.getpid(), time=time.time(),
+                       rank=task_rank(), node=os.environ.get("SLURM_NODEID"))  # every rank: where each one ran
 
     stopping = []  # the first signal's name once a stop is under way
 
@@ -110,7 +112,7 @@ def stop_on_signals(folder: str | None, save=None):
             return  # raising here would abort the first signal's checkpoint half-way
         stopping.append(name)
         step = save() if save else None  # the step saved, or None (not rank 0, nothing consistent, no training)
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+        rank = task_rank()
         note = f"checkpoint of step {step} saved" if step is not None else "nothing new to save"
         print(f"jobs.entry: {name}: {note}; stopping", file=sys.stderr, flush=True)
         if folder and rank == 0:
@@ -128,12 +130,22 @@ def stop_on_signals(folder: str | None, save=None):
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
+def task_rank() -> int:
+    """This process's rank among the job's tasks (torchrun, a SLURM job's srun tasks, the local executor's)."""
+    for name in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 @contextlib.contextmanager
 def _folder_lock(out: str):
     """Hold <out>/.lock while working there; wait while another process holds it (flock: released when its
-    holder dies, and by the NFS lease of a node that is gone)."""
+    holder dies, and by the NFS lease of a node that is gone). Each rank of a multi-rank job holds its own
+    (.lock, .lock.1, ...): a rank waits for the same rank of an attempt that still runs, never for its peers."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / LOCK_FILE, "a") as lock:
+    rank = task_rank()
+    with open(Path(out) / (LOCK_FILE + (f".{rank}" if rank else "")), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -3,10 +3,13 @@
     python -m jobs.finetune --preset tiny --r 8 --alpha 16 --dropout 0.05 --lr 1e-3 --out runs/demo
     python -m jobs.finetune --spec runs/demo/spec.json                 # rerun a trial from its spec
     torchrun --nproc_per_node 4 -m jobs.finetune --preset paper --out /scratch/trial-7   # 4 GPUs, one node
+    torchrun --nproc_per_node 8 -m jobs.finetune --preset paper --strategy fsdp --base-model meta-llama/Llama-2-70b-hf
+    python -m jobs.finetune --preset paper --quantization nf4 --base-model meta-llama/Llama-2-70b-hf  # QLoRA, 1 GPU
 
 Python: `run(spec) -> dict` (the result), which the orchestrator submits as a job. The output folder gets
 spec.json, metrics.jsonl (per-step loss, lr, grad norm, tokens/s; flushed as it goes), checkpoints/ (adapter
 weights, optimizer, scheduler, step and RNG states), and at the end adapter/ (PEFT format) and result.json.
+How the base model is held across GPUs and nodes (ddp, fsdp, a 4-bit nf4 base) is jobs/strategies.py's.
 A job restarted on the same folder continues from its last checkpoint and ends with the same result.
 Failures are data: a NaN loss, out-of-memory, bad data or bad hyperparameters give result.json with status
 "failed" and a one-line reason (and a non-zero exit on the command line), never a complete-looking adapter.
@@ -35,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs import checkpoint
+from jobs import checkpoint, strategies
 from jobs import contract as C
 from jobs import data as D
 from jobs.batches import (ResponseLoss, collate, epoch_plan, loss_tokens, on_device, partial_steps,  # noqa: F401
@@ -65,7 +68,7 @@ class Setup:
     total_steps: int
     model: object
     loss_fn: ResponseLoss
-    ddp: object
+    held: strategies.Held  # how the strategy holds the model (ddp, fsdp, nf4)
     trainable: list
     optimizer: object
     scheduler: object
@@ -84,7 +87,7 @@ def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
     np.random.seed(spec.seed)
 
     splits = D.prepare_splits(spec.data)
-    tokenizer, model = load_base(spec.base_model, device, dtype)
+    tokenizer, model = strategies.load(spec, device, dtype, rank, world)
     train_set, dropped_train = D.tokenize(D.read_split(splits, "train"), tokenizer, spec.max_seq_len,
                                           spec.prompt_template)
     val_set, dropped_val = D.tokenize(D.read_split(splits, "val"), tokenizer, spec.max_seq_len, spec.prompt_template)
@@ -98,19 +101,15 @@ def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
                               f"({spec.per_device_batch} x {spec.grad_accum} x {world}): lower the batch")
     total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
 
-    model = add_lora(model, spec)
+    held = strategies.hold(model, spec, device, dtype, rank, world, local_rank)  # LoRA on it, wrapped
+    model = held.model
     trainable = [p for p in model.parameters() if p.requires_grad]
     from transformers import get_cosine_schedule_with_warmup
-    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = strategies.make_optimizer(spec, trainable, device, held.sharded)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total_steps), total_steps)
-    model.train()
-    loss_fn = ResponseLoss(model)
-    ddp = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=[local_rank] if device.type == "cuda"
-                                                    else None) if world > 1 else None
     return Setup(device, dtype, autocast, splits, train_set, val_set, dropped_train + dropped_val, pad_id, lengths,
                  [loss_tokens(e) for e in train_set],  # counted once, not in every step of every epoch
-                 steps_per_epoch, total_steps, model, loss_fn, ddp, trainable, optimizer, scheduler)
+                 steps_per_epoch, total_steps, model, held.loss_fn, held, trainable, optimizer, scheduler)
 
 
 def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int) -> dict:
@@ -135,7 +134,7 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
     boundary = {"step": start, "rng": checkpoint.rng_state(), "busy": False}
 
     def save_now() -> int | None:
-        if rank != 0 or boundary["busy"]:
+        if boundary["busy"] or not checkpoint.writes(rank, model):  # fsdp: every rank saves its own slice
             return None
         boundary["busy"] = True  # a second signal during this save must not write the same file
         if pending and world == 1:  # a checkpoint implies its metrics on disk (_flush all-reduces over ranks)
@@ -159,14 +158,13 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
             mine = micro[rank::world]
             step_loss = torch.zeros((), device=s.device)
             for k, mb in enumerate(mine):
-                sync = s.ddp.no_sync() if s.ddp is not None and k < len(mine) - 1 else nullcontext()
-                with sync, s.autocast:
+                with s.held.micro(k == len(mine) - 1), s.autocast:  # gradients synced in the last one
                     batch = on_device(collate([s.train_set[i] for i in mb], s.pad_id), s.device)
-                    loss, _ = (s.ddp or s.loss_fn)(**batch)
+                    loss, _ = s.held.forward(**batch)
                 (loss * world / step_tokens).backward()  # DDP averages over ranks: scale so the sum is exact
                 step_loss += loss.detach()
             boundary["busy"] = True  # until the end of this step, the state is between two steps
-            grad_norm = torch.nn.utils.clip_grad_norm_(s.trainable, spec.max_grad_norm)
+            grad_norm = strategies.clip(s.trainable, spec.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -184,8 +182,8 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
                 _append(log, {"step": step + 1, "fraction": partial_at[step + 1], "val_loss": v,
                               "subset": len(subset), "time": time.time()})
             if due:
-                if rank == 0:
-                    checkpoint.save(out, step + 1, model, optimizer, scheduler, spec.keep_checkpoints)
+                if checkpoint.writes(rank, model):
+                    checkpoint.save(out, step + 1, model, optimizer, scheduler, spec.keep_checkpoints, together=True)
                 saved_at = time.time()
             boundary.update(step=step + 1, rng=checkpoint.rng_state(), busy=False)
             if min_step_s:
@@ -198,11 +196,7 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
     _append(log, {"step": s.total_steps, "val_loss": val})
     if log:
         log.close()
-    if rank == 0:
-        tmp = out / (ADAPTER + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        os.replace(tmp, out / ADAPTER)
+    strategies.save_adapter(model, out / ADAPTER, rank)  # PEFT format, written by rank 0 (fsdp: gathered first)
     return {
         "val_loss": val, "val_loss_before": val_before, "val_loss_average": spec.val_loss_average,
         "train_loss": float(np.mean(train_losses[-max(1, s.steps_per_epoch):])) if train_losses else None,
@@ -211,7 +205,8 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
         "train_tokens": tokens_seen, "tokens_per_s": tokens_seen / max(train_s, 1e-9),
         "train_s": train_s, "eval_s": time.time() - t_eval, "setup_s": t_train - t0,
         "trainable_params": sum(p.numel() for p in s.trainable),
-        "total_params": sum(p.numel() for p in model.parameters()), "device": str(s.device), "world_size": world,
+        "total_params": strategies.count_params(model), "device": str(s.device), "world_size": world,
+        "strategy": spec.strategy, "quantization": spec.quantization,
         "dtype": str(s.dtype).replace("torch.", ""), "peak_memory_bytes": _peak_memory(s.device),
         "data_folder": str(s.splits),
     }
@@ -231,9 +226,12 @@ def _time_due(spec: FinetuneSpec, saved_at: float, pending: list, world: int, de
 def _flush(pending, log, world, tokens_per_s) -> list[float]:
     """One host sync for several steps: write their metrics, fail fast on a non-finite loss."""
     values = torch.stack([torch.stack([p[2].float(), torch.as_tensor(p[5], device=p[2].device).float()])
-                          for p in pending]).cpu()
-    if world > 1:
-        torch.distributed.all_reduce(values[:, :1])
+                          for p in pending])
+    if world > 1:  # the loss sums over ranks, on the device (NCCL has no CPU tensors); a column is not contiguous
+        losses = values[:, 0].contiguous()
+        torch.distributed.all_reduce(losses)
+        values[:, 0] = losses
+    values = values.cpu()
     losses = []
     for (step, epoch, _, n_tokens, lr, _), (loss_sum, grad_norm) in zip(pending, values.tolist()):
         loss = loss_sum / n_tokens
@@ -243,6 +241,12 @@ def _flush(pending, log, world, tokens_per_s) -> list[float]:
         _append(log, {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_s, "time": time.time()})
     return losses
+
+
+def _peer_lost(e: Exception) -> bool:
+    """A collective failed because a peer rank went away (NCCL raises DistError; gloo a RuntimeError)."""
+    return isinstance(e, torch.distributed.DistError) or any(
+        mark in str(e) for mark in ("gloo/transport", "Connection closed by peer", "Connection reset by peer"))
 
 
 def _append(log, record: dict) -> None:
@@ -274,7 +278,7 @@ def run(spec: FinetuneSpec | dict) -> dict:
     spec_dict = spec.to_dict() if isinstance(spec, FinetuneSpec) else dict(spec)
     out = Path(spec_dict.get("out") or "runs/finetune")
     result = {"status": "failed", "reason": None, "val_loss": None, "spec": spec_dict}
-    rank = 0
+    rank = world = 0
     try:
         out.mkdir(parents=True, exist_ok=True)  # first: even an invalid spec leaves its failed result.json
         spec = spec if isinstance(spec, FinetuneSpec) else FinetuneSpec.from_dict(spec_dict)
@@ -292,6 +296,8 @@ def run(spec: FinetuneSpec | dict) -> dict:
     except torch.OutOfMemoryError as e:
         result["reason"] = f"out of memory ({str(e).splitlines()[0][:120]}): lower per_device_batch or max_seq_len"
     except Exception as e:  # any other failure is still this evaluation's result, with its traceback kept
+        if world > 1 and _peer_lost(e):  # another rank's process or node is gone: this attempt failed, not the
+            raise                        # trial; the job's state (NODE_FAIL...) decides on a retry
         result["reason"] = C.failure_reason(e)
         result["traceback"] = traceback.format_exc()
     result["total_s"] = time.time() - t0
@@ -312,7 +318,7 @@ def main(argv=None) -> int:
     for name, kind in (("r", int), ("alpha", float), ("dropout", float), ("lr", float), ("epochs", float),
                        ("max_steps", int), ("per_device_batch", int), ("grad_accum", int),
                        ("max_seq_len", int), ("seed", int), ("eval_every", int), ("checkpoint_every", int),
-                       ("base_model", str), ("precision", str)):
+                       ("base_model", str), ("precision", str), ("strategy", str), ("quantization", str)):
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("spec", "preset") and v is not None}

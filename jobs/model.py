@@ -19,8 +19,9 @@ class TrainingFailure(RuntimeError):
     """An evaluation that failed for a reason that belongs in its result (diverged, no data...)."""
 
 
-def load_base(name: str, device: torch.device, dtype: torch.dtype):
-    """Tokenizer and causal LM from the tiny builder, a local HF-layout folder or a hub id."""
+def load_base(name: str, device: torch.device, dtype: torch.dtype, **from_pretrained):
+    """Tokenizer and causal LM from the tiny builder, a local HF-layout folder or a hub id (`from_pretrained`:
+    more arguments for it, e.g. a quantization_config and device_map from jobs/strategies.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == TINY_MODEL:
@@ -31,9 +32,9 @@ def load_base(name: str, device: torch.device, dtype: torch.dtype):
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.eos_token_id is None:
         raise TrainingFailure(f"tokenizer of {name} has no EOS token: the recipe appends EOS to every target")
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa", **from_pretrained)
     model.config.use_cache = False
-    return tokenizer, model.to(device)
+    return tokenizer, model if "device_map" in from_pretrained else model.to(device)  # (4-bit models refuse .to)
 
 
 def add_lora(model, spec: FinetuneSpec):
@@ -49,7 +50,8 @@ def add_lora(model, spec: FinetuneSpec):
 
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world size, local rank); initializes torch.distributed under torchrun or a multi-task job."""
-    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SUBMITIT_FOLDER" in os.environ:
+    tasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SUBMITIT_LOCAL_NTASKS") or "1"  # slurm, local executor
+    if "RANK" not in os.environ and int(tasks) > 1 and "SUBMITIT_FOLDER" in os.environ:
         import submitit
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -117,6 +117,20 @@ class FinetuneSpec:
     checkpoint_every_s: float = 0.0
     log_every: int = 10  # flush per-step metrics every N steps (fewer host syncs)
     keep_checkpoints: int = 1
+    # How the base model is held (jobs/strategies.py; "which strategy when" in examples/README.md).
+    # strategy "ddp": every rank holds the whole base model (DistributedDataParallel when world > 1);
+    # "fsdp": the frozen base and the LoRA weights are sharded across all ranks of all nodes (FSDP2).
+    strategy: str = "ddp"
+    # null: the base in `precision`; "nf4": QLoRA, a 4-bit NormalFloat base (bitsandbytes) computed in bf16 on
+    # GPU (fp32 on CPU), LoRA weights and norms in fp32 (peft's prepare_model_for_kbit_training).
+    quantization: str | None = None
+    double_quant: bool = True  # nf4 only: quantize the quantization constants too (QLoRA's ~0.4 bit/param saved)
+    # Recompute each decoder layer's activations in the backward pass: activations of one layer instead of all
+    # of them held, for ~30% more compute.
+    gradient_checkpointing: bool = False
+    # "auto": torch AdamW (fused on GPU), or bitsandbytes' paged AdamW with nf4 on GPU (QLoRA's); or adamw,
+    # adamw_8bit, paged_adamw, paged_adamw_8bit (bitsandbytes; ddp only: fsdp shards the state already).
+    optimizer: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.data, dict):
@@ -157,6 +171,7 @@ class FinetuneSpec:
         for name in ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "group_window"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "log_every" else 0):
                 raise SpecError(f"{name}={getattr(self, name)!r} is invalid: must be a non-negative integer")
+        _check_strategy(self)
 
     # --- serialization: the spec is written next to the job's outputs so any trial can be rerun by hand
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +198,32 @@ class FinetuneSpec:
 
     def replace(self, **changes) -> "FinetuneSpec":
         return FinetuneSpec.from_dict({**self.to_dict(), **changes})
+
+
+STRATEGIES = ("ddp", "fsdp")
+QUANTIZATIONS = (None, "nf4")
+OPTIMIZERS = ("auto", "adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+
+
+def _check_strategy(spec: FinetuneSpec) -> None:
+    """The scale options (strategy, quantization, double_quant, gradient_checkpointing, optimizer)."""
+    if spec.strategy not in STRATEGIES:
+        raise SpecError(f"strategy={spec.strategy!r} is invalid: must be ddp (every rank holds the base model) "
+                        "or fsdp (the base model sharded across ranks)")
+    if spec.quantization not in QUANTIZATIONS:
+        raise SpecError(f"quantization={spec.quantization!r} is invalid: must be null or nf4 (QLoRA's 4-bit base)")
+    for name in ("double_quant", "gradient_checkpointing"):
+        if not isinstance(getattr(spec, name), bool):
+            raise SpecError(f"{name}={getattr(spec, name)!r} is invalid: must be true or false")
+    if spec.optimizer not in OPTIMIZERS:
+        raise SpecError(f"optimizer={spec.optimizer!r} is invalid: must be one of {', '.join(OPTIMIZERS)}")
+    if spec.strategy == "fsdp" and spec.quantization:
+        raise SpecError(f"strategy=fsdp with quantization={spec.quantization} is not supported: bitsandbytes keeps "
+                        "a 4-bit weight's scales outside the tensor FSDP shards; use strategy ddp (each GPU holds "
+                        "the 4-bit base) or quantization null")
+    if spec.strategy == "fsdp" and spec.optimizer not in ("auto", "adamw"):
+        raise SpecError(f"optimizer={spec.optimizer} with strategy=fsdp is not supported: FSDP already shards the "
+                        "optimizer state across ranks; use adamw")
 
 
 def _num(x) -> bool:

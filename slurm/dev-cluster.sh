@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster (with accounting and fake GPUs) for development and tests.
+# A real SLURM cluster (with accounting and fake GPUs) on this machine, for development and tests.
 #
-#   slurm/dev-cluster.sh start [--profile fast|production] [--gpus N] [--cpus N] [--mem-gb N] [--dir DIR]
+#   slurm/dev-cluster.sh start [--profile fast|production] [--gpus N] [--cpus N] [--mem-gb N] [--nodes N] [--dir DIR]
 #   eval "$(slurm/dev-cluster.sh env)"      # exports SLURM_CONF for sbatch/sacct/submitit
 #   slurm/dev-cluster.sh status             # exit 0 running, 3 stopped, 1 partly running
 #   slurm/dev-cluster.sh stop
+#   slurm/dev-cluster.sh kill-node node2    # --nodes N only: power a node off (start brings it back)
 #
 # Debian 12, as root, no systemd needed. Installs its Debian packages when missing, then runs a private
 # munged, MariaDB, slurmdbd, slurmctld and slurmd, each with its own pid file. Everything it writes lives
@@ -13,6 +14,10 @@
 # from sacct. `start` is idempotent and returns once the node is idle and sacct answers; settings given
 # once (--profile, --gpus, --cpus, --mem-gb) are remembered by later starts. `stop` ends only the daemons it
 # started (by pid file), after cancelling the jobs still queued.
+#
+# One node by default, named after this machine. `--nodes N` (N >= 2) runs N slurmd, each in its own network
+# namespace with its own address on a private bridge and its own host name (slurm/dev-nodes.sh): jobs that span
+# nodes really cross hosts. Run it beside the single-node cluster with its own --dir and port base.
 #
 # Profiles: `fast` (default) for development: short KillWait and credential expiry, a scheduler pass every
 # 2 s. `production`: what sites usually run, and what the project is tested against too: KillWait=30, the
@@ -33,7 +38,7 @@ CLUSTER_NAME=lorahpo
 die() { echo "$PROG: error: $*" >&2; exit 1; }
 log() { echo "$PROG: $*" >&2; }
 usage() {
-    sed -n '3,7p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '3,8p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -43,21 +48,23 @@ parse_args() {
     [[ -n $CMD ]] || usage
     shift
     DIR=${LORA_HPO_SLURM_DIR:-/var/tmp/lora-hpo-slurm}
-    OPT_GPUS="" OPT_CPUS="" OPT_MEM_GB="" OPT_PROFILE=""
+    OPT_GPUS="" OPT_CPUS="" OPT_MEM_GB="" OPT_PROFILE="" OPT_NODES="" KILL_NODE=""
+    [[ $CMD == kill-node && $# -gt 0 && $1 != -* ]] && { KILL_NODE=$1; shift; }
     while [[ $# -gt 0 ]]; do
         case $1 in
             --profile) OPT_PROFILE=${2:?--profile needs fast or production}; shift 2 ;;
             --gpus) OPT_GPUS=${2:?--gpus needs a number}; shift 2 ;;
             --cpus) OPT_CPUS=${2:?--cpus needs a number}; shift 2 ;;
             --mem-gb) OPT_MEM_GB=${2:?--mem-gb needs a number}; shift 2 ;;
+            --nodes) OPT_NODES=${2:?--nodes needs a number}; shift 2 ;;
             --dir) DIR=${2:?--dir needs a folder}; shift 2 ;;
             -h|--help) usage ;;
-            *) die "unknown argument '$1' (valid: --profile fast|production, --gpus N, --cpus N, --mem-gb N, --dir DIR)" ;;
+            *) die "unknown argument '$1' (valid: --profile fast|production, --gpus N, --cpus N, --mem-gb N, --nodes N, --dir DIR)" ;;
         esac
     done
     [[ -z $OPT_PROFILE || $OPT_PROFILE == fast || $OPT_PROFILE == production ]] ||
         die "--profile must be fast or production, got '$OPT_PROFILE'"
-    for pair in "--gpus:$OPT_GPUS" "--cpus:$OPT_CPUS" "--mem-gb:$OPT_MEM_GB"; do
+    for pair in "--gpus:$OPT_GPUS" "--cpus:$OPT_CPUS" "--mem-gb:$OPT_MEM_GB" "--nodes:$OPT_NODES"; do
         [[ -z ${pair#*:} || ${pair#*:} =~ ^[0-9]+$ ]] || die "${pair%%:*} must be a whole number, got '${pair#*:}'"
     done
     [[ $DIR == /* ]] || DIR="$(pwd)/$DIR"
@@ -65,10 +72,14 @@ parse_args() {
     export SLURM_CONF=$ETC/slurm.conf
     MUNGE_SOCKET=$DIR/munge/munged.sock
     MY_CNF=$DIR/mysql/my.cnf
-    PORT_BASE=${LORA_HPO_SLURM_PORT_BASE:-16817}
-    CTLD_PORT=$PORT_BASE D_PORT=$((PORT_BASE + 1)) DBD_PORT=$((PORT_BASE + 2)) DB_PORT=$((PORT_BASE + 3))
+    set_ports "${LORA_HPO_SLURM_PORT_BASE:-16817}"
     TIMEOUT_S=${LORA_HPO_SLURM_TIMEOUT_S:-90}
     NODE=$(hostname -s)
+}
+
+set_ports() {
+    PORT_BASE=$1
+    CTLD_PORT=$PORT_BASE D_PORT=$((PORT_BASE + 1)) DBD_PORT=$((PORT_BASE + 2)) DB_PORT=$((PORT_BASE + 3))
 }
 
 pid_file() {
@@ -86,7 +97,7 @@ running_pid() {
     [[ -s $f ]] || return 1
     pid=$(tr -dc '0-9' <"$f")
     [[ -n $pid && -r /proc/$pid/comm ]] || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$1" ]] || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "${1%%-*}" ]] || return 1  # slurmd-node2 runs as slurmd
     echo "$pid"
 }
 
@@ -148,10 +159,15 @@ install_packages() {
 
 # ---------------------------------------------------------------- configuration
 load_settings() {
-    GPUS=4 CPUS=8 MEM_GB=64 PROFILE=fast
+    GPUS=4 CPUS=8 MEM_GB=64 PROFILE=fast NODES=1
     # shellcheck disable=SC1091
     [[ -f $ETC/settings ]] && source "$ETC/settings"
     GPUS=${OPT_GPUS:-$GPUS} CPUS=${OPT_CPUS:-$CPUS} MEM_GB=${OPT_MEM_GB:-$MEM_GB} PROFILE=${OPT_PROFILE:-$PROFILE}
+    NODES=${OPT_NODES:-$NODES}
+    ((NODES >= 1)) || die "--nodes must be at least 1, got $NODES"
+    # a several-node cluster remembers its port base: its namespaces and bridge are named after it
+    [[ -z ${LORA_HPO_SLURM_PORT_BASE:-} && -n ${SAVED_PORT_BASE:-} ]] && set_ports "$SAVED_PORT_BASE"
+    return 0
     ((CPUS >= 1)) || die "--cpus must be at least 1, got $CPUS"
     ((MEM_GB >= 1)) || die "--mem-gb must be at least 1, got $MEM_GB"
 }
@@ -205,25 +221,49 @@ make_layout() {
     chown munge:munge "$DIR/munge/munge.key"
     chmod 400 "$DIR/munge/munge.key"
     [[ -s $ETC/db.pass ]] || { (umask 077; head -c 18 /dev/urandom | base64 | tr '+/' 'xy' >"$ETC/db.pass"); }
-    local i
-    for ((i = 0; i < GPUS; i++)); do
-        # A /dev/null clone: slurmd only needs a device file per GPU to count and hand out.
-        [[ -c $DIR/dev/fakegpu$i ]] || mknod -m 666 "$DIR/dev/fakegpu$i" c 1 3 ||
-            die "cannot create device file $DIR/dev/fakegpu$i (is $DIR on a 'nodev' mount? use --dir)"
+    local i name
+    for name in $(node_names); do
+        for ((i = 0; i < GPUS; i++)); do
+            # A /dev/null clone: slurmd only needs a device file per GPU to count and hand out.
+            [[ -c $(gpu_file "$name" "$i") ]] || mknod -m 666 "$(gpu_file "$name" "$i")" c 1 3 ||
+                die "cannot create device file $(gpu_file "$name" "$i") (is $DIR on a 'nodev' mount? use --dir)"
+        done
     done
+}
+
+gpu_file() {  # gpu_file NODE INDEX: one node keeps the historical names
+    if ((NODES > 1)); then echo "$DIR/dev/$1-fakegpu$2"; else echo "$DIR/dev/fakegpu$2"; fi
+}
+
+node_conf() {  # the slurm.conf lines that differ between one node and several
+    local cpu_line="CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$1$2 State=UNKNOWN"
+    if ((NODES == 1)); then
+        CTLD_ADDR=127.0.0.1 SLURMD_FILE=slurmd SLURMD_TIMEOUT=""
+        NODE_LINES="NodeName=$NODE NodeAddr=127.0.0.1 $cpu_line"
+        return
+    fi
+    net_names
+    # %n: each slurmd its own spool, pid file and log; a lost node is noticed within SlurmdTimeout (default 300 s)
+    CTLD_ADDR=$NET.1 SLURMD_FILE=slurmd-%n SLURMD_TIMEOUT="SlurmdTimeout=20"
+    NODE_LINES=$(for name in $(node_names); do
+        echo "NodeName=$name NodeAddr=$(addr_of "$name") NodeHostname=$name $cpu_line"
+    done)
 }
 
 write_configs() {
     CHANGED=""
-    local gres_line="" mem_mb=$((MEM_GB * 1024)) i
+    local gres_line="" mem_mb=$((MEM_GB * 1024)) i name
     ((GPUS > 0)) && gres_line=" Gres=gpu:$GPUS"
-    printf 'GPUS=%s\nCPUS=%s\nMEM_GB=%s\nPROFILE=%s\n' "$GPUS" "$CPUS" "$MEM_GB" "$PROFILE" |
+    { printf 'GPUS=%s\nCPUS=%s\nMEM_GB=%s\nPROFILE=%s\n' "$GPUS" "$CPUS" "$MEM_GB" "$PROFILE"
+      if ((NODES > 1)); then printf 'NODES=%s\nSAVED_PORT_BASE=%s\n' "$NODES" "$PORT_BASE"; fi; } |
         write_if_changed "$ETC/settings" 644
     profile_settings
+    node_conf "$mem_mb" "$gres_line"
+    if ((NODES > 1)); then write_hosts; fi
     write_if_changed "$ETC/slurm.conf" 644 <<EOF
-# Written by $PROG: single-node development cluster.
+# Written by $PROG: $( ((NODES > 1)) && echo "$NODES-node" || echo single-node) development cluster.
 ClusterName=$CLUSTER_NAME
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$NODE($CTLD_ADDR)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$D_PORT
 SlurmUser=root
@@ -233,11 +273,11 @@ AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCKET$CRED_EXPIRE
 CredType=cred/munge
 StateSaveLocation=$DIR/spool/slurmctld
-SlurmdSpoolDir=$DIR/spool/slurmd
+SlurmdSpoolDir=$DIR/spool/$SLURMD_FILE
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
+SlurmdPidFile=$RUN/$SLURMD_FILE.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
-SlurmdLogFile=$LOGS/slurmd.log
+SlurmdLogFile=$LOGS/$SLURMD_FILE.log
 # Portable process tracking without cgroups; nothing is confined (the GPUs are fake anyway).
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -247,7 +287,8 @@ DefMemPerCPU=1024
 MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
-$SCHEDULER
+${SLURMD_TIMEOUT:+$SLURMD_TIMEOUT
+}$SCHEDULER
 # Advertise more CPUs than the machine has so that several jobs run at once.
 SlurmdParameters=config_overrides
 # Grace between SIGTERM and SIGKILL (a signalled job of this project saves its checkpoint and exits at once).
@@ -264,13 +305,15 @@ AccountingStoragePass=$MUNGE_SOCKET
 AccountingStorageTRES=gres/gpu
 $ACCT_GATHER
 JobCompType=jobcomp/none
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem_mb$gres_line State=UNKNOWN
+$NODE_LINES
 $PARTITIONS
 EOF
     {
         echo "# Written by $PROG: fake GPUs (device files cloned from /dev/null)."
         echo "AutoDetect=off"
-        for ((i = 0; i < GPUS; i++)); do echo "NodeName=$NODE Name=gpu File=$DIR/dev/fakegpu$i"; done
+        for name in $(node_names); do
+            for ((i = 0; i < GPUS; i++)); do echo "NodeName=$name Name=gpu File=$(gpu_file "$name" "$i")"; done
+        done
     } | write_if_changed "$ETC/gres.conf" 644
     write_if_changed "$ETC/slurmdbd.conf" 600 <<EOF
 # Written by $PROG.
@@ -366,46 +409,69 @@ start_slurm_daemon() {  # slurmctld or slurmd
     wait_for 15 "$1" running_pid "$1" || fail_with_log "$1" "$LOGS/$1.log" "$1 is not running"
 }
 
-node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -n 1; }
+node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | head -n 1; }
+
+slurmds() {  # the slurmd daemons' names (pid files): slurmd, or slurmd-node1 slurmd-node2 ...
+    if ((NODES > 1)); then node_names | sed 's/^/slurmd-/'; else echo slurmd; fi
+}
 
 wait_until_ready() {
-    local t0=$SECONDS state="" resumed=""
+    local t0=$SECONDS state="" resumed="" name ready
     while ((SECONDS - t0 < TIMEOUT_S)); do
-        state=$(node_state || true)
-        case $state in
-            idle | mixed | allocated | completing)
-                sacct -n -X -S now >/dev/null 2>&1 && return 0 ;;
-            drained* | draining* | down*)
-                # A node drained by an earlier run (for instance after a config change): take it back once.
-                if [[ -z $resumed ]] && ((SECONDS - t0 > 3)); then
-                    scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
-                    resumed=1
-                fi ;;
-        esac
+        ready=1
+        for name in $(node_names); do
+            state=$(node_state "$name" || true)
+            case $state in
+                idle | mixed | allocated | completing) ;;
+                drained* | draining* | down*)
+                    ready=""
+                    # A node drained by an earlier run (for instance after a config change): take it back once.
+                    if [[ " $resumed " != *" $name "* ]] && ((SECONDS - t0 > 3)); then
+                        scontrol update NodeName="$name" State=RESUME >/dev/null 2>&1 || true
+                        resumed="$resumed $name"
+                    fi ;;
+                *) ready="" ;;
+            esac
+        done
+        [[ -n $ready ]] && sacct -n -X -S now >/dev/null 2>&1 && return 0
         sleep 0.2
     done
-    log "node state: '${state:-unknown}' ($(sinfo -h -N -o '%T %E' 2>&1 | head -n 1))"
-    fail_with_log cluster "$LOGS/slurmd.log" "the node did not become idle with sacct answering within $TIMEOUT_S s"
+    log "node states: $(sinfo -h -N -o '%N %T %E' 2>&1 | tr '\n' ';')"
+    fail_with_log cluster "$LOGS/$(slurmds | tail -n 1).log" \
+        "the nodes did not become idle with sacct answering within $TIMEOUT_S s"
 }
 
 cmd_start() {
+    local name
     [[ $(id -u) -eq 0 ]] || die "must run as root (it starts munged, MariaDB and the SLURM daemons)"
     install_packages
     load_settings
     make_layout
     write_configs
-    if [[ -n $CHANGED ]] && { running_pid slurmctld >/dev/null || running_pid slurmd >/dev/null; }; then
+    if [[ -n $CHANGED ]] && { running_pid slurmctld >/dev/null || any_slurmd_running; }; then
         log "configuration changed: restarting slurmctld and slurmd"
-        stop_daemons slurmd slurmctld
+        # shellcheck disable=SC2046
+        stop_daemons $(slurmds) slurmctld
     fi
+    if ((NODES > 1)); then net_up; fi
     start_munged
     start_mariadbd
     start_slurmdbd
     start_slurm_daemon slurmctld
-    start_slurm_daemon slurmd
+    if ((NODES > 1)); then
+        for name in $(node_names); do start_node_slurmd "$name"; done
+    else
+        start_slurm_daemon slurmd
+    fi
     wait_until_ready
-    log "cluster up ($PROFILE profile): node $NODE, $CPUS CPUs, $GPUS GPUs, ${MEM_GB} GB, partitions $(sinfo -h -o %P | tr '\n' ' ')"
+    log "cluster up ($PROFILE profile): node(s) $(node_names | tr '\n' ' ')with $CPUS CPUs, $GPUS GPUs, ${MEM_GB} GB each, partitions $(sinfo -h -o %P | tr '\n' ' ')"
     echo "export SLURM_CONF=$SLURM_CONF"
+}
+
+any_slurmd_running() {
+    local d
+    for d in $(slurmds); do running_pid "$d" >/dev/null && return 0; done
+    return 1
 }
 
 stop_daemons() {  # stop_daemons NAME...: SIGTERM them together, wait up to 15 s, then SIGKILL
@@ -454,17 +520,23 @@ kill_orphan_steps() {  # slurmstepd of this cluster left behind by slurmd: they 
 }
 
 cmd_stop() {
+    load_settings
     cancel_jobs
     # slurmctld keeps accounting messages that slurmdbd did not take in its state folder and sends them at
     # the next start, so the SLURM daemons may stop together; MariaDB and munged go once they are gone.
-    stop_daemons slurmd slurmctld slurmdbd
+    # shellcheck disable=SC2046
+    stop_daemons $(slurmds) slurmctld slurmdbd
     kill_orphan_steps
     stop_daemons mariadbd munged
+    if ((NODES > 1)); then net_down; fi
     log "stopped (state kept in $DIR)"
 }
 
 cmd_status() {
     local d pid up=0
+    load_settings
+    # shellcheck disable=SC2207
+    DAEMONS=(munged mariadbd slurmdbd slurmctld $(slurmds))
     for d in "${DAEMONS[@]}"; do
         if pid=$(running_pid "$d"); then
             echo "$d: running (pid $pid)"
@@ -482,19 +554,22 @@ cmd_status() {
     return 1
 }
 
+# shellcheck source=slurm/dev-nodes.sh
+source "$(dirname "$0")/dev-nodes.sh"
+
 main() {
     parse_args "$@"
     case $CMD in
-        start | stop)
+        start | stop | kill-node)
             mkdir -p "$DIR"
             # fd 9 holds the lock; every daemon is spawned with "9>&-" so that none inherits it.
             exec 9>"$DIR/.lock"
             flock -w 120 9 || die "another $PROG start or stop has held $DIR/.lock for 120 s"
-            "cmd_$CMD" ;;
+            "cmd_${CMD//-/_}" ;;
         status) cmd_status ;;
         env) echo "export SLURM_CONF=$SLURM_CONF" ;;
         profile) load_settings; echo "$PROFILE" ;;
-        *) die "unknown command '$CMD' (valid: start, stop, status, env, profile)" ;;
+        *) die "unknown command '$CMD' (valid: start, stop, status, env, profile, kill-node)" ;;
     esac
 }
 

@@ -48,6 +48,8 @@ class Resources:
 
     # SLURM partition; None uses the cluster's default partition.
     partition: str | None = None
+    # Nodes of one job. With several, every node's tasks are ranks of one torch.distributed run (rendezvous at the
+    # first node; jobs/model.distributed_env): the trial's strategy decides what spans them (fsdp shards the model).
     nodes: int = 1
     # GPUs per node, requested as --gpus-per-node (GRES); 0 for a CPU-only job.
     gpus_per_node: int = 0

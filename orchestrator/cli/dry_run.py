@@ -1,9 +1,9 @@
 """`python -m orchestrator --config study.yaml --dry-run`: what a study would do, without doing any of it.
 
 Prints the resolved configuration (preset < YAML < flags, validated), the searcher's first suggestions (as many
-as there are slots), the first trial's fine-tune spec (what jobs/finetune.py would run) and the batch script
-SLURM would get for it (submitit's own writer). Nothing is submitted and nothing is written: no study folder,
-no MLflow store, no data preparation.
+as there are slots), the first trial's fine-tune spec (what jobs/finetune.py would run), its peak GPU memory per rank
+(jobs/memory.py, on nodes x tasks_per_node ranks) and the batch script SLURM would get for it (submitit's own
+writer). Nothing is submitted and nothing is written: no study folder, no MLflow store, no data preparation.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 
 import yaml
 
+from jobs.memory import estimate_spec, world_size
 from orchestrator.config import StudyConfig
 from orchestrator.search.criteria import searcher_criteria
 from orchestrator.search.searchers import make_searcher
@@ -34,6 +35,7 @@ def dry_run(config: StudyConfig, out=None) -> dict:
             else {"objective": config.function, "point": first.point if first else None, "out": trial_out})
     said, script = submission_preview(config.executor, config.resources, config.folder / "submitit",
                                       f"{config.study}.<batch>", code_dir=config.folder / "code")
+    memory = estimate_spec(spec, world_size(config.resources.to_dict())) if config.function is None else None
     print("# resolved configuration", file=out)
     print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None).rstrip(), file=out)
     print(f"\n# first suggestions ({config.algo}, {len(suggestions)} of {config.parallel} slots)", file=out)
@@ -42,9 +44,13 @@ def dry_run(config: StudyConfig, out=None) -> dict:
     print("\n# the first trial's spec (jobs/finetune.py)" if config.function is None else
           "\n# the first trial (objective)", file=out)
     print(json.dumps(spec, indent=2, default=str), file=out)
+    if config.function is None:
+        print(f"\n# its peak GPU memory per rank (jobs/memory.py; {world_size(config.resources.to_dict())} ranks)",
+              file=out)
+        print(json.dumps(memory, indent=2) if memory else "unknown: the base model's config.json is not here", file=out)
     print(f"\n# {said}", file=out)
     if script is not None:
         print(script, file=out)
     print("# dry run: nothing was submitted or written", file=out)
     return {"config": config.to_dict(), "suggestions": [s.point for s in suggestions], "spec": spec,
-            "sbatch": script}
+            "memory": memory, "sbatch": script}
