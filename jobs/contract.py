@@ -71,6 +71,8 @@ METRICS = (
     Metric("peak_memory_gb", "peak_memory_bytes", scale=2.0 ** -30, unit="GiB",
            what="peak accelerator memory of rank 0 (CPU: peak resident memory)"),
     Metric("trainable_params", "trainable_params", what="LoRA parameters", a_priori=True),
+    Metric("peak_memory_gb_estimate", "peak_memory_gb_estimate", unit="GiB", a_priori=True,
+           what="GPU memory a rank needs, estimated before training (jobs/memory.py: device_gb)"),
     Metric("adapter_mb", "trainable_params", scale=4e-6, unit="MB", mlflow=None,
            what="the saved adapter's size (fp32: 4 bytes per trainable parameter)", a_priori=True),
     Metric("train_hours", "train_s", scale=1 / 3600, unit="h", mlflow=None,

@@ -83,3 +83,15 @@ def test_pareto_front_hypervolume_and_knee():
     assert pick(parse_rule("min val_loss s.t. train_hours <= 2.5"), points, metrics) == "b"
     assert pick("knee", points, metrics) == "b"
     assert pick(parse_rule("min val_loss s.t. train_hours <= 0.5"), points, metrics) is None
+
+
+@pytest.mark.unit
+def test_the_memory_estimate_is_an_a_priori_constraint():
+    from orchestrator.config import load_config
+    from orchestrator.search.criteria import Judge
+    paper = load_config(None, preset="paper", constraints=[{"metric": "peak_memory_gb_estimate", "max": 28}])
+    judge = Judge(paper)
+    small, large = ({**paper.space.default_point(), "r": r} for r in (8, 512))
+    assert judge.before(small)[1] is None  # fits: submitted
+    prior, why = judge.before(large)      # the rank-512 adapter's optimizer state passes 28 GiB: never submitted
+    assert "peak_memory_gb_estimate" in why and prior["peak_memory_gb_estimate"] > 28

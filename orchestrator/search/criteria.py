@@ -246,6 +246,14 @@ def searcher_criteria(config) -> dict:
     return {"n_objectives": 2 if config.objectives else 1, "constraints": tuple(k.kind for k in config.constraints)}
 
 
+def _memory_estimate(config, point: dict) -> float | None:
+    """GiB a rank of this point's fine-tune needs (jobs/memory.py device_gb), None for a model it cannot read."""
+    from jobs.memory import estimate_spec, world_size
+    spec = config.trial_spec(point, str(config.folder / "trials" / "estimate")).to_dict()
+    found = estimate_spec(spec, world_size(config.resources.to_dict()))
+    return found["device_gb"] if found else None
+
+
 class Judge:
     """The study's constraints and objectives applied to trials (before training where possible)."""
 
@@ -257,6 +265,10 @@ class Judge:
         self.objective = "heldout" if config.heldout else "val_loss"
         self.shapes = model_shapes(config.trial.base_model) if config.function is None and self.constraints else None
         self.targets = list(config.trial.target_modules)
+        # the memory estimate needs the whole trial spec: a callable from the config (no point: none)
+        self._memory = (lambda point: _memory_estimate(config, point)) \
+            if config.function is None and any(k.metric == "peak_memory_gb_estimate" for k in self.constraints) \
+            else None
 
     @property
     def active(self) -> bool:
@@ -266,6 +278,10 @@ class Judge:
         """(metrics known before training, why the point is infeasible already, or None)."""
         prior = a_priori_metrics(int(point["r"]), point.get("target_modules", self.targets), self.shapes) \
             if "r" in point and self.constraints else {}
+        if self._memory is not None:
+            estimate = self._memory(point)
+            if estimate is not None:
+                prior["peak_memory_gb_estimate"] = estimate
         for k in self.constraints:
             c = k.value(prior) if k.metric in A_PRIORI else None
             if c is not None and c > 0:
