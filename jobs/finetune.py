@@ -41,6 +41,7 @@ from jobs import data as D
 from jobs.batches import (ResponseLoss, collate, epoch_plan, loss_tokens, on_device, partial_steps,  # noqa: F401
                           validation_loss, validation_subset)
 from jobs.model import TrainingFailure, add_lora, distributed_env, load_base, pick_precision  # noqa: F401
+from jobs.model import add_pad_token, autocast_for, train_embeddings
 from jobs.spec import FinetuneSpec, SpecError, preset
 
 METRICS, ADAPTER = C.METRICS_FILE, C.ADAPTER_DIR
@@ -69,6 +70,7 @@ class Setup:
     trainable: list
     optimizer: object
     scheduler: object
+    as_run: dict  # what the authors'-run options did (result.json): tokenizer, attention, autocast, embeddings
 
 
 def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
@@ -77,14 +79,15 @@ def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
     dtype = pick_precision(spec, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16 and device.type == "cuda" \
-        else nullcontext()
+    autocast = autocast_for(spec, device, dtype)
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     np.random.seed(spec.seed)
 
     splits = D.prepare_splits(spec.data)
-    tokenizer, model = load_base(spec.base_model, device, dtype)
+    tokenizer, model = load_base(spec.base_model, device, dtype, spec.attn_implementation, spec.tokenizer)
+    if spec.trainable_embeddings == "as_run":
+        add_pad_token(tokenizer)  # before tokenizing, as the authors' script: [PAD] is then a special token
     train_set, dropped_train = D.tokenize(D.read_split(splits, "train"), tokenizer, spec.max_seq_len,
                                           spec.prompt_template)
     val_set, dropped_val = D.tokenize(D.read_split(splits, "val"), tokenizer, spec.max_seq_len, spec.prompt_template)
@@ -99,6 +102,7 @@ def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
     total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
 
     model = add_lora(model, spec)
+    embedding_params = train_embeddings(model, tokenizer) if spec.trainable_embeddings == "as_run" else 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     from transformers import get_cosine_schedule_with_warmup
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay,
@@ -110,7 +114,17 @@ def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
                                                     else None) if world > 1 else None
     return Setup(device, dtype, autocast, splits, train_set, val_set, dropped_train + dropped_val, pad_id, lengths,
                  [loss_tokens(e) for e in train_set],  # counted once, not in every step of every epoch
-                 steps_per_epoch, total_steps, model, loss_fn, ddp, trainable, optimizer, scheduler)
+                 steps_per_epoch, total_steps, model, loss_fn, ddp, trainable, optimizer, scheduler,
+                 as_run_facts(model, tokenizer, autocast, embedding_params))
+
+
+def as_run_facts(model, tokenizer, autocast, embedding_params: int) -> dict:
+    """What the options that reproduce the authors' run really gave (recorded in result.json)."""
+    inner = model.get_base_model()
+    return {"tokenizer_class": type(tokenizer).__name__, "attn_implementation": inner.config._attn_implementation,
+            "autocast": str(autocast.fast_dtype).replace("torch.", "") if isinstance(autocast, torch.autocast)
+            else None, "embedding_params_trained": embedding_params,
+            "vocab_rows": inner.get_input_embeddings().weight.shape[0]}
 
 
 def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int) -> dict:
@@ -201,7 +215,7 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
     if rank == 0:
         tmp = out / (ADAPTER + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, save_embedding_layers=False)  # LoRA only, as_run too (as the authors')
         os.replace(tmp, out / ADAPTER)
     return {
         "val_loss": val, "val_loss_before": val_before, "val_loss_average": spec.val_loss_average,
@@ -210,7 +224,9 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
         "n_train": len(s.train_set), "n_val": len(s.val_set), "dropped_too_long": s.dropped,
         "train_tokens": tokens_seen, "tokens_per_s": tokens_seen / max(train_s, 1e-9),
         "train_s": train_s, "eval_s": time.time() - t_eval, "setup_s": t_train - t0,
-        "trainable_params": sum(p.numel() for p in s.trainable),
+        # the adapter's (LoRA) parameters; trainable_embeddings: as_run trains embedding_params_trained more
+        "trainable_params": sum(p.numel() for p in s.trainable) - s.as_run["embedding_params_trained"],
+        "epochs_run": s.total_steps / s.steps_per_epoch, **s.as_run,
         "total_params": sum(p.numel() for p in model.parameters()), "device": str(s.device), "world_size": world,
         "dtype": str(s.dtype).replace("torch.", ""), "peak_memory_bytes": _peak_memory(s.device),
         "data_folder": str(s.splits),
@@ -311,7 +327,8 @@ def main(argv=None) -> int:
     for name, kind in (("r", int), ("alpha", float), ("dropout", float), ("lr", float), ("epochs", float),
                        ("max_steps", int), ("per_device_batch", int), ("grad_accum", int),
                        ("max_seq_len", int), ("seed", int), ("eval_every", int), ("checkpoint_every", int),
-                       ("base_model", str), ("precision", str)):
+                       ("base_model", str), ("precision", str), ("trainable_embeddings", str),
+                       ("attn_implementation", str), ("tokenizer", str), ("eval_batch", int)):
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("spec", "preset") and v is not None}
