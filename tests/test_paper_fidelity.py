@@ -109,14 +109,13 @@ def test_as_run_adds_the_pad_token_with_mean_rows_when_the_tokenizer_has_none(ti
     tokenizer.pad_token = None  # Llama-2's has none
     assert add_pad_token(tokenizer) == 1 and tokenizer.pad_token == "[PAD]" and len(tokenizer) == 1025
     model = add_lora(model, preset("tiny"))
-    old_in = model.get_base_model().get_input_embeddings().weight.detach().clone()
-    assert train_embeddings(model, tokenizer) == 2 * 1025 * 128
     inner = model.get_base_model()
-    for weight, old in ((inner.get_input_embeddings().weight, old_in),
-                        (inner.get_output_embeddings().weight, None)):
+    old = [w.detach().clone() for w in (inner.get_input_embeddings().weight, inner.get_output_embeddings().weight)]
+    assert train_embeddings(model, tokenizer) == 2 * 1025 * 128
+    for weight, before in zip((inner.get_input_embeddings().weight, inner.get_output_embeddings().weight), old):
         assert weight.shape == (1025, 128) and weight.requires_grad
-        assert torch.allclose(weight[1024], weight[:1024].mean(dim=0))
-    assert torch.equal(inner.get_input_embeddings().weight[:1024], old_in)
+        assert torch.equal(weight[:1024], before)  # the old rows kept
+        assert torch.allclose(weight[1024], before.mean(dim=0))  # the new one: their mean, as their script
     assert tokenizer("[PAD]", add_special_tokens=False)["input_ids"] == [1024]
 
 
@@ -218,8 +217,7 @@ def test_a_fine_tune_as_the_authors_ran_it_records_every_choice(sentencepiece_mo
 
 
 # ----------------------------------------------------------------------------------------------- MMLU cells
-@pytest.mark.unit
-def test_mmlu_cells_as_pandas_read_the_reference_csvs():
+def test_mmlu_cells_as_pandas_read_the_reference_csvs():  # pure, but importing pandas takes a second or more
     from evaluation.tasks import mmlu
 
     row = lambda q, choices, answer=0, subject="s": {"question": q, "subject": subject, "choices": choices,
