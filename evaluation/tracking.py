@@ -28,13 +28,16 @@ import math
 import re
 import statistics
 
+from evaluation.generate import NEUTRAL  # torch-free at import
+
 INSTRUCTEVAL = ("mmlu", "bbh", "drop", "humaneval")
 LM_EVAL_PREFIX = "lm_eval."
 STATS = ("min", "max", "mean", "sd")
 DEFAULT_ROW = "default"
 PROTOCOL_PREFIX = "eval.protocol."  # evaluation.spec.PROTOCOL_PREFIX (spec.py imports the task modules)
 DECODING_PREFIX = "eval.decoding."
-DECODING_SETTINGS = ("do_sample", "temperature", "top_p", "top_k")
+# the sampling settings, then those a checkpoint's file can add under decoding: reference ("none" = neutral)
+DECODING_SETTINGS = ("do_sample", "temperature", "top_p", "top_k", *NEUTRAL)
 
 
 def metric_name(task: str, harness: str = "instructeval") -> str:

@@ -77,18 +77,19 @@ def validation_loss(model: ResponseLoss, examples, spec: FinetuneSpec, device, r
     """The validation loss, averaged as spec.val_loss_average says.
 
     "token" (default): the mean cross-entropy over every response token of the split, whatever the batching.
-    "batch": the HF Trainer's evaluate() that the paper reports - batches of per_device_batch consecutive
-    examples in the split's order, each batch's token mean weighted by its number of examples. It moves with
-    the batch size and the order (a batch of short answers weighs as much as one of long answers), which is
-    why "token" is the default; "batch" is there to compare with the paper's figures."""
+    "batch": the HF Trainer's evaluate() that the paper reports - batches of eval_batch (default
+    per_device_batch) consecutive examples in the split's order, dealt to the ranks in turn, each batch's
+    token mean weighted by its number of examples. It moves with the batch size and the order (a batch of short
+    answers weighs as much as one of long answers), which is why "token" is the default; "batch" is there to
+    compare with the paper's figures (the authors' NOMAD run: eval_batch 20; their TPE run: 4)."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     if spec.val_loss_average == "batch":
-        size = spec.per_device_batch
+        size = spec.eval_batch or spec.per_device_batch
         chunks = [list(range(i, min(i + size, len(examples)))) for i in range(0, len(examples), size)]
     else:
         order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # similar lengths together
-        size = 2 * spec.per_device_batch  # no gradients to keep: twice the training micro-batch fits
+        size = spec.eval_batch or 2 * spec.per_device_batch  # no gradients to keep: twice the micro-batch fits
         chunks = [order[i:i + size] for i in range(0, len(order), size)]
     mine = chunks[rank::world]
     if world > 1 and any(hasattr(p, "to_local") for p in model.parameters()):

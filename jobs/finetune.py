@@ -31,7 +31,6 @@ import shutil
 import sys
 import time
 import traceback
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from jobs import data as D
 from jobs.batches import (ResponseLoss, collate, epoch_plan, loss_tokens, on_device, partial_steps,  # noqa: F401
                           validation_loss, validation_subset)
 from jobs.model import TrainingFailure, add_lora, distributed_env, load_base, pick_precision  # noqa: F401
+from jobs.model import add_pad_token, autocast_for
 from jobs.spec import FinetuneSpec, SpecError, preset
 
 METRICS, ADAPTER = C.METRICS_FILE, C.ADAPTER_DIR
@@ -72,6 +72,7 @@ class Setup:
     trainable: list
     optimizer: object
     scheduler: object
+    as_run: dict  # what the authors'-run options did (result.json): tokenizer, attention, autocast, embeddings
 
 
 def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
@@ -80,14 +81,15 @@ def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
     dtype = pick_precision(spec, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16 and device.type == "cuda" \
-        else nullcontext()
+    autocast = autocast_for(spec, device, dtype)
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     np.random.seed(spec.seed)
 
     splits = D.prepare_splits(spec.data)
     tokenizer, model = strategies.load(spec, device, dtype, rank, world)
+    if spec.trainable_embeddings == "as_run":
+        add_pad_token(tokenizer)  # before tokenizing, as the authors' script: [PAD] is then a special token
     train_set, dropped_train = D.tokenize(D.read_split(splits, "train"), tokenizer, spec.max_seq_len,
                                           spec.prompt_template)
     val_set, dropped_val = D.tokenize(D.read_split(splits, "val"), tokenizer, spec.max_seq_len, spec.prompt_template)
@@ -101,7 +103,7 @@ def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
                               f"({spec.per_device_batch} x {spec.grad_accum} x {world}): lower the batch")
     total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
 
-    held = strategies.hold(model, spec, device, dtype, rank, world, local_rank)  # LoRA on it, wrapped
+    held = strategies.hold(model, spec, device, dtype, rank, world, local_rank, tokenizer)  # LoRA on it, wrapped
     model = held.model
     trainable = [p for p in model.parameters() if p.requires_grad]
     from transformers import get_cosine_schedule_with_warmup
@@ -109,7 +111,17 @@ def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * total_steps), total_steps)
     return Setup(device, dtype, autocast, splits, train_set, val_set, dropped_train + dropped_val, pad_id, lengths,
                  [loss_tokens(e) for e in train_set],  # counted once, not in every step of every epoch
-                 steps_per_epoch, total_steps, model, held.loss_fn, held, trainable, optimizer, scheduler)
+                 steps_per_epoch, total_steps, model, held.loss_fn, held, trainable, optimizer, scheduler,
+                 as_run_facts(model, tokenizer, autocast, held.embedding_params))
+
+
+def as_run_facts(model, tokenizer, autocast, embedding_params: int) -> dict:
+    """What the options that reproduce the authors' run really gave (recorded in result.json)."""
+    inner = model.get_base_model()
+    return {"tokenizer_class": type(tokenizer).__name__, "attn_implementation": inner.config._attn_implementation,
+            "autocast": str(autocast.fast_dtype).replace("torch.", "") if isinstance(autocast, torch.autocast)
+            else None, "embedding_params_trained": embedding_params,
+            "vocab_rows": inner.get_input_embeddings().weight.shape[0]}
 
 
 def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int) -> dict:
@@ -204,7 +216,9 @@ def train(spec: FinetuneSpec, out: Path, rank: int, world: int, local_rank: int)
         "n_train": len(s.train_set), "n_val": len(s.val_set), "dropped_too_long": s.dropped,
         "train_tokens": tokens_seen, "tokens_per_s": tokens_seen / max(train_s, 1e-9),
         "train_s": train_s, "eval_s": time.time() - t_eval, "setup_s": t_train - t0,
-        "trainable_params": sum(p.numel() for p in s.trainable),
+        # the adapter's (LoRA) parameters; trainable_embeddings: as_run trains embedding_params_trained more
+        "trainable_params": sum(p.numel() for p in s.trainable) - s.as_run["embedding_params_trained"],
+        "epochs_run": s.total_steps / s.steps_per_epoch, **s.as_run,
         "total_params": strategies.count_params(model), "device": str(s.device), "world_size": world,
         "strategy": spec.strategy, "quantization": spec.quantization,
         "dtype": str(s.dtype).replace("torch.", ""), "peak_memory_bytes": _peak_memory(s.device),
@@ -318,7 +332,9 @@ def main(argv=None) -> int:
     for name, kind in (("r", int), ("alpha", float), ("dropout", float), ("lr", float), ("epochs", float),
                        ("max_steps", int), ("per_device_batch", int), ("grad_accum", int),
                        ("max_seq_len", int), ("seed", int), ("eval_every", int), ("checkpoint_every", int),
-                       ("base_model", str), ("precision", str), ("strategy", str), ("quantization", str)):
+                       ("base_model", str), ("precision", str), ("strategy", str), ("quantization", str),
+                       ("trainable_embeddings", str), ("attn_implementation", str), ("tokenizer", str),
+                       ("eval_batch", int)):
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("spec", "preset") and v is not None}

@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from jobs.batches import ResponseLoss
-from jobs.model import add_lora, load_base
+from jobs.model import add_lora, load_base, load_tokenizer, train_embeddings
 from jobs.spec import TINY_MODEL, FinetuneSpec
 
 
@@ -52,6 +52,7 @@ class Held:
     forward: Callable      # what a training micro-batch calls (the DDP wrapper when there is one)
     micro: Callable        # micro(last) -> context: gradients are synced only in the last micro-batch
     sharded: bool
+    embedding_params: int = 0  # trainable_embeddings: as_run: embedding weights that train with LoRA
 
 
 def sharded(spec: FinetuneSpec, world: int) -> bool:
@@ -66,19 +67,19 @@ def load(spec: FinetuneSpec, device: torch.device, dtype: torch.dtype, rank: int
         compute = torch.bfloat16 if device.type == "cuda" else torch.float32  # bnb's CPU kernels: fp32 is exact
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                     bnb_4bit_use_double_quant=spec.double_quant)
-        return load_base(spec.base_model, device, dtype, quantization_config=config,
-                         device_map={"": device.index if device.type == "cuda" else "cpu"})
+        return load_base(spec.base_model, device, dtype, spec.attn_implementation, spec.tokenizer,
+                         quantization_config=config, device_map={"": device.index if device.type == "cuda" else "cpu"})
     if sharded(spec, world):
         if rank == 0:
-            return load_base(spec.base_model, torch.device("cpu"), dtype)
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(_path(spec.base_model)), None
-    return load_base(spec.base_model, device, dtype)
+            return load_base(spec.base_model, torch.device("cpu"), dtype, spec.attn_implementation, spec.tokenizer)
+        return load_tokenizer(_path(spec.base_model), spec.tokenizer), None
+    return load_base(spec.base_model, device, dtype, spec.attn_implementation, spec.tokenizer)
 
 
 def hold(model, spec: FinetuneSpec, device: torch.device, dtype: torch.dtype, rank: int, world: int,
-         local_rank: int) -> Held:
-    """LoRA on the base, gradient checkpointing if asked, and the strategy's wrapping."""
+         local_rank: int, tokenizer=None) -> Held:
+    """LoRA on the base, gradient checkpointing if asked, the authors' trainable embeddings if asked
+    (trainable_embeddings: as_run, ddp only: before DDP registers what trains), and the strategy's wrapping."""
     if sharded(spec, world):
         return _fsdp(model, spec, device, dtype, rank)
     if spec.quantization == "nf4":
@@ -90,13 +91,15 @@ def hold(model, spec: FinetuneSpec, device: torch.device, dtype: torch.dtype, ra
     elif spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = add_lora(model, spec)
+    embedding_params = train_embeddings(model, tokenizer) if spec.trainable_embeddings == "as_run" else 0
     model.train()
     loss_fn = ResponseLoss(model)
     if world == 1:
-        return Held(model, loss_fn, loss_fn, lambda last: contextlib.nullcontext(), False)
+        return Held(model, loss_fn, loss_fn, lambda last: contextlib.nullcontext(), False, embedding_params)
     ddp = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=[local_rank] if device.type == "cuda"
                                                     else None)
-    return Held(model, loss_fn, ddp, lambda last: contextlib.nullcontext() if last else ddp.no_sync(), False)
+    return Held(model, loss_fn, ddp, lambda last: contextlib.nullcontext() if last else ddp.no_sync(), False,
+                embedding_params)
 
 
 def _fsdp(source, spec: FinetuneSpec, device: torch.device, dtype: torch.dtype, rank: int) -> Held:
@@ -192,10 +195,11 @@ def save_adapter(model, folder: Path, rank: int) -> None:
         return
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    # the adapter only (trainable_embeddings: as_run too, as the authors' run saved it)
     if state is None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, save_embedding_layers=False)
     else:
-        model.save_pretrained(tmp, state_dict=state)
+        model.save_pretrained(tmp, state_dict=state, save_embedding_layers=False)
     os.replace(tmp, folder)
 
 

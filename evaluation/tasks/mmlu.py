@@ -7,6 +7,14 @@ exceeds 2048 tokens. No sampling arguments, 2 new tokens; correct if the strippe
 letter; micro-average over all questions, with a per-subject breakdown. `{subject}` is InstructEval's
 format_subject: each "_"-separated word preceded by a space, so the line reads "about  abstract algebra."
 (two spaces), exactly as in the reference.
+
+Cells. InstructEval reads each subject's CSV with `pd.read_csv(path, header=None)` and formats cells with
+"{}".format(cell), so pandas' parsing reaches the prompt: "None", "NA", "N/A", "null", "" and the other
+default NA strings become "nan" (pandas >= 2.0 counts "None" among them), and a column of numbers is parsed
+as numbers: "2" stays "2" in an all-integer column but becomes "2.0" in a column that also holds a NA, "0.50"
+becomes "0.5", "true" becomes "True". `mmlu_cells: pandas` (as_pandas_reads) reproduces that by running
+pandas itself on each (split, subject) file as the reference's CSV would hold it; `text` (the default) keeps
+the data set's strings: the reference's reading garbles answer choices, a defect.
 """
 from __future__ import annotations
 
@@ -58,6 +66,28 @@ def build(raw: dict, count_tokens, limit=None, seed=0) -> list[Example]:
             meta.append((subject, i, gold(row)))
     return [Example(id=f"{subject}/{i}", group=subject, prompt=prompt, target=target, n_shots=k)
             for (prompt, k), (subject, i, target) in zip(fit_shots(items, count_tokens), meta)]
+
+
+def as_pandas_reads(raw: dict) -> dict:
+    """The MMLU rows with each question and choice as InstructEval's pd.read_csv + "{}".format gave it: every
+    (split, subject) is one CSV file (question, A, B, C, D, answer; no header), parsed by pandas, column types
+    inferred over the whole file as there. Rows keep their order and every other field."""
+    import csv
+    import io
+
+    import pandas as pd
+
+    out = {}
+    for split, rows in raw.items():
+        parsed = {}
+        for subject, group in _by_subject(rows).items():
+            text = io.StringIO()
+            csv.writer(text).writerows([[r["question"], *r["choices"], gold(r)] for r in group])
+            frame = pd.read_csv(io.StringIO(text.getvalue()), header=None)
+            cells = [["{}".format(frame.iloc[i, j]) for j in range(frame.shape[1])] for i in range(len(group))]
+            parsed.update({id(r): c for r, c in zip(group, cells)})
+        out[split] = [{**r, "question": parsed[id(r)][0], "choices": parsed[id(r)][1:-1]} for r in rows]
+    return out
 
 
 def _by_subject(rows: list[dict]) -> dict[str, list[dict]]:
