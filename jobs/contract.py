@@ -84,6 +84,9 @@ METRICS = (
     Metric("setup_s", "setup_s", unit="s", what="model and data loading time"),
     Metric("total_s", "total_s", unit="s", what="the job's wall time"),
     Metric("steps", "steps", what="optimizer steps"),
+    Metric("epochs_run", "epochs_run", what="epochs the optimizer steps covered (max_steps may pass the epochs)"),
+    Metric("embedding_params_trained", "embedding_params_trained",
+           what="embedding weights trained with LoRA (trainable_embeddings: as_run), not saved"),
     Metric("n_train", "n_train", what="training examples"),
     Metric("n_val", "n_val", what="validation examples"),
     Metric("pruned_fraction", "pruned_fraction", mlflow="pruned_at_fraction",
@@ -96,6 +99,8 @@ METRICS = (
     Metric("dev_accuracy", "dev_accuracy", what="the weighted dev-subset accuracy"),
 )
 BY_NAME = {m.name: m for m in METRICS}
+# the job's text outcomes: tags of its run (how it ran: device, precision, strategy, the authors'-run options)
+TAGS = ("device", "dtype", "strategy", "quantization", "autocast", "attn_implementation", "tokenizer_class")
 PATTERNS = {"dev.": "a task's dev-subset accuracy (dev.mmlu, dev.bbh, dev.drop, dev.humaneval)",
             "constraint.": "a constraint's value c = value - bound (c <= 0: satisfied), per constrained metric"}
 # the stepped training curve (metrics.jsonl record key -> MLflow metric); distinct from the final metrics' names

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from jobs.contract import ADAPTER_DIR, CURVE, OK, RESULT_FILE, SPEC_FILE, mlflow_metrics
+from jobs.contract import ADAPTER_DIR, CURVE, OK, RESULT_FILE, SPEC_FILE, TAGS, mlflow_metrics
 from orchestrator.tracking.outbox import Outbox
 
 RUN_STATUS = {"ok": "FINISHED", "failed": "FAILED", "pruned": "KILLED", "infeasible": "KILLED"}
@@ -260,7 +260,8 @@ class Tracker:
         final = mlflow_metrics(summary, value if status == OK else None)
         if status != OK:
             final.pop("val_loss", None)
-        tags = {"status": status, **({"failure_reason": reason[:5000]} if reason else {})}
+        tags = {"status": status, **({"failure_reason": reason[:5000]} if reason else {}),
+                **{k: summary[k] for k in TAGS if isinstance(summary.get(k), str)}}
         if "feasible" in summary:
             tags["feasible"] = str(bool(summary["feasible"])).lower()
         self.log_metrics(key, final)
