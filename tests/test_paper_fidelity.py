@@ -6,6 +6,7 @@ what it says whatever the checkpoint's generation_config.json holds.
     .venv/bin/python -m pytest tests/test_paper_fidelity.py -q        # about two minutes on 2 loaded cores
     .venv/bin/python -m pytest tests/test_paper_fidelity.py -q -m unit
 """
+import contextlib
 import io
 import json
 import shutil
@@ -158,7 +159,7 @@ def test_eval_batch_sets_the_validation_batches_of_the_trainer_average(tiny_mode
     examples, _ = D.tokenize(rows, tiny_tokenizer, 256)
     sizes = []
     hook = model.get_base_model().model.register_forward_hook(lambda m, i, o: sizes.append(o[0].shape[0]))
-    args = (CPU, 0, 1, F.nullcontext(), tiny_tokenizer.pad_token_id)
+    args = (CPU, 0, 1, contextlib.nullcontext(), tiny_tokenizer.pad_token_id)
     spec = preset("tiny", per_device_batch=4, val_loss_average="batch")
     by_4 = F.validation_loss(F.ResponseLoss(model), examples, spec, *args)
     assert sizes == [4] * 7 + [2]
