@@ -10,6 +10,7 @@ receives no gradient and the result is the base model's loss.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -144,7 +145,8 @@ class FinetuneSpec:
     # LoRA alpha as a multiple of r: when set, alpha = alpha_ratio x r (so a search over r keeps alpha / r).
     alpha_ratio: float | None = None
     # Examples per optimizer step over all ranks: when set, grad_accum = effective_batch / (per_device_batch x
-    # ranks), resolved by the job once it knows its ranks (with_world), so one value serves any GPU count.
+    # ranks): set here for one rank, and divided by the ranks by the job once it knows them (with_world), so one
+    # value serves any GPU count.
     effective_batch: int | None = None
     # prompt_template "chat": the tokenizer's own chat template renders the conversations, unless this gives
     # one (a Jinja string, or the path of a .jinja file): for a base model whose tokenizer has none.
@@ -207,6 +209,8 @@ class FinetuneSpec:
                 self.effective_batch, int) or self.effective_batch < 1 or self.effective_batch % self.per_device_batch):
             raise SpecError(f"effective_batch={self.effective_batch!r} is invalid: must be a multiple of "
                             f"per_device_batch={self.per_device_batch} (or null: per_device_batch x grad_accum)")
+        if self.effective_batch is not None:
+            self.grad_accum = self.effective_batch // self.per_device_batch
         if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template):
             raise SpecError(f"chat_template={self.chat_template!r} is invalid: a Jinja template, a .jinja path or null")
         if self.chat_template is not None and self.prompt_template != "chat":
@@ -247,7 +251,9 @@ class FinetuneSpec:
         if self.effective_batch % per_step:
             raise SpecError(f"effective_batch={self.effective_batch} is not a multiple of per_device_batch x ranks "
                             f"= {self.per_device_batch} x {world}: pick a multiple of {per_step}")
-        return dataclasses.replace(self, grad_accum=self.effective_batch // per_step)
+        ranked = copy.copy(self)  # not dataclasses.replace: __post_init__ would set the one-rank value again
+        ranked.grad_accum = self.effective_batch // per_step
+        return ranked
 
 
 STRATEGIES = ("ddp", "fsdp")
