@@ -1,11 +1,11 @@
 """The modern search space (`space: modern`): categorical and boolean dimensions, how each searcher encodes them,
 every value reaching the fine-tune's spec, and the contract of every searcher on it (real NOMAD, NNI, Optuna)
 with resume, warm start and constraints."""
+import json
 import math
 
 import numpy as np
 import pytest
-import yaml
 
 from orchestrator.config import ConfigError, load_config, space_to_dict
 from orchestrator.search.category import label
@@ -29,7 +29,7 @@ def build(algo, budget=30, parallel=1, seed=0, n_objectives=1, kinds=()):
                          n_objectives=n_objectives, constraints=kinds)
 
 
-def drive(searcher, parallel=1, stop_after=None, running=(), constraint=None):
+def drive(searcher, parallel=1, stop_after=None, running=(), constraint=None, objective=modern_landscape):
     pending, told = list(running), []
     while not searcher.finished and (stop_after is None or len(told) < stop_after):
         while len(pending) < parallel and (s := searcher.ask()) is not None:
@@ -37,7 +37,7 @@ def drive(searcher, parallel=1, stop_after=None, running=(), constraint=None):
         if not pending:
             break
         s = pending.pop(0)
-        value = modern_landscape(s.point)
+        value = objective(s.point)
         searcher.tell(s.trial_id, value, constraints=[constraint(s.point)] if constraint else None)
         told.append((s, value))
     return told, pending
@@ -106,14 +106,15 @@ def test_space_modern_reaches_every_spec_field_and_survives_the_journal(tmp_path
         (64, 32.0, ["q_proj", "v_proj"], True, True, )
     assert (spec.epochs, spec.warmup_ratio, spec.weight_decay, spec.grad_accum) == (3, 0.1, 0.01, 4)
     # the journaled config (plain YAML/JSON) rebuilds the same space on resume and for warm starts
-    stored = yaml.safe_load(yaml.safe_dump(config.to_dict()))
+    stored = json.loads(json.dumps(config.to_dict(), default=str))  # as the journal writes it
     assert SearchSpace.from_dict(stored["space"]) == SPACE == SearchSpace.from_dict(space_to_dict(SPACE))
 
 
 def test_a_value_the_fine_tune_refuses_is_a_config_error_naming_the_dimension(tmp_path):
-    # per_device_batch 48 divides none of the effective batches (16..128): refused before anything runs
-    with pytest.raises(ConfigError, match="space.effective_batch.*per_device_batch=48"):
-        _config(tmp_path, "space: modern\ntrial: {per_device_batch: 48}\n")
+    # per_device_batch 32 divides the default effective batch (128) but not the smallest (16): refused before
+    # anything runs, naming the dimension and the value
+    with pytest.raises(ConfigError, match="space.effective_batch': value 16 .*per_device_batch=32"):
+        _config(tmp_path, "space: modern\ntrial: {per_device_batch: 32}\n")
     with pytest.raises(ConfigError, match="'space'.*'ancient' is not a named space.*paper, modern"):
         _config(tmp_path, "space: ancient\n")
 
@@ -187,13 +188,22 @@ def test_warm_start_is_learned_and_its_points_never_proposed(algo):
     assert len(told) == 15 and not set(keys([s for s, _ in told])) & {SPACE.key(o.point) for o in warm}
 
 
-@pytest.mark.parametrize("algo", LEARNING)
-def test_constraints_are_told_on_categorical_points(algo):
-    # an extreme barrier on DoRA: NOMAD never settles on it, TPE learns it as a penalty
-    searcher = build(algo, budget=30, kinds=("eb",))
-    told, _ = drive(searcher, constraint=lambda p: 1.0 if p["use_dora"] else -1.0)
-    searcher.close()
-    assert len(told) == 30
+@pytest.mark.parametrize("algo", ("nomad-paper", "nomad-async", "tpe"))
+def test_a_constraint_on_a_boolean_steers_the_search_off_it(algo):
+    # the objective favours DoRA; an extreme barrier forbids it: each learner then leaves it (NOMAD rejects the
+    # points, TPE is told a penalty), where without the constraint it ends on it
+    def favoured(p):
+        return modern_landscape(p) - (0.05 if p["use_dora"] else 0.0)
+
+    shares = {}
+    for kinds in ((), ("eb",)):
+        searcher = build(algo, budget=30, kinds=kinds)
+        told, _ = drive(searcher, objective=favoured,
+                        constraint=(lambda p: 1.0 if p["use_dora"] else -1.0) if kinds else None)
+        searcher.close()
+        assert len(told) == 30
+        shares[kinds] = sum(bool(s.point["use_dora"]) for s, _ in told[15:])
+    assert shares[()] >= 10 and shares[("eb",)] <= 3, shares
 
 
 def test_two_objectives_with_optuna_take_categories_as_labels():
@@ -230,3 +240,27 @@ def test_modern_optimum_is_the_minimum_over_the_grid():
     assert modern_landscape(point) == value < modern_landscape(SPACE.default_point())
     rng = np.random.default_rng(1)
     assert min(modern_landscape(SPACE.sample(rng)) for _ in range(2000)) > value
+
+
+# ------------------------------------------------------------------------------------------- the chat examples
+@pytest.mark.parametrize("name", ["study.yaml", "tiny.yaml"])
+def test_the_chat_examples_dry_run_without_writing(name, tmp_path, monkeypatch, capsys):
+    from orchestrator.__main__ import main
+
+    from .conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", str(REPO / "examples" / "chat" / name), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for section in ("# first suggestions", '"prompt_template": "chat"', '"use_dora": ', "category:",
+                    "nothing was submitted"):
+        assert section in out, section
+    assert list(tmp_path.iterdir()) == [], "a dry run wrote something"
+
+
+def test_the_readme_shows_the_chat_example_as_it_is():
+    from .conftest import REPO
+
+    lines = (REPO / "examples" / "chat" / "study.yaml").read_text().splitlines()
+    body = "\n".join(lines[next(i for i, line in enumerate(lines) if line.startswith("preset:")):])
+    assert body in (REPO / "README.md").read_text()
