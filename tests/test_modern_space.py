@@ -264,3 +264,24 @@ def test_the_readme_shows_the_chat_example_as_it_is():
     lines = (REPO / "examples" / "chat" / "study.yaml").read_text().splitlines()
     body = "\n".join(lines[next(i for i, line in enumerate(lines) if line.startswith("preset:")):])
     assert body in (REPO / "README.md").read_text()
+
+
+def test_plots_draw_categorical_axes_with_their_labels(tmp_path):
+    from orchestrator.config import space_to_dict
+    from orchestrator.reports.plots import axes_of, write_plots
+    from orchestrator.study.journal import StudyState, TrialState
+
+    rng = np.random.default_rng(0)
+    points = [SPACE.sample(rng) for _ in range(6)]
+    trials = {i: TrialState(i, p, status="ok", value=modern_landscape(p), summary={"total_s": 60})
+              for i, p in enumerate(points)}
+    state = StudyState(config={"study": "modern", "algo": "tpe", "space": space_to_dict(SPACE)}, parent_run_id="p",
+                       trials=trials)
+    axes = {a.name: a for a in axes_of(state)}
+    modules = axes["target_modules"]
+    assert [t for _, t in modules.ticks] == ["q_proj+v_proj", "attention", "all-linear"]
+    assert [modules.at(p) for p in points] == [float(["q_proj+v_proj", "attention", "all-linear"].index(
+        label(p["target_modules"]))) for p in points]
+    assert axes["use_dora"].at({"use_dora": True}) == 1.0 and math.isnan(axes["use_dora"].at({"use_dora": "x"}))
+    written = write_plots(state, tmp_path)
+    assert len(written) == 8 and "all-linear" in (tmp_path / "parallel.html").read_text()
