@@ -268,7 +268,8 @@ def test_the_readme_shows_the_chat_example_as_it_is():
 
 def test_plots_draw_categorical_axes_with_their_labels(tmp_path):
     from orchestrator.config import space_to_dict
-    from orchestrator.reports.plots import axes_of, write_plots
+    from orchestrator.reports.plots import write_plots
+    from orchestrator.reports.view import axes_of
     from orchestrator.study.journal import StudyState, TrialState
 
     rng = np.random.default_rng(0)
