@@ -1,6 +1,7 @@
 """Chat data: conversations rendered with the tokenizer's own chat template, loss on the assistant turns only.
 
-    python -m jobs.chat --model tiny-chat --data bundled:tiny-chat     # print one rendered row and its mask
+    examples, dropped = tokenize_chat(rows, tokenizer, max_seq_len)    # jobs/data.py tokenize(..., "chat")
+    text, spans = render(tokenizer, row["messages"])                    # the assistant turns' character spans
 
 A conversation is a list of turns {"role", "content"} with roles system, user, assistant (and tool), read from
 a row's `messages` (the conventional format) or ShareGPT's `conversations` of {"from", "value"} (human, gpt,
@@ -143,21 +144,3 @@ def tokenize_chat(rows: list[dict], tokenizer, max_seq_len: int) -> tuple[list[t
         out.append((ids, labels))
     return out, dropped
 
-
-if __name__ == "__main__":
-    import argparse
-
-    from transformers import AutoTokenizer
-
-    from jobs import data as D
-    from jobs.tiny import tiny_chat_model_dir, tiny_model_dir
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-chat", help="tiny-chat, tiny, a local HF-layout folder or a hub id")
-    parser.add_argument("--data", default="bundled:tiny-chat")
-    args = parser.parse_args()
-    folder = {"tiny-chat": tiny_chat_model_dir, "tiny": tiny_model_dir}.get(args.model)
-    tok = AutoTokenizer.from_pretrained(str(folder()) if folder else args.model)
-    [(ids, labels)], _ = tokenize_chat(D.load_rows(args.data)[:1], tok, 4096)
-    print(tok.decode(ids))
-    print("loss on:", repr(tok.decode([t for t in labels if t != IGNORE])))
