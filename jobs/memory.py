@@ -91,6 +91,8 @@ KNOWN = {
     "mistralai/Mistral-7B-v0.1": Shape(4096, 14336, 32, 32, 8, 32000),
     "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": Shape(2048, 5632, 22, 32, 4, 32000),
 }
+KNOWN["Qwen/Qwen2.5-7B"] = Shape(3584, 18944, 28, 28, 4, 152064)  # examples/chat/study.yaml's model
+KNOWN["Qwen/Qwen2.5-7B-Instruct"] = KNOWN["Qwen/Qwen2.5-7B"]
 KNOWN["meta-llama/Llama-3.1-8B-Instruct"] = KNOWN["meta-llama/Llama-3.1-8B"]
 KNOWN["meta-llama/Llama-3.1-70B-Instruct"] = KNOWN["meta-llama/Llama-3.1-70B"]
 
