@@ -59,11 +59,15 @@ class ResponseLoss(torch.nn.Module):
 
     def forward(self, input_ids, labels):
         inner = self.peft_model.get_base_model()
-        # No attention mask (right padding is invisible under causal attention) and no KV cache.
-        hidden = inner.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        # No attention mask (right padding is invisible under causal attention) and no KV cache. The decoder and
+        # the head by transformers' accessors: `model`/`lm_head` on Llama-like models, `gpt_neox`/`embed_out`...
+        hidden = inner.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != D.IGNORE
-        logits = inner.lm_head(hidden[:, :-1][keep]).float()
+        logits = inner.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        cap = getattr(inner.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2/3 cap their logits in the causal-LM forward that this loss bypasses
+            logits = torch.tanh(logits / cap) * cap
         return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
 
 

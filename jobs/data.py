@@ -4,10 +4,12 @@
 
 Sources are hub ids (`tatsu-lab/alpaca`, `databricks/databricks-dolly-15k`), local .json / .jsonl / .parquet
 files, folders in the Hugging Face layout (`save_to_disk` output or a repository snapshot), or the bundled
-sets (`bundled:tiny-alpaca`, `bundled:tiny-dolly`). Columns are unified to instruction / context / response
-(Alpaca's input/output are renamed). The recipe:
-  1. de-duplicate on the normalized (instruction, context) pair, within and across sources, so that no prompt
-     can reach both splits (the paper's split sampled with replacement and leaked validation rows: ours not);
+sets (`bundled:tiny-alpaca`, `bundled:tiny-dolly`, `bundled:tiny-chat`). Columns are unified to instruction /
+context / response (Alpaca's input/output are renamed); a row holding a conversation (`messages` of role/content,
+or ShareGPT's `conversations` of from/value) becomes {"messages": [...]} (jobs/chat.py). The recipe:
+  1. de-duplicate on the normalized (instruction, context) pair, or a conversation's non-assistant turns, within
+     and across sources, so that no prompt can reach both splits (the paper's split sampled with replacement
+     and leaked validation rows: ours not);
   2. draw each source's share of the mix without replacement with a seeded generator; the mix has
      `total_rows` rows, or the largest size the weights allow without replacement;
   3. shuffle the mix (seeded) and cut `val_fraction` of it off as the validation split.
@@ -26,10 +28,14 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from jobs import chat
 from jobs.spec import BUNDLED_PREFIX, DataSpec
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUNDLED = {"tiny-alpaca": ASSETS / "tiny_alpaca.jsonl", "tiny-dolly": ASSETS / "tiny_dolly.jsonl"}
+# tiny_chat.jsonl lives in assets/chat/: jobs/tiny.py pretrains the tiny model on assets/tiny_*.jsonl, and a new
+# file there would change (and rebuild) that model
+BUNDLED = {"tiny-alpaca": ASSETS / "tiny_alpaca.jsonl", "tiny-dolly": ASSETS / "tiny_dolly.jsonl",
+           "tiny-chat": ASSETS / "chat" / "tiny_chat.jsonl"}
 RENAMES = {"input": "context", "output": "response"}  # Alpaca's columns -> the unified schema
 
 # The prompt templates (FinetuneSpec.prompt_template). "alpaca", the default: Stanford Alpaca's wording with
@@ -71,10 +77,19 @@ def format_prompt(row: dict, template: str = "alpaca") -> str:
 
 # ----------------------------------------------------------------------------------------------- loading
 def load_rows(name: str, split: str = "train") -> list[dict]:
-    """Rows of one source in the unified schema {instruction, context, response}."""
+    """Rows of one source in the unified schema {instruction, context, response}, or {messages} (a conversation)."""
     raw = _load_raw(name, split)
     rows = []
     for i, r in enumerate(raw):
+        if not isinstance(r, dict):
+            raise DataError(f"data source {name}: row {i} is not a mapping of columns: fix the data")
+        try:
+            turns = chat.conversation(r, f"data source {name}: row {i}")
+        except chat.ChatError as e:
+            raise DataError(str(e)) from None
+        if turns is not None:
+            rows.append({"messages": turns})
+            continue
         r = {RENAMES.get(k, k): v for k, v in r.items()}
         missing = [c for c in ("instruction", "response") if c not in r]
         if missing:
@@ -170,11 +185,12 @@ def _norm(text: str) -> str:
 
 
 def dedup(rows: list[dict], seen: set | None = None) -> list[dict]:
-    """Keep the first row of each normalized (instruction, context) prompt."""
+    """Keep the first row of each normalized (instruction, context) prompt, or of each conversation's
+    non-assistant turns (jobs/chat.py dedup_key)."""
     seen = set() if seen is None else seen
     out = []
     for r in rows:
-        key = (_norm(r["instruction"]), _norm(r["context"]))
+        key = chat.dedup_key(r["messages"]) if "messages" in r else (_norm(r["instruction"]), _norm(r["context"]))
         if key not in seen:
             seen.add(key)
             out.append(r)
@@ -248,7 +264,16 @@ def tokenize(rows: list[dict], tokenizer, max_seq_len: int,
     Prompt and response are tokenized together, as the model sees them at inference: tokenized apart, a
     SentencePiece tokenizer (Llama's) would start the response with a word-start token that the joint text
     never produces. Sequences are cut at max_seq_len; a row whose response is cut away entirely carries no
-    loss and is dropped (counted)."""
+    loss and is dropped (counted). Template "chat": the tokenizer's chat template, loss on every assistant turn
+    (jobs/chat.py tokenize_chat)."""
+    if template == "chat":
+        try:
+            return chat.tokenize_chat(rows, tokenizer, max_seq_len)
+        except chat.ChatError as e:
+            raise DataError(str(e)) from None
+    if any("messages" in r for r in rows):
+        raise DataError(f"the data holds conversations (messages), which the {template!r} prompt template cannot "
+                        "render: set prompt_template: chat")
     prompts = [format_prompt(r, template) for r in rows]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     joint = tokenizer([p + r["response"] for p, r in zip(prompts, rows)], add_special_tokens=False)["input_ids"]

@@ -40,6 +40,7 @@ import torch
 from jobs import checkpoint, strategies
 from jobs import contract as C
 from jobs import data as D
+from jobs.chat import use_chat_template
 from jobs.batches import (ResponseLoss, collate, epoch_plan, loss_tokens, on_device, partial_steps,  # noqa: F401
                           validation_loss, validation_subset)
 from jobs.model import TrainingFailure, add_lora, distributed_env, load_base, pick_precision  # noqa: F401
@@ -90,6 +91,7 @@ def set_up(spec: FinetuneSpec, rank: int, world: int, local_rank: int) -> Setup:
     tokenizer, model = strategies.load(spec, device, dtype, rank, world)
     if spec.trainable_embeddings == "as_run":
         add_pad_token(tokenizer)  # before tokenizing, as the authors' script: [PAD] is then a special token
+    use_chat_template(tokenizer, spec.chat_template)  # prompt_template "chat" with the spec's own template
     train_set, dropped_train = D.tokenize(D.read_split(splits, "train"), tokenizer, spec.max_seq_len,
                                           spec.prompt_template)
     val_set, dropped_val = D.tokenize(D.read_split(splits, "val"), tokenizer, spec.max_seq_len, spec.prompt_template)
@@ -300,6 +302,7 @@ def run(spec: FinetuneSpec | dict) -> dict:
         if previous:
             return previous
         rank, world, local_rank = distributed_env()
+        spec = spec.with_world(world)  # grad_accum from effective_batch, if set, now that the ranks are known
         if rank == 0:
             spec.to_json(out / C.SPEC_FILE)
             shutil.rmtree(out / ADAPTER, ignore_errors=True)  # a stale adapter must not look like this run's

@@ -43,7 +43,8 @@ from pathlib import Path
 GIB = 2 ** 30
 CONTEXT_GIB = 0.6  # CUDA context and cuBLAS workspace: outside torch's allocator
 ALLOCATOR_SLACK = 0.10  # the caching allocator's fragmentation: reserved over allocated at the peak
-TARGET_ALIASES = {"all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+TARGET_ALIASES = {"all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  "attention": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # FinetuneSpec.target_modules' names
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ KNOWN = {
     "mistralai/Mistral-7B-v0.1": Shape(4096, 14336, 32, 32, 8, 32000),
     "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": Shape(2048, 5632, 22, 32, 4, 32000),
 }
+KNOWN["Qwen/Qwen2.5-7B"] = Shape(3584, 18944, 28, 28, 4, 152064)  # examples/chat/study.yaml's model
+KNOWN["Qwen/Qwen2.5-7B-Instruct"] = KNOWN["Qwen/Qwen2.5-7B"]
 KNOWN["meta-llama/Llama-3.1-8B-Instruct"] = KNOWN["meta-llama/Llama-3.1-8B"]
 KNOWN["meta-llama/Llama-3.1-70B-Instruct"] = KNOWN["meta-llama/Llama-3.1-70B"]
 
@@ -102,7 +105,7 @@ def shape_from_config(config: dict) -> Shape:
 
 def model_shape(name: str) -> Shape | None:
     """The base model's shape: the tiny recipe, a local folder's config.json, the Hugging Face cache, or KNOWN."""
-    if name == "tiny":
+    if name in ("tiny", "tiny-chat"):  # tiny-chat: the same model, its tokenizer given a chat template
         from jobs.tiny import RECIPE
         return shape_from_config({**RECIPE, "tie_word_embeddings": False})
     folder = Path(name).expanduser()
@@ -129,7 +132,7 @@ def estimate(shape: Shape, *, r: int, targets, per_device_batch: int, max_seq_le
     whole)."""
     e_w = 4 if precision in ("fp32", "fp32-master") else 2
     e = 4 if precision == "fp32" else 2
-    targets = [t for name in targets for t in TARGET_ALIASES.get(name, [name])]
+    targets = [t for name in _names(targets) for t in TARGET_ALIASES.get(name, [name])]
     dims = [shape.dims(t) for t in targets]
     h, L, V, W = shape.hidden, shape.layers, shape.vocab, world_size
     sharded = strategy == "fsdp" and W > 1
@@ -174,10 +177,15 @@ def layer_activation_bytes(shape: Shape, targets, r: int, e: int = 2, dropout: f
     bf16 autocast each LoRA target keeps a bf16 copy of its input (e bytes) and a 1-byte dropout mask; on a CPU,
     without autocast, peft's cast of the input to the fp32 adapter keeps 4 bytes, and dropout 4 more (the
     measurement in tests/test_memory.py passes 4 and 4)."""
-    dims = [shape.dims(t) for name in targets for t in TARGET_ALIASES.get(name, [name])]
+    dims = [shape.dims(t) for name in _names(targets) for t in TARGET_ALIASES.get(name, [name])]
     base = (12 * shape.hidden + 6 * shape.intermediate + 4 * shape.kv) * e / 2 + 4 * shape.heads
     per_input = lora_input_bytes or e
     return base + sum(per_input * a + per_input * r + (dropout_bytes * a if dropout > 0 else 0) for a, _ in dims)
+
+
+def _names(targets) -> list:
+    """target_modules as a list: the spec's "all-linear" / "attention" are one name, not a string's letters."""
+    return [targets] if isinstance(targets, str) else list(targets)
 
 
 def world_size(resources: dict) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.spec import TINY_MODEL, FinetuneSpec
+from jobs.spec import TINY_CHAT_MODEL, TINY_MODEL, FinetuneSpec
 
 
 class TrainingFailure(RuntimeError):
@@ -31,16 +31,21 @@ def load_base(name: str, device: torch.device, dtype: torch.dtype, attn_implemen
     quantization_config and device_map from jobs/strategies.py)."""
     from transformers import AutoModelForCausalLM
 
-    if name == TINY_MODEL:
-        from jobs.tiny import tiny_model_dir
-        name = str(tiny_model_dir())
+    if name in (TINY_MODEL, TINY_CHAT_MODEL):
+        from jobs.tiny import tiny_chat_model_dir, tiny_model_dir
+        name = str(tiny_model_dir() if name == TINY_MODEL else tiny_chat_model_dir())
     elif name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
         raise TrainingFailure(f"base model folder {name} does not exist: give a HF-layout folder or a hub id")
     tok = load_tokenizer(name, tokenizer)
     if tok.eos_token_id is None:
         raise TrainingFailure(f"tokenizer of {name} has no EOS token: the recipe appends EOS to every target")
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation,
-                                                 **from_pretrained)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation,
+                                                     **from_pretrained)
+    except ValueError as e:  # an architecture without SDPA support (Gemma 2): its own default attention
+        if attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
+            raise
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **from_pretrained)
     model.config.use_cache = False
     return tok, model if "device_map" in from_pretrained else model.to(device)  # (4-bit models refuse .to)
 
@@ -69,11 +74,41 @@ def add_lora(model, spec: FinetuneSpec):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=list(spec.target_modules), bias="none", task_type="CAUSAL_LM")
+                        target_modules=resolve_targets(model, spec.target_modules), bias="none",
+                        task_type="CAUSAL_LM", use_rslora=spec.use_rslora, use_dora=spec.use_dora)
     try:
         return get_peft_model(model, config)
-    except ValueError as e:  # e.g. target modules not found in the base model
+    except ValueError as e:  # e.g. a module type LoRA does not support
         raise TrainingFailure(f"LoRA could not be applied: {str(e).splitlines()[0]}: fix target_modules") from None
+
+
+def linear_names(model) -> list[str]:
+    """The names (last component) of the model's linear layers, the output head excepted: what LoRA may adapt."""
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head})
+
+
+def attention_names(model) -> list[str]:
+    """The names of the linear layers inside the attention blocks (q/k/v/o_proj on Llama, Mistral, Qwen2 and
+    Gemma, query_key_value/dense on GPT-NeoX): found by the block's class, not by a table of architectures."""
+    return sorted({child for _, block in model.named_modules() if type(block).__name__.endswith("Attention")
+                   for child, m in block.named_children() if isinstance(m, torch.nn.Linear)})
+
+
+def resolve_targets(model, targets) -> list[str] | str:
+    """spec.target_modules for PEFT: "all-linear" as PEFT's own, "attention" as its module names, a list checked
+    name by name (PEFT accepts a list as soon as one name matches: a typo would silently adapt less)."""
+    if targets == "all-linear":
+        return "all-linear"
+    have = linear_names(model)
+    wanted = attention_names(model) if targets == "attention" else list(targets)
+    missing = [m for m in wanted if m not in have]
+    if missing or not wanted:
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise TrainingFailure(f"target_modules {missing or targets} not in this {kind} model, whose linear layers "
+                              f"are {', '.join(have)}: list some of them, or use attention or all-linear")
+    return wanted
 
 
 def distributed_env() -> tuple[int, int, int]:

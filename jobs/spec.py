@@ -10,6 +10,7 @@ receives no gradient and the result is the base model's loss.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -17,14 +18,18 @@ from pathlib import Path
 from typing import Any
 
 TINY_MODEL = "tiny"  # the embedded base model, built and cached on first use (jobs/tiny.py)
-TEMPLATES = ("alpaca", "authors")  # jobs/data.py TEMPLATES
+TINY_CHAT_MODEL = "tiny-chat"  # the same model, its tokenizer given a chat template (jobs/tiny.py)
+# target_modules by name: PEFT's "all-linear" (every linear layer but the output head), and "attention" (the
+# linear layers of the attention blocks, whatever the architecture calls them: jobs/model.py)
+TARGET_SETS = ("all-linear", "attention")
+TEMPLATES = ("alpaca", "authors", "chat")  # jobs/data.py TEMPLATES; "chat": the tokenizer's own (jobs/chat.py)
 VAL_LOSS_AVERAGES = ("token", "batch")
 # The authors' run, option by option (evaluation/PROTOCOL.md, "Training recipe"): the project's default first.
 PRECISIONS = ("auto", "bf16", "fp32", "fp32_autocast_bf16")
 TRAINABLE_EMBEDDINGS = ("none", "as_run")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 TOKENIZERS = ("fast", "slow")
-BUNDLED_PREFIX = "bundled:"  # bundled data sets: bundled:tiny-alpaca, bundled:tiny-dolly
+BUNDLED_PREFIX = "bundled:"  # bundled data sets: bundled:tiny-alpaca, bundled:tiny-dolly, bundled:tiny-chat
 
 
 class SpecError(ValueError):
@@ -35,7 +40,10 @@ class SpecError(ValueError):
 class DataSource:
     """One instruction data set and its share of the mix."""
 
-    name: str  # hub id (tatsu-lab/alpaca), local file (.json/.jsonl/.parquet), HF-layout folder, or bundled:NAME
+    # hub id (tatsu-lab/alpaca), local file (.json/.jsonl/.parquet), HF-layout folder, or bundled:NAME. Rows are
+    # instructions (instruction/context/response, or Alpaca's input/output) or conversations (`messages` of
+    # role/content, or ShareGPT's `conversations` of from/value): those need prompt_template "chat".
+    name: str
     weight: float = 1.0  # share of the mixed set; weights are normalized over the sources
     split: str = "train"  # which split of a hub data set or HF-layout folder to read
 
@@ -150,6 +158,18 @@ class FinetuneSpec:
     # "auto": torch AdamW (fused on GPU), or bitsandbytes' paged AdamW with nf4 on GPU (QLoRA's); or adamw,
     # adamw_8bit, paged_adamw, paged_adamw_8bit (bitsandbytes; ddp only: fsdp shards the state already).
     optimizer: str = "auto"
+    # --- the modern recipe (issue 22); every default keeps the paper's recipe unchanged
+    use_rslora: bool = False  # rank-stabilized LoRA: the update is scaled by alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False  # DoRA: weight-decomposed LoRA (a trained magnitude per output feature besides A, B)
+    # LoRA alpha as a multiple of r: when set, alpha = alpha_ratio x r (so a search over r keeps alpha / r).
+    alpha_ratio: float | None = None
+    # Examples per optimizer step over all ranks: when set, grad_accum = effective_batch / (per_device_batch x
+    # ranks): set here for one rank, and divided by the ranks by the job once it knows them (with_world), so one
+    # value serves any GPU count.
+    effective_batch: int | None = None
+    # prompt_template "chat": the tokenizer's own chat template renders the conversations, unless this gives
+    # one (a Jinja string, or the path of a .jinja file): for a base model whose tokenizer has none.
+    chat_template: str | None = None
 
     def __post_init__(self):
         if isinstance(self.data, dict):
@@ -179,8 +199,10 @@ class FinetuneSpec:
             ("prompt_template", self.prompt_template in TEMPLATES, f"one of {', '.join(TEMPLATES)}"),
             ("val_loss_average", self.val_loss_average in VAL_LOSS_AVERAGES, f"one of {', '.join(VAL_LOSS_AVERAGES)}"),
             ("max_seq_len", isinstance(self.max_seq_len, int) and self.max_seq_len >= 8, "an integer >= 8"),
-            ("target_modules", bool(self.target_modules) and all(isinstance(m, str) for m in self.target_modules),
-             "a non-empty list of module names, e.g. [q_proj, v_proj]"),
+            ("target_modules", self.target_modules in TARGET_SETS or (
+                isinstance(self.target_modules, list) and bool(self.target_modules)
+                and all(isinstance(m, str) and m for m in self.target_modules)),
+             f"a non-empty list of module names, e.g. [q_proj, v_proj], or one of {', '.join(TARGET_SETS)}"),
             ("out", bool(self.out), "an output folder"),
         ]
         for name, ok, fix in checks:
@@ -199,6 +221,28 @@ class FinetuneSpec:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "log_every" else 0):
                 raise SpecError(f"{name}={getattr(self, name)!r} is invalid: must be a non-negative integer")
         _check_strategy(self)
+        self._check_modern()
+
+    def _check_modern(self) -> None:
+        """The fields of the modern recipe; alpha follows alpha_ratio when that is set."""
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"{name}={getattr(self, name)!r} is invalid: must be true or false")
+        if self.alpha_ratio is not None:
+            if not (_num(self.alpha_ratio) and self.alpha_ratio > 0):
+                raise SpecError(f"alpha_ratio={self.alpha_ratio!r} is invalid: must be a number > 0 (alpha / r) or null")
+            self.alpha = self.alpha_ratio * self.r
+        if self.effective_batch is not None and (isinstance(self.effective_batch, bool) or not isinstance(
+                self.effective_batch, int) or self.effective_batch < 1 or self.effective_batch % self.per_device_batch):
+            raise SpecError(f"effective_batch={self.effective_batch!r} is invalid: must be a multiple of "
+                            f"per_device_batch={self.per_device_batch} (or null: per_device_batch x grad_accum)")
+        if self.effective_batch is not None:
+            self.grad_accum = self.effective_batch // self.per_device_batch
+        if self.chat_template is not None and (not isinstance(self.chat_template, str) or not self.chat_template):
+            raise SpecError(f"chat_template={self.chat_template!r} is invalid: a Jinja template, a .jinja path or null")
+        if self.chat_template is not None and self.prompt_template != "chat":
+            raise SpecError("chat_template is set but prompt_template is "
+                            f"{self.prompt_template!r}: set prompt_template: chat (or drop chat_template)")
 
     # --- serialization: the spec is written next to the job's outputs so any trial can be rerun by hand
     def to_dict(self) -> dict[str, Any]:
@@ -225,6 +269,18 @@ class FinetuneSpec:
 
     def replace(self, **changes) -> "FinetuneSpec":
         return FinetuneSpec.from_dict({**self.to_dict(), **changes})
+
+    def with_world(self, world: int) -> "FinetuneSpec":
+        """This spec for `world` ranks: grad_accum derived from effective_batch (unchanged when that is null)."""
+        if self.effective_batch is None:
+            return self
+        per_step = self.per_device_batch * world
+        if self.effective_batch % per_step:
+            raise SpecError(f"effective_batch={self.effective_batch} is not a multiple of per_device_batch x ranks "
+                            f"= {self.per_device_batch} x {world}: pick a multiple of {per_step}")
+        ranked = copy.copy(self)  # not dataclasses.replace: __post_init__ would set the one-rank value again
+        ranked.grad_accum = self.effective_batch // per_step
+        return ranked
 
 
 STRATEGIES = ("ddp", "fsdp")

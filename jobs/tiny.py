@@ -1,12 +1,17 @@
 """The embedded base model: a tiny Llama with a real byte-level BPE tokenizer, built deterministically.
 
-    python -m jobs.tiny            # build (or find) it and print its folder
+    python -m jobs.tiny            # build (or find) it and print its folder (and tiny-chat's)
 
 No hub is needed: the tokenizer is trained on the bundled instruction sets and the weights are drawn from a
 fixed seed, then saved in the Hugging Face layout (config.json, model.safetensors, tokenizer.json), so every
 loader that takes a local folder takes it. The folder name carries a hash of the recipe below, so changing the
 recipe builds a new model instead of silently reusing an old one. Writes are atomic (a temporary folder
 renamed into place), so concurrent jobs that build it at once are safe.
+
+`tiny-chat` (base_model: tiny-chat) is the same model whose tokenizer has a chat template, CHAT_TEMPLATE: a
+Zephyr-style template whose assistant text sits in `{% generation %}` blocks, so that HF's own assistant mask
+can check jobs/chat.py's (which needs no such blocks). Its markers (<|user|>...) are plain text, not new special
+tokens: the vocabulary, and so the weights, stay those of `tiny`.
 """
 from __future__ import annotations
 
@@ -38,6 +43,12 @@ RECIPE = {
     "pretrain_lr": 3e-3,
 }
 SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
+# newlines as {{ '\n' }}: HF renders with trim_blocks, which eats a newline written right after a block tag
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}")
 
 
 def cache_root() -> Path:
@@ -63,6 +74,31 @@ def _tiny_target() -> Path:
     corpus_hash = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:8]
     recipe_hash = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:8]
     return cache_root() / "models" / f"tiny-llama-{recipe_hash}-{corpus_hash}"
+
+
+def tiny_chat_model_dir() -> Path:
+    """Folder of tiny-chat: the tiny model, its tokenizer given CHAT_TEMPLATE; made on first use."""
+    base = tiny_model_dir()
+    digest = hashlib.sha256((base.name + CHAT_TEMPLATE).encode()).hexdigest()[:8]
+    target = base.parent / f"tiny-chat-{digest}"
+    if not (target / "config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer.chat_template = CHAT_TEMPLATE
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            for f in base.iterdir():
+                if not f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                    shutil.copy2(f, tmp / f.name)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, target)  # atomic; if another process won the race, keep theirs
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _corpus_files() -> list[Path]:
@@ -155,3 +191,4 @@ def _build(target: Path) -> None:
 
 if __name__ == "__main__":
     print(tiny_model_dir())
+    print(tiny_chat_model_dir())

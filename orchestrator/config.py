@@ -27,7 +27,9 @@ A study YAML (every key optional; `preset` picks the base, `tiny` by default):
     warm_start: []            # earlier studies (same space, trial settings, objective) whose results the searcher
                               # learns first, counted against no budget (orchestrator/study/warm.py)
     poll_s: 5                 # seconds between job-state polls (one sacct + one squeue call for all jobs)
-    space: {...}              # the search space (orchestrator/search/space.py); the paper's by default
+    space: {...}              # the search space (orchestrator/search/space.py); the paper's by default; or a
+                              # named one: paper, modern (r, alpha_ratio, dropout, lr, target_modules, rsLoRA,
+                              # DoRA, epochs, warm-up, weight decay, effective batch)
     searcher_options: {}      # nomad: {profile: paper|async} (default: paper at parallel 1, async above), and
                               # with profile paper NOMAD parameters (e.g. {DIRECTION_TYPE: ORTHO 2N}); tpe: NNI options
     trial: {...}              # fine-tune settings (jobs/spec.py FinetuneSpec fields) for every evaluation
@@ -69,7 +71,8 @@ from jobs.spec import FinetuneSpec, SpecError
 from orchestrator.search import pruners
 from orchestrator.search.criteria import ChampionRule, Constraint, CriteriaError, parse_constraints, parse_objectives
 from orchestrator.search.searchers import ALGOS, MULTI_OBJECTIVE
-from orchestrator.search.space import Choice, Fixed, Int, Log, SearchSpace, SpaceError, paper_space
+from orchestrator.search.space import (Category, Choice, Fixed, Int, Log, SearchSpace, SpaceError, named_space,
+                                       paper_space)
 from slurm.backend import KINDS as EXECUTORS
 from slurm.dispatch import RetryPolicy
 from slurm.executors import Resources, ResourcesError
@@ -163,6 +166,11 @@ class StudyConfig:
     def __post_init__(self):
         self._budget_mapping()
         _validate_scalars(self)
+        if isinstance(self.space, str):  # a named space: paper, modern
+            try:
+                self.space = named_space(self.space)
+            except SpaceError as e:
+                raise ConfigError(f"config key 'space': {str(e).removeprefix('space: ')}") from None
         self.space = _typed("space", self.space, SearchSpace,
                             lambda d: SearchSpace.from_dict(d) if d else paper_space(), SpaceError)
         self.resources = _typed("resources", self.resources, Resources, Resources.from_dict,
@@ -293,7 +301,8 @@ class StudyConfig:
         except SpecError as e:
             raise ConfigError(f"config key 'trial' (or a search-space name): {e}") from None
         for dim in self.space.dims:
-            extremes = (dim.values[0], dim.values[-1]) if isinstance(dim, Choice) else (dim.low, dim.high)
+            extremes = (dim.values[0], dim.values[-1]) if isinstance(dim, Choice) else \
+                [dim.canonical(v) for v in dim.values] if isinstance(dim, Category) else (dim.low, dim.high)
             for value in extremes:
                 try:
                     self.trial.replace(**{**default, dim.name: value})
@@ -392,6 +401,8 @@ def space_to_dict(space: SearchSpace) -> dict:
             out[dim.name] = {"int": [dim.low, dim.high], "default": dim.default}
         elif isinstance(dim, Log):
             out[dim.name] = {"log": [dim.low, dim.high], "default": dim.default}
+        elif isinstance(dim, Category):
+            out[dim.name] = dim.to_yaml()
     for f in space.fixed:
         if isinstance(f, Fixed):
             out[f.name] = {"fixed": f.value}

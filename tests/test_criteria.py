@@ -54,11 +54,14 @@ def test_trial_metrics_from_a_summary():
 @pytest.mark.unit
 def test_lora_parameters_are_known_before_training():
     tiny = model_shapes("tiny")
-    assert tiny == {"hidden": 128, "layers": 2, "heads": 4, "kv_heads": 4}
+    assert tiny == {"model_type": "llama", "hidden": 128, "layers": 2, "heads": 4, "kv_heads": 4, "head_dim": 32,
+                    "intermediate": 344}
     assert a_priori_metrics(8, ["q_proj", "v_proj"], tiny)["trainable_params"] == 2 * 2 * 8 * (128 + 128)
     llama = model_shapes("meta-llama/Llama-2-7b-hf")
     assert a_priori_metrics(512, ["q_proj", "v_proj"], llama)["trainable_params"] == 32 * 2 * 512 * 8192
-    assert a_priori_metrics(8, ["up_proj"], tiny) == {}  # needs the MLP's size: checked after training
+    # MLP modules from intermediate_size (the other families and target sets: tests/test_architectures.py)
+    assert a_priori_metrics(8, ["up_proj"], tiny)["trainable_params"] == 2 * 8 * (128 + 344)
+    assert a_priori_metrics(8, ["q_proj", "gate_bias"], tiny) == {}  # a name of no known layer: after training
     assert a_priori_metrics(8, ["q_proj"], None) == {}
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 from jobs.contract import OK
 from orchestrator.reports.text import point_text
-from orchestrator.search.space import Int, Log, SearchSpace, SpaceError, paper_space
+from orchestrator.search.space import Category, Int, Log, SearchSpace, SpaceError, paper_space
 
 FAILED = "#d62728"  # failures are red crosses everywhere
 BEST = "#ff7f0e"
@@ -25,10 +25,11 @@ class Axis:
     lo: float
     hi: float
     ticks: tuple = ()  # ((position, text), ...); empty: let the plotting library choose
+    categorical: bool = False  # positions of any values (strings, booleans, lists), not only numbers
 
     def at(self, point: dict) -> float:
         v = point.get(self.name)
-        if not _is_number(v):
+        if not (_is_number(v) or (self.categorical and v is not None)):
             return math.nan
         try:
             return float(self.pos(v))
@@ -95,6 +96,10 @@ def _padded(lo: float, hi: float) -> tuple[float, float]:
 
 
 def _space_axis(dim) -> Axis:
+    if isinstance(dim, Category):  # categories: their declared order, named by their labels
+        ticks = tuple((float(i), text) for i, text in enumerate(dim.labels))
+        return Axis(dim.name, dim.name, lambda v: float(dim.labels.index(dim.key(v))),
+                    *_padded(0, len(dim.values) - 1), ticks, categorical=True)
     if isinstance(dim, Log):
         lo, hi = math.log10(dim.low), math.log10(dim.high)
         ticks = tuple((float(e), f"1e{e}") for e in range(math.ceil(lo - 1e-9), math.floor(hi + 1e-9) + 1))

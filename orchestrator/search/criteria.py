@@ -109,18 +109,48 @@ def trial_metrics(summary: dict, value: float | None) -> dict:
     return metrics_of(summary, value)
 
 
-KNOWN_SHAPES = {  # hub models whose config.json cannot be read here: (hidden, layers, heads, kv heads)
-    "meta-llama/Llama-2-7b-hf": (4096, 32, 32, 32), "meta-llama/Llama-2-13b-hf": (5120, 40, 40, 40),
-    "meta-llama/Meta-Llama-3-8B": (4096, 32, 32, 8),
+KNOWN_SHAPES = {  # hub models whose config.json cannot be read here:
+    # (model_type, hidden, layers, heads, kv heads, head_dim, intermediate)
+    "meta-llama/Llama-2-7b-hf": ("llama", 4096, 32, 32, 32, 128, 11008),
+    "meta-llama/Llama-2-13b-hf": ("llama", 5120, 40, 40, 40, 128, 13824),
+    "meta-llama/Meta-Llama-3-8B": ("llama", 4096, 32, 32, 8, 128, 14336),
+    "meta-llama/Meta-Llama-3-8B-Instruct": ("llama", 4096, 32, 32, 8, 128, 14336),
+    "meta-llama/Llama-3.1-8B": ("llama", 4096, 32, 32, 8, 128, 14336),
+    "meta-llama/Llama-3.1-8B-Instruct": ("llama", 4096, 32, 32, 8, 128, 14336),
+    "mistralai/Mistral-7B-v0.1": ("mistral", 4096, 32, 32, 8, 128, 14336),
+    "mistralai/Mistral-7B-Instruct-v0.3": ("mistral", 4096, 32, 32, 8, 128, 14336),
+    "Qwen/Qwen2.5-7B": ("qwen2", 3584, 28, 28, 4, 128, 18944),
+    "Qwen/Qwen2.5-7B-Instruct": ("qwen2", 3584, 28, 28, 4, 128, 18944),
 }
+SHAPE_KEYS = ("model_type", "hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate")
+# The linear layers LoRA may adapt, by family: name -> (in, out) from the shapes; "attention" names the
+# attention block's. The models with Llama's layout (q/k/v/o_proj, gate/up/down_proj):
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite")
+
+
+def _linear_layers(s: dict) -> tuple[dict, tuple] | None:
+    """({module name: (in_features, out_features)}, the attention modules' names) of one layer, or None for a
+    family not listed here (its counts are then known after training only)."""
+    h, i, q, kv = s["hidden"], s["intermediate"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    if s["model_type"] in LLAMA_LIKE:
+        return ({"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)},
+                ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if s["model_type"] == "gpt_neox":
+        return ({"query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, i), "dense_4h_to_h": (i, h)},
+                ("query_key_value", "dense"))
+    return None
 
 
 def model_shapes(base_model: str) -> dict | None:
-    """hidden size, layers, heads and KV heads of a base model, read without torch (None when unknown)."""
-    if base_model == "tiny":
+    """Model type, hidden size, layers, heads, KV heads, head size and MLP size of a base model, read from its
+    config.json without torch (None when unknown)."""
+    if base_model in ("tiny", "tiny-chat"):
         from jobs.tiny import RECIPE
-        return {"hidden": RECIPE["hidden_size"], "layers": RECIPE["num_hidden_layers"],
-                "heads": RECIPE["num_attention_heads"], "kv_heads": RECIPE["num_key_value_heads"]}
+        return {"model_type": "llama", "hidden": RECIPE["hidden_size"], "layers": RECIPE["num_hidden_layers"],
+                "heads": RECIPE["num_attention_heads"], "kv_heads": RECIPE["num_key_value_heads"],
+                "head_dim": RECIPE["hidden_size"] // RECIPE["num_attention_heads"],
+                "intermediate": RECIPE["intermediate_size"]}
     candidates = [Path(base_model).expanduser() / "config.json"]
     hub = Path.home() / ".cache" / "huggingface" / "hub" / f"models--{base_model.replace('/', '--')}" / "snapshots"
     if hub.is_dir():
@@ -128,26 +158,32 @@ def model_shapes(base_model: str) -> dict | None:
     for path in candidates:
         try:
             c = json.loads(path.read_text())
-            return {"hidden": c["hidden_size"], "layers": c["num_hidden_layers"], "heads": c["num_attention_heads"],
-                    "kv_heads": c.get("num_key_value_heads", c["num_attention_heads"])}
-        except (OSError, ValueError, KeyError):
+            c = c.get("text_config", c)  # a multimodal wrapper holds the language model's config inside
+            h, heads = c["hidden_size"], c["num_attention_heads"]
+            return {"model_type": c.get("model_type", ""), "hidden": h, "layers": c["num_hidden_layers"],
+                    "heads": heads, "kv_heads": c.get("num_key_value_heads") or heads,
+                    "head_dim": c.get("head_dim") or h // heads, "intermediate": c.get("intermediate_size") or 4 * h}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     if base_model in KNOWN_SHAPES:
-        h, n, a, kv = KNOWN_SHAPES[base_model]
-        return {"hidden": h, "layers": n, "heads": a, "kv_heads": kv}
+        return dict(zip(SHAPE_KEYS, KNOWN_SHAPES[base_model]))
     return None
 
 
-def a_priori_metrics(r: int, target_modules, shapes: dict | None) -> dict:
-    """trainable_params and adapter_mb of LoRA rank r on a Llama-shaped model (q/k/v/o/up/down/gate)."""
-    if shapes is None:
+def a_priori_metrics(r: int, target_modules, shapes: dict | None, use_dora: bool = False) -> dict:
+    """trainable_params and adapter_mb of LoRA rank r on `target_modules` (a list of names, "attention" or PEFT's
+    "all-linear") of a model of these shapes: r x (in + out) per adapted layer, + out with DoRA (its magnitude
+    vector). {} when the family's layers or one of the names are unknown: the count then comes after training."""
+    layers = _linear_layers(shapes) if shapes and "model_type" in shapes else None
+    if layers is None:
         return {}
-    h, head = shapes["hidden"], shapes["hidden"] // shapes["heads"]
-    kv = shapes["kv_heads"] * head
-    sizes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h)}
-    if any(m not in sizes for m in target_modules):
-        return {}  # an MLP module: its size needs intermediate_size; checked after training instead
-    params = shapes["layers"] * sum(r * (sizes[m][0] + sizes[m][1]) for m in target_modules)
+    sizes, attention = layers
+    names = list(sizes) if target_modules == "all-linear" else list(attention) if target_modules == "attention" \
+        else list(target_modules)
+    if not names or any(m not in sizes for m in names):
+        return {}
+    params = shapes["layers"] * sum(r * (sizes[m][0] + sizes[m][1]) + (sizes[m][1] if use_dora else 0)
+                                    for m in names)
     return {"trainable_params": params, "adapter_mb": params * 4 / 1e6}
 
 
@@ -264,7 +300,9 @@ class Judge:
         self.rule = rule.parsed if self.objectives else None
         self.objective = "heldout" if config.heldout else "val_loss"
         self.shapes = model_shapes(config.trial.base_model) if config.function is None and self.constraints else None
-        self.targets = list(config.trial.target_modules)
+        targets = config.trial.target_modules  # a list of names, or "attention" / "all-linear"
+        self.targets = targets if isinstance(targets, str) else list(targets)
+        self.trial = config.trial
         # the memory estimate needs the whole trial spec: a callable from the config (no point: none)
         self._memory = (lambda point: _memory_estimate(config, point)) \
             if config.function is None and any(k.metric == "peak_memory_gb_estimate" for k in self.constraints) \
@@ -276,8 +314,9 @@ class Judge:
 
     def before(self, point: dict) -> tuple[dict, str | None]:
         """(metrics known before training, why the point is infeasible already, or None)."""
-        prior = a_priori_metrics(int(point["r"]), point.get("target_modules", self.targets), self.shapes) \
-            if "r" in point and self.constraints else {}
+        r, dora = point.get("r", self.trial.r), bool(point.get("use_dora", self.trial.use_dora))
+        prior = a_priori_metrics(int(r), point.get("target_modules", self.targets), self.shapes, dora) \
+            if self.constraints else {}
         if self._memory is not None:
             estimate = self._memory(point)
             if estimate is not None:

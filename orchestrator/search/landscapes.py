@@ -85,3 +85,72 @@ def sleeper(hp: dict) -> dict:
     start = time.time()
     time.sleep(float(os.environ.get("LORA_HPO_SLEEP_S", "10")))
     return {"objective": paper_landscape(hp), "busy_start": start, "busy_end": time.time()}
+
+
+# ------------------------------------------------------------------------------------------- the modern space
+MODERN_LAYERS = {"q_proj+v_proj": 0, "attention": 1, "all-linear": 2}   # category labels -> capacity step
+
+
+def modern_landscape(hp: dict, noise_sd: float = 0.0, rng: np.random.Generator | None = None) -> float:
+    """Synthetic validation loss over ``modern_space()`` (orchestrator/search/space.py), with the effects and
+    interactions reported for these hyperparameters, so that categorical and boolean dimensions matter:
+
+    - capacity: the adapted layers (q,v < attention < all linear) and the usable rank. Standard LoRA scales its
+      update by alpha / r = alpha_ratio, so high ranks learn no faster than low ones and the rank's gain stops
+      at 32; rsLoRA's alpha / sqrt(r) keeps it growing up to 256 (the rsLoRA paper's finding);
+    - DoRA helps where LoRA is weakest: low ranks (nothing at r >= 64);
+    - the step: lr x scale (alpha_ratio, x sqrt(r) with rsLoRA) is best at 4e-4 x sqrt(effective_batch / 64)
+      (the square-root batch rule), 0.7 of that with all linear layers; quadratic in its log10;
+    - no warm-up makes a step above the best one unstable (an extra penalty);
+    - epochs: one underfits (more so with large batches: fewer steps), three overfit unless dropout >= 0.05
+      or weight decay regularizes; dropout costs a little noise of its own.
+    ``noise_sd`` > 0 adds Gaussian evaluation noise drawn from ``rng``. ``modern_optimum()`` gives the minimum.
+    """
+    from orchestrator.search.category import label
+
+    r, ratio, dropout, lr = float(hp["r"]), float(hp["alpha_ratio"]), float(hp["dropout"]), float(hp["lr"])
+    layers = MODERN_LAYERS[label(hp["target_modules"])]
+    rslora, dora = bool(hp["use_rslora"]), bool(hp["use_dora"])
+    epochs, warmup, decay, batch = (float(hp["epochs"]), float(hp["warmup_ratio"]), float(hp["weight_decay"]),
+                                    float(hp["effective_batch"]))
+    usable = r if rslora else min(r, 32.0)
+    rank_gap = 0.08 * (1.0 - math.log2(usable / 4.0) / 6.0)                   # 0 at r = 256 with rsLoRA
+    layer_gap = (0.06, 0.03, 0.0)[layers]
+    dora_gain = 0.02 * max(0.0, 1.0 - math.log2(r / 4.0) / 4.0)               # 0.02 at r = 4, 0 from r = 64
+    step = math.log10(lr * ratio * (math.sqrt(r) if rslora else 1.0))
+    best_step = math.log10(4e-4 * math.sqrt(batch / 64.0) * (0.7 if layers == 2 else 1.0))
+    step_gap = 0.05 * (step - best_step) ** 2 + (0.04 * max(0.0, step - best_step) if warmup == 0 else 0.0)
+    underfit = 0.03 * (batch / 128.0) if epochs == 1 else 0.0
+    overfit = 0.012 * (epochs - 2.0) * (1.0 - min(1.0, dropout / 0.05)) * (1.0 - min(1.0, decay / 0.1)) \
+        if epochs > 2 else 0.0
+    regular_gain = 0.01 if epochs > 2 else 0.0                                 # a third epoch helps if regularized
+    loss = (MODERN_BASE + rank_gap + layer_gap - (dora_gain if dora else 0.0) + step_gap + underfit + overfit
+            - regular_gain + 0.05 * dropout + 0.02 * decay + 0.003 * warmup / 0.1)
+    if noise_sd > 0:
+        loss += float((rng or np.random.default_rng()).normal(0.0, noise_sd))
+    return loss
+
+
+MODERN_BASE = 0.95
+
+
+def modern_optimum() -> tuple[float, dict]:
+    """(minimum, a point reaching it) of ``modern_landscape``: every discrete combination, each with its best lr
+    (the step's optimum, clipped to the space's lr range), by enumeration (about 0.2 M points, a few seconds)."""
+    import itertools
+
+    from orchestrator.search.space import modern_space
+
+    space = modern_space()
+    lr_dim = next(d for d in space.dims if d.name == "lr")
+    discrete = [d for d in space.dims if d.name != "lr"]
+    best = (math.inf, None)
+    for values in itertools.product(*[[d.canonical(v) for v in d.values] for d in discrete]):
+        hp = dict(zip([d.name for d in discrete], values))
+        scale = hp["alpha_ratio"] * (math.sqrt(hp["r"]) if hp["use_rslora"] else 1.0)
+        wide = 0.7 if hp["target_modules"] == "all-linear" else 1.0
+        hp["lr"] = lr_dim.canonical(4e-4 * math.sqrt(hp["effective_batch"] / 64.0) * wide / scale)
+        loss = modern_landscape(hp)
+        if loss < best[0]:
+            best = (loss, hp)
+    return best

@@ -18,6 +18,13 @@ The study YAML declares one entry per hyperparameter; each entry has exactly one
 - ``log`` (alias ``loguniform``): reals in [low, high] with 0 < low < high, searched on log10.
   NOMAD: a real variable log10(value); TPE: uniform on log10 under the name ``<name>_log10``.
 - ``fixed``: a value held constant (any YAML value); never searched, passed through decoded points.
+- ``category``: values of any kind (strings, booleans, lists of strings) in a declared order, e.g.
+  ``target_modules: {category: [[q_proj, v_proj], attention, all-linear], default: all-linear}`` or
+  ``use_dora: {category: [false, true], default: false}``. NOMAD: the 1-based index in that order (list
+  neighbours that are alike next to each other); TPE and Optuna: a categorical choice; orchestrator/search/category.py.
+
+Named spaces: ``space: paper`` (the default, ``paper_space()``) and ``space: modern`` (``modern_space()``: the
+hyperparameters people tune today, below) in the study YAML; ``named_space(name)`` builds them.
 
 Every searched entry needs a ``default``: together they make the starting point (NOMAD's X0, the
 ``default`` searcher's only point). NOMAD's variables follow the declaration order (MADS's path
@@ -41,7 +48,9 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("choice", "int", "log", "loguniform", "fixed")
+from orchestrator.search.category import Category, parse_category
+
+KINDS = ("choice", "int", "log", "loguniform", "fixed", "category")
 _TPE_LOG_SUFFIX = "_log10"
 
 
@@ -199,7 +208,7 @@ class Fixed:
     value: Any
 
 
-Dimension = Choice | Int | Log
+Dimension = Choice | Int | Log | Category
 
 
 def _is_number(v: Any) -> bool:
@@ -256,7 +265,7 @@ class SearchSpace:
         return point
 
     def default_point(self) -> dict:
-        return self._with_fixed({dim.name: dim.default for dim in self.dims})
+        return self._with_fixed({dim.name: dim.canonical(dim.default) for dim in self.dims})
 
     def contains(self, point: dict) -> bool:
         expected = set(self.names) | {f.name for f in self.fixed}
@@ -332,6 +341,8 @@ def _parse_entry(name: Any, spec: Any):
         return Fixed(name, spec["fixed"])
     if "default" not in spec:
         raise SpaceError(f"{where}: missing 'default' (the starting point, NOMAD's X0); add default: <value>")
+    if kind == "category":
+        return parse_category(name, where, spec[kind], spec["default"], SpaceError)
     parse = {"choice": _parse_choice, "int": _parse_int, "log": _parse_log, "loguniform": _parse_log}[kind]
     return parse(name, where, spec[kind], spec["default"])
 
@@ -398,3 +409,32 @@ def paper_space() -> SearchSpace:
         "lr": {"log": [1e-6, 1e-3], "default": 1e-5},
     })
     return dataclasses.replace(space, nomad_order=("r", "dropout", "alpha", "lr"))
+
+
+def modern_space() -> SearchSpace:
+    """What labs tune today (issue 22): r, alpha as a multiple of r, dropout, lr, which layers (q,v / attention /
+    all linear), rsLoRA, DoRA, epochs, warm-up, weight decay and the effective batch. Each name is a
+    FinetuneSpec field (jobs/spec.py). Defaults: QLoRA-era common practice (r 16, alpha 2r, all linear
+    layers, lr 2e-4, 3% warm-up), except the effective batch and epochs, which stay the paper's 128 and 2."""
+    return SearchSpace.from_dict({
+        "r": {"choice": [4, 8, 16, 32, 64, 128, 256], "default": 16},
+        "alpha_ratio": {"choice": [0.5, 1, 2, 4], "default": 2},
+        "dropout": {"choice": [0, 0.01, 0.05, 0.1, 0.2], "default": 0.05},
+        "lr": {"log": [1e-5, 1e-3], "default": 2e-4},
+        "target_modules": {"category": [["q_proj", "v_proj"], "attention", "all-linear"], "default": "all-linear"},
+        "use_rslora": {"category": [False, True], "default": False},
+        "use_dora": {"category": [False, True], "default": False},
+        "epochs": {"choice": [1, 2, 3], "default": 2},
+        "warmup_ratio": {"choice": [0, 0.03, 0.1], "default": 0.03},
+        "weight_decay": {"choice": [0, 0.01, 0.1], "default": 0},
+        "effective_batch": {"choice": [16, 32, 64, 128], "default": 128},
+    })
+
+
+SPACES = {"paper": paper_space, "modern": modern_space}
+
+
+def named_space(name: str) -> SearchSpace:
+    if name not in SPACES:
+        raise SpaceError(f"space: {name!r} is not a named space; use one of {', '.join(SPACES)}, or a mapping")
+    return SPACES[name]()

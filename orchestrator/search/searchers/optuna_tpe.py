@@ -30,7 +30,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from orchestrator.search.searchers.base import Ledger, LedgerSearcher, Observation, Pending, Suggestion
-from orchestrator.search.space import Choice, Int, Log, SearchSpace
+from orchestrator.search.space import Category, Choice, Int, Log, SearchSpace
 
 OPTIONS = ("n_startup_trials", "n_ei_candidates", "multivariate", "constant_liar")
 _MAX_DRAWS = 50
@@ -42,6 +42,8 @@ def optuna_distributions(space: SearchSpace) -> dict:
     for dim in space.dims:
         if isinstance(dim, Choice):
             out[dim.name] = CategoricalDistribution(list(dim.values))
+        elif isinstance(dim, Category):   # Optuna takes scalars only: the values' labels (category.py)
+            out[dim.name] = CategoricalDistribution(list(dim.labels))
         elif isinstance(dim, Int):
             out[dim.name] = IntDistribution(dim.low, dim.high)
         elif isinstance(dim, Log):
@@ -86,7 +88,7 @@ class OptunaTpeSearcher(LedgerSearcher):
             return None
         for _ in range(_MAX_DRAWS):
             trial = self._ask()
-            point = {**self._space.default_point(), **trial.params}
+            point = {**self._space.default_point(), **self._decode(trial.params)}
             if self._space.key(point) not in self._ledger.seen:
                 suggestion = self._ledger.issue(point, encoded=dict(trial.params))
                 self._running[suggestion.trial_id] = trial
@@ -121,7 +123,12 @@ class OptunaTpeSearcher(LedgerSearcher):
         return adopted
 
     def _params(self, point: dict) -> dict:
-        return {name: point[name] for name in self._dists}
+        return {dim.name: dim.to_tpe(point[dim.name]) if isinstance(dim, Category) else point[dim.name]
+                for dim in self._space.dims}
+
+    def _decode(self, params: dict) -> dict:
+        return {dim.name: dim.canonical_label(params[dim.name]) if isinstance(dim, Category) else params[dim.name]
+                for dim in self._space.dims}
 
     def _add(self, results: list) -> None:
         for point, value, constraints in results:
