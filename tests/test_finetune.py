@@ -1,4 +1,5 @@
 """The blackbox recipe on the tiny model: real transformers + peft training on the CPU."""
+import contextlib
 import json
 import math
 import os
@@ -63,7 +64,7 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_val_loss(finished, tiny_
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                       str(Path(spec.out) / "adapter"))
     val, _ = D.tokenize(D.read_split(Path(result["data_folder"]), "val"), tokenizer, spec.max_seq_len)
-    loss = F.validation_loss(F.ResponseLoss(model), val, spec, torch.device("cpu"), 0, 1, F.nullcontext())
+    loss = F.validation_loss(F.ResponseLoss(model), val, spec, torch.device("cpu"), 0, 1, contextlib.nullcontext())
     assert loss == pytest.approx(result["val_loss"], rel=1e-5)
 
 
@@ -245,7 +246,7 @@ def test_validation_loss_token_and_trainer_averages(tiny_model_dir, tiny_tokeniz
             for i in range(10)]
     examples, _ = D.tokenize(rows, tiny_tokenizer, 256)
     spec = preset("tiny", per_device_batch=4)
-    args = (spec, torch.device("cpu"), 0, 1, F.nullcontext(), tiny_tokenizer.pad_token_id)
+    args = (spec, torch.device("cpu"), 0, 1, contextlib.nullcontext(), tiny_tokenizer.pad_token_id)
     token = F.validation_loss(F.ResponseLoss(model), examples, *args)
     batch = F.validation_loss(F.ResponseLoss(model), examples, spec.replace(val_loss_average="batch"), *args[1:])
     with torch.no_grad():

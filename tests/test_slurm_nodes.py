@@ -108,7 +108,8 @@ def written_once(out) -> None:
 def test_a_two_node_finetune_runs_one_rank_per_host_and_matches_one_process(two_nodes, reference, tmp_path):
     from jobs.entry import FinetuneTrial
     from jobs.spec import FinetuneSpec
-    from slurm.executors import Resources, make_executor
+    from slurm.backend import make_executor
+    from slurm.executors import Resources
 
     t0 = time.monotonic()
     spec = FinetuneSpec.from_dict({**TRIAL, **POINT, "out": str(tmp_path / "trial"),

@@ -16,6 +16,7 @@ Tolerances (measured differences are in the report of the change that added them
 bitsandbytes >= 0.49 runs NF4 and its 8-bit optimizers on the CPU (its multi-backend build); where it cannot, the
 QLoRA tests skip with the import or kernel error as the reason, and their twins in tests/test_gpu.py run on CUDA.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -171,7 +172,8 @@ def test_fsdp_job_stopped_by_sigterm_saves_every_slice_and_resumes(fsdp_pair, tm
     as a preemption sends it: every rank saves its slice of the last finished step and exits; the next job
     resumes from the newest complete set and ends with the reference adapter."""
     from jobs.entry import FinetuneTrial
-    from slurm.executors import Resources, make_executor
+    from slurm.backend import make_executor
+    from slurm.executors import Resources
 
     _, reference = fsdp_pair
     spec = reference.replace(out=str(tmp_path / "stopped"), checkpoint_every=2)
@@ -274,7 +276,7 @@ def test_qlora_adapter_loads_on_the_full_precision_base(qlora, tiny_model_dir, t
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     spec = small(tmp, "nf4")
     val, _ = D.tokenize(D.read_split(Path(nf4["data_folder"]), "val"), tiny_tokenizer, spec.max_seq_len)
-    loss = F.validation_loss(F.ResponseLoss(model), val, spec, torch.device("cpu"), 0, 1, F.nullcontext(),
+    loss = F.validation_loss(F.ResponseLoss(model), val, spec, torch.device("cpu"), 0, 1, contextlib.nullcontext(),
                              tiny_tokenizer.pad_token_id)
     print(f"\n[qlora] adapter on the nf4 base {nf4['val_loss']:.5f}, on the fp32 base {loss:.5f}")
     assert loss == pytest.approx(nf4["val_loss"], rel=0.02)
