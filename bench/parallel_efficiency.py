@@ -154,6 +154,7 @@ class Outcome:
     at_marks: list = field(default_factory=list)   # true loss of the incumbent after MARKS evaluations
     infeasible: int = 0   # evaluations that violated a constraint
     champion: dict = field(default_factory=dict)   # rule -> true loss of the trial it would register
+    told: list = field(default_factory=list)       # (point, true, observed or None, feasible) in told order
 
 
 def build(algo: str, space: SearchSpace, budget: int, k: int, seed: int, kinds: tuple, ordered: bool):
@@ -233,7 +234,7 @@ def simulate(algo: str, landscape: str | Landscape, k: int, budget: int, seed: i
     util = busy_until_last / (k * last) if last > 0 else 1.0
     return Outcome(t_hit, evals_hit, best_true if best_at is None else best_at, util,
                    sum(end - start for start, end in spans) / (k * now), at_marks, infeasible,
-                   champions(space, told))
+                   champions(space, told), told)
 
 
 def _q(values: list[float], q: float) -> float:

@@ -85,8 +85,13 @@ class Cache:
         self.data = json.loads(path.read_text()) if path and path.exists() else {}
 
     def get(self, key: str) -> pe.Outcome | None:
+        """The cached outcome; its champions are recomputed from its trials (the rules may have changed)."""
         row = self.data.get(key)
-        return pe.Outcome(**row) if row else None
+        if not row:
+            return None
+        outcome = pe.Outcome(**row)
+        outcome.champion = pe.champions(pe.paper_space(), [tuple(t) for t in outcome.told])
+        return outcome
 
     def put(self, key: str, outcome: pe.Outcome) -> None:
         if self.path:
@@ -94,11 +99,16 @@ class Cache:
             self.path.write_text(json.dumps(self.data))
 
 
+def data_tag(name: str) -> str:
+    """What a landscape's outcomes depend on beyond its name: the measured table's runs."""
+    return f"@{sum(len(v) for v in measured_table().seeds)}runs" if name.startswith("measured") else ""
+
+
 def run_studies(algo: str, name: str, land: pe.Landscape, k: int, budget: int, seeds: list, ordered: bool,
                 cache: Cache) -> list:
     out = []
     for seed in seeds:
-        key = f"{algo}|{name}|{k}|{budget}|{seed}|{ordered}|{SIM_VERSION}"
+        key = f"{algo}|{name}{data_tag(name)}|{k}|{budget}|{seed}|{ordered}|{SIM_VERSION}"
         outcome = cache.get(key) if algo in pe.ANCHORS else None
         if outcome is None:
             outcome = pe.simulate(algo, land, k, budget, seed, ordered)
@@ -186,6 +196,20 @@ def check_targets(table: dict, name: str, ks: list, mine: str = "nomad-async") -
     return out
 
 
+def precompute(names: list, ks: list, seeds: list, budget: int, cache: Cache) -> None:
+    """Fill the anchor cache K by K (all landscapes at K=1 first), GP last (the costly one)."""
+    lands = suite()
+    for k in ks:
+        for algo in ("optuna-tpe-mv", "optuna-tpe", "optuna-gp"):
+            for name in names:
+                for ordered in ([False, True] if algo != "optuna-gp" else [GP_ENCODING]):
+                    start = time.perf_counter()
+                    outcomes = run_studies(algo, name, lands[name], k, budget, seeds, ordered, cache)
+                    hits = sum(not math.isinf(o.t_hit) for o in outcomes)
+                    print(f"cached {algo} {name} K={k} ordered={ordered}: {hits}/{len(outcomes)} hits, "
+                          f"{time.perf_counter() - start:.0f} s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1")
@@ -194,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--landscapes", nargs="+", default=None, help="a subset of suite()'s names")
     parser.add_argument("--budget", type=int, default=100)
     parser.add_argument("--cache", type=Path, default=None, help="JSON file of the anchor studies' outcomes")
+    parser.add_argument("--precompute", action="store_true", help="only fill --cache with the anchors' studies")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     lands = suite()
@@ -202,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--landscapes {unknown} unknown; valid: {list(lands)}")
     cache, seeds = Cache(args.cache), list(range(args.seeds))
+    if args.precompute:
+        return precompute(names, args.k, seeds, args.budget, cache)
     print(f"budget {args.budget}, seeds 0..{args.seeds - 1}, noise sd {NOISE} (-noisy), times in mean trial "
           f"lengths; medians over seeds")
     print(HEADER)

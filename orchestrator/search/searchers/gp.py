@@ -5,6 +5,7 @@ noise-aware champion rule.
   variance, fitted by maximizing the log marginal likelihood (analytic gradient, L-BFGS-B from a fixed start
   and from the previous fit's hyperparameters). ``y`` is standardized first; ``cap`` limits the values above a
   quantile (a model of where the loss is *good*: an untrained adapter's loss would otherwise dominate it).
+  ``theta=`` skips the fit (the hyperparameters of an earlier one: the cheap update after one more result).
 - ``predict(u)``: posterior mean and standard deviation in ``y``'s units; ``noise_sd``: the fitted noise.
 - ``expected_improvement(mean, sd, best)`` (minimization) and ``feasible_probability(mean, sd)``.
 - ``believe(u_pending)``: the same GP with running points added at their predicted mean (the kriging
@@ -31,16 +32,26 @@ LOG_NOISE = (math.log(1e-6), math.log(1.0))
 PRIOR_LENGTH = (math.log(0.5), 1.0)    # weak log-normal prior on each length scale: (mean, sd)
 
 
-def _kernel(u1: np.ndarray, u2: np.ndarray, lengths: np.ndarray, amp2: float) -> np.ndarray:
-    diff2 = ((u1[:, None, :] - u2[None, :, :]) / lengths) ** 2
-    r = np.sqrt(np.sum(diff2, axis=2))
+def _diff2(u1: np.ndarray, u2: np.ndarray, lengths: np.ndarray, categorical: np.ndarray | None) -> np.ndarray:
+    """Squared scaled differences per coordinate; a categorical coordinate differs by 1 or 0 (Hamming)."""
+    diff = u1[:, None, :] - u2[None, :, :]
+    if categorical is not None and categorical.any():
+        diff = np.where(categorical, (np.abs(diff) > 1e-9).astype(float), diff)
+    return (diff / lengths) ** 2
+
+
+def _kernel(u1: np.ndarray, u2: np.ndarray, lengths: np.ndarray, amp2: float,
+            categorical: np.ndarray | None = None) -> np.ndarray:
+    r = np.sqrt(np.sum(_diff2(u1, u2, lengths, categorical), axis=2))
     return amp2 * (1.0 + SQRT5 * r + 5.0 / 3.0 * r ** 2) * np.exp(-SQRT5 * r)
 
 
 class GP:
     def __init__(self, u: np.ndarray, y: np.ndarray, *, cap: float | None = None, noise: bool = True,
-                 start: np.ndarray | None = None):
+                 start: np.ndarray | None = None, theta: np.ndarray | None = None,
+                 categorical: np.ndarray | None = None):
         self.u = np.atleast_2d(np.asarray(u, float))
+        self.categorical = None if categorical is None else np.asarray(categorical, bool)
         y = np.asarray(y, float)
         if cap is not None and len(y) > 4:
             y = np.minimum(y, np.quantile(y, cap))
@@ -49,7 +60,7 @@ class GP:
         self.scale = float(np.std(y)) if np.std(y) > 1e-12 else 1.0
         self.z = (y - self.shift) / self.scale
         self.noise = noise
-        self.theta = self._fit(start)
+        self.theta = self._fit(start) if theta is None else np.asarray(theta, float)
         self._factor()
 
     # -- hyperparameters -----------------------------------------------------------------------
@@ -61,7 +72,7 @@ class GP:
     def _neg_lml(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         lengths, amp2, noise2 = self._unpack(theta)
         n, d = self.u.shape
-        diff2 = ((self.u[:, None, :] - self.u[None, :, :]) / lengths) ** 2     # n x n x d
+        diff2 = _diff2(self.u, self.u, lengths, self.categorical)              # n x n x d
         r = np.sqrt(np.sum(diff2, axis=2))
         e = np.exp(-SQRT5 * r)
         k = amp2 * (1.0 + SQRT5 * r + 5.0 / 3.0 * r ** 2) * e
@@ -101,7 +112,7 @@ class GP:
     def _factor(self) -> None:
         lengths, amp2, noise2 = self._unpack(self.theta)
         self.lengths, self.amp2, self.noise2 = lengths, amp2, noise2
-        cov = _kernel(self.u, self.u, lengths, amp2) + (noise2 + JITTER) * np.eye(len(self.u))
+        cov = _kernel(self.u, self.u, lengths, amp2, self.categorical) + (noise2 + JITTER) * np.eye(len(self.u))
         self._chol = cho_factor(cov, lower=True)
         self._alpha = cho_solve(self._chol, self.z)
 
@@ -114,7 +125,7 @@ class GP:
     def predict(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Posterior mean and sd of the (noise-free) function at ``u``, in y's units."""
         u = np.atleast_2d(np.asarray(u, float))
-        cross = _kernel(u, self.u, self.lengths, self.amp2)
+        cross = _kernel(u, self.u, self.lengths, self.amp2, self.categorical)
         mean = cross @ self._alpha
         v = cho_solve(self._chol, cross.T)
         var = np.maximum(self.amp2 - np.sum(cross * v.T, axis=1), 1e-12)
