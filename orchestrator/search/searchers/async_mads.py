@@ -65,29 +65,21 @@ import zlib
 import numpy as np
 
 from orchestrator.search.searchers import Ledger, LedgerSearcher, Observation, Pending, Suggestion, violation
-from orchestrator.search.searchers.mads_global import GlobalModel
+from orchestrator.search.searchers.mads_global import GlobalSearch, choice_mask
 from orchestrator.search.searchers.mads_steps import (Box, QuadModel, Surrogate, farthest_point, frame, latin_hypercube,
                                                       poll_steps)
-from orchestrator.search.space import Choice, SearchSpace
+from orchestrator.search.space import SearchSpace
 
 LEVEL_MIN, LEVEL_MAX = -2, 7   # frame = range/2 .. range/1024 (reals; integers stop at 1)
 MODEL_SHARE = 2                # with K slots, up to K / MODEL_SHARE model points run at once
 LOOKAHEAD = 2                  # finer levels polled ahead while the current poll is running
 GAIN, STALL = 0.001, 24        # no gain > 0.1% in 24 results of an episode: restart
 TABU = 0.25                    # (unit box) around earlier episodes' incumbents: no centre there
-P_FEASIBLE = 0.5               # polls the constraint models give less chance of feasibility are held back
+GLOBAL_EVERY = 4               # every 4th proposal after the start is the global model's
 
 
 class AsyncMadsSearcher(LedgerSearcher):
     name = "nomad"
-    GLOBAL = True       # the global (GP) search step
-    RESTART_GP = True   # a restart starts from the GP's point, not a Latin hypercube
-    AWAY = 0
-    GP_EVERY = 4
-    CAT = True
-    HOLD = True
-    XI = 0.05
-    GLOBAL_MODE = True
     profile = "async"   # which NOMAD profile (nomad.py's docstring): for logging by the study
 
     def __init__(self, space: SearchSpace, *, budget: int, parallel: int, seed: int, lh_points: int | None,
@@ -110,9 +102,9 @@ class AsyncMadsSearcher(LedgerSearcher):
         self._model: tuple[tuple, QuadModel | None] = ((), None)
         self._explored = 0
         self._model_used: tuple = ()
-        self._global = GlobalModel(self._box, len(kinds), categorical=self._choices(space) if self.CAT else None)
-        self._asks = 0
-        self._global_mode = False
+        self._global = GlobalSearch(self._box, kinds, choice_mask(space))
+        self._asks = 0                         # proposals after the start: every GLOBAL_EVERY-th is global
+        self._global_mode = False              # stalled: global points until one beats the incumbent
 
     # -- protocol ------------------------------------------------------------------------------
     def ask(self) -> Suggestion | None:
@@ -156,13 +148,6 @@ class AsyncMadsSearcher(LedgerSearcher):
             self._running[suggestion.trial_id] = (self._space.key(suggestion.point), x, None, "adopted", 0)
         return adopted
 
-    @staticmethod
-    def _choices(space: SearchSpace) -> np.ndarray:
-        """Which NOMAD coordinates index a choice: the global model treats them as categories."""
-        by_name = {dim.name: dim for dim in space.dims}
-        order = space.nomad_order or [dim.name for dim in space.dims]
-        return np.array([isinstance(by_name[name], Choice) for name in order])
-
     # -- MADS ----------------------------------------------------------------------------------
     def _rng(self, *tags) -> np.random.Generator:
         words = [zlib.crc32(str(tag).encode()) for tag in tags]
@@ -196,7 +181,7 @@ class AsyncMadsSearcher(LedgerSearcher):
             self._level = max(LEVEL_MIN, level - 1)
         else:
             self._move = None
-            if self._center is not None and self.GLOBAL_MODE:   # a global point: a new basin, a coarse frame
+            if self._center is not None:   # a global point: another basin, a coarse frame
                 self._level = 0
         self._global_mode = False
         self._center = (key, x, merit)
@@ -206,15 +191,11 @@ class AsyncMadsSearcher(LedgerSearcher):
             if self._key(x) not in self._ledger.seen:
                 return x, None, "start"
         self._advance()
-        if self._global_mode:
-            x = self._global_point()
-            if x is not None:
-                return x, None, "gp"
         self._asks += 1
-        if self.GP_EVERY and self._asks % self.GP_EVERY == 0:
+        if self._global_mode or self._asks % GLOBAL_EVERY == 0:
             x = self._global_point()
             if x is not None:
-                return x, None, "gp"
+                return x, None, "global"
         if self._center is not None:
             extra = self._extra_model_point()
             if extra is not None:
@@ -226,10 +207,6 @@ class AsyncMadsSearcher(LedgerSearcher):
                         if step != "poll":
                             self._searched.add((self._center[0], level, self._episode, step))
                         return x, level, step
-        elif self.GLOBAL and self._episode > 0:
-            x = self._global_point()
-            if x is not None:
-                return x, None, "gp"
         return self._explore()
 
     def _extra_model_point(self) -> tuple[np.ndarray, int, str] | None:
@@ -262,6 +239,8 @@ class AsyncMadsSearcher(LedgerSearcher):
 
     def _advance(self) -> None:
         """Apply the outcome of finished iterations: all poll points evaluated, none better -> refine."""
+        if self._center is not None:
+            self._recenter()
         if self._center is not None and self._told_in_episode - self._last_gain >= STALL:
             self._stall()
         for _ in range(LEVEL_MAX - LEVEL_MIN + 2):
@@ -273,18 +252,29 @@ class AsyncMadsSearcher(LedgerSearcher):
                 return
             self._level += 1
             if self._level > LEVEL_MAX:
-                if self.GLOBAL_MODE:
-                    self._level = LEVEL_MAX
-                    self._stall()
-                    return
-                self._restart()
+                self._level = LEVEL_MAX
+                self._stall()
+                return
+
+    def _recenter(self) -> None:
+        """Under noise, the centre is the episode's point of lowest model mean, not a lucky draw."""
+        kinds = self._ledger.kinds
+        points = [(key, x, violation(cs, kinds)) for key, (x, f, episode, cs) in self._results.items()
+                  if f is not None and episode == self._episode]
+        points = [(key, x, h) for key, x, (eb, h) in points if not eb and h <= self._center[2][0]]
+        best = self._global.mean_center(self._listed(), [x for _, x, _ in points], self._center[2][1])
+        if best is not None and points[best[0]][0] != self._center[0]:
+            key, x, h = points[best[0]]
+            self._center, self._move = (key, x, (h, best[1])), None
 
     def _stall(self) -> None:
-        if self.GLOBAL_MODE:
-            self._global_mode = True
-            self._last_gain = self._told_in_episode
-        else:
+        """No gain for STALL results, or the finest frame polled: global points until one beats the incumbent
+        (a restart from a Latin hypercube when there are too few results for the global model)."""
+        if self._global.fit(self._listed()) is None:
             self._restart()
+            return
+        self._global_mode = True
+        self._last_gain = self._told_in_episode
 
     def _restart(self) -> None:
         """The episode has converged or stalled: a new one from a Latin hypercube far from all points."""
@@ -293,8 +283,8 @@ class AsyncMadsSearcher(LedgerSearcher):
         self._level, self._center, self._move = 0, None, None
         self._told_in_episode = self._last_gain = 0
         taken = np.array([x for x, *_ in self._results.values()] + [x for _, x, *_ in self._running.values()])
-        self._start = [] if self.RESTART_GP else latin_hypercube(self._box, 2 * len(self._box.lo),
-                                                                 self._rng("lh", self._episode), avoid=taken)
+        self._start = latin_hypercube(self._box, 2 * len(self._box.lo), self._rng("lh", self._episode),
+                                      avoid=taken)
 
     def _candidates(self, level: int, depth: int):
         """The iteration's points in order (a generator: later steps are computed only when reached):
@@ -314,10 +304,10 @@ class AsyncMadsSearcher(LedgerSearcher):
                 if self._key(x) not in self._ledger.seen:
                     yield x, "model"
                     break
-        if depth == 0 and self.GLOBAL and "gp" not in done:
+        if depth == 0 and "global" not in done:
             x = self._global_point()
             if x is not None:
-                yield x, "gp"
+                yield x, "global"
         poll = self._poll(level)
         held = self._held_back(poll)
         poll = [x for x in poll if self._key(x) not in held]
@@ -329,43 +319,21 @@ class AsyncMadsSearcher(LedgerSearcher):
         for x in poll:
             yield x, "poll"
 
-    def _global_fit(self) -> tuple | None:
-        """Fit the global model on every result; (results best first, best feasible value or None), or None
-        with too few results for a model."""
-        kinds = self._ledger.kinds
-        done = [(x, f, cs) for x, f, _, cs in self._results.values() if f is not None]
-        objective = [(x, f) for x, f, cs in done if not violation(cs, kinds)[0]]
-        if not self._global.fit(objective, [(x, cs) for x, _, cs in done if kinds]):
-            return None
-        ranked = sorted(done, key=lambda r: (violation(r[2], kinds), r[1]))
-        feasible = [f for _, f, cs in ranked if violation(cs, kinds) == (False, 0)]
-        return ranked, (feasible[0] if feasible else None)
+    def _listed(self) -> list:
+        return [(key, x, f, cs) for key, (x, f, _, cs) in self._results.items()]
 
     def _global_point(self) -> np.ndarray | None:
-        """The global model's best unseen point (mads_global.py), or None with too few results. Its target
-        is an improvement of ``XI`` over the best feasible value: small gains are the poll's business."""
-        fitted = self._global_fit()
-        if fitted is None:
-            return None
-        ranked, best = fitted
-        pending = np.array([x for _, x, *_ in self._running.values()]).reshape(-1, len(self._box.lo))
-        rng = self._rng("gp", len(self._results), len(self._running), self._episode)
-        target = None if best is None else best - self.XI * abs(best)
-        for x in self._global.propose(np.array([x for x, *_ in ranked]), target, pending, rng)[:200]:
-            if self._key(x) not in self._ledger.seen:
-                return x
-        return None
+        """The global model's point (mads_global.py): every results, the running points believed."""
+        running = [x for _, x, *_ in self._running.values()]
+        rng = self._rng("global", len(self._results), len(self._running), self._episode)
+        return self._global.point(self._listed(), running, rng, lambda x: self._key(x) not in self._ledger.seen)
 
     def _held_back(self, xs: list) -> set:
-        """Keys of the points the constraint models predict infeasible (P(feasible) < P_FEASIBLE), once a
-        feasible incumbent exists: the poll skips them and counts them as failed."""
-        if not self._ledger.kinds or not xs or self._center is None or self._center[2][0] > 0 or not self.HOLD:
+        """Keys of the poll points the constraint models predict infeasible, once the incumbent is feasible:
+        the poll skips them and counts them as failed."""
+        if self._center is None or self._center[2][0] > 0:
             return set()
-        fitted = self._global_fit()
-        if fitted is None or not self._global.constraints:
-            return set()
-        p = self._global.feasible(np.array(xs))
-        return {self._key(x) for x, pi in zip(xs, p) if pi < P_FEASIBLE}
+        return {self._key(x) for x, held in zip(xs, self._global.held_back(self._listed(), xs)) if held}
 
     def _fit(self) -> Surrogate | None:
         # after a restart the model learns from the new episode only: the old basin's points

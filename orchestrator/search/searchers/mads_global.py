@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from orchestrator.search.searchers import violation
 from orchestrator.search.searchers.gp import GP, expected_improvement, feasible_probability
 from orchestrator.search.searchers.mads_steps import Box
+from orchestrator.search.space import Choice, SearchSpace
 
 RANDOM_CANDIDATES = 1000        # uniform points of the box per proposal
 LOCAL_CANDIDATES = 60           # per (best point, scale): gaussian perturbations in the unit box
@@ -31,6 +33,17 @@ LOCAL_CENTERS = 5               # the best points perturbed
 REFIT_GROWTH, REFIT_EVERY = 1.2, 6
 CAP = 0.8                       # the objective's model caps losses above this quantile
 MIN_POINTS = 5
+XI = 0.05                       # the global step looks for improvements of 5% or more: smaller ones are the poll's
+P_FEASIBLE = 0.5                # a poll point less likely than this to be feasible is held back
+NOISY = 0.002                   # a fitted noise sd above 0.2% of the incumbent's value: the centre follows the mean
+TOP = 200                       # proposals scanned for one not seen yet
+
+
+def choice_mask(space: SearchSpace) -> np.ndarray:
+    """Which NOMAD coordinates index a ``choice``: the objective's model treats them as categories."""
+    by_name = {dim.name: dim for dim in space.dims}
+    order = space.nomad_order or [dim.name for dim in space.dims]
+    return np.array([isinstance(by_name[name], Choice) for name in order])
 
 
 class GlobalModel:
@@ -122,3 +135,49 @@ class GlobalModel:
         their distance, unlike ``Box.from_unit``'s equal shares."""
         return self.box.lo + np.clip(u, 0.0, 1.0) * self.box.span
 
+
+
+class GlobalSearch:
+    """What the asynchronous MADS asks of the global model, from its results ``[(key, x, value, constraints)]``
+    (failures included: they are left out here)."""
+
+    def __init__(self, box: Box, kinds: tuple, categorical: np.ndarray | None):
+        self.box, self.kinds = box, kinds
+        self.model = GlobalModel(box, len(kinds), categorical)
+
+    def fit(self, results: list) -> tuple | None:
+        """(successes best first as (key, x, value, constraints), best feasible value or None); None when there
+        are too few for a model."""
+        done = [r for r in results if r[2] is not None]
+        objective = [(x, f) for _, x, f, cs in done if not violation(cs, self.kinds)[0]]
+        if not self.model.fit(objective, [(x, cs) for _, x, _, cs in done if self.kinds]):
+            return None
+        ranked = sorted(done, key=lambda r: (violation(r[3], self.kinds), r[2]))
+        feasible = [f for _, _, f, cs in ranked if violation(cs, self.kinds) == (False, 0)]
+        return ranked, (feasible[0] if feasible else None)
+
+    def point(self, results: list, pending: np.ndarray, rng: np.random.Generator, unseen) -> np.ndarray | None:
+        """The unseen point (``unseen(x)`` True) of largest expected improvement over ``XI`` below the best
+        feasible value (times P(feasible)), the ``pending`` points believed at their predicted mean."""
+        fitted = self.fit(results)
+        if fitted is None:
+            return None
+        ranked, best = fitted
+        target = None if best is None else best - XI * abs(best)
+        pending = np.asarray(pending, float).reshape(-1, len(self.box.lo))
+        proposals = self.model.propose(np.array([x for _, x, _, _ in ranked]), target, pending, rng)
+        return next((x for x in proposals[:TOP] if unseen(x)), None)
+
+    def held_back(self, results: list, xs: list) -> list[bool]:
+        """Per point: the constraint models give it less than P_FEASIBLE chance of feasibility."""
+        if not self.kinds or not xs or self.fit(results) is None or not self.model.constraints:
+            return [False] * len(xs)
+        return list(self.model.feasible(np.array(xs)) < P_FEASIBLE)
+
+    def mean_center(self, results: list, candidates: list, incumbent: float) -> tuple | None:
+        """Under noise (fitted noise sd > NOISY x |incumbent|): the index of the candidate point of lowest
+        model mean, and that mean; None without noise or model."""
+        if not candidates or self.fit(results) is None or self.model.noise_sd <= NOISY * abs(incumbent):
+            return None
+        means = self.model.means(np.array(candidates))
+        return int(np.argmin(means)), float(np.min(means))
