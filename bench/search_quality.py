@@ -196,11 +196,11 @@ def check_targets(table: dict, name: str, ks: list, mine: str = "nomad-async") -
     return out
 
 
-def precompute(names: list, ks: list, seeds: list, budget: int, cache: Cache) -> None:
+def precompute(names: list, ks: list, seeds: list, budget: int, cache: Cache, algos: list) -> None:
     """Fill the anchor cache K by K (all landscapes at K=1 first), GP last (the costly one)."""
     lands = suite()
     for k in ks:
-        for algo in ("optuna-tpe-mv", "optuna-tpe", "optuna-gp"):
+        for algo in [a for a in ("optuna-tpe-mv", "optuna-tpe", "optuna-gp") if a in algos]:
             for name in names:
                 for ordered in ([False, True] if algo != "optuna-gp" else [GP_ENCODING]):
                     start = time.perf_counter()
@@ -213,6 +213,7 @@ def precompute(names: list, ks: list, seeds: list, budget: int, cache: Cache) ->
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+N-1 (to split a long run)")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=pe.ALGOS)
     parser.add_argument("--landscapes", nargs="+", default=None, help="a subset of suite()'s names")
@@ -226,9 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(lands))
     if unknown:
         parser.error(f"--landscapes {unknown} unknown; valid: {list(lands)}")
-    cache, seeds = Cache(args.cache), list(range(args.seeds))
+    cache, seeds = Cache(args.cache), list(range(args.first_seed, args.first_seed + args.seeds))
     if args.precompute:
-        return precompute(names, args.k, seeds, args.budget, cache)
+        return precompute(names, args.k, seeds, args.budget, cache, args.algos)
     print(f"budget {args.budget}, seeds 0..{args.seeds - 1}, noise sd {NOISE} (-noisy), times in mean trial "
           f"lengths; medians over seeds")
     print(HEADER)

@@ -75,6 +75,7 @@ MODEL_SHARE = 2                # with K slots, up to K / MODEL_SHARE model point
 LOOKAHEAD = 2                  # finer levels polled ahead while the current poll is running
 GAIN, STALL = 0.001, 24        # no gain > 0.1% in 24 results of an episode: restart
 TABU = 0.25                    # (unit box) around earlier episodes' incumbents: no centre there
+MODEL_MIN = 2                  # the quadratic model needs n + MODEL_MIN results
 GLOBAL_EVERY = 4               # every 4th proposal after the start is the global model's
 
 
@@ -344,7 +345,7 @@ class AsyncMadsSearcher(LedgerSearcher):
                 if f is not None and episode == self._episode]
         state = (len(self._results), self._center[0], self._episode)
         if self._model[0] != state:
-            model, enough = None, len(self._box.lo) + 2
+            model, enough = None, len(self._box.lo) + MODEL_MIN
             objective = [(x, f) for x, f, cs in done if not violation(cs, kinds)[0]]
             if len(objective) >= enough:
                 xs, fs = np.array([x for x, _ in objective]), np.array([f for _, f in objective])

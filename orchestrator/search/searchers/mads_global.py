@@ -62,7 +62,7 @@ class GlobalModel:
     def fit(self, objective: list[tuple[np.ndarray, float]], constraints: list[tuple[np.ndarray, tuple]]) -> bool:
         """(Re)build the models from the objective's (x, value) and the constraints' (x, values); False when
         there are too few points for a model."""
-        key = (len(objective), len(constraints), tuple(objective[-1][0]) if objective else ())
+        key = (tuple(f for _, f in objective), len(constraints), tuple(objective[-1][0]) if objective else ())
         if key == self._data:
             return self.objective is not None
         self._data = key
