@@ -53,7 +53,7 @@ from orchestrator.search.searchers import make_searcher  # noqa: E402
 from orchestrator.search.space import Choice, Int, Log, SearchSpace, paper_space  # noqa: E402
 
 OURS = {"nomad": {}, "nomad-async": {"profile": "async"}, "nomad-paper": {"profile": "paper"},
-        "tpe": {}, "random": {}}
+        "tpe": {}, "tpe-optuna": {"sampler": "optuna"}, "random": {}}
 ANCHORS = ("optuna-tpe", "optuna-tpe-mv", "optuna-gp")
 ALGOS = tuple(OURS) + ANCHORS
 FAIL_P, SIGMA = 0.05, 0.3

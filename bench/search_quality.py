@@ -54,7 +54,7 @@ from orchestrator.search.landscapes import OPTIMUM, TWO_BASINS_OPTIMUM, measured
 NOISE = 0.01          # sd of the noisy variants' evaluation noise (about 1% of the loss)
 GP_ENCODING = False   # Optuna's GP with r and dropout as categories (False) or ordered indices (True)
 SIM_VERSION = 1       # bump when the simulator or a landscape changes: cached anchor outcomes are then stale
-OURS = ("nomad-async", "tpe", "random")
+OURS = ("nomad-async", "tpe", "tpe-optuna", "random")
 ALGOS = OURS + pe.ANCHORS
 MARKS = pe.MARKS
 
