@@ -30,14 +30,19 @@ Per landscape and K, over the seeds (median, [25%-75%] where shown):
 - ``reg best`` / ``reg mean``: true loss of the trial the study would register at the end, by the lowest
   observed loss or by the noise-aware rule (orchestrator/search/model_mean.py).
 
-Then every target of issue 24 that the run's cells allow, met or MISSED. ``--cache FILE`` keeps each anchor
+Then every target of issue 24 that the run's cells allow, met or MISSED. ``--cache FILE`` keeps each
 study's outcome (keyed by algo, landscape, K, seed, encoding, budget and ``SIM_VERSION``): the simulation is
-deterministic given the seed, so a re-run reads the same figures instead of recomputing them.
+deterministic given the seed, so a re-run reads the same figures instead of recomputing them; our searchers'
+outcomes are keyed by a hash of their code too. ``--precompute`` only fills the cache (run several at once, one
+per landscape, then merge their files).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -104,16 +109,33 @@ def data_tag(name: str) -> str:
     return f"@{sum(len(v) for v in measured_table().seeds)}runs" if name.startswith("measured") else ""
 
 
+@functools.lru_cache(maxsize=1)
+def code_tag() -> str:
+    """A hash of our searchers' code (docstrings and comments left out): their cached outcomes are reused only
+    while it is unchanged."""
+    root = Path(__file__).resolve().parents[1] / "orchestrator" / "search"
+    digest = hashlib.sha256()
+    for path in sorted(root.glob("searchers/*.py")) + [root / "space.py", root / "landscapes.py"]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                    isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(ast.dump(tree).encode())
+    return digest.hexdigest()[:10]
+
+
 def run_studies(algo: str, name: str, land: pe.Landscape, k: int, budget: int, seeds: list, ordered: bool,
                 cache: Cache) -> list:
     out = []
     for seed in seeds:
-        key = f"{algo}|{name}{data_tag(name)}|{k}|{budget}|{seed}|{ordered}|{SIM_VERSION}"
-        outcome = cache.get(key) if algo in pe.ANCHORS else None
+        version = SIM_VERSION if algo in pe.ANCHORS else f"{SIM_VERSION}-{code_tag()}"
+        key = f"{algo}|{name}{data_tag(name)}|{k}|{budget}|{seed}|{ordered}|{version}"
+        outcome = cache.get(key)
         if outcome is None:
             outcome = pe.simulate(algo, land, k, budget, seed, ordered)
-            if algo in pe.ANCHORS:
-                cache.put(key, outcome)
+            cache.put(key, outcome)
         out.append(outcome)
     return out
 
@@ -126,13 +148,17 @@ def summarize(outcomes: list) -> dict:
     return row
 
 
+def variants(algo: str) -> list:
+    """The encodings an algo runs with: both for the TPE anchors, GP_ENCODING for the GP, ours their own."""
+    return [False, True] if algo in ("optuna-tpe", "optuna-tpe-mv") else [GP_ENCODING] if algo == "optuna-gp" \
+        else [False]
+
+
 def run_cell(algo: str, name: str, land: pe.Landscape, k: int, budget: int, seeds: list, cache: Cache) -> dict:
     """Summary over the seeds; a TPE anchor runs both encodings and keeps the better (t1%, then true@100)."""
     start = time.perf_counter()
-    variants = [False, True] if algo in ("optuna-tpe", "optuna-tpe-mv") else [GP_ENCODING] \
-        if algo == "optuna-gp" else [False]
     best = None
-    for ordered in variants:
+    for ordered in variants(algo):
         row = summarize(run_studies(algo, name, land, k, budget, seeds, ordered, cache))
         row["name"] = algo + ("/ord" if ordered else "/cat") * (algo in pe.ANCHORS)
         if best is None or (row["t"], row["marks"][-1]) < (best["t"], best["marks"][-1]):
@@ -197,12 +223,12 @@ def check_targets(table: dict, name: str, ks: list, mine: str = "nomad-async") -
 
 
 def precompute(names: list, ks: list, seeds: list, budget: int, cache: Cache, algos: list) -> None:
-    """Fill the anchor cache K by K (all landscapes at K=1 first), GP last (the costly one)."""
+    """Fill the cache K by K (all landscapes at K=1 first), in the order of ``algos``."""
     lands = suite()
     for k in ks:
-        for algo in [a for a in ("optuna-tpe-mv", "optuna-tpe", "optuna-gp") if a in algos]:
+        for algo in algos:
             for name in names:
-                for ordered in ([False, True] if algo != "optuna-gp" else [GP_ENCODING]):
+                for ordered in variants(algo):
                     start = time.perf_counter()
                     outcomes = run_studies(algo, name, lands[name], k, budget, seeds, ordered, cache)
                     hits = sum(not math.isinf(o.t_hit) for o in outcomes)
