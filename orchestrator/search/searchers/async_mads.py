@@ -16,7 +16,15 @@ runs it with the paper's options plus an initial Latin hypercube (``LH_SEARCH``)
 as in APPS (Hough, Kolda, Torczon: asynchronous parallel pattern search). An iteration is a poll
 centre (the incumbent) and a frame level (mads_steps.py: mesh, ORTHO 2N poll, quadratic model);
 its trial points are a speculative step (after a success, the same move again), one quadratic-model
-search point, then the 2n poll points ordered by the model. They are handed out one per free slot.
+search point, one global point, then the 2n poll points ordered by the model. They are handed out one
+per free slot.
+- Global model (mads_global.py, a Gaussian process over every result, choices as categories): MADS is a
+  local search, so a deeper basin elsewhere was found by luck. The global step proposes the point of
+  largest expected improvement over ``XI`` (5%) below the best value: small gains are the poll's, the
+  global step looks for another basin. It is the iteration's third search step and every
+  ``GLOBAL_EVERY``-th proposal after the start; a global point that beats the incumbent becomes the
+  centre with a coarse frame (level 0). With K > 1 the running points are believed at the model's mean,
+  so parallel global points spread out.
 - Opportunism: a result better than the incumbent becomes the centre at once (its frame one level
   coarser than the one it was polled at); the rest of the old poll is never handed out.
 - An iteration fails when every poll point of (centre, level) is evaluated and none is better: the
@@ -26,11 +34,15 @@ search point, then the 2n poll points ordered by the model. They are handed out 
   next ``LOOKAHEAD`` levels, assuming this one fails (APPS's speculative refinement), then a point
   far from every point tried. So ``ask()`` never leaves a slot idle while budget remains. At K = 1
   the sequence is NOMAD's: search steps, then the opportunistic poll.
-- Restarts: when the frame is at its finest, or no result of the episode has beaten the incumbent
-  by more than ``GAIN`` in ``STALL`` results (noise keeps a mesh from converging), a new episode
-  starts from a Latin hypercube far from every point tried; its model learns from its own points,
-  and points near an earlier episode's incumbent (``TABU``) cannot be its centre. The budget left
-  then explores another basin instead of polling a converged one (NOMAD would stop).
+- Stall: when the frame is at its finest, or no result has beaten the incumbent by more than ``GAIN`` in
+  ``STALL`` results (noise keeps a mesh from converging), every proposal is a global point until one
+  beats the incumbent (NOMAD would stop; the budget left explores other basins instead of polling a
+  converged one). With too few results for the global model, a restart instead: a new episode from a
+  Latin hypercube far from every point tried, whose quadratic model learns from its own points, and
+  points near an earlier episode's incumbent (``TABU``) cannot be its centre.
+- Noise: when the global model's fitted noise exceeds ``NOISY`` (0.2% of the incumbent's value), the
+  centre is the episode's point of lowest model mean, not the lowest observed value: polls do not
+  gather around a lucky draw (the incumbent's merit is then that mean).
 - Start: the default point (the paper's X0), then a Latin hypercube of ``lh_points`` points
   (default ``max(2n, K) - 1``: the first K slots are filled with the start alone).
 - Failures (value None) count as evaluated, never become the incumbent, stay out of the model.
@@ -48,9 +60,12 @@ search point, then the 2n poll points ordered by the model. They are handed out 
   displace it (NOMAD's barrier would keep polling around an infeasible incumbent too). pb-violating
   results still teach the objective's model. Each constraint gets its own quadratic model (every
   success of the episode, uncapped): the model search takes the best point predicted feasible, and
-  the poll is ordered predicted-feasible first (mads_steps.Surrogate). bench/multi_criteria.py, 10
-  seeds: 30 infeasible evaluations of 100 where random spends 35 and NOMAD's barrier 35; best feasible
-  after 50 evaluations 0.9545 (the feasible optimum 0.9543). Two objectives are refused (profile paper).
+  the poll is ordered predicted-feasible first (mads_steps.Surrogate). Each constraint also gets a
+  Gaussian process (every success, choices ordered: a bound on memory grows with the rank): once the
+  incumbent is feasible, poll points it gives less than ``P_FEASIBLE`` (1/2) chance of feasibility are
+  held back (counted as failed polls, never evaluated), and the global step's expected improvement is
+  weighted by the probability of feasibility. Figures: bench/search_quality.py (constrained landscapes).
+  Two objectives are refused (profile paper).
 - Warm start (``warm_start``, before ``replay``): the earlier results are recorded like replayed ones
   (incumbent, model), count against no budget and are never proposed again; the start drops X0 and
   its Latin hypercube shrinks by the number of warm successes (the incumbent is already there).
@@ -73,7 +88,7 @@ from orchestrator.search.space import SearchSpace
 LEVEL_MIN, LEVEL_MAX = -2, 7   # frame = range/2 .. range/1024 (reals; integers stop at 1)
 MODEL_SHARE = 2                # with K slots, up to K / MODEL_SHARE model points run at once
 LOOKAHEAD = 2                  # finer levels polled ahead while the current poll is running
-GAIN, STALL = 0.001, 24        # no gain > 0.1% in 24 results of an episode: restart
+GAIN, STALL = 0.001, 24        # no gain > 0.1% in 24 results of an episode: stalled (global points)
 TABU = 0.25                    # (unit box) around earlier episodes' incumbents: no centre there
 MODEL_MIN = 2                  # the quadratic model needs n + MODEL_MIN results
 GLOBAL_EVERY = 4               # every 4th proposal after the start is the global model's
