@@ -8,9 +8,13 @@ No sleeping: simulated time jumps from one trial end to the next. The real searc
 ``ask()`` (None = nothing to propose now: the slot idles until the next result); each result is told
 when its trial ends. Trial durations (in units of a mean trial length): a rank-dependent mean (0.6 at
 r = 4 up to 1.4 at r = 512, like a LoRA fine-tune whose cost grows with the rank) times lognormal
-noise (sigma 0.3); 5% of the trials fail after 5-50% of their duration (told as failures). Landscapes:
+noise (sigma 0.3); 5% of the trials fail after 5-50% of their duration (told as failures). Landscapes
+(``Landscape``: the true loss, its optimum, the evaluation noise or a measured seed's draw, constraints):
 ``paper`` (``orchestrator.search.landscapes.paper_landscape``, noise-free) and ``two_basins`` (a decoy basin and
-a deeper, narrower one; evaluation noise sd 0.005). Each seed fixes the durations, failures and noise.
+a deeper, narrower one; evaluation noise sd 0.005); bench/search_quality.py adds the measured, constrained and
+noisy ones and runs ``simulate`` on them. Each seed fixes the durations, failures and noise. Besides the figures
+below, each ``Outcome`` keeps the incumbent's true loss after 25/50/100 evaluations, the infeasible evaluations,
+the true loss of the trial each champion rule would register (``champions``) and the trials told.
 
 Per (landscape, algo, K), over the seeds:
 - t1%: simulated wall time until the incumbent (the point with the best *observed* value) is truly
