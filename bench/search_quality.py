@@ -85,17 +85,21 @@ def suite() -> dict[str, pe.Landscape]:
 class Cache:
     """Outcomes of anchor studies in a JSON file (deterministic given their key)."""
 
-    def __init__(self, path: Path | None):
-        self.path = path
+    def __init__(self, path: Path | None, only: bool = False, extra: list = ()):
+        self.path, self.only, self.rechampion = path, only, False
         self.data = json.loads(path.read_text()) if path and path.exists() else {}
+        for other in extra:   # more cache files to read (written by --precompute runs side by side)
+            self.data.update(json.loads(Path(other).read_text()))
 
     def get(self, key: str) -> pe.Outcome | None:
-        """The cached outcome; its champions are recomputed from its trials (the rules may have changed)."""
+        """The cached outcome; with ``rechampion``, its champions recomputed from its trials (after a change of
+        the champion rules)."""
         row = self.data.get(key)
         if not row:
             return None
         outcome = pe.Outcome(**row)
-        outcome.champion = pe.champions(pe.paper_space(), [tuple(t) for t in outcome.told])
+        if self.rechampion:
+            outcome.champion = pe.champions(pe.paper_space(), [tuple(t) for t in outcome.told])
         return outcome
 
     def put(self, key: str, outcome: pe.Outcome) -> None:
@@ -128,11 +132,14 @@ def code_tag() -> str:
 
 def run_studies(algo: str, name: str, land: pe.Landscape, k: int, budget: int, seeds: list, ordered: bool,
                 cache: Cache) -> list:
+    """The outcomes of these seeds' studies, from the cache or simulated (``cache.only``: cached ones only)."""
     out = []
     for seed in seeds:
         version = SIM_VERSION if algo in pe.ANCHORS else f"{SIM_VERSION}-{code_tag()}"
         key = f"{algo}|{name}{data_tag(name)}|{k}|{budget}|{seed}|{ordered}|{version}"
         outcome = cache.get(key)
+        if outcome is None and cache.only:
+            continue
         if outcome is None:
             outcome = pe.simulate(algo, land, k, budget, seed, ordered)
             cache.put(key, outcome)
@@ -159,11 +166,15 @@ def run_cell(algo: str, name: str, land: pe.Landscape, k: int, budget: int, seed
     start = time.perf_counter()
     best = None
     for ordered in variants(algo):
-        row = summarize(run_studies(algo, name, land, k, budget, seeds, ordered, cache))
+        outcomes = run_studies(algo, name, land, k, budget, seeds, ordered, cache)
+        if not outcomes:
+            continue
+        row = summarize(outcomes)
         row["name"] = algo + ("/ord" if ordered else "/cat") * (algo in pe.ANCHORS)
         if best is None or (row["t"], row["marks"][-1]) < (best["t"], best["marks"][-1]):
             best = row
-    best["secs"] = time.perf_counter() - start
+    if best is not None:
+        best["secs"] = time.perf_counter() - start
     return best
 
 
@@ -245,7 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--landscapes", nargs="+", default=None, help="a subset of suite()'s names")
     parser.add_argument("--budget", type=int, default=100)
     parser.add_argument("--cache", type=Path, default=None, help="JSON file of the anchor studies' outcomes")
-    parser.add_argument("--precompute", action="store_true", help="only fill --cache with the anchors' studies")
+    parser.add_argument("--precompute", action="store_true", help="only fill --cache with the studies")
+    parser.add_argument("--read", nargs="*", default=[], help="more cache files to read (not written)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="report the cached studies only (a cell shows how many seeds it has)")
+    parser.add_argument("--rechampion", action="store_true", help="recompute cached studies' champions")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     lands = suite()
@@ -253,7 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(lands))
     if unknown:
         parser.error(f"--landscapes {unknown} unknown; valid: {list(lands)}")
-    cache, seeds = Cache(args.cache), list(range(args.first_seed, args.first_seed + args.seeds))
+    cache = Cache(args.cache, args.cached_only, args.read)
+    cache.rechampion = args.rechampion
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     if args.precompute:
         return precompute(names, args.k, seeds, args.budget, cache, args.algos)
     print(f"budget {args.budget}, seeds 0..{args.seeds - 1}, noise sd {NOISE} (-noisy), times in mean trial "
@@ -263,8 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         for algo in args.algos:
             for k in args.k:
-                table[name, algo, k] = run_cell(algo, name, lands[name], k, args.budget, seeds, cache)
-                print_row(name, k, table[name, algo, k], table.get((name, algo, 1)))
+                row = run_cell(algo, name, lands[name], k, args.budget, seeds, cache)
+                if row is not None:
+                    table[name, algo, k] = row
+                    print_row(name, k, row, table.get((name, algo, 1)))
     results = [t for name in names for t in check_targets(table, name, args.k)]
     for name in names:
         for k in args.k:
