@@ -91,6 +91,7 @@ LOOKAHEAD = 2                  # finer levels polled ahead while the current pol
 GAIN, STALL = 0.001, 24        # no gain > 0.1% in 24 results of an episode: stalled (global points)
 TABU = 0.25                    # (unit box) around earlier episodes' incumbents: no centre there
 MODEL_MIN = 2                  # the quadratic model needs n + MODEL_MIN results
+EARLY = 0.3                    # the first 30% of the budget's proposals after the start are global
 GLOBAL_EVERY = 4               # every 4th proposal after the start is the global model's
 
 
@@ -208,7 +209,8 @@ class AsyncMadsSearcher(LedgerSearcher):
                 return x, None, "start"
         self._advance()
         self._asks += 1
-        if self._global_mode or self._asks % GLOBAL_EVERY == 0:
+        early = self._asks <= EARLY * self._ledger.budget
+        if self._global_mode or early or self._asks % GLOBAL_EVERY == 0:
             x = self._global_point()
             if x is not None:
                 return x, None, "global"

@@ -163,6 +163,9 @@ class GlobalSearch:
         if fitted is None:
             return None
         ranked, best = fitted
+        if best is not None and self.model.noise_sd > NOISY * abs(best):   # noisy: the best model mean
+            feasible = [x for _, x, _, cs in ranked if violation(cs, self.kinds) == (False, 0)]
+            best = float(np.min(self.model.means(np.array(feasible))))
         target = None if best is None else best - XI * abs(best)
         pending = np.asarray(pending, float).reshape(-1, len(self.box.lo))
         proposals = self.model.propose(np.array([x for _, x, _, _ in ranked]), target, pending, rng)
