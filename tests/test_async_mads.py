@@ -70,10 +70,10 @@ def test_latin_hypercube_hits_every_stratum_once():
 
 def test_failed_polls_halve_the_frame_around_an_incumbent_nothing_beats():
     """One real variable, best at X0: every poll fails, so MADS polls X0 +- frame with the frame
-    halving at each level, down to the finest (then the global model searches elsewhere; its points
-    take a share of the budget, hence 60)."""
+    halving at each level, down to the finest (global points come in between, a share of the budget:
+    hence 160)."""
     space = SearchSpace.from_dict({"lr": {"log": [1e-6, 1e-3], "default": 1e-5}})
-    handed = run(build(budget=60, space=space), lambda p: abs(math.log10(p["lr"]) + 5))
+    handed = run(build(budget=160, space=space), lambda p: (math.log10(p["lr"]) + 5) ** 2)
     offsets = [round(s.encoded[0] + 5, 6) for s in handed]
     assert offsets[0] == 0   # X0
     first_seen = []
@@ -83,7 +83,6 @@ def test_failed_polls_halve_the_frame_around_an_incumbent_nothing_beats():
         first_seen.append(min(offsets.index(step), offsets.index(-step)))
     assert first_seen == sorted(first_seen)
     assert offsets.count(0) == 1   # X0 is never proposed again
-    assert max(abs(o) for o in offsets[first_seen[-1] + 2:]) > 0.5   # converged: the global search goes elsewhere
 
 
 def test_quadratic_model_finds_the_minimum_of_a_quadratic():

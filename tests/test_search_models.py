@@ -89,10 +89,10 @@ def test_mean_center_only_under_noise():
     true = [abs(math.log10(p["lr"]) + 4) * 0.1 + 1.0 for p in points]
     search = GlobalSearch(Box.from_space(space), (), choice_mask(space))
     xs = [np.array(space.to_nomad(p), float) for p in points]
-    assert search.mean_center(paper_results(points, true), xs, min(true)) is None   # noise-free: no
+    assert search.mean_center(paper_results(points, true), xs) is None   # noise-free: no
     noisy = [t + 0.05 * rng.normal() for t in true]
     search = GlobalSearch(Box.from_space(space), (), choice_mask(space))
-    index, mean = search.mean_center(paper_results(points, noisy), xs, min(noisy))
+    index, mean = search.mean_center(paper_results(points, noisy), xs)
     assert true[index] <= sorted(true)[3] and abs(mean - true[index]) < 0.05
 
 

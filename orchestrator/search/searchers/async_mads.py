@@ -35,12 +35,12 @@ per free slot.
   far from every point tried. So ``ask()`` never leaves a slot idle while budget remains. At K = 1
   the sequence is NOMAD's: search steps, then the opportunistic poll.
 - Stall: when the frame is at its finest, or no result has beaten the incumbent by more than ``GAIN`` in
-  ``STALL`` results (noise keeps a mesh from converging), every proposal is a global point until one
-  beats the incumbent (NOMAD would stop; the budget left explores other basins instead of polling a
-  converged one). With too few results for the global model, a restart instead: a new episode from a
+  ``STALL`` results (noise keeps a mesh from converging), the next ``BURST`` proposals are global points
+  (until one beats the incumbent), then the poll goes on; a converged poll stalls again at once (NOMAD
+  would stop; the budget left explores other basins instead of polling a converged one). With too few results for the global model, a restart instead: a new episode from a
   Latin hypercube far from every point tried, whose quadratic model learns from its own points, and
   points near an earlier episode's incumbent (``TABU``) cannot be its centre.
-- Noise: when the global model's fitted noise exceeds ``NOISY`` (0.2% of the incumbent's value), the
+- Noise: when the global model's fitted noise sd exceeds ``NOISY`` (1%) of the losses' sd, the
   centre is the episode's point of lowest model mean, not the lowest observed value: polls do not
   gather around a lucky draw (the incumbent's merit is then that mean).
 - Start: the default point (the paper's X0), then a Latin hypercube of ``lh_points`` points
@@ -92,6 +92,7 @@ GAIN, STALL = 0.001, 24        # no gain > 0.1% in 24 results of an episode: sta
 TABU = 0.25                    # (unit box) around earlier episodes' incumbents: no centre there
 MODEL_MIN = 2                  # the quadratic model needs n + MODEL_MIN results
 EARLY = 0.3                    # the first 30% of the budget's proposals after the start are global
+BURST = 30                     # stalled: the next 30 proposals are global (then the poll goes on)
 GLOBAL_EVERY = 4               # every 4th proposal after the start is the global model's
 
 
@@ -121,7 +122,7 @@ class AsyncMadsSearcher(LedgerSearcher):
         self._model_used: tuple = ()
         self._global = GlobalSearch(self._box, kinds, choice_mask(space))
         self._asks = 0                         # proposals after the start: every GLOBAL_EVERY-th is global
-        self._global_mode = False              # stalled: global points until one beats the incumbent
+        self._global_until = 0                 # stalled: global points up to this proposal (or a success)
 
     # -- protocol ------------------------------------------------------------------------------
     def ask(self) -> Suggestion | None:
@@ -200,7 +201,7 @@ class AsyncMadsSearcher(LedgerSearcher):
             self._move = None
             if self._center is not None:   # a global point: another basin, a coarse frame
                 self._level = 0
-        self._global_mode = False
+        self._global_until = 0
         self._center = (key, x, merit)
 
     def _propose(self) -> tuple[np.ndarray, int | None, str] | None:
@@ -210,7 +211,7 @@ class AsyncMadsSearcher(LedgerSearcher):
         self._advance()
         self._asks += 1
         early = self._asks <= EARLY * self._ledger.budget
-        if self._global_mode or early or self._asks % GLOBAL_EVERY == 0:
+        if self._asks <= self._global_until or early or self._asks % GLOBAL_EVERY == 0:
             x = self._global_point()
             if x is not None:
                 return x, None, "global"
@@ -280,7 +281,7 @@ class AsyncMadsSearcher(LedgerSearcher):
         points = [(key, x, violation(cs, kinds)) for key, (x, f, episode, cs) in self._results.items()
                   if f is not None and episode == self._episode]
         points = [(key, x, h) for key, x, (eb, h) in points if not eb and h <= self._center[2][0]]
-        best = self._global.mean_center(self._listed(), [x for _, x, _ in points], self._center[2][1])
+        best = self._global.mean_center(self._listed(), [x for _, x, _ in points])
         if best is not None and points[best[0]][0] != self._center[0]:
             key, x, h = points[best[0]]
             self._center, self._move = (key, x, (h, best[1])), None
@@ -291,8 +292,8 @@ class AsyncMadsSearcher(LedgerSearcher):
         if self._global.fit(self._listed()) is None:
             self._restart()
             return
-        self._global_mode = True
-        self._last_gain = self._told_in_episode
+        self._global_until = self._asks + BURST
+        self._last_gain = self._told_in_episode + BURST   # the poll gets STALL results after the burst
 
     def _restart(self) -> None:
         """The episode has converged or stalled: a new one from a Latin hypercube far from all points."""

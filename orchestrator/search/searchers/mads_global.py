@@ -35,7 +35,8 @@ CAP = 0.8                       # the objective's model caps losses above this q
 MIN_POINTS = 5
 XI = 0.05                       # the global step looks for improvements of 5% or more: smaller ones are the poll's
 P_FEASIBLE = 0.5                # a poll point less likely than this to be feasible is held back
-NOISY = 0.002                   # a fitted noise sd above 0.2% of the incumbent's value: the centre follows the mean
+NOISY = 0.01                    # noisy: a fitted noise sd above 1% of the losses' sd (noise-free fits: ~0.1%)
+NOISE_MIN_POINTS = 15           # ... judged on 15 results at least (a few points leave the noise unidentified)
 TOP = 200                       # proposals scanned for one not seen yet
 
 
@@ -94,6 +95,12 @@ class GlobalModel:
     @property
     def noise_sd(self) -> float:
         return self.objective.noise_sd if self.objective is not None else 0.0
+
+    @property
+    def noisy(self) -> bool:
+        """The fitted noise sd exceeds NOISY x the sd of the losses (a noise-free fit stays near 0.1%)."""
+        return self.objective is not None and len(self.objective.z) >= NOISE_MIN_POINTS and \
+            self.objective.noise_sd > NOISY * self.objective.scale
 
     def means(self, xs: np.ndarray) -> np.ndarray:
         return self.objective.predict(self.box.scale(np.atleast_2d(xs)))[0]
@@ -163,10 +170,11 @@ class GlobalSearch:
         if fitted is None:
             return None
         ranked, best = fitted
-        if best is not None and self.model.noise_sd > NOISY * abs(best):   # noisy: the best model mean
+        if best is not None and self.model.noisy:   # the best model mean, not a lucky draw
             feasible = [x for _, x, _, cs in ranked if violation(cs, self.kinds) == (False, 0)]
             best = float(np.min(self.model.means(np.array(feasible))))
-        target = None if best is None else best - XI * abs(best)
+        # the losses' sd stands in for a loss near 0, where 5% of it is no gain at all
+        target = None if best is None else best - XI * max(abs(best), self.model.objective.scale)
         pending = np.asarray(pending, float).reshape(-1, len(self.box.lo))
         proposals = self.model.propose(np.array([x for _, x, _, _ in ranked]), target, pending, rng)
         return next((x for x in proposals[:TOP] if unseen(x)), None)
@@ -177,10 +185,10 @@ class GlobalSearch:
             return [False] * len(xs)
         return list(self.model.feasible(np.array(xs)) < P_FEASIBLE)
 
-    def mean_center(self, results: list, candidates: list, incumbent: float) -> tuple | None:
-        """Under noise (fitted noise sd > NOISY x |incumbent|): the index of the candidate point of lowest
-        model mean, and that mean; None without noise or model."""
-        if not candidates or self.fit(results) is None or self.model.noise_sd <= NOISY * abs(incumbent):
+    def mean_center(self, results: list, candidates: list) -> tuple | None:
+        """Under noise (``GlobalModel.noisy``): the index of the candidate point of lowest model mean, and that
+        mean; None without noise or model."""
+        if not candidates or self.fit(results) is None or not self.model.noisy:
             return None
         means = self.model.means(np.array(candidates))
         return int(np.argmin(means)), float(np.min(means))
