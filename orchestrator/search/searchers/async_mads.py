@@ -44,7 +44,11 @@ per free slot.
   centre is the episode's point of lowest model mean, not the lowest observed value: polls do not
   gather around a lucky draw (the incumbent's merit is then that mean).
 - Start: the default point (the paper's X0), then a Latin hypercube of ``lh_points`` points
-  (default ``max(2n, K) - 1``: the first K slots are filled with the start alone).
+  (default ``max(2n, K) - 1``: the first K slots are filled with the start alone), then ``EARLY`` (30%)
+  of the budget in global points: a broad search first, the poll then refines the best basin found (on
+  the paper landscape this costs a few evaluations to 1%; on two_basins it finds the deeper basin).
+  After a warm start there is no such phase (the earlier studies explored); after a resume, the
+  replayed results count as proposals.
 - Failures (value None) count as evaluated, never become the incumbent, stay out of the model.
 - Determinism: directions, hypercubes and sampled model candidates come from generators seeded by
   (seed, centre, level, episode); given the seed and the same answers in the same order, the same
@@ -122,6 +126,7 @@ class AsyncMadsSearcher(LedgerSearcher):
         self._model_used: tuple = ()
         self._global = GlobalSearch(self._box, kinds, choice_mask(space))
         self._asks = 0                         # proposals after the start: every GLOBAL_EVERY-th is global
+        self._early = EARLY * budget           # ... and the first EARLY share of the budget
         self._global_until = 0                 # stalled: global points up to this proposal (or a success)
 
     # -- protocol ------------------------------------------------------------------------------
@@ -152,6 +157,7 @@ class AsyncMadsSearcher(LedgerSearcher):
             self._record(self._space.key(point), x, value, None, 0, constraints)
         successes = sum(value is not None for _, value, _ in results)
         if successes:
+            self._early = 0   # the earlier studies explored: start from their best
             lh = max(0, self._lh - successes)
             taken = np.array([x for x, *_ in self._results.values()])
             self._start = latin_hypercube(self._box, lh, self._rng("lh"), avoid=taken) if lh else []
@@ -161,6 +167,7 @@ class AsyncMadsSearcher(LedgerSearcher):
         for point, value, constraints in results:
             self._record(self._space.key(point), np.array(self._space.to_nomad(point), float), value, None, 0,
                          constraints)
+        self._asks = len(results)   # a resumed study does not explore from scratch again
         for suggestion in adopted:
             x = np.array(suggestion.encoded, float)
             self._running[suggestion.trial_id] = (self._space.key(suggestion.point), x, None, "adopted", 0)
@@ -210,7 +217,7 @@ class AsyncMadsSearcher(LedgerSearcher):
                 return x, None, "start"
         self._advance()
         self._asks += 1
-        early = self._asks <= EARLY * self._ledger.budget
+        early = self._asks <= self._early
         if self._asks <= self._global_until or early or self._asks % GLOBAL_EVERY == 0:
             x = self._global_point()
             if x is not None:
