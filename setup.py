@@ -19,6 +19,7 @@ setup(
         "nni>=3.0",
         "optuna>=5.0",  # tpe with two objectives: Optuna's multi-objective TPE (Trial.set_constraint)
         "pyyaml>=6",
+        "scipy>=1.10",  # the async NOMAD profile's Gaussian process (orchestrator/search/searchers/gp.py)
         "matplotlib>=3.8",  # study plots (PNG)
         "plotly>=5",  # study plots (interactive HTML)
         # compute node (jobs, evaluation)

@@ -8,9 +8,13 @@ No sleeping: simulated time jumps from one trial end to the next. The real searc
 ``ask()`` (None = nothing to propose now: the slot idles until the next result); each result is told
 when its trial ends. Trial durations (in units of a mean trial length): a rank-dependent mean (0.6 at
 r = 4 up to 1.4 at r = 512, like a LoRA fine-tune whose cost grows with the rank) times lognormal
-noise (sigma 0.3); 5% of the trials fail after 5-50% of their duration (told as failures). Landscapes:
+noise (sigma 0.3); 5% of the trials fail after 5-50% of their duration (told as failures). Landscapes
+(``Landscape``: the true loss, its optimum, the evaluation noise or a measured seed's draw, constraints):
 ``paper`` (``orchestrator.search.landscapes.paper_landscape``, noise-free) and ``two_basins`` (a decoy basin and
-a deeper, narrower one; evaluation noise sd 0.005). Each seed fixes the durations, failures and noise.
+a deeper, narrower one; evaluation noise sd 0.005); bench/search_quality.py adds the measured, constrained and
+noisy ones and runs ``simulate`` on them. Each seed fixes the durations, failures and noise. Besides the figures
+below, each ``Outcome`` keeps the incumbent's true loss after 25/50/100 evaluations, the infeasible evaluations,
+the true loss of the trial each champion rule would register (``champions``) and the trials told.
 
 Per (landscape, algo, K), over the seeds:
 - t1%: simulated wall time until the incumbent (the point with the best *observed* value) is truly
@@ -38,8 +42,9 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")   # GPSampler's torch: one thread per simulation
 import numpy as np  # noqa: E402
@@ -47,16 +52,41 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 
 from orchestrator.search.landscapes import (OPTIMUM, TWO_BASINS_OPTIMUM, paper_landscape,  # noqa: E402
-                                     two_basins)
+                                            two_basins)
 from orchestrator.search.searchers import make_searcher  # noqa: E402
 from orchestrator.search.space import Choice, Int, Log, SearchSpace, paper_space  # noqa: E402
 
 OURS = {"nomad": {}, "nomad-async": {"profile": "async"}, "nomad-paper": {"profile": "paper"},
-        "tpe": {}, "random": {}}
+        "tpe": {}, "tpe-optuna": {"sampler": "optuna"}, "random": {}}
 ANCHORS = ("optuna-tpe", "optuna-tpe-mv", "optuna-gp")
 ALGOS = tuple(OURS) + ANCHORS
-LANDSCAPES = {"paper": (paper_landscape, OPTIMUM, 0.0), "two_basins": (two_basins, TWO_BASINS_OPTIMUM, 0.005)}
 FAIL_P, SIGMA = 0.05, 0.3
+MARKS = (25, 50, 100)     # evaluations at which the incumbent's true loss is read
+
+
+@dataclass(frozen=True)
+class Landscape:
+    """What a simulated study evaluates: ``true(point)`` the noise-free loss (None: the evaluation fails),
+    ``optimum`` the best true feasible loss, ``noise`` the sd of Gaussian noise on each evaluation, or
+    ``draw(point, rng)`` the observed loss itself (a measured landscape: one seed's value), and
+    ``constraints(point)`` the constraint values (<= 0 satisfied) of kinds ``kinds``."""
+    true: Callable[[dict], float | None]
+    optimum: float
+    noise: float = 0.0
+    draw: Callable[[dict, np.random.Generator], float | None] | None = None
+    constraints: Callable[[dict], list] | None = None
+    kinds: tuple = ()
+
+    def observe(self, point: dict, true: float | None, rng: np.random.Generator) -> float | None:
+        if self.draw is not None:
+            return self.draw(point, rng)
+        if true is None or not self.noise:
+            return true
+        return true + float(rng.normal(0.0, self.noise))
+
+
+LANDSCAPES = {"paper": Landscape(paper_landscape, OPTIMUM),
+              "two_basins": Landscape(two_basins, TWO_BASINS_OPTIMUM, 0.005)}
 
 
 def duration(point: dict, rng: np.random.Generator) -> tuple[float, bool]:
@@ -69,7 +99,8 @@ def duration(point: dict, rng: np.random.Generator) -> tuple[float, bool]:
 
 
 class OptunaAnchor:
-    """An Optuna sampler behind our ask/tell shape (bench only); ``ordered`` encodes choices as indices."""
+    """An Optuna sampler behind our ask/tell shape (bench only); ``ordered`` encodes choices as indices.
+    Constraint values go to ``Trial.set_constraint``, which Optuna's TPE and GP samplers read."""
 
     def __init__(self, kind: str, space: SearchSpace, seed: int, ordered: bool):
         import optuna
@@ -98,12 +129,14 @@ class OptunaAnchor:
         self.trials[trial.number] = trial
         return _Asked(trial.number, point)
 
-    def tell(self, trial_id: int, value: float | None) -> None:
+    def tell(self, trial_id: int, value: float | None, constraints: list | None = None) -> None:
         trial = self.trials.pop(trial_id)
         if value is None:
             self.study.tell(trial, state=self._state.FAIL)
-        else:
-            self.study.tell(trial, value)
+            return
+        for j, c in enumerate(constraints or ()):
+            trial.set_constraint(str(j), c)
+        self.study.tell(trial, value)
 
     def close(self) -> None:
         pass
@@ -122,55 +155,90 @@ class Outcome:
     best_at: float        # true loss of the incumbent at the equal-wall-time mark
     util: float           # busy / (K x time to the last hand-out)
     util_all: float       # busy / (K x time to the last result)
+    at_marks: list = field(default_factory=list)   # true loss of the incumbent after MARKS evaluations
+    infeasible: int = 0   # evaluations that violated a constraint
+    champion: dict = field(default_factory=dict)   # rule -> true loss of the trial it would register
+    told: list = field(default_factory=list)       # (point, true, observed or None, feasible) in told order
 
 
-def simulate(algo: str, landscape: str, k: int, budget: int, seed: int, ordered: bool = False) -> Outcome:
-    """One study: K slots, ``budget`` evaluations; returns its figures."""
-    objective, optimum, noise = LANDSCAPES[landscape]
-    space = paper_space()
+def build(algo: str, space: SearchSpace, budget: int, k: int, seed: int, kinds: tuple, ordered: bool):
     if algo in OURS:
-        searcher = make_searcher(algo.split("-")[0], space, budget=budget, parallel=k, seed=seed,
-                                 options=dict(OURS[algo]))
-    else:
-        searcher = OptunaAnchor(algo, space, seed, ordered)
+        return make_searcher(algo.split("-")[0], space, budget=budget, parallel=k, seed=seed,
+                             options=dict(OURS[algo]), constraints=kinds)
+    return OptunaAnchor(algo, space, seed, ordered)
+
+
+def champions(space: SearchSpace, told: list) -> dict:
+    """The true loss of the trial each champion rule registers: ``best`` (lowest observed feasible loss),
+    ``mean`` (orchestrator.search.model_mean: the noise-aware rule)."""
+    from orchestrator.search.model_mean import rank_by_model_mean
+    ok = [t for t in told if t[2] is not None and t[3]]
+    if not ok:
+        return {"best": math.inf, "mean": math.inf}
+    best = min(ok, key=lambda t: t[2])[1]
+    order = rank_by_model_mean([t[0] for t in told], [t[2] for t in told], space, [t[3] for t in told])
+    return {"best": best, "mean": told[order[0]][1]}
+
+
+def simulate(algo: str, landscape: str | Landscape, k: int, budget: int, seed: int,
+             ordered: bool = False) -> Outcome:
+    """One study: K slots, ``budget`` evaluations; returns its figures. The incumbent is the trial with the
+    best *observed* feasible loss (a failed or infeasible trial never is); "within 1%" compares its *true*
+    loss with the landscape's optimum."""
+    land = LANDSCAPES[landscape] if isinstance(landscape, str) else landscape
+    space = paper_space()
+    searcher = build(algo, space, budget, k, seed, land.kinds, ordered)
     rng = np.random.default_rng([seed, 20231201])
-    running: list = []        # heap of (end, trial_id, true value, observed value or None)
+    running: list = []        # heap of (end, trial_id, point, true value, observed value or None, constraints)
     spans: list = []          # (start, end) of every trial
-    now, told = 0.0, 0
+    told: list = []           # (point, true, observed or None, feasible) in the order told
+    now = 0.0
     best_seen, best_true, best_at = math.inf, math.inf, None
     t_hit = evals_hit = math.inf
+    at_marks, infeasible = [], 0
     try:
         while True:
             while len(running) < k and len(spans) < budget and not searcher.finished:
                 asked = searcher.ask()
                 if asked is None:
                     break
-                true = objective(asked.point)
-                seen = true + float(rng.normal(0.0, noise)) if noise else true
+                true = land.true(asked.point)
+                seen = land.observe(asked.point, true, rng)
+                cs = land.constraints(asked.point) if land.constraints else None
                 length, failed = duration(asked.point, rng)
-                heapq.heappush(running, (now + length, asked.trial_id, true, None if failed else seen))
+                heapq.heappush(running, (now + length, asked.trial_id, asked.point, true,
+                                         None if failed else seen, cs))
                 spans.append((now, now + length))
             if not running:
                 break
-            end, trial_id, true, seen = heapq.heappop(running)
+            end, trial_id, point, true, seen, cs = heapq.heappop(running)
             if best_at is None and end > budget / k:
                 best_at = best_true        # the incumbent at the equal-wall-time mark
             now = end
-            searcher.tell(trial_id, seen)
-            told += 1
-            if seen is not None and seen < best_seen:
+            if land.constraints:
+                searcher.tell(trial_id, seen, None if seen is None else cs)
+            else:
+                searcher.tell(trial_id, seen)
+            feasible = cs is None or all(c <= 0 for c in cs)
+            infeasible += not feasible
+            told.append((point, true, seen, feasible))
+            if seen is not None and feasible and seen < best_seen:
                 best_seen, best_true = seen, true
-                if true <= optimum * 1.01 and math.isinf(t_hit):
-                    t_hit, evals_hit = now, told
+                if true <= land.optimum * 1.01 and math.isinf(t_hit):
+                    t_hit, evals_hit = now, len(told)
+            if len(told) in MARKS:
+                at_marks.append(best_true)
     finally:
         searcher.close()
     if len(spans) < budget and not searcher.finished:
         raise RuntimeError(f"{algo} K={k} seed={seed}: stalled after {len(spans)} trials")
+    at_marks += [best_true] * (sum(m <= budget for m in MARKS) - len(at_marks))
     last = max(start for start, _ in spans)
     busy_until_last = sum(min(end, last) - start for start, end in spans)
     util = busy_until_last / (k * last) if last > 0 else 1.0
     return Outcome(t_hit, evals_hit, best_true if best_at is None else best_at, util,
-                   sum(end - start for start, end in spans) / (k * now))
+                   sum(end - start for start, end in spans) / (k * now), at_marks, infeasible,
+                   champions(space, told), told)
 
 
 def _q(values: list[float], q: float) -> float:

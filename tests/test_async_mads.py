@@ -16,9 +16,9 @@ from orchestrator.search.space import SearchSpace, paper_space
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
-def build(budget=40, parallel=1, seed=0, space=None, **options):
+def build(budget=40, parallel=1, seed=0, space=None, constraints=(), **options):
     return make_searcher("nomad", space or paper_space(), budget=budget, parallel=parallel, seed=seed,
-                         options={"profile": "async", **options})
+                         options={"profile": "async", **options}, constraints=constraints)
 
 
 def run(searcher, objective, k=1, running=()):
@@ -70,9 +70,10 @@ def test_latin_hypercube_hits_every_stratum_once():
 
 def test_failed_polls_halve_the_frame_around_an_incumbent_nothing_beats():
     """One real variable, best at X0: every poll fails, so MADS polls X0 +- frame with the frame
-    halving at each level, down to the finest (then it restarts elsewhere)."""
+    halving at each level, down to the finest (global points come in between, a share of the budget:
+    hence 160)."""
     space = SearchSpace.from_dict({"lr": {"log": [1e-6, 1e-3], "default": 1e-5}})
-    handed = run(build(budget=30, space=space), lambda p: abs(math.log10(p["lr"]) + 5))
+    handed = run(build(budget=160, space=space), lambda p: (math.log10(p["lr"]) + 5) ** 2)
     offsets = [round(s.encoded[0] + 5, 6) for s in handed]
     assert offsets[0] == 0   # X0
     first_seen = []
@@ -82,7 +83,6 @@ def test_failed_polls_halve_the_frame_around_an_incumbent_nothing_beats():
         first_seen.append(min(offsets.index(step), offsets.index(-step)))
     assert first_seen == sorted(first_seen)
     assert offsets.count(0) == 1   # X0 is never proposed again
-    assert max(abs(o) for o in offsets[first_seen[-1] + 2:]) > 0.5   # converged: a restart elsewhere
 
 
 def test_quadratic_model_finds_the_minimum_of_a_quadratic():
@@ -156,3 +156,25 @@ def test_resume_is_deterministic_and_repeats_nothing():
     assert len(keys) == len(set(keys))
     assert [s.point for s in continuations[0]] == [s.point for s in continuations[1]]
     assert min(s.trial_id for s in continuations[0]) > max(s.trial_id for s in running)
+
+
+def memory_and_hours(p):
+    """bench/multi_criteria.py's constraints: memory <= 30 GB (pb), hours <= 1.2 (eb); ranks 256, 512 and 128
+    with dropout are infeasible, and the best feasible point (r = 128, dropout 0) is on the bound."""
+    return [14 + 14 * p["r"] / 128 + 3 * (p["dropout"] > 0) - 30, 0.5 + 0.5 * p["r"] / 128 + 0.15 * (p["dropout"] > 0) - 1.2]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_constraint_models_keep_the_search_off_the_infeasible_side(seed):
+    """The constraint models hold back polls predicted infeasible and weigh the global step by feasibility:
+    few infeasible evaluations (random spends ~20 of 60 here, this profile spent ~18 before them), and the
+    feasible optimum (0.95429) is still reached."""
+    searcher = build(budget=60, seed=seed, constraints=("pb", "eb"))
+    infeasible, best = 0, math.inf
+    while not searcher.finished:
+        s = searcher.ask()
+        cs, value = memory_and_hours(s.point), paper_landscape(s.point)
+        searcher.tell(s.trial_id, value, cs)
+        infeasible += any(c > 0 for c in cs)
+        best = min(best, value) if all(c <= 0 for c in cs) else best
+    assert infeasible <= 10 and best < 0.955

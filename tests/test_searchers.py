@@ -16,10 +16,11 @@ from orchestrator.search.space import paper_space
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]  # a NOMAD thread that deadlocks fails the test, not the suite
 
-PROFILES = {"nomad-paper": ("nomad", {"profile": "paper"}), "nomad-async": ("nomad", {"profile": "async"})}
-LEARNING = ("nomad-paper", "nomad-async", "tpe", "random")
+PROFILES = {"nomad-paper": ("nomad", {"profile": "paper"}), "nomad-async": ("nomad", {"profile": "async"}),
+            "tpe-optuna": ("tpe", {"sampler": "optuna"})}
+LEARNING = ("nomad-paper", "nomad-async", "tpe", "tpe-optuna", "random")
 ALL = LEARNING + ("default",)
-REFILLING = ("nomad", "nomad-async", "tpe", "random")   # a freed slot gets a point at once, at any K
+REFILLING = ("nomad", "nomad-async", "tpe", "tpe-optuna", "random")   # a freed slot gets a point at once, at any K
 DEFAULT_LOSS = paper_landscape(paper_space().default_point())
 
 
@@ -513,3 +514,17 @@ def test_nomad_starts_from_the_papers_x0_in_the_papers_variable_order(algo):
     searcher.close()
     assert first.point == paper_space().default_point()
     assert first.encoded == [2, 5, 32, -5.0]   # (r index, dropout index, alpha, log10 lr), as the paper
+
+
+@pytest.mark.unit
+def test_tpe_sampler_option_picks_nni_or_optuna():
+    def make(n_objectives=1, **options):
+        return make_searcher("tpe", paper_space(), budget=5, parallel=1, seed=0, options=options,
+                             n_objectives=n_objectives)
+    assert type(make()).__name__ == "TpeSearcher"                    # the paper's NNI by default
+    assert getattr(make(sampler="optuna"), "profile", None) == "optuna"
+    assert getattr(make(2), "profile", None) == "optuna"              # two objectives: Optuna's only
+    with pytest.raises(ValueError, match="sampler='hyperopt'"):
+        make(sampler="hyperopt")
+    with pytest.raises(ValueError, match="sampler='nni'"):
+        make(2, sampler="nni")

@@ -15,11 +15,21 @@ deeper basin around ``TWO_BASINS_POINT`` holds the optimum ``TWO_BASINS_OPTIMUM`
 of it needs r and dropout exactly right and alpha, lr close. A searcher that only follows the paper's
 slope towards high rank and alpha ends 5% short. Evaluations are noisy when ``noise_sd`` > 0.
 
+``measured_landscape`` is measured, not made up: the validation loss of real tiny-preset LoRA fine-tunes over a
+Latin hypercube of the paper's space, three training seeds per point (``MEASURED``, written by
+bench/measure_landscape.py, which states its settings and cost). As a tabular objective it answers with the
+nearest measured point (in NOMAD's encoding scaled to the unit box: r index, dropout index, alpha, log10 lr):
+the mean over its seeds (the true value), or with ``rng``, one of its seeds drawn at random (what one more
+fine-tune would give). A point whose fine-tunes all failed is a failure (None).
+
 Try it: ``python -c "from orchestrator.search.landscapes import *; print(paper_landscape(OPTIMUM_POINT))"``
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -74,6 +84,51 @@ def two_basins(hp: dict, noise_sd: float = 0.0, rng: np.random.Generator | None 
     if noise_sd > 0:
         loss += float((rng or np.random.default_rng()).normal(0.0, noise_sd))
     return loss
+
+
+MEASURED = Path(__file__).resolve().parents[2] / "bench" / "data" / "tiny_landscape.json"
+
+
+class Table:
+    """A measured landscape: the design's points (unit-box coordinates) and each point's seed values."""
+
+    def __init__(self, path: Path = MEASURED):
+        from orchestrator.search.searchers.mads_steps import Box
+        from orchestrator.search.space import paper_space
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} is missing: measure it with python bench/measure_landscape.py")
+        doc = json.loads(Path(path).read_text())
+        self.space, self.box = paper_space(), Box.from_space(paper_space())
+        self.points = doc["points"]
+        runs: dict[int, list] = {i: [] for i in range(len(self.points))}
+        for row in doc["rows"]:
+            if row["val_loss"] is not None and math.isfinite(row["val_loss"]):
+                runs[row["index"]].append(float(row["val_loss"]))
+        self.seeds = [runs[i] for i in range(len(self.points))]
+        self.means = [float(np.mean(v)) if v else None for v in self.seeds]
+        self.units = self.box.scale(np.array([self.space.to_nomad(p) for p in self.points], float))
+        self.optimum = min(m for m in self.means if m is not None)
+        self.cost = doc.get("cost", {})
+
+    def nearest(self, hp: dict) -> int:
+        u = self.box.scale(np.array(self.space.to_nomad(hp), float))
+        return int(np.argmin(np.sum((self.units - u) ** 2, axis=1)))
+
+    def __call__(self, hp: dict, rng: np.random.Generator | None = None) -> float | None:
+        i = self.nearest(hp)
+        if rng is None or not self.seeds[i]:
+            return self.means[i]
+        return self.seeds[i][int(rng.integers(len(self.seeds[i])))]
+
+
+@functools.lru_cache(maxsize=4)
+def measured_table(path: str = str(MEASURED)) -> Table:
+    return Table(Path(path))
+
+
+def measured_landscape(hp: dict, rng: np.random.Generator | None = None) -> float | None:
+    """The loss of the nearest measured point: the mean of its seeds, or with ``rng`` one seed's value."""
+    return measured_table()(hp, rng)
 
 
 def sleeper(hp: dict) -> dict:

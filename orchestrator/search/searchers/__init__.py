@@ -1,4 +1,5 @@
-"""Searchers behind one ask/tell protocol: ``nomad`` (MADS), ``tpe`` (NNI; Optuna for two objectives),
+"""Searchers behind one ask/tell protocol: ``nomad`` (MADS), ``tpe`` (NNI; Optuna's for two objectives or with
+option ``sampler: optuna``),
 ``random``, ``default``.
 
 The study loop owns the loop; a searcher only proposes and listens::
@@ -107,7 +108,10 @@ def make_searcher(algo: str, space: SearchSpace, *, budget: int, parallel: int, 
     if algo == "nomad":
         from orchestrator.search.searchers.nomad import make_nomad
         return make_nomad(space, budget=budget, parallel=parallel, seed=seed, options=options, **criteria)
-    if algo == "tpe" and n_objectives == 2:
+    sampler = options.pop("sampler", "optuna" if n_objectives == 2 else "nni") if algo == "tpe" else None
+    if sampler not in (None, "nni", "optuna") or (sampler == "nni" and n_objectives == 2):
+        raise ValueError(f"tpe option sampler={sampler!r}; valid: 'nni' (the paper's, one objective) or 'optuna'")
+    if algo == "tpe" and sampler == "optuna":
         from orchestrator.search.searchers.optuna_tpe import OptunaTpeSearcher
         return OptunaTpeSearcher(space, budget=budget, parallel=parallel, seed=seed, options=options, **criteria)
     if algo == "tpe":

@@ -16,7 +16,15 @@ runs it with the paper's options plus an initial Latin hypercube (``LH_SEARCH``)
 as in APPS (Hough, Kolda, Torczon: asynchronous parallel pattern search). An iteration is a poll
 centre (the incumbent) and a frame level (mads_steps.py: mesh, ORTHO 2N poll, quadratic model);
 its trial points are a speculative step (after a success, the same move again), one quadratic-model
-search point, then the 2n poll points ordered by the model. They are handed out one per free slot.
+search point, one global point, then the 2n poll points ordered by the model. They are handed out one
+per free slot.
+- Global model (mads_global.py, a Gaussian process over every result, choices as categories): MADS is a
+  local search, so a deeper basin elsewhere was found by luck. The global step proposes the point of
+  largest expected improvement over ``XI`` (5%) below the best value: small gains are the poll's, the
+  global step looks for another basin. It is the iteration's third search step and every
+  ``GLOBAL_EVERY``-th proposal after the start; a global point that beats the incumbent becomes the
+  centre with a coarse frame (level 0). With K > 1 the running points are believed at the model's mean,
+  so parallel global points spread out.
 - Opportunism: a result better than the incumbent becomes the centre at once (its frame one level
   coarser than the one it was polled at); the rest of the old poll is never handed out.
 - An iteration fails when every poll point of (centre, level) is evaluated and none is better: the
@@ -26,13 +34,21 @@ search point, then the 2n poll points ordered by the model. They are handed out 
   next ``LOOKAHEAD`` levels, assuming this one fails (APPS's speculative refinement), then a point
   far from every point tried. So ``ask()`` never leaves a slot idle while budget remains. At K = 1
   the sequence is NOMAD's: search steps, then the opportunistic poll.
-- Restarts: when the frame is at its finest, or no result of the episode has beaten the incumbent
-  by more than ``GAIN`` in ``STALL`` results (noise keeps a mesh from converging), a new episode
-  starts from a Latin hypercube far from every point tried; its model learns from its own points,
-  and points near an earlier episode's incumbent (``TABU``) cannot be its centre. The budget left
-  then explores another basin instead of polling a converged one (NOMAD would stop).
+- Stall: when the frame is at its finest, or no result has beaten the incumbent by more than ``GAIN`` in
+  ``STALL`` results (noise keeps a mesh from converging), the next ``BURST`` proposals are global points
+  (until one beats the incumbent), then the poll goes on; a converged poll stalls again at once (NOMAD
+  would stop; the budget left explores other basins instead of polling a converged one). With too few results for the global model, a restart instead: a new episode from a
+  Latin hypercube far from every point tried, whose quadratic model learns from its own points, and
+  points near an earlier episode's incumbent (``TABU``) cannot be its centre.
+- Noise: when the global model's fitted noise sd exceeds ``NOISY`` (1%) of the losses' sd, the
+  centre is the episode's point of lowest model mean, not the lowest observed value: polls do not
+  gather around a lucky draw (the incumbent's merit is then that mean).
 - Start: the default point (the paper's X0), then a Latin hypercube of ``lh_points`` points
-  (default ``max(2n, K) - 1``: the first K slots are filled with the start alone).
+  (default ``max(2n, K) - 1``: the first K slots are filled with the start alone), then ``EARLY`` (30%)
+  of the budget in global points: a broad search first, the poll then refines the best basin found (on
+  the paper landscape this costs a few evaluations to 1%; on two_basins it finds the deeper basin).
+  After a warm start there is no such phase (the earlier studies explored); after a resume, the
+  replayed results count as proposals.
 - Failures (value None) count as evaluated, never become the incumbent, stay out of the model.
 - Determinism: directions, hypercubes and sampled model candidates come from generators seeded by
   (seed, centre, level, episode); given the seed and the same answers in the same order, the same
@@ -48,9 +64,12 @@ search point, then the 2n poll points ordered by the model. They are handed out 
   displace it (NOMAD's barrier would keep polling around an infeasible incumbent too). pb-violating
   results still teach the objective's model. Each constraint gets its own quadratic model (every
   success of the episode, uncapped): the model search takes the best point predicted feasible, and
-  the poll is ordered predicted-feasible first (mads_steps.Surrogate). bench/multi_criteria.py, 10
-  seeds: 30 infeasible evaluations of 100 where random spends 35 and NOMAD's barrier 35; best feasible
-  after 50 evaluations 0.9545 (the feasible optimum 0.9543). Two objectives are refused (profile paper).
+  the poll is ordered predicted-feasible first (mads_steps.Surrogate). Each constraint also gets a
+  Gaussian process (every success, choices ordered: a bound on memory grows with the rank): once the
+  incumbent is feasible, poll points it gives less than ``P_FEASIBLE`` (1/2) chance of feasibility are
+  held back (counted as failed polls, never evaluated), and the global step's expected improvement is
+  weighted by the probability of feasibility. Figures: bench/search_quality.py (constrained landscapes).
+  Two objectives are refused (profile paper).
 - Warm start (``warm_start``, before ``replay``): the earlier results are recorded like replayed ones
   (incumbent, model), count against no budget and are never proposed again; the start drops X0 and
   its Latin hypercube shrinks by the number of warm successes (the incumbent is already there).
@@ -65,15 +84,20 @@ import zlib
 import numpy as np
 
 from orchestrator.search.searchers.base import Ledger, LedgerSearcher, Observation, Pending, Suggestion, violation
+from orchestrator.search.searchers.mads_global import GlobalSearch, choice_mask
 from orchestrator.search.searchers.mads_steps import (Box, QuadModel, Surrogate, farthest_point, frame, latin_hypercube,
-                                               poll_steps)
+                                                      poll_steps)
 from orchestrator.search.space import SearchSpace
 
 LEVEL_MIN, LEVEL_MAX = -2, 7   # frame = range/2 .. range/1024 (reals; integers stop at 1)
 MODEL_SHARE = 2                # with K slots, up to K / MODEL_SHARE model points run at once
 LOOKAHEAD = 2                  # finer levels polled ahead while the current poll is running
-GAIN, STALL = 0.001, 24        # no gain > 0.1% in 24 results of an episode: restart
+GAIN, STALL = 0.001, 24        # no gain > 0.1% in 24 results of an episode: stalled (global points)
 TABU = 0.25                    # (unit box) around earlier episodes' incumbents: no centre there
+MODEL_MIN = 2                  # the quadratic model needs n + MODEL_MIN results
+EARLY = 0.3                    # the first 30% of the budget's proposals after the start are global
+BURST = 30                     # stalled: the next 30 proposals are global (then the poll goes on)
+GLOBAL_EVERY = 4               # every 4th proposal after the start is the global model's
 
 
 class AsyncMadsSearcher(LedgerSearcher):
@@ -100,6 +124,10 @@ class AsyncMadsSearcher(LedgerSearcher):
         self._model: tuple[tuple, QuadModel | None] = ((), None)
         self._explored = 0
         self._model_used: tuple = ()
+        self._global = GlobalSearch(self._box, kinds, choice_mask(space))
+        self._asks = 0                         # proposals after the start: every GLOBAL_EVERY-th is global
+        self._early = EARLY * budget           # ... and the first EARLY share of the budget
+        self._global_until = 0                 # stalled: global points up to this proposal (or a success)
 
     # -- protocol ------------------------------------------------------------------------------
     def ask(self) -> Suggestion | None:
@@ -129,6 +157,7 @@ class AsyncMadsSearcher(LedgerSearcher):
             self._record(self._space.key(point), x, value, None, 0, constraints)
         successes = sum(value is not None for _, value, _ in results)
         if successes:
+            self._early = 0   # the earlier studies explored: start from their best
             lh = max(0, self._lh - successes)
             taken = np.array([x for x, *_ in self._results.values()])
             self._start = latin_hypercube(self._box, lh, self._rng("lh"), avoid=taken) if lh else []
@@ -138,6 +167,7 @@ class AsyncMadsSearcher(LedgerSearcher):
         for point, value, constraints in results:
             self._record(self._space.key(point), np.array(self._space.to_nomad(point), float), value, None, 0,
                          constraints)
+        self._asks = len(results)   # a resumed study does not explore from scratch again
         for suggestion in adopted:
             x = np.array(suggestion.encoded, float)
             self._running[suggestion.trial_id] = (self._space.key(suggestion.point), x, None, "adopted", 0)
@@ -176,6 +206,9 @@ class AsyncMadsSearcher(LedgerSearcher):
             self._level = max(LEVEL_MIN, level - 1)
         else:
             self._move = None
+            if self._center is not None:   # a global point: another basin, a coarse frame
+                self._level = 0
+        self._global_until = 0
         self._center = (key, x, merit)
 
     def _propose(self) -> tuple[np.ndarray, int | None, str] | None:
@@ -183,6 +216,12 @@ class AsyncMadsSearcher(LedgerSearcher):
             if self._key(x) not in self._ledger.seen:
                 return x, None, "start"
         self._advance()
+        self._asks += 1
+        early = self._asks <= self._early
+        if self._asks <= self._global_until or early or self._asks % GLOBAL_EVERY == 0:
+            x = self._global_point()
+            if x is not None:
+                return x, None, "global"
         if self._center is not None:
             extra = self._extra_model_point()
             if extra is not None:
@@ -226,16 +265,42 @@ class AsyncMadsSearcher(LedgerSearcher):
 
     def _advance(self) -> None:
         """Apply the outcome of finished iterations: all poll points evaluated, none better -> refine."""
+        if self._center is not None:
+            self._recenter()
         if self._center is not None and self._told_in_episode - self._last_gain >= STALL:
-            self._restart()
+            self._stall()
         for _ in range(LEVEL_MAX - LEVEL_MIN + 2):
             if self._center is None:
                 return
-            if any(self._key(x) not in self._results for x in self._poll(self._level)):
+            poll = self._poll(self._level)
+            held = self._held_back([x for x in poll if self._key(x) not in self._results])
+            if any(self._key(x) not in self._results and self._key(x) not in held for x in poll):
                 return
             self._level += 1
             if self._level > LEVEL_MAX:
-                self._restart()
+                self._level = LEVEL_MAX
+                self._stall()
+                return
+
+    def _recenter(self) -> None:
+        """Under noise, the centre is the episode's point of lowest model mean, not a lucky draw."""
+        kinds = self._ledger.kinds
+        points = [(key, x, violation(cs, kinds)) for key, (x, f, episode, cs) in self._results.items()
+                  if f is not None and episode == self._episode]
+        points = [(key, x, h) for key, x, (eb, h) in points if not eb and h <= self._center[2][0]]
+        best = self._global.mean_center(self._listed(), [x for _, x, _ in points])
+        if best is not None and points[best[0]][0] != self._center[0]:
+            key, x, h = points[best[0]]
+            self._center, self._move = (key, x, (h, best[1])), None
+
+    def _stall(self) -> None:
+        """No gain for STALL results, or the finest frame polled: global points until one beats the incumbent
+        (a restart from a Latin hypercube when there are too few results for the global model)."""
+        if self._global.fit(self._listed()) is None:
+            self._restart()
+            return
+        self._global_until = self._asks + BURST
+        self._last_gain = self._told_in_episode + BURST   # the poll gets STALL results after the burst
 
     def _restart(self) -> None:
         """The episode has converged or stalled: a new one from a Latin hypercube far from all points."""
@@ -247,31 +312,54 @@ class AsyncMadsSearcher(LedgerSearcher):
         self._start = latin_hypercube(self._box, 2 * len(self._box.lo), self._rng("lh", self._episode),
                                       avoid=taken)
 
-    def _candidates(self, level: int, depth: int) -> list[tuple[np.ndarray, str]]:
-        """The iteration's points in order: speculative step, model point, poll by predicted value.
+    def _candidates(self, level: int, depth: int):
+        """The iteration's points in order (a generator: later steps are computed only when reached):
+        speculative step, quadratic-model point, global (GP) point, poll by predicted value.
 
         The search steps give one point per iteration (NOMAD's): once one is out, the step is done.
         """
         key, center, _ = self._center
         iteration = (key, level, self._episode)
         done = {step for (*it, step) in self._searched if tuple(it) == iteration}
-        out = []
         if depth == 0 and self._move is not None and "speculative" not in done:
-            out.append((self._box.snap(center + self._move), "speculative"))
-        poll = self._poll(level)
+            yield self._box.snap(center + self._move), "speculative"
         model = self._fit()
+        if model is not None and depth == 0 and "model" not in done:
+            rng = self._rng("model", key, level, self._episode)
+            for x in model.minimizers(center, level, rng):
+                if self._key(x) not in self._ledger.seen:
+                    yield x, "model"
+                    break
+        if depth == 0 and "global" not in done:
+            x = self._global_point()
+            if x is not None:
+                yield x, "global"
+        poll = self._poll(level)
+        held = self._held_back(poll)
+        poll = [x for x in poll if self._key(x) not in held]
         if model is not None:
-            if depth == 0 and "model" not in done:
-                rng = self._rng("model", key, level, self._episode)
-                for x in model.minimizers(center, level, rng):
-                    if self._key(x) not in self._ledger.seen:
-                        out.append((x, "model"))
-                        break
             if model.constraints:
                 poll = list(model.order(np.array(poll))) if poll else poll
             else:
                 poll.sort(key=lambda x: float(model.predict(x)[0]))
-        return out + [(x, "poll") for x in poll]
+        for x in poll:
+            yield x, "poll"
+
+    def _listed(self) -> list:
+        return [(key, x, f, cs) for key, (x, f, _, cs) in self._results.items()]
+
+    def _global_point(self) -> np.ndarray | None:
+        """The global model's point (mads_global.py): every results, the running points believed."""
+        running = [x for _, x, *_ in self._running.values()]
+        rng = self._rng("global", len(self._results), len(self._running), self._episode)
+        return self._global.point(self._listed(), running, rng, lambda x: self._key(x) not in self._ledger.seen)
+
+    def _held_back(self, xs: list) -> set:
+        """Keys of the poll points the constraint models predict infeasible, once the incumbent is feasible:
+        the poll skips them and counts them as failed."""
+        if self._center is None or self._center[2][0] > 0:
+            return set()
+        return {self._key(x) for x, held in zip(xs, self._global.held_back(self._listed(), xs)) if held}
 
     def _fit(self) -> Surrogate | None:
         # after a restart the model learns from the new episode only: the old basin's points
@@ -282,7 +370,7 @@ class AsyncMadsSearcher(LedgerSearcher):
                 if f is not None and episode == self._episode]
         state = (len(self._results), self._center[0], self._episode)
         if self._model[0] != state:
-            model, enough = None, len(self._box.lo) + 2
+            model, enough = None, len(self._box.lo) + MODEL_MIN
             objective = [(x, f) for x, f, cs in done if not violation(cs, kinds)[0]]
             if len(objective) >= enough:
                 xs, fs = np.array([x for x, _ in objective]), np.array([f for _, f in objective])

@@ -1,7 +1,11 @@
-"""Two objectives for ``tpe``: Optuna's multi-objective TPE (``TPESampler``, MOTPE) behind the ask/tell protocol.
+"""Optuna's TPE (``TPESampler``) behind the ask/tell protocol: ``tpe`` with two objectives (MOTPE), or with one
+when ``searcher_options: {sampler: optuna}`` asks for it.
 
 NNI's TPE optimizes one number, so ``make_searcher("tpe", space, ..., n_objectives=2)`` builds this
-searcher (same name, ``tpe``; ``profile`` says ``optuna`` for the study's logs). It is the only module
+searcher (same name, ``tpe``; ``profile`` says ``optuna`` for the study's logs). With one objective, NNI's TPE
+(the paper's) stays the default; ``sampler: optuna`` picks this one instead: multivariate (the variables modelled
+jointly), with a constant liar for the running trials at ``parallel`` > 1, and the constraint values read by its
+constrained TPE where NNI's hears a penalty; bench/search_quality.py compares the two (``tpe``, ``tpe-optuna``). It is the only module
 that imports optuna. Optuna is driven through its own ask/tell API on an in-memory study with
 ``directions=["minimize", "minimize"]``:
 
@@ -109,7 +113,7 @@ class OptunaTpeSearcher(LedgerSearcher):
             return
         for j, c in enumerate(constraints):
             trial.set_constraint(str(j), c)
-        self._study.tell(trial, list(value))
+        self._study.tell(trial, list(value) if isinstance(value, tuple) else value)
 
     def warm_start(self, observations: list[Observation]) -> None:
         self._add(self._ledger.warm(observations))
@@ -135,6 +139,7 @@ class OptunaTpeSearcher(LedgerSearcher):
             if value is None:
                 trial = create_trial(state=TrialState.FAIL, params=self._params(point), distributions=self._dists)
             else:
-                trial = create_trial(values=list(value), params=self._params(point), distributions=self._dists,
+                values = list(value) if isinstance(value, tuple) else [value]
+                trial = create_trial(values=values, params=self._params(point), distributions=self._dists,
                                      constraints={str(j): c for j, c in enumerate(constraints)} or None)
             self._study.add_trial(trial)
