@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.journal import Journal
-from orchestrator.tracking import load_study
+from orchestrator.study.journal import Journal, load_study
 
 from .conftest import kill_when
 from .slurm_fixture import SCRIPT, events, finish, orchestrator, sacct_history, steps_done, study_yaml, wait_until
