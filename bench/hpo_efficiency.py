@@ -43,7 +43,7 @@ class OptunaTpe:
         self.trials = {}
         self.finished = False
 
-    def ask(self):
+    def ask_point(self):
         trial = self.study.ask()
         point = {}
         for dim in self.space.dims:
@@ -73,17 +73,15 @@ def _searcher(algo: str, space: SearchSpace, budget: int, parallel: int, seed: i
 
 
 def _ask(searcher):
-    if isinstance(searcher, OptunaTpe):
-        return searcher.ask()
-    suggestion = searcher.ask()
-    return None if suggestion is None else (suggestion.trial_id, suggestion.point)
+    if not hasattr(searcher, "ask_point"):   # ours: a Suggestion, or None when it has nothing more to propose
+        suggestion = searcher.ask()
+        return None if suggestion is None else (suggestion.trial_id, suggestion.point)
+    return searcher.ask_point()
 
 
-def run(algo: str, budget: int, parallel: int, seed: int, noise: float) -> list[float]:
-    """Noise-free loss of the incumbent after each evaluation (padded to ``budget``)."""
-    space = paper_space()
-    searcher = _searcher(algo, space, budget, parallel, seed)
-    noise_rng = np.random.default_rng([seed, 2312_00949])
+def incumbent_curve(searcher, landscape, budget: int, parallel: int, noise_rng, noise: float) -> list[float]:
+    """Noise-free loss of the incumbent (the best *observed* point) after each evaluation, padded to ``budget``:
+    ``parallel`` suggestions in flight, the oldest told first."""
     pending, curve = [], []
     best_seen, best_true = float("inf"), float("inf")
     try:
@@ -96,7 +94,7 @@ def run(algo: str, budget: int, parallel: int, seed: int, noise: float) -> list[
             if not pending:
                 break   # the searcher has nothing more to propose
             trial_id, point = pending.pop(0)
-            true = paper_landscape(point)
+            true = landscape(point)
             seen = true + float(noise_rng.normal(0.0, noise))
             searcher.tell(trial_id, seen)
             if seen < best_seen:
@@ -105,6 +103,13 @@ def run(algo: str, budget: int, parallel: int, seed: int, noise: float) -> list[
     finally:
         searcher.close()
     return curve + [best_true] * (budget - len(curve))
+
+
+def run(algo: str, budget: int, parallel: int, seed: int, noise: float) -> list[float]:
+    """Noise-free loss of the incumbent after each evaluation (padded to ``budget``)."""
+    space = paper_space()
+    return incumbent_curve(_searcher(algo, space, budget, parallel, seed), paper_landscape, budget, parallel,
+                           np.random.default_rng([seed, 2312_00949]), noise)
 
 
 def _evals_to_target(curve: list[float], target: float) -> int | None:

@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 
+from hpo_efficiency import incumbent_curve  # noqa: E402  (the same loop as the paper space's bench)
 from orchestrator.search.landscapes import modern_landscape, modern_optimum  # noqa: E402
 from orchestrator.search.searchers import make_searcher  # noqa: E402
 from orchestrator.search.space import Category, Choice, Int, Log, SearchSpace, modern_space  # noqa: E402
@@ -52,7 +53,7 @@ class OptunaPeer:
         self.space, self.trials = space, {}
         self.study = optuna.create_study(sampler=sampler)
 
-    def ask(self):
+    def ask_point(self):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # GPSampler is "experimental" in Optuna's words
             trial = self.study.ask()
@@ -84,39 +85,11 @@ def _searcher(algo: str, space: SearchSpace, budget: int, parallel: int, seed: i
                          options=options)
 
 
-def _ask(searcher):
-    if isinstance(searcher, OptunaPeer):
-        return searcher.ask()
-    suggestion = searcher.ask()
-    return None if suggestion is None else (suggestion.trial_id, suggestion.point)
-
-
 def run(algo: str, budget: int, parallel: int, seed: int, noise: float) -> list[float]:
     """Noise-free loss of the incumbent after each evaluation (padded to ``budget``)."""
     space = modern_space()
-    searcher = _searcher(algo, space, budget, parallel, seed)
-    noise_rng = np.random.default_rng([seed, 22])
-    pending, curve = [], []
-    best_seen, best_true = float("inf"), float("inf")
-    try:
-        while len(curve) < budget:
-            while len(pending) < parallel and len(curve) + len(pending) < budget:
-                asked = _ask(searcher)
-                if asked is None:
-                    break
-                pending.append(asked)
-            if not pending:
-                break   # the searcher has nothing more to propose
-            trial_id, point = pending.pop(0)
-            true = modern_landscape(point)
-            seen = true + float(noise_rng.normal(0.0, noise))
-            searcher.tell(trial_id, seen)
-            if seen < best_seen:
-                best_seen, best_true = seen, true
-            curve.append(best_true)
-    finally:
-        searcher.close()
-    return curve + [best_true] * (budget - len(curve))
+    return incumbent_curve(_searcher(algo, space, budget, parallel, seed), modern_landscape, budget, parallel,
+                           np.random.default_rng([seed, 22]), noise)
 
 
 def main(argv: list[str] | None = None) -> None:
