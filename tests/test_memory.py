@@ -170,7 +170,7 @@ def test_the_scale_examples_dry_run_with_their_memory_estimate(example, ranks, d
     from pathlib import Path
 
     from orchestrator.config import load_config
-    from orchestrator.dry_run import dry_run
+    from orchestrator.cli.dry_run import dry_run
 
     path = Path(__file__).parents[1] / "examples" / "scale" / f"{example}.yaml"
     shown = dry_run(load_config(str(path)), out=io.StringIO())
