@@ -137,19 +137,19 @@ def test_a_two_node_study_survives_kill_9_of_the_orchestrator(two_nodes, referen
                         space=SAME_TRAINING, resources=TWO_NODES, trial=TRIAL)
     proc = orchestrator(tmp_path, "--config", config)
     journal = Journal(tmp_path / "runs" / study / "journal.jsonl")
-    kill_when(proc, lambda: (s := journal.load()).finished and any(t.job_id for t in s.running), 600,
+    kill_when(proc, lambda: (s := journal.load()).finished and any(t.job.job_id for t in s.running), 600,
               "a finished trial and a running two-node job")
-    running = {t.trial: t.job_id for t in journal.load().running if t.job_id}
+    running = {t.trial: t.job.job_id for t in journal.load().running if t.job.job_id}
     finish(orchestrator(tmp_path, "--study", study, "--resume"), 600)
 
     state = load_study(journal.path.parent)
     assert state.ended and len(state.finished) == 3, [(t.trial, t.status, t.reason) for t in state.finished]
     assert all(t.status == "ok" for t in state.finished), [(t.trial, t.reason) for t in state.finished]
     for trial, job_id in running.items():
-        assert state.trials[trial].job_id == job_id, "a running job was resubmitted instead of re-attached"
+        assert state.trials[trial].job.job_id == job_id, "a running job was resubmitted instead of re-attached"
     for t in state.trials.values():
         assert t.value == pytest.approx(reference, rel=1e-5)
-        ranks_ran_on_both_nodes(t.out, t.job_id)
+        ranks_ran_on_both_nodes(t.out, t.job.job_id)
         written_once(t.out)
         assert json.loads((Path(t.out) / "result.json").read_text())["world_size"] == 2
     print(f"\n[2 nodes] study of 3 trials, killed and resumed: {time.monotonic() - t0:.1f} s")
@@ -164,23 +164,23 @@ def test_scontrol_requeue_of_a_two_node_trial_resumes_from_its_slices(two_nodes,
                         poll_s=0.3, space=SAME_TRAINING, resources=TWO_NODES, trial=TRIAL)
     proc = orchestrator(tmp_path, "--config", config, env={"LORA_HPO_MIN_STEP_S": "0.5"})
     journal = Journal(tmp_path / "runs" / "requeue-2n" / "journal.jsonl")
-    first = wait_until(lambda: (t := journal.load().trials.get(0)) and t.job_id and steps_done(t.out) >= 3 and t,
+    first = wait_until(lambda: (t := journal.load().trials.get(0)) and t.job.job_id and steps_done(t.out) >= 3 and t,
                        600, "trial 0 three steps in", proc)
-    wait_until(lambda: _requeue(first.job_id, first.out), 60, "a stop record after scontrol requeue", proc)
+    wait_until(lambda: _requeue(first.job.job_id, first.out), 60, "a stop record after scontrol requeue", proc)
     finish(proc, 600)
 
     state = load_study(journal.path.parent)
     t = state.trials[0]
-    assert t.status == "ok" and t.job_id != first.job_id, (t.status, t.reason)
-    [retry] = [e for e in events(journal, "retry") if e["trial"] == 0]
-    assert retry["kind"] == "requeued" and retry["job_id"] == first.job_id
+    assert t.status == "ok" and t.job.job_id != first.job.job_id, (t.status, t.reason)
+    [retry] = [e for e in events(journal, "retry") if e["key"] == "0"]
+    assert retry["kind"] == "requeued" and retry["job_id"] == first.job.job_id
     result = json.loads((Path(t.out) / "result.json").read_text())
     assert result["resumed_from_step"] >= 2, result["resumed_from_step"]
     assert t.value == pytest.approx(reference, rel=1e-5)
-    ranks_ran_on_both_nodes(t.out, t.job_id)
+    ranks_ran_on_both_nodes(t.out, t.job.job_id)
     written_once(t.out)
-    assert "RUNNING" not in sacct_history(first.job_id)[1:], "SLURM's requeued copy ran"
-    print(f"\n[2 nodes] requeued (stop record {_stop(t.out, first.job_id)}), resumed from "
+    assert "RUNNING" not in sacct_history(first.job.job_id)[1:], "SLURM's requeued copy ran"
+    print(f"\n[2 nodes] requeued (stop record {_stop(t.out, first.job.job_id)}), resumed from "
           f"{result['resumed_from_step']}: {time.monotonic() - t0:.1f} s")
 
 
@@ -209,13 +209,13 @@ def test_a_node_that_dies_mid_trial_is_retried_and_never_hangs(two_nodes, refere
                         retries={"max_retries": 1, "on": ["node_fail"]})
     proc = orchestrator(tmp_path, "--config", config, env={"LORA_HPO_MIN_STEP_S": "0.5"})
     journal = Journal(tmp_path / "runs" / "nodefail-2n" / "journal.jsonl")
-    first = wait_until(lambda: (t := journal.load().trials.get(0)) and t.job_id and steps_done(t.out) >= 5 and t,
+    first = wait_until(lambda: (t := journal.load().trials.get(0)) and t.job.job_id and steps_done(t.out) >= 5 and t,
                        600, "trial 0 past its step-4 checkpoint", proc)
     killed = cluster("kill-node", "node2")
     assert killed.returncode == 0, killed.stderr
     t_kill = time.monotonic()
     try:
-        wait_until(lambda: "NODE_FAIL" in sacct_history(first.job_id), 120, "NODE_FAIL in accounting", proc)
+        wait_until(lambda: "NODE_FAIL" in sacct_history(first.job.job_id), 120, "NODE_FAIL in accounting", proc)
         t_fail = time.monotonic()
     finally:
         restarted = cluster("start")  # power back on: its slurmd registers and the node returns to service
@@ -225,12 +225,12 @@ def test_a_node_that_dies_mid_trial_is_retried_and_never_hangs(two_nodes, refere
     state = load_study(journal.path.parent)
     t = state.trials[0]
     assert t.status == "ok", t.reason
-    [retry] = [e for e in events(journal, "retry") if e["trial"] == 0]
-    assert retry["kind"] == "node_fail" and retry["job_id"] == first.job_id != t.job_id
+    [retry] = [e for e in events(journal, "retry") if e["key"] == "0"]
+    assert retry["kind"] == "node_fail" and retry["job_id"] == first.job.job_id != t.job.job_id
     result = json.loads((Path(t.out) / "result.json").read_text())
     assert result["resumed_from_step"] >= 4, result["resumed_from_step"]
     assert t.value == pytest.approx(reference, rel=1e-5)
-    ranks_ran_on_both_nodes(t.out, t.job_id)
+    ranks_ran_on_both_nodes(t.out, t.job.job_id)
     written_once(t.out)
     print(f"\n[2 nodes] node2 killed {t_kill - t0:.1f} s in; NODE_FAIL in accounting {t_fail - t_kill:.1f} s later; "
           f"retried from step {result['resumed_from_step']}; {time.monotonic() - t0:.1f} s in all")
