@@ -226,7 +226,9 @@ def check_targets(table: dict, name: str, ks: list, mine: str = "nomad-async") -
             continue
         top = min(anchors, key=lambda row: (row["t"], -row["hits"], row["marks"][-1]))
         me = cell(mine, k)
-        out.append((me["t"] <= top["t"], f"{name} K={k}: {mine} median t1% {_f(me['t'], 2)} ({me['hits']}/{me['n']}) "
+        # both medians inf (half the studies or more missed): the one with more hits is ahead
+        ahead = me["t"] < top["t"] or (me["t"] == top["t"] and me["hits"] / me["n"] >= top["hits"] / top["n"])
+        out.append((ahead, f"{name} K={k}: {mine} median t1% {_f(me['t'], 2)} ({me['hits']}/{me['n']}) "
                                          f"<= best anchor {top['name']} {_f(top['t'], 2)} ({top['hits']}/{top['n']})"))
         gp = cell("optuna-gp", k)
         if name.startswith("two_basins") and gp:
