@@ -22,7 +22,8 @@ A study YAML (every key optional; `preset` picks the base, `tiny` by default):
                               #  weight_val_loss: 0.0, seed: 0}: the fine-tune scored on dev subsets
     constraints: []           # [{metric: peak_memory_gb, max: 40, kind: pb}, ...] (orchestrator/search/criteria.py)
     objectives: null          # two metrics at once, e.g. [val_loss, train_hours]: a Pareto front
-    champion_rule: null       # with two objectives: knee (default) or "min val_loss s.t. train_hours <= 1.5"
+    champion_rule: null       # with two objectives: knee (default) or "min val_loss s.t. train_hours <= 1.5";
+                              # with one: mean (the best by a noise-aware model's mean, not the lowest loss)
     pareto_reference: null    # the hypervolume's reference point, e.g. [6.0, 0.5] (default: the worst values x 1.1)
     warm_start: []            # earlier studies (same space, trial settings, objective) whose results the searcher
                               # learns first, counted against no budget (orchestrator/study/warm.py)
@@ -354,9 +355,16 @@ def _typed_criteria(c: StudyConfig) -> None:
         raise ConfigError(f"config key 'objectives': algo {c.algo} cannot search two objectives: use nomad "
                           "(DMultiMADS), tpe (Optuna's multi-objective TPE) or random")
     if c.champion_rule is not None and not isinstance(c.champion_rule, ChampionRule):
-        if not c.objectives:
-            raise ConfigError("config key 'champion_rule': it picks among a Pareto front: give objectives too")
-        c.champion_rule = _parse("champion_rule", lambda: ChampionRule.of(c.champion_rule), CriteriaError)
+        if c.champion_rule == "mean":   # one objective, noise-aware: orchestrator/search/model_mean.py
+            if c.objectives:
+                raise ConfigError("config key 'champion_rule': mean ranks one objective by a model's mean; with "
+                                  "two objectives write knee or e.g. 'min val_loss s.t. train_hours <= 1.5'")
+            c.champion_rule = ChampionRule("mean", "mean")
+        elif not c.objectives:
+            raise ConfigError("config key 'champion_rule': it picks among a Pareto front: give objectives too "
+                              "(with one objective the only rule is mean: the noise-aware champion)")
+        else:
+            c.champion_rule = _parse("champion_rule", lambda: ChampionRule.of(c.champion_rule), CriteriaError)
     if c.pareto_reference is not None:
         _check(isinstance(c.pareto_reference, (list, tuple)) and len(c.pareto_reference) == 2 and all(
             _is_number(v) for v in c.pareto_reference), "pareto_reference", c.pareto_reference,

@@ -118,3 +118,32 @@ def _trial(k, loss, memory, hours, judge=None):
     if judge is not None:
         summary["feasible"] = judge.after("ok", loss, summary).feasible
     return SimpleNamespace(trial=k, status="ok", value=loss, summary=summary, point=POINT)
+
+
+def test_champion_rule_mean_passes_over_a_lucky_draw():
+    """`champion_rule: mean` (one objective): a trial whose loss was a lucky draw among worse neighbours is not the
+    champion; the model's mean names one whose true loss is lower. Two objectives do not take it."""
+    import math
+
+    import numpy as np
+
+    from orchestrator.config import ConfigError
+
+    def true(lr):
+        return 1.0 + 0.05 * (math.log10(lr) + 4.0) ** 2   # optimum at lr = 1e-4
+
+    rng = np.random.default_rng(3)
+    lrs = [float(lr) for lr in np.logspace(-6, -2, 17)] + [10 ** -2.75]
+    values = [true(lr) + float(rng.normal(0, 0.01)) for lr in lrs[:-1]] + [0.97]  # the last: true 1.078, lucky
+    trials = [SimpleNamespace(trial=k, status="ok", value=v, summary={"val_loss": v}, point={**POINT, "lr": lr})
+              for k, (lr, v) in enumerate(zip(lrs, values))]
+    plain = load_config(None, study="m", algo="random", tracking_uri=URI)
+    noisy = load_config(None, study="m", algo="random", tracking_uri=URI, champion_rule="mean")
+    assert noisy.to_dict()["champion_rule"] == "mean" and Judge(noisy).mean and not Judge(plain).mean
+    assert champion(trials, Judge(plain)).trial == len(lrs) - 1          # lowest loss: the lucky draw
+    best = champion(trials, Judge(noisy))
+    assert best.trial != len(lrs) - 1 and true(best.point["lr"]) < 1.01
+    assert ranking(trials, Judge(noisy))[0] is best and len(ranking(trials, Judge(noisy))) == len(trials)
+    assert champion(trials[:5], Judge(noisy)) is min(trials[:5], key=lambda t: t.value)  # too few: by value
+    with pytest.raises(ConfigError, match="mean ranks one objective"):
+        load_config(None, study="m", objectives=["val_loss", "train_hours"], tracking_uri=URI, champion_rule="mean")

@@ -7,6 +7,9 @@
 
 - One objective: the successful trials that satisfy every constraint, by objective value (validation loss, or
   the held-out objective), ties by trial number. An infeasible trial is never a champion.
+- One objective with `champion_rule: mean` (noisy losses): the same trials, ranked by a Gaussian process's
+  mean of the loss at each trial's point (orchestrator/search/model_mean.py), so that a lucky draw next to
+  worse neighbours does not become the champion; fewer than its MIN_TRIALS trials: by objective value.
 - Two objectives: the trial `champion_rule:` picks among the feasible ones (the Pareto front's knee by
   default, or "min METRIC s.t. ..."), then the rest of the front by the first objective, then every other
   feasible trial by the first objective. A rule that no trial satisfies names no champion (nothing is
@@ -40,15 +43,24 @@ def top(trials: Iterable, judge, k: int) -> list:
     return ranking(trials, judge)[:k]
 
 
+def _by_mean(ranked: list, judge) -> list:
+    """One objective: `ranked` (by value) re-ranked by the model's mean when the study's rule is mean."""
+    if not getattr(judge, "mean", False):
+        return ranked
+    from orchestrator.search.model_mean import rank_by_model_mean
+    order = rank_by_model_mean([t.point for t in ranked], [t.value for t in ranked], judge.space)
+    return [ranked[i] for i in order]
+
+
 def _rank(trials: Iterable, judge) -> tuple[list, object]:
     ok = [t for t in trials if t.status == OK and t.value is not None]
     if not judge.active:
-        ranked = sorted(ok, key=_key)
+        ranked = _by_mean(sorted(ok, key=_key), judge)
         return ranked, (ranked[0] if ranked else None)
     verdicts = {t.trial: judge.after(t.status, t.value, t.summary) for t in ok}
     feasible = [t for t in ok if verdicts[t.trial].feasible]
     if not judge.objectives:
-        ranked = sorted(feasible, key=_key)
+        ranked = _by_mean(sorted(feasible, key=_key), judge)
         return ranked, (ranked[0] if ranked else None)
     vectors = {t.trial: verdicts[t.trial].told for t in feasible if isinstance(verdicts[t.trial].told, tuple)}
     by_first = lambda t: (vectors[t.trial][0], t.trial)  # noqa: E731

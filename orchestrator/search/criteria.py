@@ -298,6 +298,9 @@ class Judge:
         self.constraints, self.objectives = tuple(config.constraints), tuple(config.objectives)
         rule = config.champion_rule or ChampionRule.of(None)
         self.rule = rule.parsed if self.objectives else None
+        # one objective, `champion_rule: mean`: the champion by a model's mean (orchestrator/search/model_mean.py)
+        self.mean = rule.parsed == "mean" and not self.objectives
+        self.space = config.space
         self.objective = "heldout" if config.heldout else "val_loss"
         self.shapes = model_shapes(config.trial.base_model) if config.function is None and self.constraints else None
         targets = config.trial.target_modules  # a list of names, or "attention" / "all-linear"
