@@ -24,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from orchestrator.cli.main import SUBCOMMANDS  # noqa: E402
+
 # Runs the orchestrator's CLI, SIGKILLing itself at one journal window: KILL_AT = "<event>:<n>:<before|after>".
 WRAPPER = """
 import os, signal, sys
@@ -56,8 +58,9 @@ class Case:
         self.env = {**os.environ, "LORA_HPO_TEST_MARKS": str(self.marks), "PYTHONPATH": str(REPO)}
 
     def args(self, *args) -> list[str]:
-        return ["--workdir", str(self.root / "runs"), "--tracking-uri", f"sqlite:///{self.root}/mlruns/mlflow.db",
-                *args]
+        command = list(args[:1]) if args and args[0] in SUBCOMMANDS else []   # a subcommand comes first
+        return [*command, "--workdir", str(self.root / "runs"), "--tracking-uri",
+                f"sqlite:///{self.root}/mlruns/mlflow.db", *args[len(command):]]
 
     def run(self, *args, kill_at: str | None = None, env=None, timeout=300, journal: str | None = None
             ) -> subprocess.CompletedProcess:
@@ -65,12 +68,12 @@ class Case:
         environment = {**self.env, **(env or {}), **({"KILL_AT": kill_at} if kill_at else {}),
                        **({"KILL_JOURNAL": journal} if journal else {})}
         return subprocess.run(cmd + self.args(*args), cwd=REPO, env=environment, capture_output=True, text=True,
-                              timeout=timeout)
+                              errors="replace", timeout=timeout)  # a reason may hold any byte
 
     def start(self, *args, env=None) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "orchestrator", *self.args(*args)], cwd=REPO,
                                 env={**self.env, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True, errors="replace")
 
     def journal(self, study: str):
         from orchestrator.study.journal import load_study

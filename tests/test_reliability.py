@@ -23,7 +23,7 @@ from orchestrator.study.journal import Journal
 from orchestrator.study.lock import LockError, StudyLock
 from orchestrator.study.loop import run_study
 
-from .conftest import REPO
+from .conftest import REPO, orchestrator_process
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -273,3 +273,15 @@ def test_one_progress_line_per_change_and_a_summary_that_says_where_things_are(t
     assert len(status_lines) == len(set(status_lines)), "a status line was printed twice with nothing new"
     for where in ("study:", "MLflow:", "UI:", "plots:"):
         assert where in text
+
+
+def test_a_reason_with_undecodable_bytes_prints_under_a_strict_utf8_locale(tmp_path):
+    """A job's failure reason holding a lone surrogate (a file name with a byte that is not UTF-8) is printed in
+    the progress line as an escape, never a UnicodeEncodeError mid-study, under a strict UTF-8 output (what
+    en_US.UTF-8 gives print()); every trial is a failed trial and the study ends (exit 1: none succeeded)."""
+    proc = orchestrator_process(tmp_path, "--study", "odd", "--algo", "random", "--budget", "2", "--executor",
+                                "local", "--objective", "tests.objectives:undecodable_failure", "--poll", "0.1",
+                                env={"PYTHONIOENCODING": "utf-8:strict"})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
+    assert out.count("no such file: data-\\udcff.jsonl") == 2, out[-2000:]

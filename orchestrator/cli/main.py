@@ -178,8 +178,17 @@ def interrupt_on_termination() -> None:
         signal.signal(sig, interrupt)
 
 
+def printable_output() -> None:
+    """Whatever a job wrote into a failure reason (a file name with undecodable bytes: lone surrogates), printing
+    it never raises: under a strict UTF-8 locale (en_US.UTF-8, the usual one) print() would, mid-study."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and stream.errors in ("strict", "surrogateescape"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    printable_output()
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "run"
     if command == "server":
         from orchestrator.tracking import server
