@@ -8,6 +8,7 @@ gate file), never by sleeping and hoping.
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -285,3 +286,32 @@ def test_a_reason_with_undecodable_bytes_prints_under_a_strict_utf8_locale(tmp_p
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
     assert out.count("no such file: data-\\udcff.jsonl") == 2, out[-2000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_like_ctrl_c_even_when_sigint_is_ignored(tmp_path, sig):
+    """A study started in the background (SIGINT ignored, as `cmd &` in a script or nohup leave it) and stopped by
+    SIGTERM or SIGHUP exits 130 with the `--resume` line, its jobs going on; `--resume` then finishes it with
+    every evaluation run once."""
+    gate, marks = tmp_path / "gate", tmp_path / "marks"
+    marks.mkdir()
+    env = {**os.environ, "LORA_HPO_TEST_GATE": str(gate), "LORA_HPO_TEST_MARKS": str(marks)}
+    args = [sys.executable, "-m", "orchestrator", "--workdir", str(tmp_path / "runs"), "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db", "--study", "term", "--algo", "random", "--budget", "4", "--parallel",
+            "2", "--executor", "local", "--objective", "tests.objectives:waits_for_file", "--poll", "0.1"]
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        journal = tmp_path / "runs" / "term" / "journal.jsonl"
+        deadline = time.monotonic() + 300
+        while not (journal.exists() and '"submitted"' in journal.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=120) == 130, (tmp_path / "out.txt").read_text()
+    text = (tmp_path / "out.txt").read_text()
+    assert "Traceback" not in text and "--resume" in text, text
+    gate.touch()
+    resumed = subprocess.run(args + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert len(list(marks.iterdir())) == 4

@@ -173,7 +173,10 @@ def interrupt_on_termination() -> None:
     """SIGTERM and SIGHUP (a closed terminal, a job scheduler stopping the login-node process) behave like
     Ctrl-C: jobs go on, the journal is whole, `--resume` continues."""
     def interrupt(signum, frame):
-        signal.getsignal(signal.SIGINT)(signal.SIGINT, frame)  # whoever handles Ctrl-C now handles this
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)  # whoever handles Ctrl-C now handles this
+        raise KeyboardInterrupt  # SIGINT ignored (started in the background, nohup): stop as Ctrl-C would
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
 
