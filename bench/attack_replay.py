@@ -391,7 +391,10 @@ def no_controller(c: Case):
 def terminated_like_ctrl_c(sig):
     def case(c: Case):
         gate = {"LORA_HPO_TEST_GATE": str(c.root / "gate")}
-        proc = c.start(*study_args("term", objective="tests.objectives:waits_for_file"), env=gate)
+        log = open(c.root / "term.out", "w")   # a file, not a pipe: the jobs that go on hold their copy of it
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator",
+                                 *c.args(*study_args("term", objective="tests.objectives:waits_for_file"))],
+                                cwd=REPO, env={**c.env, **gate}, stdout=log, stderr=subprocess.STDOUT)
         journal = c.root / "runs" / "term" / "journal.jsonl"
         deadline = time.time() + 120
         while not (journal.exists() and '"submitted"' in journal.read_text()):
@@ -399,7 +402,9 @@ def terminated_like_ctrl_c(sig):
                 return "it never started its jobs"
             time.sleep(0.1)
         proc.send_signal(sig)
-        out = proc.communicate(timeout=120)[0]
+        proc.wait(timeout=120)
+        log.close()
+        out = (c.root / "term.out").read_text(errors="replace")
         (c.root / "gate").touch()
         resumed = c.run("--study", "term", "--resume", env=gate)
         ok = proc.returncode == 130 and "--resume" in out and resumed.returncode == 0 and c.evaluations() == 6
