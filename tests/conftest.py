@@ -54,7 +54,12 @@ def kill_when(proc, condition, timeout_s: float, what: str) -> None:
         if proc.poll() is not None:
             pytest.fail(f"the process exited ({proc.returncode}) while waiting for {what}:\n{proc.stdout.read()}")
         proc.send_signal(signal.SIGSTOP)
-        if condition():
+        try:
+            met = condition()
+        except BaseException:
+            proc.kill()  # a failing check must not leave a frozen orchestrator behind
+            raise
+        if met:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return
