@@ -86,19 +86,29 @@ def tiny_chat_model_dir() -> Path:
 
         tokenizer = AutoTokenizer.from_pretrained(base)
         tokenizer.chat_template = CHAT_TEMPLATE
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-        try:
+
+        def fill(tmp: Path) -> None:
             for f in base.iterdir():
                 if not f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                     shutil.copy2(f, tmp / f.name)
             tokenizer.save_pretrained(tmp)
-            os.replace(tmp, target)  # atomic; if another process won the race, keep theirs
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish(target, fill)
     return target
+
+
+def publish(target: Path, fill) -> None:
+    """Make the model folder `target` whole or not at all: `fill(tmp)` writes it into a temporary sibling that
+    replaces `target` atomically; if another process won the race (its folder is whole), keep theirs."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        fill(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _corpus_files() -> list[Path]:
@@ -175,18 +185,12 @@ def _build(target: Path) -> None:
         _pretrain(model, tokenizer)
     finally:
         torch.random.set_rng_state(generator_state)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "RECIPE.json").write_text(json.dumps(RECIPE, indent=2) + "\n")
-        os.replace(tmp, target)  # atomic; if another process won the race, keep theirs
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish(target, fill)
 
 
 if __name__ == "__main__":

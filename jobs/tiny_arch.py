@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -50,6 +47,8 @@ def _build(arch: str, tokenizer_dir: Path, target: Path) -> None:
     import torch
     import transformers
 
+    from jobs.tiny import publish
+
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     config_class, extra = ARCHS[arch]
     config = getattr(transformers, config_class)(
@@ -61,17 +60,11 @@ def _build(arch: str, tokenizer_dir: Path, target: Path) -> None:
         model = transformers.AutoModelForCausalLM.from_config(config)
     finally:
         torch.random.set_rng_state(state)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic; if another process won the race, keep theirs
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish(target, fill)
 
 
 if __name__ == "__main__":
