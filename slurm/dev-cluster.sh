@@ -31,7 +31,7 @@
 set -euo pipefail
 
 PROG=$(basename "$0")
-PACKAGES=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server)
+PACKAGES=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server iproute2)  # iproute2: the two-node mode's namespaces
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)  # start order; stop goes backwards
 CLUSTER_NAME=lorahpo
 
@@ -132,6 +132,7 @@ install_packages() {
     command -v slurmdbd >/dev/null || missing+=(slurmdbd)
     command -v munged >/dev/null || missing+=(munge)
     command -v mariadbd >/dev/null || missing+=(mariadb-server)
+    command -v ip >/dev/null || missing+=(iproute2)
     [[ ${#missing[@]} -eq 0 ]] && return 0
     command -v apt-get >/dev/null ||
         die "missing ${missing[*]} and apt-get is not available: install ${PACKAGES[*]} yourself"
