@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator.search.landscapes import paper_landscape
 from orchestrator.search.searchers import Observation, Pending, make_searcher
+from orchestrator.search.searchers.async_mads import CONVERGED
 from orchestrator.search.searchers.mads_steps import Box, QuadModel, frame, latin_hypercube, poll_steps
 from orchestrator.search.space import SearchSpace, paper_space
 
@@ -68,21 +69,35 @@ def test_latin_hypercube_hits_every_stratum_once():
     assert sorted(np.floor(box.scale(points)[:, 1] * 10)) == list(range(10))
 
 
-def test_failed_polls_halve_the_frame_around_an_incumbent_nothing_beats():
+def test_failed_polls_halve_the_frame_around_an_incumbent_nothing_beats(monkeypatch):
     """One real variable, best at X0: every poll fails, so MADS polls X0 +- frame with the frame
-    halving at each level, down to the finest (global points come in between, a share of the budget:
-    hence 160)."""
+    halving at each level down to CONVERGED, where the episode ends (global points come in between; the
+    stall rule, which would end the episode sooner on a few results per level, is off here)."""
+    from orchestrator.search.searchers import async_mads
+    monkeypatch.setattr(async_mads, "STALL", 10 ** 6)
     space = SearchSpace.from_dict({"lr": {"log": [1e-6, 1e-3], "default": 1e-5}})
-    handed = run(build(budget=160, space=space), lambda p: (math.log10(p["lr"]) + 5) ** 2)
+    handed = run(build(budget=60, space=space), lambda p: (math.log10(p["lr"]) + 5) ** 2)
     offsets = [round(s.encoded[0] + 5, 6) for s in handed]
     assert offsets[0] == 0   # X0
     first_seen = []
-    for level in range(8):   # frame = range / 8 / 2^level
+    for level in range(CONVERGED + 1):   # frame = range / 8 / 2^level
         step = round(3 / 8 / 2 ** level, 6)
         assert step in offsets and -step in offsets, f"level {level}: X0 +- {step} not polled"
         first_seen.append(min(offsets.index(step), offsets.index(-step)))
     assert first_seen == sorted(first_seen)
     assert offsets.count(0) == 1   # X0 is never proposed again
+
+
+def test_episodes_find_the_deeper_of_two_basins(k=1):
+    """two_basins: the paper's broad basin (0.95) is a decoy, a narrower one holds 0.90. The first episode
+    polls down the broad one; a later episode starts in the basin the global model separates from it and
+    polls that one down: within 1% of 0.90 in 2 of these 3 seeds (bench/search_quality.py: 7 of 10)."""
+    from orchestrator.search.landscapes import TWO_BASINS_OPTIMUM, two_basins
+    hits = 0
+    for seed in range(3):
+        best = min(two_basins(s.point) for s in run(build(budget=100, parallel=k, seed=seed), two_basins, k=k))
+        hits += best <= 1.01 * TWO_BASINS_OPTIMUM
+    assert hits >= 2
 
 
 def test_quadratic_model_finds_the_minimum_of_a_quadratic():
@@ -167,8 +182,9 @@ def memory_and_hours(p):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_constraint_models_keep_the_search_off_the_infeasible_side(seed):
     """The constraint models hold back polls predicted infeasible and weigh the global step by feasibility:
-    few infeasible evaluations (random spends ~20 of 60 here, this profile spent ~18 before them), and the
-    feasible optimum (0.95429) is still reached."""
+    few infeasible evaluations (random spends ~20 of 60 here, this profile spent ~18 before them; its restarts,
+    which explore other basins, spend one or two more than the first episode alone), and the feasible optimum
+    (0.95429) is still reached."""
     searcher = build(budget=60, seed=seed, constraints=("pb", "eb"))
     infeasible, best = 0, math.inf
     while not searcher.finished:
@@ -177,4 +193,4 @@ def test_constraint_models_keep_the_search_off_the_infeasible_side(seed):
         searcher.tell(s.trial_id, value, cs)
         infeasible += any(c > 0 for c in cs)
         best = min(best, value) if all(c <= 0 for c in cs) else best
-    assert infeasible <= 10 and best < 0.955
+    assert infeasible <= 12 and best < 0.955

@@ -58,8 +58,31 @@ def test_expected_improvement_and_feasibility():
     assert p[0] > 0.99 and abs(p[1] - 0.5) < 1e-9 and p[2] < 0.01
 
 
-def test_choices_are_categories_for_the_objectives_model():
-    assert list(choice_mask(paper_space())) == [True, True, False, False]   # r index, dropout index, alpha, lr
+def test_only_unordered_categories_are_categories_for_the_objectives_model():
+    # the paper's r and dropout are ordered numbers (a rank's neighbour is alike): ordered coordinates
+    assert list(choice_mask(paper_space())) == [False, False, False, False]   # r index, dropout index, alpha, lr
+    from orchestrator.search.space import modern_space
+    space = modern_space()
+    mask = dict(zip(space.nomad_order or [d.name for d in space.dims], choice_mask(space)))
+    assert mask["target_modules"] and mask["use_dora"] and not mask["r"] and not mask["lr"]
+
+
+def test_the_hill_valley_test_tells_two_basins_from_one():
+    """The model's mean between a point and a converged one: a hill between them -> another basin."""
+    from orchestrator.search.space import SearchSpace
+    space = SearchSpace.from_dict({"lr": {"log": [1e-6, 1e-3], "default": 1e-5}})
+    box = Box.from_space(space)   # NOMAD's coordinate: log10(lr) in [-6, -3]; unit u = (c + 6) / 3
+    at = lambda u: np.array([-6.0 + 3.0 * u])  # noqa: E731
+    us = np.linspace(0.0, 1.0, 21)
+    two = [(f"k{i}", at(u), float(min((u - 0.15) ** 2, (u - 0.85) ** 2 + 0.01)), None) for i, u in enumerate(us)]
+    one = [(f"k{i}", at(u), float((u - 0.15) ** 2), None) for i, u in enumerate(us)]
+    away = lambda x: abs(box.scale(x)[0] - 0.15) > 0.2  # noqa: E731
+    search = GlobalSearch(box, (), choice_mask(space))
+    assert search.separated(two, at(0.85), [at(0.15)])
+    assert box.scale(search.other_basin(two, [at(0.15)], away)[1])[0] == pytest.approx(0.85)
+    search = GlobalSearch(box, (), choice_mask(space))
+    assert not search.separated(one, at(0.6), [at(0.15)])
+    assert search.other_basin(one, [at(0.15)], away) is None
 
 
 def paper_results(points, values, constraints=None):

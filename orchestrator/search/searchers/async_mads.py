@@ -18,7 +18,8 @@ centre (the incumbent) and a frame level (mads_steps.py: mesh, ORTHO 2N poll, qu
 its trial points are a speculative step (after a success, the same move again), one quadratic-model
 search point, one global point, then the 2n poll points ordered by the model. They are handed out one
 per free slot.
-- Global model (mads_global.py, a Gaussian process over every result, choices as categories): MADS is a
+- Global model (mads_global.py, a Gaussian process over every result; ``category`` dimensions as categories,
+  ordered ``choice`` numbers such as the rank as ordered coordinates): MADS is a
   local search, so a deeper basin elsewhere was found by luck. The global step proposes the point of
   largest expected improvement over ``XI`` (5%) below the best value: small gains are the poll's, the
   global step looks for another basin. It is the iteration's third search step and every
@@ -34,19 +35,28 @@ per free slot.
   next ``LOOKAHEAD`` levels, assuming this one fails (APPS's speculative refinement), then a point
   far from every point tried. So ``ask()`` never leaves a slot idle while budget remains. At K = 1
   the sequence is NOMAD's: search steps, then the opportunistic poll.
-- Stall: when the frame is at its finest, or no result has beaten the incumbent by more than ``GAIN`` in
-  ``STALL`` results (noise keeps a mesh from converging), the next ``BURST`` proposals are global points
-  (until one beats the incumbent), then the poll goes on; a converged poll stalls again at once (NOMAD
-  would stop; the budget left explores other basins instead of polling a converged one). With too few results for the global model, a restart instead: a new episode from a
-  Latin hypercube far from every point tried, whose quadratic model learns from its own points, and
-  points near an earlier episode's incumbent (``TABU``) cannot be its centre.
+- Episodes (a multi-start MADS; the basins told apart by a hill-valley test on the global model): an
+  episode ends when its poll fails at level ``CONVERGED`` (frame range/128; finer polls would refine one
+  basin of a noisy loss), when no result has beaten the incumbent by more than ``GAIN`` in ``STALL``
+  results of the episode (noise keeps a mesh from converging), or when its poll reaches the basin of an
+  earlier episode's incumbent. The next episode's centre is the best result that the model's mean
+  separates from every converged incumbent (a point of the segment between them is higher than both ends
+  by more than the fitted noise: ``GlobalSearch.separated``): a basin seen but never polled; its frame
+  starts at ``RESTART_LEVEL`` (range/32), so that its poll stays in that basin, and a result of another
+  basin (by the same test) or within ``TABU`` of an earlier incumbent never becomes its centre. Without
+  such a result, a Latin hypercube far from every point tried (constrained: predicted feasible first), and
+  while no point of it leads anywhere new, global points and points far from all tried (the rest of the
+  budget explores instead of polling a converged basin finer; a finer poll of a real loss mostly fits its
+  noise). On two_basins (bench/search_quality.py)
+  this is what finds the deeper basin; the old design (global points when stalled) found it in 0-6
+  studies of 10.
 - Noise: when the global model's fitted noise sd exceeds ``NOISY`` (1%) of the losses' sd, the
   centre is the episode's point of lowest model mean, not the lowest observed value: polls do not
   gather around a lucky draw (the incumbent's merit is then that mean).
 - Start: the default point (the paper's X0), then a Latin hypercube of ``lh_points`` points
-  (default ``max(2n, K) - 1``: the first K slots are filled with the start alone), then ``EARLY`` (30%)
-  of the budget in global points: a broad search first, the poll then refines the best basin found (on
-  the paper landscape this costs a few evaluations to 1%; on two_basins it finds the deeper basin).
+  (default ``max(2n, K) - 1``: the first K slots are filled with the start alone), then ``EARLY`` (10%)
+  of the budget in global points (not counted as a stall): a broad search first, the poll then refines
+  the best basin found, and later episodes the others.
   After a warm start there is no such phase (the earlier studies explored); after a resume, the
   replayed results count as proposals.
 - Failures (value None) count as evaluated, never become the incumbent, stay out of the model.
@@ -92,11 +102,13 @@ from orchestrator.search.space import SearchSpace
 LEVEL_MIN, LEVEL_MAX = -2, 7   # frame = range/2 .. range/1024 (reals; integers stop at 1)
 MODEL_SHARE = 2                # with K slots, up to K / MODEL_SHARE model points run at once
 LOOKAHEAD = 2                  # finer levels polled ahead while the current poll is running
-GAIN, STALL = 0.001, 24        # no gain > 0.1% in 24 results of an episode: stalled (global points)
+GAIN, STALL = 0.001, 16        # no gain > 0.1% in 16 results of an episode: stalled (a new episode)
 TABU = 0.25                    # (unit box) around earlier episodes' incumbents: no centre there
 MODEL_MIN = 2                  # the quadratic model needs n + MODEL_MIN results
-EARLY = 0.3                    # the first 30% of the budget's proposals after the start are global
-BURST = 30                     # stalled: the next 30 proposals are global (then the poll goes on)
+EARLY = 0.1                    # the first 10% of the budget's proposals after the start are global
+CONVERGED = 4                  # a failed poll at this level (frame range/128 reals) ends the episode
+RESTART_POOL = 4               # constrained: a restart's hypercube keeps 2n of 4 x 2n points, predicted feasible first
+RESTART_LEVEL = 2              # a new episode's first frame (range/32): a poll that stays in its basin
 GLOBAL_EVERY = 4               # every 4th proposal after the start is the global model's
 
 
@@ -117,6 +129,7 @@ class AsyncMadsSearcher(LedgerSearcher):
         self._episode = 0                      # a restart begins a new one
         self._told_in_episode = self._last_gain = 0
         self._converged: list = []             # the incumbents of earlier episodes
+        self._known_basin = False              # this episode's poll reached an earlier episode's basin
         self._center: tuple[str, np.ndarray, tuple] | None = None        # incumbent (key, x, (h, value))
         self._move: np.ndarray | None = None   # the step that made the incumbent, for the speculative step
         self._level = 0
@@ -127,7 +140,6 @@ class AsyncMadsSearcher(LedgerSearcher):
         self._global = GlobalSearch(self._box, kinds, choice_mask(space))
         self._asks = 0                         # proposals after the start: every GLOBAL_EVERY-th is global
         self._early = EARLY * budget           # ... and the first EARLY share of the budget
-        self._global_until = 0                 # stalled: global points up to this proposal (or a success)
 
     # -- protocol ------------------------------------------------------------------------------
     def ask(self) -> Suggestion | None:
@@ -196,8 +208,13 @@ class AsyncMadsSearcher(LedgerSearcher):
         merit = (h, value)   # feasibility first: the least violation, then the value
         if self._center is not None and merit >= self._center[2]:
             return
-        if any(np.linalg.norm(self._box.scale(x) - self._box.scale(old)) < TABU for old in self._converged):
+        if self._near_converged(x):
+            if level is not None:   # the poll walked into an earlier episode's basin: a new episode
+                self._known_basin = True
             return   # the basin of an earlier episode: not a centre for this one
+        if self._center is not None and self._converged and \
+                self._global.separated(self._listed(), x, [self._center[1]]):
+            return   # a restarted episode stays in its basin
         old = self._center[2] if self._center is not None else None
         if old is None or h < old[0] or old[1] - value > GAIN * abs(old[1]):
             self._last_gain = self._told_in_episode
@@ -208,7 +225,6 @@ class AsyncMadsSearcher(LedgerSearcher):
             self._move = None
             if self._center is not None:   # a global point: another basin, a coarse frame
                 self._level = 0
-        self._global_until = 0
         self._center = (key, x, merit)
 
     def _propose(self) -> tuple[np.ndarray, int | None, str] | None:
@@ -218,7 +234,7 @@ class AsyncMadsSearcher(LedgerSearcher):
         self._advance()
         self._asks += 1
         early = self._asks <= self._early
-        if self._asks <= self._global_until or early or self._asks % GLOBAL_EVERY == 0:
+        if early or self._asks % GLOBAL_EVERY == 0:
             x = self._global_point()
             if x is not None:
                 return x, None, "global"
@@ -267,8 +283,8 @@ class AsyncMadsSearcher(LedgerSearcher):
         """Apply the outcome of finished iterations: all poll points evaluated, none better -> refine."""
         if self._center is not None:
             self._recenter()
-        if self._center is not None and self._told_in_episode - self._last_gain >= STALL:
-            self._stall()
+        if self._center is not None and (self._known_basin or self._told_in_episode - self._last_gain >= STALL):
+            self._restart()
         for _ in range(LEVEL_MAX - LEVEL_MIN + 2):
             if self._center is None:
                 return
@@ -277,9 +293,8 @@ class AsyncMadsSearcher(LedgerSearcher):
             if any(self._key(x) not in self._results and self._key(x) not in held for x in poll):
                 return
             self._level += 1
-            if self._level > LEVEL_MAX:
-                self._level = LEVEL_MAX
-                self._stall()
+            if self._level > CONVERGED:
+                self._restart()
                 return
 
     def _recenter(self) -> None:
@@ -288,29 +303,39 @@ class AsyncMadsSearcher(LedgerSearcher):
         points = [(key, x, violation(cs, kinds)) for key, (x, f, episode, cs) in self._results.items()
                   if f is not None and episode == self._episode]
         points = [(key, x, h) for key, x, (eb, h) in points if not eb and h <= self._center[2][0]]
+        if self._converged and self._global.model.noisy:   # not another episode's basin, nor another basin
+            center = [self._center[1]]
+            points = [p for p in points if p[0] == self._center[0] or not self._near_converged(p[1]) and
+                      not self._global.separated(self._listed(), p[1], center)]
         best = self._global.mean_center(self._listed(), [x for _, x, _ in points])
         if best is not None and points[best[0]][0] != self._center[0]:
             key, x, h = points[best[0]]
             self._center, self._move = (key, x, (h, best[1])), None
 
-    def _stall(self) -> None:
-        """No gain for STALL results, or the finest frame polled: global points until one beats the incumbent
-        (a restart from a Latin hypercube when there are too few results for the global model)."""
-        if self._global.fit(self._listed()) is None:
-            self._restart()
-            return
-        self._global_until = self._asks + BURST
-        self._last_gain = self._told_in_episode + BURST   # the poll gets STALL results after the burst
+    def _near_converged(self, x: np.ndarray) -> bool:
+        if any(np.linalg.norm(self._box.scale(x) - self._box.scale(old)) < TABU for old in self._converged):
+            return True
+        return not self._global.separated(self._listed(), x, self._converged)
 
     def _restart(self) -> None:
         """The episode has converged or stalled: a new one from a Latin hypercube far from all points."""
         self._episode += 1
         self._converged.append(self._center[1])
-        self._level, self._center, self._move = 0, None, None
+        self._level, self._center, self._move = RESTART_LEVEL, None, None
+        self._known_basin = False
         self._told_in_episode = self._last_gain = 0
+        other = self._global.other_basin(self._listed(), self._converged, lambda x: not self._near_converged(x))
+        if other is not None:   # a result in another basin than every converged one: its centre
+            key, x, value, cs = other
+            self._results[key] = (x, value, self._episode, cs)
+            self._center = (key, x, (violation(cs, self._ledger.kinds)[1], value))
+            self._start = []
+            return
         taken = np.array([x for x, *_ in self._results.values()] + [x for _, x, *_ in self._running.values()])
-        self._start = latin_hypercube(self._box, 2 * len(self._box.lo), self._rng("lh", self._episode),
-                                      avoid=taken)
+        n = 2 * len(self._box.lo)
+        lh = latin_hypercube(self._box, n * (RESTART_POOL if self._ledger.kinds else 1),
+                             self._rng("lh", self._episode), avoid=taken)
+        self._start = self._feasible_first(lh)[:n]
 
     def _candidates(self, level: int, depth: int):
         """The iteration's points in order (a generator: later steps are computed only when reached):
@@ -354,10 +379,10 @@ class AsyncMadsSearcher(LedgerSearcher):
         rng = self._rng("global", len(self._results), len(self._running), self._episode)
         return self._global.point(self._listed(), running, rng, lambda x: self._key(x) not in self._ledger.seen)
 
-    def _held_back(self, xs: list) -> set:
+    def _held_back(self, xs: list, always: bool = False) -> set:
         """Keys of the poll points the constraint models predict infeasible, once the incumbent is feasible:
-        the poll skips them and counts them as failed."""
-        if self._center is None or self._center[2][0] > 0:
+        the poll skips them and counts them as failed (``always``: whatever the incumbent; restarts, exploration)."""
+        if not xs or not always and (self._center is None or self._center[2][0] > 0):
             return set()
         return {self._key(x) for x, held in zip(xs, self._global.held_back(self._listed(), xs)) if held}
 
@@ -386,9 +411,17 @@ class AsyncMadsSearcher(LedgerSearcher):
     def _explore(self) -> tuple[np.ndarray, None, str] | None:
         """A point far from every point tried or running (nothing else to propose)."""
         taken = np.array([x for x, *_ in self._results.values()] + [x for _, x, *_ in self._running.values()])
+        fallback = None
         for _ in range(50):
             self._explored += 1
             x = farthest_point(self._box, taken, self._rng("explore", self._explored))
             if self._key(x) not in self._ledger.seen:
-                return x, None, "explore"
-        return None
+                if not self._held_back([x], always=True):
+                    return x, None, "explore"
+                fallback = fallback if fallback is not None else x
+        return None if fallback is None else (fallback, None, "explore")
+
+    def _feasible_first(self, xs: list) -> list:
+        """``xs`` with the points the constraint models predict infeasible moved last (order kept otherwise)."""
+        held = self._held_back(xs, always=True)
+        return [x for x in xs if self._key(x) not in held] + [x for x in xs if self._key(x) in held]

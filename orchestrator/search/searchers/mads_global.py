@@ -24,7 +24,8 @@ import numpy as np
 from orchestrator.search.searchers.base import violation
 from orchestrator.search.searchers.gp import GP, expected_improvement, feasible_probability
 from orchestrator.search.searchers.mads_steps import Box
-from orchestrator.search.space import Choice, SearchSpace
+from orchestrator.search.category import Category
+from orchestrator.search.space import SearchSpace
 
 RANDOM_CANDIDATES = 1000        # uniform points of the box per proposal
 LOCAL_CANDIDATES = 60           # per (best point, scale): gaussian perturbations in the unit box
@@ -37,6 +38,8 @@ XI = 0.05                       # the global step looks for improvements of 5% o
 P_FEASIBLE = 0.5                # a poll point less likely than this to be feasible is held back
 NOISY = 0.01                    # noisy: a fitted noise sd above 1% of the losses' sd (noise-free fits: ~0.1%)
 NOISE_MIN_POINTS = 15           # ... judged on 15 results at least (a few points leave the noise unidentified)
+HILL_STEPS = (0.2, 0.4, 0.6, 0.8)   # the hill-valley test's points on a segment
+HILL_CANDIDATES = 30            # the best results tried as another basin's centre
 TOP = 200                       # proposals scanned for one not seen yet
 
 
@@ -44,7 +47,7 @@ def choice_mask(space: SearchSpace) -> np.ndarray:
     """Which NOMAD coordinates index a ``choice``: the objective's model treats them as categories."""
     by_name = {dim.name: dim for dim in space.dims}
     order = space.nomad_order or [dim.name for dim in space.dims]
-    return np.array([isinstance(by_name[name], Choice) for name in order])
+    return np.array([isinstance(by_name[name], Category) for name in order])
 
 
 class GlobalModel:
@@ -178,6 +181,32 @@ class GlobalSearch:
         pending = np.asarray(pending, float).reshape(-1, len(self.box.lo))
         proposals = self.model.propose(np.array([x for _, x, _, _ in ranked]), target, pending, rng)
         return next((x for x in proposals[:TOP] if unseen(x)), None)
+
+    def other_basin(self, results: list, converged: list, allowed) -> tuple | None:
+        """The best feasible result ``(key, x, value, constraints)`` (``allowed(x)`` True) that the objective's model
+        separates from every ``converged`` point (``separated``); None without a model or such a result."""
+        fitted = self.fit(results)
+        if fitted is None or not converged:
+            return None
+        for row in fitted[0][:HILL_CANDIDATES]:
+            if violation(row[3], self.kinds) == (False, 0) and allowed(row[1]) and \
+                    self.separated(results, row[1], converged):
+                return row
+        return None
+
+    def separated(self, results: list, x: np.ndarray, converged: list) -> bool:
+        """The hill-valley test on the model's mean: on the segment from ``x`` to each ``converged`` point some
+        point is higher than both ends (by more than the fitted noise), so ``x`` lies in another basin. True
+        without a model or converged points."""
+        if not converged or self.fit(results) is None:
+            return True
+        ends = self.box.scale(np.array(converged, float))
+        u = self.box.scale(np.asarray(x, float))
+        gp = self.model.objective
+        segments = np.vstack([u + t * (ends - u) for t in HILL_STEPS])           # steps x converged
+        mean = gp.predict(segments)[0].reshape(len(HILL_STEPS), len(ends))
+        here, there = gp.predict(u[None])[0][0], gp.predict(ends)[0]
+        return bool(np.all(mean.max(axis=0) > np.maximum(here, there) + self.model.noise_sd))
 
     def held_back(self, results: list, xs: list) -> list[bool]:
         """Per point: the constraint models give it less than P_FEASIBLE chance of feasibility."""
