@@ -182,9 +182,9 @@ def memory_and_hours(p):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_constraint_models_keep_the_search_off_the_infeasible_side(seed):
     """The constraint models hold back polls predicted infeasible and weigh the global step by feasibility:
-    few infeasible evaluations (random spends ~20 of 60 here, this profile spent ~18 before them; its restarts,
-    which explore other basins, spend one or two more than the first episode alone), and the feasible optimum
-    (0.95429) is still reached."""
+    few infeasible evaluations (random spends ~20 of 60 here, this profile spent ~18 before them, 7-9 now: the
+    restarts' hypercubes and the points far from all tried are drawn among the predicted feasible), and the
+    feasible optimum (0.95429) is still reached."""
     searcher = build(budget=60, seed=seed, constraints=("pb", "eb"))
     infeasible, best = 0, math.inf
     while not searcher.finished:
@@ -193,4 +193,4 @@ def test_constraint_models_keep_the_search_off_the_infeasible_side(seed):
         searcher.tell(s.trial_id, value, cs)
         infeasible += any(c > 0 for c in cs)
         best = min(best, value) if all(c <= 0 for c in cs) else best
-    assert infeasible <= 12 and best < 0.955
+    assert infeasible <= 10 and best < 0.955

@@ -411,15 +411,15 @@ class AsyncMadsSearcher(LedgerSearcher):
     def _explore(self) -> tuple[np.ndarray, None, str] | None:
         """A point far from every point tried or running (nothing else to propose)."""
         taken = np.array([x for x, *_ in self._results.values()] + [x for _, x, *_ in self._running.values()])
-        fallback = None
+        feasible = None
+        if self._ledger.kinds:   # constrained: far from all, among the points predicted feasible
+            feasible = lambda xs: np.logical_not(self._global.held_back(self._listed(), list(xs)))  # noqa: E731
         for _ in range(50):
             self._explored += 1
-            x = farthest_point(self._box, taken, self._rng("explore", self._explored))
+            x = farthest_point(self._box, taken, self._rng("explore", self._explored), allowed=feasible)
             if self._key(x) not in self._ledger.seen:
-                if not self._held_back([x], always=True):
-                    return x, None, "explore"
-                fallback = fallback if fallback is not None else x
-        return None if fallback is None else (fallback, None, "explore")
+                return x, None, "explore"
+        return None
 
     def _feasible_first(self, xs: list) -> list:
         """``xs`` with the points the constraint models predict infeasible moved last (order kept otherwise)."""

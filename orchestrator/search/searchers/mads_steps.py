@@ -119,9 +119,14 @@ def latin_hypercube(box: Box, n: int, rng: np.random.Generator, tries: int = 20,
     return list(best)
 
 
-def farthest_point(box: Box, taken: np.ndarray, rng: np.random.Generator, tries: int = 256) -> np.ndarray:
-    """A random point far from every point in ``taken`` (a space-filling search step)."""
+def farthest_point(box: Box, taken: np.ndarray, rng: np.random.Generator, tries: int = 256,
+                   allowed=None) -> np.ndarray:
+    """A random point far from every point in ``taken`` (a space-filling search step); ``allowed(candidates)``
+    (a boolean mask) restricts the choice where it leaves any candidate."""
     candidates = np.array([box.from_unit(u) for u in rng.random((tries, len(box.lo)))])
+    if allowed is not None:
+        mask = np.asarray(allowed(candidates), bool)
+        candidates = candidates[mask] if mask.any() else candidates
     if len(taken) == 0:
         return candidates[0]
     dist = np.linalg.norm(box.scale(candidates)[:, None] - box.scale(taken)[None], axis=2).min(axis=1)
