@@ -2,7 +2,7 @@
 
 MADS is a local search: its poll and its quadratic model look around one incumbent, so a deeper basin
 elsewhere is found only by luck (a Latin-hypercube point, a restart). ``GlobalModel`` gives it what Optuna's
-GP sampler has and MADS lacks, used in three places:
+GP sampler has and MADS lacks, used in four places:
 
 - a **global search step** (``propose``): the point of the largest expected improvement (times the
   probability that every constraint holds) among random points of the whole box and perturbations of the
@@ -10,7 +10,10 @@ GP sampler has and MADS lacks, used in three places:
 - a **noise-aware incumbent** (``means`` / ``noise_sd``): the model's mean at the points tried, so that a poll
   centre is not a lucky draw next to better points;
 - **constraint models** (``feasible``): the probability that a point satisfies every constraint, so that
-  polls predicted infeasible are held back (async_mads.py says when).
+  polls predicted infeasible are held back (async_mads.py says when);
+- **basins** (``separated``, ``other_basin``): the hill-valley test on the model's mean (a point of the segment
+  between two points is higher than both ends, by more than the fitted noise: they lie in different basins),
+  so that a new episode of the MADS starts in a basin no earlier episode polled, and stays there.
 
 The GP (gp.py) is refitted (hyperparameters by marginal likelihood) when the data grew by ``REFIT_GROWTH`` or
 ``REFIT_EVERY`` points since the last fit, and otherwise only updated with the new points (same hyperparameters):
