@@ -130,6 +130,7 @@ class AsyncMadsSearcher(LedgerSearcher):
         self._told_in_episode = self._last_gain = 0
         self._converged: list = []             # the incumbents of earlier episodes
         self._known_basin = False              # this episode's poll reached an earlier episode's basin
+        self._feasible_seen = False            # a result satisfied every constraint
         self._center: tuple[str, np.ndarray, tuple] | None = None        # incumbent (key, x, (h, value))
         self._move: np.ndarray | None = None   # the step that made the incumbent, for the speculative step
         self._level = 0
@@ -206,8 +207,11 @@ class AsyncMadsSearcher(LedgerSearcher):
         if eb:
             return   # extreme barrier: never the incumbent
         merit = (h, value)   # feasibility first: the least violation, then the value
+        self._feasible_seen |= h == 0
         if self._center is not None and merit >= self._center[2]:
             return
+        if h > 0 and self._feasible_seen:
+            return   # a new episode starts from a feasible point once one is known
         if self._near_converged(x):
             if level is not None:   # the poll walked into an earlier episode's basin: a new episode
                 self._known_basin = True
