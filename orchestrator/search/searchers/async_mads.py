@@ -55,8 +55,8 @@ per free slot.
   gather around a lucky draw (the incumbent's merit is then that mean).
 - Start: the default point (the paper's X0), then a Latin hypercube of ``lh_points`` points
   (default ``max(2n, K) - 1``: the first K slots are filled with the start alone), then ``EARLY`` (10%)
-  of the budget in global points (not counted as a stall): a broad search first, the poll then refines
-  the best basin found, and later episodes the others.
+  of the budget in global points: a broad search first, the poll then refines the best basin found, and
+  later episodes the others.
   After a warm start there is no such phase (the earlier studies explored); after a resume, the
   replayed results count as proposals.
 - Failures (value None) count as evaluated, never become the incumbent, stay out of the model.
@@ -316,10 +316,12 @@ class AsyncMadsSearcher(LedgerSearcher):
             key, x, h = points[best[0]]
             self._center, self._move = (key, x, (h, best[1])), None
 
+    def _in_tabu(self, x: np.ndarray) -> bool:
+        return any(np.linalg.norm(self._box.scale(x) - self._box.scale(old)) < TABU for old in self._converged)
+
     def _near_converged(self, x: np.ndarray) -> bool:
-        if any(np.linalg.norm(self._box.scale(x) - self._box.scale(old)) < TABU for old in self._converged):
-            return True
-        return not self._global.separated(self._listed(), x, self._converged)
+        """Within TABU of an earlier episode's incumbent, or in its basin (not separated by the global model)."""
+        return self._in_tabu(x) or not self._global.separated(self._listed(), x, self._converged)
 
     def _restart(self) -> None:
         """The episode has converged or stalled: a new one from a Latin hypercube far from all points."""
@@ -328,7 +330,7 @@ class AsyncMadsSearcher(LedgerSearcher):
         self._level, self._center, self._move = RESTART_LEVEL, None, None
         self._known_basin = False
         self._told_in_episode = self._last_gain = 0
-        other = self._global.other_basin(self._listed(), self._converged, lambda x: not self._near_converged(x))
+        other = self._global.other_basin(self._listed(), self._converged, lambda x: not self._in_tabu(x))
         if other is not None:   # a result in another basin than every converged one: its centre
             key, x, value, cs = other
             self._results[key] = (x, value, self._episode, cs)

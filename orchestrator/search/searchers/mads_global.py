@@ -47,7 +47,8 @@ TOP = 200                       # proposals scanned for one not seen yet
 
 
 def choice_mask(space: SearchSpace) -> np.ndarray:
-    """Which NOMAD coordinates index a ``choice``: the objective's model treats them as categories."""
+    """Which NOMAD coordinates index a ``category`` (unordered values): the objective's model treats them as
+    categories; ordered ``choice`` numbers (the rank, dropout) stay ordered coordinates."""
     by_name = {dim.name: dim for dim in space.dims}
     order = space.nomad_order or [dim.name for dim in space.dims]
     return np.array([isinstance(by_name[name], Category) for name in order])
