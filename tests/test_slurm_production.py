@@ -195,6 +195,10 @@ def test_pending_trials_show_why_they_wait_and_status_asks_slurm(slurm_productio
             [*orchestrator_cmd(), "status", "--study", "waits", "--workdir", str(tmp_path / "runs")],
             capture_output=True, text=True).stdout) and out, 60, "status showing the pending reason")
         assert "running 0, pending 1" in shown, shown
+        # `status` asks SLURM itself; the study learns the reason on its own next poll: wait for that event too
+        progress = tmp_path / "runs" / "waits" / "progress.txt"
+        wait_until(lambda: progress.exists() and "pending (Resources)" in progress.read_text(), 60,
+                   "the study's own line showing the pending reason", proc)
     finally:
         subprocess.run(["scancel", blocker])
     output = finish(proc, 120)
