@@ -33,9 +33,11 @@ def _group_alive(pgid: int) -> bool:
 
 def test_the_ui_answers_and_ctrl_c_stops_all_of_it(tmp_path):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "ui", "--tracking-uri",
-                             f"sqlite:///{tmp_path}/mlflow.db", "--port", str(port)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "ui.log"  # a file, not a pipe nobody reads: the server's access log must never block it
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "ui", "--tracking-uri",
+                                 f"sqlite:///{tmp_path}/mlflow.db", "--port", str(port)], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
     while True:
         try:
@@ -44,16 +46,16 @@ def test_the_ui_answers_and_ctrl_c_stops_all_of_it(tmp_path):
                     break
         except OSError:
             pass
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, log.read_text()
         assert time.time() < deadline, "the UI never answered"
         time.sleep(0.5)
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert children, "the server runs as a child process"
     server_group = os.getpgid(int(children[0]))
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 0
+    assert proc.wait(timeout=60) == 0, log.read_text()
     deadline = time.time() + 30
     while _group_alive(server_group):  # the server and every worker it started
         assert time.time() < deadline, "processes of the UI server are left behind"
         time.sleep(0.2)
-    assert "http://127.0.0.1" in proc.stdout.read()
+    assert "http://127.0.0.1" in log.read_text()
