@@ -14,6 +14,8 @@ from orchestrator.search.landscapes import modern_landscape, modern_optimum
 from orchestrator.search.searchers import Observation, Pending, make_searcher
 from orchestrator.search.space import SearchSpace, SpaceError, modern_space
 
+from .drive import drive as drive_searcher
+
 pytestmark = pytest.mark.timeout(120)
 
 SPACE = modern_space()
@@ -30,17 +32,10 @@ def build(algo, budget=30, parallel=1, seed=0, n_objectives=1, kinds=()):
 
 
 def drive(searcher, parallel=1, stop_after=None, running=(), constraint=None, objective=modern_landscape):
-    pending, told = list(running), []
-    while not searcher.finished and (stop_after is None or len(told) < stop_after):
-        while len(pending) < parallel and (s := searcher.ask()) is not None:
-            pending.append(s)
-        if not pending:
-            break
-        s = pending.pop(0)
-        value = objective(s.point)
-        searcher.tell(s.trial_id, value, constraints=[constraint(s.point)] if constraint else None)
-        told.append((s, value))
-    return told, pending
+    """tests/drive.py's loop: the told (suggestion, value) pairs and the suggestions still pending."""
+    told, pending = drive_searcher(searcher, lambda p: (objective(p), [constraint(p)] if constraint else None),
+                                   parallel, stop_after, running)
+    return [(s, value) for s, value, _ in told], pending
 
 
 def keys(suggestions):

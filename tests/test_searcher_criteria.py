@@ -14,6 +14,8 @@ from orchestrator.search.landscapes import paper_landscape
 from orchestrator.search.searchers import Observation, Pending, make_searcher
 from orchestrator.search.space import paper_space
 
+from .drive import drive
+
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
 SPACE = paper_space()
@@ -50,21 +52,6 @@ def build(algo, budget=30, parallel=1, seed=0, n_objectives=1, kinds=KINDS, **op
     algo, profile = PROFILES.get(algo, (algo, {}))
     return make_searcher(algo, SPACE, budget=budget, parallel=parallel, seed=seed, options={**profile, **options},
                          n_objectives=n_objectives, constraints=kinds)
-
-
-def drive(searcher, fn, parallel=1, stop_after=None, running=()):
-    """Study-loop stand-in: up to `parallel` pending, the oldest answered first; (told, still pending)."""
-    pending, told = list(running), []
-    while not searcher.finished and (stop_after is None or len(told) < stop_after):
-        while len(pending) < parallel and (s := searcher.ask()) is not None:
-            pending.append(s)
-        if not pending:
-            break
-        s = pending.pop(0)
-        value, cs = fn(s.point)
-        searcher.tell(s.trial_id, value, constraints=cs)
-        told.append((s, value, cs))
-    return told, pending
 
 
 def keys(points):

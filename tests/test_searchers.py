@@ -14,6 +14,8 @@ from orchestrator.search.landscapes import paper_landscape
 from orchestrator.search.searchers import Observation, Pending, make_searcher
 from orchestrator.search.space import paper_space
 
+from .drive import drive as drive_searcher
+
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]  # a NOMAD thread that deadlocks fails the test, not the suite
 
 PROFILES = {"nomad-paper": ("nomad", {"profile": "paper"}), "nomad-async": ("nomad", {"profile": "async"}),
@@ -31,28 +33,11 @@ def build(algo, budget=30, parallel=1, seed=0, **options):
 
 
 def drive(searcher, parallel=1, objective=paper_landscape, stop_after=None, running=()):
-    """Study-loop stand-in: fill up to `parallel` slots, answer the oldest first.
-
-    `running`: suggestions pending already (adopted by replay), answered first.
-    Returns the told (suggestion, value) pairs and the suggestions still pending when it stopped
-    (after `stop_after` results, or when the searcher finished / had nothing more to propose).
-    """
-    pending, told = list(running), []
-    while not searcher.finished and (stop_after is None or len(told) < stop_after):
-        while len(pending) < parallel:
-            suggestion = searcher.ask()
-            if suggestion is None:
-                break
-            keys = {paper_space().key(s.point) for s in pending}
-            assert paper_space().key(suggestion.point) not in keys, "a pending point was proposed again"
-            pending.append(suggestion)
-        if not pending:
-            break
-        suggestion = pending.pop(0)
-        value = objective(suggestion.point)
-        searcher.tell(suggestion.trial_id, value)
-        told.append((suggestion, value))
-    return told, pending
+    """tests/drive.py's loop on an objective without constraints: the told (suggestion, value) pairs and the
+    suggestions still pending; a pending point proposed again fails the test."""
+    told, pending = drive_searcher(searcher, lambda point: (objective(point), None), parallel, stop_after, running,
+                                   key=paper_space().key)
+    return [(s, value) for s, value, _ in told], pending
 
 
 def points(told):
