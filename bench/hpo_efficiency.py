@@ -27,9 +27,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from orchestrator.search.landscapes import OPTIMUM, paper_landscape  # noqa: E402
 from orchestrator.search.searchers import make_searcher  # noqa: E402
-from orchestrator.search.space import Choice, Int, Log, SearchSpace, paper_space  # noqa: E402
+from orchestrator.search.space import Category, Choice, Int, Log, SearchSpace, paper_space  # noqa: E402
 
 ALGOS = ("nomad", "nomad-async", "tpe", "optuna-tpe", "random", "default")
+
+
+def suggest(trial, space: SearchSpace, ordered: bool = False) -> dict:
+    """An Optuna trial's point of ``space`` (the benches' Optuna anchors): categories by their labels (Optuna takes
+    scalars; category.py), choices as categoricals (``ordered``: as indices, so that the sampler sees their
+    order), integers and log-uniform reals as such."""
+    point = {}
+    for dim in space.dims:
+        if isinstance(dim, Category):
+            point[dim.name] = dim.canonical_label(trial.suggest_categorical(dim.name, list(dim.labels)))
+        elif isinstance(dim, Choice) and ordered:
+            point[dim.name] = dim.values[trial.suggest_int(dim.name, 0, len(dim.values) - 1)]
+        elif isinstance(dim, Choice):
+            point[dim.name] = trial.suggest_categorical(dim.name, list(dim.values))
+        elif isinstance(dim, Int):
+            point[dim.name] = trial.suggest_int(dim.name, dim.low, dim.high)
+        elif isinstance(dim, Log):
+            point[dim.name] = trial.suggest_float(dim.name, dim.low, dim.high, log=True)
+    return point
 
 
 class OptunaTpe:
@@ -45,14 +64,7 @@ class OptunaTpe:
 
     def ask_point(self):
         trial = self.study.ask()
-        point = {}
-        for dim in self.space.dims:
-            if isinstance(dim, Choice):
-                point[dim.name] = trial.suggest_categorical(dim.name, list(dim.values))
-            elif isinstance(dim, Int):
-                point[dim.name] = trial.suggest_int(dim.name, dim.low, dim.high)
-            elif isinstance(dim, Log):
-                point[dim.name] = trial.suggest_float(dim.name, dim.low, dim.high, log=True)
+        point = suggest(trial, self.space)
         self.trials[trial.number] = trial
         return trial.number, point
 

@@ -30,10 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 
-from hpo_efficiency import incumbent_curve  # noqa: E402  (the same loop as the paper space's bench)
+from hpo_efficiency import incumbent_curve, suggest  # noqa: E402  (the same loop as the paper space's bench)
 from orchestrator.search.landscapes import modern_landscape, modern_optimum  # noqa: E402
 from orchestrator.search.searchers import make_searcher  # noqa: E402
-from orchestrator.search.space import Category, Choice, Int, Log, SearchSpace, modern_space  # noqa: E402
+from orchestrator.search.space import SearchSpace, modern_space  # noqa: E402
 
 OURS = ("nomad", "nomad-async", "tpe", "random", "default")
 PEERS = ("optuna-tpe", "optuna-gp")
@@ -57,16 +57,7 @@ class OptunaPeer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # GPSampler is "experimental" in Optuna's words
             trial = self.study.ask()
-            point = {}
-            for dim in self.space.dims:
-                if isinstance(dim, Category):   # Optuna takes scalars: the labels (category.py)
-                    point[dim.name] = dim.canonical_label(trial.suggest_categorical(dim.name, list(dim.labels)))
-                elif isinstance(dim, Choice):
-                    point[dim.name] = trial.suggest_categorical(dim.name, list(dim.values))
-                elif isinstance(dim, Int):
-                    point[dim.name] = trial.suggest_int(dim.name, dim.low, dim.high)
-                elif isinstance(dim, Log):
-                    point[dim.name] = trial.suggest_float(dim.name, dim.low, dim.high, log=True)
+            point = suggest(trial, self.space)
         self.trials[trial.number] = trial
         return trial.number, point
 

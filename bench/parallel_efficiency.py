@@ -51,10 +51,11 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 
+from hpo_efficiency import suggest  # noqa: E402  (the Optuna anchors' points, as in the other benches)
 from orchestrator.search.landscapes import (OPTIMUM, TWO_BASINS_OPTIMUM, paper_landscape,  # noqa: E402
                                             two_basins)
 from orchestrator.search.searchers import make_searcher  # noqa: E402
-from orchestrator.search.space import Choice, Int, Log, SearchSpace, paper_space  # noqa: E402
+from orchestrator.search.space import SearchSpace, paper_space  # noqa: E402
 
 OURS = {"nomad": {}, "nomad-async": {"profile": "async"}, "nomad-paper": {"profile": "paper"},
         "tpe": {}, "tpe-optuna": {"sampler": "optuna"}, "random": {}}
@@ -116,16 +117,7 @@ class OptunaAnchor:
 
     def ask(self):
         trial = self.study.ask()
-        point = {}
-        for dim in self.space.dims:
-            if isinstance(dim, Choice) and self.ordered:
-                point[dim.name] = dim.values[trial.suggest_int(dim.name, 0, len(dim.values) - 1)]
-            elif isinstance(dim, Choice):
-                point[dim.name] = trial.suggest_categorical(dim.name, list(dim.values))
-            elif isinstance(dim, Int):
-                point[dim.name] = trial.suggest_int(dim.name, dim.low, dim.high)
-            elif isinstance(dim, Log):
-                point[dim.name] = trial.suggest_float(dim.name, dim.low, dim.high, log=True)
+        point = suggest(trial, self.space, self.ordered)
         self.trials[trial.number] = trial
         return _Asked(trial.number, point)
 
