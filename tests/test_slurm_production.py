@@ -10,6 +10,8 @@ test waits for; the tests wait for events (a stop record, a state in sacct), nev
 print what recovery costs here (the figures in the README and slurm/README.md come from these lines).
 """
 import json
+import os
+import re
 import subprocess
 import time
 from datetime import datetime
@@ -181,19 +183,23 @@ def test_a_job_over_its_memory_is_a_failed_trial_that_says_so(slurm_production, 
 
 
 def test_pending_trials_show_why_they_wait_and_status_asks_slurm(slurm_production, tmp_path):
+    """While SLURM holds the trial's job, the study's line and `status` say why; once it runs, `status` says for
+    how long, from SLURM's start time, in any time zone (sacct prints local times)."""
+    gate = tmp_path / "gate"
     blocker = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--gres=gpu:4", "-t", "5", "-o",
                               str(tmp_path / "blocker-%j.out"), "--wrap", "sleep 300"],
                              capture_output=True, text=True, check=True).stdout.strip()
     try:
         wait_until(lambda: [["RUNNING"]] == sacct("-X", "-j", blocker, "-o", "State")[-1:], 60, "the blocker running")
+        launched = time.time()
         proc = orchestrator(tmp_path, "--study", "waits", "--algo", "random", "--budget", "1", "--executor", "slurm",
-                            "--objective", "tests.objectives:landscape", "--poll", "0.3",
-                            "--config", study_yaml(tmp_path, study="waits", resources={"gpus_per_node": 2}))
+                            "--objective", "tests.objectives:waits_for_file", "--poll", "0.3",
+                            "--config", study_yaml(tmp_path, study="waits", resources={"gpus_per_node": 2}),
+                            env={"LORA_HPO_TEST_GATE": str(gate)})
         journal = Journal(tmp_path / "runs" / "waits" / "journal.jsonl")
         wait_until(lambda: journal.exists() and any(t.job.job_id for t in journal.load().running), 60, "submission", proc)
-        shown = wait_until(lambda: "pending (Resources)" in (out := subprocess.run(
-            [*orchestrator_cmd(), "status", "--study", "waits", "--workdir", str(tmp_path / "runs")],
-            capture_output=True, text=True).stdout) and out, 60, "status showing the pending reason")
+        shown = wait_until(lambda: "pending (Resources)" in (out := status("waits", tmp_path)) and out, 60,
+                           "status showing the pending reason")
         assert "running 0, pending 1" in shown, shown
         # `status` asks SLURM itself; the study learns the reason on its own next poll: wait for that event too
         progress = tmp_path / "runs" / "waits" / "progress.txt"
@@ -201,8 +207,27 @@ def test_pending_trials_show_why_they_wait_and_status_asks_slurm(slurm_productio
                    "the study's own line showing the pending reason", proc)
     finally:
         subprocess.run(["scancel", blocker])
+    try:
+        job_id = journal.load().running[0].job.job_id
+        wait_until(lambda: (running_for(status("waits", tmp_path), job_id) or 0) >= 2, 120,
+                   "status saying the job has run for 2 s", proc)
+        out = status("waits", tmp_path, tz="America/New_York")   # 5 h off UTC: a clock read in the wrong zone
+        assert 2 <= running_for(out, job_id) <= time.time() - launched + 1, (time.time() - launched, out)
+    finally:
+        gate.touch()
     output = finish(proc, 120)
     assert "1 pending (Resources)" in output, output
+
+
+def status(study, tmp_path, tz="UTC") -> str:
+    return subprocess.run([*orchestrator_cmd(), "status", "--study", study, "--workdir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, env={**os.environ, "TZ": tz}).stdout
+
+
+def running_for(status_text, job_id) -> int | None:
+    """Seconds in `status`'s "running for H:MM:SS (job ID" of that job; None if it does not say so."""
+    found = re.search(rf"running for (\d+):(\d\d):(\d\d) \(job {job_id}\b", status_text)
+    return None if found is None else 3600 * int(found[1]) + 60 * int(found[2]) + int(found[3])
 
 
 def orchestrator_cmd():
