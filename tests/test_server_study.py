@@ -114,7 +114,8 @@ def test_a_finetune_study_against_the_server_end_to_end(lab, monkeypatch, tmp_pa
 def test_an_outage_of_the_server_loses_nothing_and_repeats_nothing(lab, monkeypatch, tmp_path):
     """The MLflow server is killed while two studies run and started again once both have gone on without it
     (at most OUTAGE_S later): one study goes on dispatching and collecting, ends and registers its champion once
-    the server is back; the other is killed during the outage and resumed after it. In the end every run, metric, artifact and version is there once."""
+    the server is back; the other is killed during the outage and resumed after it. In the end every run,
+    metric, artifact and version is there once."""
     layout = Layout(lab.folder)
     steady = orchestrator(tmp_path, lab, "alice", "--config", finetune_yaml(tmp_path, "steady", 4, steps=8),
                           env={"LORA_HPO_MIN_STEP_S": "0.5"})

@@ -189,25 +189,27 @@ def test_pending_trials_show_why_they_wait_and_status_asks_slurm(slurm_productio
     blocker = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--gres=gpu:4", "-t", "5", "-o",
                               str(tmp_path / "blocker-%j.out"), "--wrap", "sleep 300"],
                              capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        wait_until(lambda: [["RUNNING"]] == sacct("-X", "-j", blocker, "-o", "State")[-1:], 60, "the blocker running")
-        launched = time.time()
-        proc = orchestrator(tmp_path, "--study", "waits", "--algo", "random", "--budget", "1", "--executor", "slurm",
-                            "--objective", "tests.objectives:waits_for_file", "--poll", "0.3",
-                            "--config", study_yaml(tmp_path, study="waits", resources={"gpus_per_node": 2}),
-                            env={"LORA_HPO_TEST_GATE": str(gate)})
-        journal = Journal(tmp_path / "runs" / "waits" / "journal.jsonl")
-        wait_until(lambda: journal.exists() and any(t.job.job_id for t in journal.load().running), 60, "submission", proc)
-        shown = wait_until(lambda: "pending (Resources)" in (out := status("waits", tmp_path)) and out, 60,
-                           "status showing the pending reason")
-        assert "running 0, pending 1" in shown, shown
-        # `status` asks SLURM itself; the study learns the reason on its own next poll: wait for that event too
-        progress = tmp_path / "runs" / "waits" / "progress.txt"
-        wait_until(lambda: progress.exists() and "pending (Resources)" in progress.read_text(), 60,
-                   "the study's own line showing the pending reason", proc)
-    finally:
-        subprocess.run(["scancel", blocker])
-    try:
+    try:   # the gate opens whatever happens: no job of this test outlives it
+        try:
+            wait_until(lambda: [["RUNNING"]] == sacct("-X", "-j", blocker, "-o", "State")[-1:], 60,
+                       "the blocker running")
+            launched = time.time()
+            proc = orchestrator(tmp_path, "--study", "waits", "--algo", "random", "--budget", "1", "--executor",
+                                "slurm", "--objective", "tests.objectives:waits_for_file", "--poll", "0.3",
+                                "--config", study_yaml(tmp_path, study="waits", resources={"gpus_per_node": 2}),
+                                env={"LORA_HPO_TEST_GATE": str(gate)})
+            journal = Journal(tmp_path / "runs" / "waits" / "journal.jsonl")
+            wait_until(lambda: journal.exists() and any(t.job.job_id for t in journal.load().running), 60,
+                       "submission", proc)
+            shown = wait_until(lambda: "pending (Resources)" in (out := status("waits", tmp_path)) and out, 60,
+                               "status showing the pending reason")
+            assert "running 0, pending 1" in shown, shown
+            # `status` asks SLURM itself; the study learns the reason on its own next poll: wait for that too
+            progress = tmp_path / "runs" / "waits" / "progress.txt"
+            wait_until(lambda: progress.exists() and "pending (Resources)" in progress.read_text(), 60,
+                       "the study's own line showing the pending reason", proc)
+        finally:
+            subprocess.run(["scancel", blocker])
         job_id = journal.load().running[0].job.job_id
         wait_until(lambda: (running_for(status("waits", tmp_path), job_id) or 0) >= 2, 120,
                    "status saying the job has run for 2 s", proc)
