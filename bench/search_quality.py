@@ -34,7 +34,9 @@ Then every target of issue 24 that the run's cells allow, met or MISSED. ``--cac
 study's outcome (keyed by algo, landscape, K, seed, encoding, budget and ``SIM_VERSION``): the simulation is
 deterministic given the seed, so a re-run reads the same figures instead of recomputing them; our searchers'
 outcomes are keyed by a hash of their code too. ``--precompute`` only fills the cache (run several at once, one
-per landscape, then merge their files).
+per landscape, then merge their files). ``--anchor-rows REPORT`` takes the anchors' cells that the cache lacks from
+an earlier report (bench/data/search_quality_output.txt): the anchors do not depend on our code, so after a change
+of our searchers only their cells need simulating (minutes, not the GP's hours).
 """
 from __future__ import annotations
 
@@ -194,6 +196,31 @@ def run_cell(algo: str, name: str, land: pe.Landscape, k: int, budget: int, seed
     return best
 
 
+def report_rows(path: Path) -> dict:
+    """The anchors' rows of an earlier report (this script's output, e.g. bench/data/search_quality_output.txt):
+    {(landscape, algo, K): row} with the figures a row prints (no equal-time mark, no minimum utilisation).
+    The anchors do not depend on our code, so a report after a change of our searchers can take their rows from
+    the last one instead of hours of Optuna studies (the cache is not committed: 18 MB)."""
+    rows, lines = {}, path.read_text().splitlines()
+    header = [i for i, line in enumerate(lines) if line.split() == HEADER.split()]
+    for line in lines[header[0] + 1:] if header else []:
+        parts = line.split()
+        if not parts:
+            break   # the table ends at the first blank line
+        if len(parts) != 13 + len(MARKS) or parts[1].split("/")[0] not in pe.ANCHORS:
+            continue
+        name, algo, k, t, span, hits, evals, _, *rest = parts
+        marks, (infeasible, util, best, mean, secs) = rest[:len(MARKS)], rest[len(MARKS):]
+        t25, t75 = span.strip("[]").rsplit("-", 1)
+        got, n = hits.split("/")
+        rows[name, algo.split("/")[0], int(k)] = {
+            "name": algo, "t": float(t), "t25": float(t25), "t75": float(t75), "hits": int(got), "n": int(n),
+            "evals": float(evals), "marks": [float(m) for m in marks], "infeasible": float(infeasible),
+            "util": float(util), "champion": {"best": float(best), "mean": float(mean)}, "secs": float(secs),
+            "from_report": True}
+    return rows
+
+
 def _f(x: float, digits: int = 1) -> str:
     return "inf" if math.isinf(x) else f"{x:.{digits}f}"
 
@@ -280,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cached-only", action="store_true",
                         help="report the cached studies only (a cell shows how many seeds it has)")
     parser.add_argument("--rechampion", action="store_true", help="recompute cached studies' champions")
+    parser.add_argument("--anchor-rows", type=Path, default=None,
+                        help="take the anchors' cells that the cache lacks from this earlier report")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     lands = suite()
@@ -287,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(lands))
     if unknown:
         parser.error(f"--landscapes {unknown} unknown; valid: {list(lands)}")
+    earlier = report_rows(args.anchor_rows) if args.anchor_rows else {}
+    if args.anchor_rows and not earlier:
+        parser.error(f"--anchor-rows {args.anchor_rows}: no anchor row found; give a report of this script")
     cache = Cache(args.cache, args.cached_only, args.read)
     cache.rechampion = args.rechampion
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
@@ -294,12 +326,19 @@ def main(argv: list[str] | None = None) -> None:
         return precompute(names, args.k, seeds, args.budget, cache, args.algos)
     print(f"budget {args.budget}, seeds 0..{args.seeds - 1}, noise sd {NOISE} (-noisy), times in mean trial "
           f"lengths; medians over seeds")
+    if earlier:
+        print(f"anchor cells the cache lacks are {args.anchor_rows}'s rows ({len(earlier)} there; secs 0)")
     print(HEADER)
     table = {}
     for name in names:
         for algo in args.algos:
             for k in args.k:
-                row = run_cell(algo, name, lands[name], k, args.budget, seeds, cache)
+                if algo in pe.ANCHORS and (name, algo, k) in earlier:   # cached studies first, else the report's
+                    cache.only = True
+                    row = run_cell(algo, name, lands[name], k, args.budget, seeds, cache) or earlier[name, algo, k]
+                    cache.only = args.cached_only
+                else:
+                    row = run_cell(algo, name, lands[name], k, args.budget, seeds, cache)
                 if row is not None:
                     table[name, algo, k] = row
                     print_row(name, k, row, table.get((name, algo, 1)))

@@ -195,3 +195,19 @@ def test_constraint_models_keep_the_search_off_the_infeasible_side(seed):
         infeasible += any(c > 0 for c in cs)
         best = min(best, value) if all(c <= 0 for c in cs) else best
     assert infeasible <= 10 and best < 0.955
+
+
+def test_an_episode_that_walked_into_a_known_basin_adds_no_basin():
+    """An episode ends when its poll reaches an earlier episode's basin; its centre then lies on that basin's
+    slope, not at a minimum. Were it kept as a converged basin, the hill-valley test would find every point
+    downhill of it 'in a known basin' and end the next episode there (two_basins: the deep basin's episode was
+    ended so, and the rest of the budget explored). An episode that converged adds its incumbent."""
+    searcher = build(budget=100)
+    known, slope = np.array([7.0, 0.0, 64.0, -3.3]), np.array([4.0, 1.0, 30.0, -3.4])
+    searcher._converged = [known]
+    searcher._center, searcher._known_basin = (searcher._key(slope), slope, (0.0, 1.0)), True
+    searcher._restart()
+    assert [list(x) for x in searcher._converged] == [list(known)]
+    searcher._center = (searcher._key(slope), slope, (0.0, 1.0))   # converged (not a known basin)
+    searcher._restart()
+    assert [list(x) for x in searcher._converged] == [list(known), list(slope)]

@@ -39,8 +39,8 @@ per free slot.
   episode ends when its poll fails at level ``CONVERGED`` (frame range/128; finer polls would refine one
   basin of a noisy loss), when no result has beaten the incumbent by more than ``GAIN`` in ``STALL``
   results of the episode (noise keeps a mesh from converging), or when its poll reaches the basin of an
-  earlier episode's incumbent. The next episode's centre is the best result that the model's mean
-  separates from every converged incumbent (a point of the segment between them is higher than both ends
+  earlier episode's incumbent (such an episode adds no basin: its centre is on a known basin's slope). The
+  next episode's centre is the best result that the model's mean separates from every converged incumbent (a point of the segment between them is higher than both ends
   by more than the fitted noise: ``GlobalSearch.separated``): a basin seen but never polled; its frame
   starts at ``RESTART_LEVEL`` (range/32), so that its poll stays in that basin, and a result of another
   basin (by the same test) or within ``TABU`` of an earlier incumbent never becomes its centre. Without
@@ -326,7 +326,10 @@ class AsyncMadsSearcher(LedgerSearcher):
     def _restart(self) -> None:
         """The episode has converged or stalled: a new one from a Latin hypercube far from all points."""
         self._episode += 1
-        self._converged.append(self._center[1])
+        # an episode that walked into a known basin adds none: its centre lies on that basin's slope, and against
+        # a slope point the hill-valley test puts every point downhill of it 'in a known basin'
+        if not self._known_basin:
+            self._converged.append(self._center[1])
         self._level, self._center, self._move = RESTART_LEVEL, None, None
         self._known_basin = False
         self._told_in_episode = self._last_gain = 0

@@ -88,8 +88,9 @@ class GlobalModel:
         return True
 
     def _gp(self, name: str, u: np.ndarray, y: np.ndarray, cap: float | None, categorical: bool = True) -> GP:
-        """A constraint's model sees choices as ordered (a bound on memory grows with the rank: a trend to
-        extrapolate); the objective's as categories (GP's exploration of the untried ones)."""
+        """A constraint's model sees every choice as ordered (a bound on memory grows with the rank: a trend to
+        extrapolate); the objective's sees ``categorical`` (choice_mask: ``category`` dimensions as categories,
+        ordered ``choice`` numbers such as the rank as ordered coordinates)."""
         cat = self.categorical if categorical else None
         fitted, theta = self._theta.get(name, (0, None))
         if theta is not None and len(y) < max(fitted * REFIT_GROWTH, fitted + REFIT_EVERY):
