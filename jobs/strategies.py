@@ -67,13 +67,30 @@ def load(spec: FinetuneSpec, device: torch.device, dtype: torch.dtype, rank: int
         compute = torch.bfloat16 if device.type == "cuda" else torch.float32  # bnb's CPU kernels: fp32 is exact
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                     bnb_4bit_use_double_quant=spec.double_quant)
-        return load_base(spec.base_model, device, dtype, spec.attn_implementation, spec.tokenizer,
-                         quantization_config=config, device_map={"": device.index if device.type == "cuda" else "cpu"})
+        tokenizer, model = load_base(spec.base_model, device, dtype, spec.attn_implementation, spec.tokenizer,
+                                     quantization_config=config,
+                                     device_map={"": device.index if device.type == "cuda" else "cpu"})
+        if device.type == "cpu":
+            same_kernel_on_every_cpu(model)
+        return tokenizer, model
     if sharded(spec, world):
         if rank == 0:
             return load_base(spec.base_model, torch.device("cpu"), dtype, spec.attn_implementation, spec.tokenizer)
         return load_tokenizer(_path(spec.base_model), spec.tokenizer), None
     return load_base(spec.base_model, device, dtype, spec.attn_implementation, spec.tokenizer)
+
+
+def same_kernel_on_every_cpu(model) -> int:
+    """Turn off bitsandbytes' packed 4-bit inference path on CPUs with AVX512-BF16 (bnb >= 0.49: a Linear4bit in
+    eval mode without gradients repacks its weight and computes in bf16). It asserts out_features % 32 == 0 (the
+    tiny preset's layers are not), and it would make a validation loss depend on the CPU the job landed on; the
+    fp32 dequantize-then-matmul path is exact and the same everywhere. Returns the layers changed."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def hold(model, spec: FinetuneSpec, device: torch.device, dtype: torch.dtype, rank: int, world: int,

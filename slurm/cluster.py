@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import submitit
+from submitit.core.utils import JobPaths
 
 from slurm.dispatch import Attempt, Outcome
 from slurm.executors import Resources, pinned_python, slurm_available, submit_tasks
@@ -139,7 +140,18 @@ class SlurmBackend:
         return submitit.SlurmJob(folder=self.folder, job_id=job_id)  # its requeues are read from sacct -D
 
     def recover(self, name: str, tasks) -> dict[str, str]:
-        """The array named `name`: task i of the batch is array index i."""
+        """The array named `name`: task i of the batch is array index i. A job whose submitit pickle is missing
+        (the crash came after sbatch, before submitit renamed the pickle to ``<id>_submitted.pkl``) cannot run: it
+        would wait 60 s for the pickle and fail, a failed trial for a crash of the login node. It is cancelled and
+        left out, so that its task is submitted again."""
+        found = self._named(name, tasks)
+        for key, job_id in list(found.items()):
+            if not JobPaths(self.folder, job_id=job_id).submitted_pickle.exists():
+                run(["scancel", job_id])
+                del found[key]
+        return found
+
+    def _named(self, name: str, tasks) -> dict[str, str]:
         ids = set()
         for cmd in (["squeue", "-h", "-r", "--states=all", "-n", name, "-o", "%i"],
                     ["sacct", "-n", "-X", "-P", "-S", "now-7days", "--name", name, "-o", "JobID"]):

@@ -252,6 +252,39 @@ PROBE = "import os\nimport time\n\n\ndef value(point):\n    time.sleep(float(os.
         "    return {value}\n"
 
 
+
+def test_a_crash_between_sbatch_and_submitits_pickle_resubmits_instead_of_adopting(slurm_cluster, tmp_path, monkeypatch):
+    """The window CI hit (a kill -9 after sbatch returned, before submitit renamed its pickle to
+    <id>_submitted.pkl): recovery found the job by its name, adopted it, and the job failed 60 s later for want of
+    its pickle, a failed trial for a crash of the login node. Made here without a kill: submitit's rename raises,
+    so sbatch has run and the pickle is where the kill left it. The next process's recover() cancels that job and
+    leaves its task to be submitted again; a job whose pickle is there is still adopted."""
+    import submitit.core.utils as submitit_utils
+
+    from jobs.entry import ObjectiveTrial
+    from slurm.backend import make_backend
+    from slurm.dispatch import Task
+    from slurm.executors import Resources
+
+    point = {"r": 8, "alpha": 32, "dropout": 0.1, "lr": 1e-4}
+    tasks = [Task(str(k), ObjectiveTrial(), ("tests.objectives:slow_landscape", point, None)) for k in range(2)]
+    backend = make_backend("slurm", tmp_path / "submitit", Resources(timeout_min=5), job_name="t")
+    name = f"t.{uuid.uuid4().hex[:8]}"
+    [whole] = backend.submit(tasks[1:], name + "-ok")   # submitted as usual: its pickle is in place
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("the orchestrator dies here")
+    with monkeypatch.context() as m:
+        m.setattr(submitit_utils.JobPaths, "move_temporary_file", killed)
+        with pytest.raises(KeyboardInterrupt):
+            backend.submit(tasks[:1], name)
+    fresh = make_backend("slurm", tmp_path / "submitit", Resources(timeout_min=5), job_name="t")
+    [orphan] = wait_until(lambda: [row[0] for row in sacct("-X", "-S", "now-1hour", "-o", "JobID,JobName%200")
+                                   if row[1] == name], 30, "the orphan job in accounting")
+    assert fresh.recover(name, tasks[:1]) == {}, "a job without its pickle was adopted"
+    assert sacct_state(orphan, timeout_s=60) == "CANCELLED"
+    assert fresh.recover(name + "-ok", tasks[1:]) == {"1": str(whole.job_id)}
+
 @pytest.mark.parametrize("executor", ["local", "slurm"])
 def test_jobs_run_the_code_the_study_started_with(request, tmp_path, executor):
     """A copy of the checkout runs a study; its objective module changes mid-study; later jobs still run the

@@ -322,3 +322,27 @@ def _tensors(tree):
     elif isinstance(tree, dict):
         for value in tree.values():
             yield from _tensors(value)
+
+
+@pytest.mark.unit
+def test_a_4bit_layer_on_cpu_computes_the_same_way_on_every_cpu():
+    """bitsandbytes' packed bf16 path (CPUs with AVX512-BF16, eval mode, no gradients) asserts out_features % 32 == 0
+    and gives CPU-dependent losses: load() turns it off. Forced on here, so the test means the same on any CPU: a
+    48-wide 4-bit layer then crashes in eval (the CI failure); after same_kernel_on_every_cpu it matches training
+    mode's fp32 path exactly."""
+    import bitsandbytes as bnb
+
+    from jobs.strategies import same_kernel_on_every_cpu
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 48, bias=False)
+    layer = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")   # quantizes
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        train_mode = layer.train()(x)
+        layer.eval().support_avx512bf16_for_cpu = True
+        with pytest.raises(AssertionError, match="divisible"):
+            layer(x)
+        assert same_kernel_on_every_cpu(torch.nn.Sequential(layer)) == 1
+        assert torch.equal(layer(x), train_mode)

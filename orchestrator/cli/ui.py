@@ -46,3 +46,4 @@ def main(argv=None) -> int:
             pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
