@@ -32,13 +32,27 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def test_the_ui_answers_and_ctrl_c_stops_all_of_it(tmp_path):
+def _ctrl_c_as_in_a_terminal():
+    """SIGINT at its default in the UI, as in a terminal's foreground process. A suite started in the background
+    (`cmd &`, CI runners) ignores SIGINT, its children inherit that, and Python then installs no KeyboardInterrupt:
+    the UI ignored the test's Ctrl-C (the CI failure, reproduced by running this test under a parent that ignores
+    SIGINT). Such a UI stops on SIGTERM (test_ui_stops_on_sigterm_even_when_ctrl_c_is_ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _ignore_ctrl_c():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _ui_stops_on(tmp_path, sig, preexec_fn):
+    """Start the UI (SIGINT set by ``preexec_fn``), wait until it answers, send ``sig``: it must exit 0 and leave no
+    process of its server behind."""
     port = _free_port()
     log = tmp_path / "ui.log"  # a file, not a pipe nobody reads: the server's access log must never block it
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "ui", "--tracking-uri",
                                  f"sqlite:///{tmp_path}/mlflow.db", "--port", str(port)], cwd=REPO,
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+                                stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
     deadline = time.time() + 180
     while True:
         try:
@@ -53,19 +67,28 @@ def test_the_ui_answers_and_ctrl_c_stops_all_of_it(tmp_path):
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert children, "the server runs as a child process"
     server_group = os.getpgid(int(children[0]))
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     try:
         code = proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:   # once on CI under load, cause unknown: say what was still there
+    except subprocess.TimeoutExpired:   # say what was still there (and where it waited)
         ps = subprocess.run(["ps", "-o", "pid,pgid,stat,etime,wchan:20,cmd", "-p", str(proc.pid), "-g", str(server_group)],
                             capture_output=True, text=True).stdout
         proc.kill()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server_group, signal.SIGKILL)
-        pytest.fail(f"the UI did not exit within 60 s of Ctrl-C; processes:\n{ps}\nits log:\n{log.read_text()}")
+        pytest.fail(f"the UI did not exit within 60 s of {sig!r}; processes:\n{ps}\nits log:\n{log.read_text()}")
     assert code == 0, log.read_text()
     deadline = time.time() + 30
     while _group_alive(server_group):  # the server and every worker it started
         assert time.time() < deadline, "processes of the UI server are left behind"
         time.sleep(0.2)
     assert "http://127.0.0.1" in log.read_text()
+
+
+def test_the_ui_answers_and_ctrl_c_stops_all_of_it(tmp_path):
+    _ui_stops_on(tmp_path, signal.SIGINT, _ctrl_c_as_in_a_terminal)
+
+
+def test_ui_stops_on_sigterm_even_when_ctrl_c_is_ignored(tmp_path):
+    """Started in the background (SIGINT ignored, as nohup or `&` leave it), the UI still stops on SIGTERM."""
+    _ui_stops_on(tmp_path, signal.SIGTERM, _ignore_ctrl_c)
