@@ -216,8 +216,7 @@ def report_rows(path: Path) -> dict:
         rows[name, algo.split("/")[0], int(k)] = {
             "name": algo, "t": float(t), "t25": float(t25), "t75": float(t75), "hits": int(got), "n": int(n),
             "evals": float(evals), "marks": [float(m) for m in marks], "infeasible": float(infeasible),
-            "util": float(util), "champion": {"best": float(best), "mean": float(mean)}, "secs": float(secs),
-            "from_report": True}
+            "util": float(util), "champion": {"best": float(best), "mean": float(mean)}, "secs": float(secs)}
     return rows
 
 
@@ -333,12 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         for algo in args.algos:
             for k in args.k:
-                if algo in pe.ANCHORS and (name, algo, k) in earlier:   # cached studies first, else the report's
-                    cache.only = True
-                    row = run_cell(algo, name, lands[name], k, args.budget, seeds, cache) or earlier[name, algo, k]
-                    cache.only = args.cached_only
-                else:
-                    row = run_cell(algo, name, lands[name], k, args.budget, seeds, cache)
+                # an anchor cell of the earlier report: its cached studies if any, never simulated, else that row
+                cache.only = args.cached_only or (name, algo, k) in earlier
+                row = run_cell(algo, name, lands[name], k, args.budget, seeds, cache) or earlier.get((name, algo, k))
                 if row is not None:
                     table[name, algo, k] = row
                     print_row(name, k, row, table.get((name, algo, 1)))
